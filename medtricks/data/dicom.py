@@ -1,0 +1,162 @@
+"""DICOM radiographs to display intensities in [0, 1].
+
+pydicom decodes the pixel data (pylibjpeg + openjpeg for JPEG 2000) and applies the modality LUT; the display
+mapping that radiologists see is done here, because it is where CXR pipelines most often go wrong:
+
+1. stored values masked to BitsStored (12-bit data in 16-bit words may carry junk in the unused high bits);
+2. modality LUT: RescaleSlope / RescaleIntercept, or a Modality LUT Sequence (pydicom's `apply_modality_lut`);
+3. VOI: a VOI LUT Sequence (first LUT), else WindowCenter / WindowWidth (first value when several, with the
+   VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID of DICOM PS3.3 C.11.2.1.2), else the min-max of the image;
+4. MONOCHROME1 (high values are dark) inverted, so every image displays bone-bright / air-dark.
+
+Only safe metadata leaves this module (modality, view, size, photometric interpretation, bits stored): never
+patient names, ids, dates or institutions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+from pydicom.errors import InvalidDicomError
+
+from medtricks.errors import DataError
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+_FIX = "Re-export the file, or set data.on_error: skip to leave unreadable images out (they are always listed)."
+
+
+def is_dicom(path: Path) -> bool:
+    """True for a `.dcm`-like suffix or, for any other name, the `DICM` magic at byte 128 of the file."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _first(value) -> float:
+    """First value of a possibly multi-valued DICOM element (WindowCenter may hold several presets)."""
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        value = value[0]
+    return float(value)
+
+
+def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Apply a DICOM VOI window and return display intensities in [0, 1].
+
+    Args:
+        values: modality values (after RescaleSlope / Intercept).
+        center, width: WindowCenter / WindowWidth in modality units.
+        function: VOILUTFunction: LINEAR (the default, with DICOM's half-unit offsets), LINEAR_EXACT or SIGMOID.
+    """
+    values = values.astype(np.float64)
+    if function == "SIGMOID":
+        out = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    elif function == "LINEAR_EXACT":
+        out = (values - (center - width / 2)) / width
+    else:  # LINEAR; PS3.3 C.11.2.1.2.1 requires width >= 1
+        width = max(width, 1.0)
+        out = (values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, np.float32)
+    return ((values - lo) / (hi - lo)).astype(np.float32)
+
+
+def _voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        out = pydicom.pixels.apply_voi(values, ds, index=0)
+        return np.clip(out.astype(np.float32) / float(2**lut_bits - 1), 0.0, 1.0)
+    if "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter is not None and ds.WindowWidth is not None:
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        return window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
+    return _minmax(values)
+
+
+def safe_metadata(ds: pydicom.Dataset) -> dict:
+    """The header fields medtricks may log or store: no patient, study or institution identifiers."""
+    return {
+        "format": "dicom",
+        "modality": str(ds.get("Modality", "")),
+        "view": str(ds.get("ViewPosition", "")),
+        "photometric": str(ds.get("PhotometricInterpretation", "")),
+        "bits_stored": int(ds.get("BitsStored", 0) or 0),
+        "size": [int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)],
+    }
+
+
+def read_dicom_header(path: Path) -> pydicom.Dataset:
+    """Read a DICOM header without pixel data (for sources that group by the DICOM PatientID)."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=path.suffix.lower() in DICOM_SUFFIXES)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc}). {_FIX}") from exc
+
+
+def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
+    """Read a DICOM image as display intensities.
+
+    Returns:
+        `(pixels, meta)`: pixels float32 of shape (1, H, W) for grey or (3, H, W) for RGB images, values in
+        [0, 1], bone bright; meta from `safe_metadata` plus `bit_depth` (8 or 16, the storage depth to cache).
+
+    Raises:
+        DataError: naming the file, for a missing, corrupt or truncated file, no pixel data, or several frames.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found. Check the path (relative paths are read from the data folder).")
+    try:
+        ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc}). {_FIX}") from exc
+    if "PixelData" not in ds:
+        raise DataError(
+            f"{path}: DICOM file has no pixel data (it may be a report, a presentation state or a header-only "
+            f"export). Point the data source at image files only."
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DataError(
+            f"{path}: multi-frame DICOM ({frames} frames); medtricks reads single radiographs. Export the frame "
+            f"you want as its own file."
+        )
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for truncated or malformed pixel data
+        raise DataError(f"{path}: cannot decode the DICOM pixel data ({type(exc).__name__}: {exc}). {_FIX}") from exc
+
+    meta = safe_metadata(ds)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples == 3:
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise DataError(f"{path}: colour DICOM with unexpected pixel array shape {arr.shape}. {_FIX}")
+        if meta["photometric"].startswith("YBR"):
+            arr = pydicom.pixels.convert_color_space(arr, meta["photometric"], "RGB")
+        bits = int(ds.get("BitsStored", 8) or 8)
+        pixels = np.moveaxis(arr.astype(np.float32) / float(2**bits - 1), -1, 0)
+        meta["bit_depth"] = 8 if bits <= 8 else 16
+        return np.clip(pixels, 0.0, 1.0), meta
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D grey image, got pixel array shape {arr.shape}. {_FIX}")
+
+    bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 0 and bits_stored < arr.dtype.itemsize * 8:
+        arr = arr & np.asarray(2**bits_stored - 1, dtype=arr.dtype)  # drop junk in the unused high bits
+    values = pydicom.pixels.apply_modality_lut(arr, ds)
+    display = _voi(values, ds)
+    if meta["photometric"] == "MONOCHROME1":
+        display = 1.0 - display
+    meta["bit_depth"] = 8 if bits_stored <= 8 else 16
+    return display[None].astype(np.float32), meta

@@ -1,0 +1,79 @@
+"""From a recipe's data section to split datasets: source -> split -> decode/cache -> transforms.
+
+`load_data` is what finetune and evaluate call; `check_data` (medtricks.data.check) reads the same pieces.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medtricks.data.dataset import ImageDataset, ImageStore, prepare_images, report_problems, resolve_cache_mode
+from medtricks.data.sources import SPLITS, Source, load_source
+from medtricks.data.splits import split_source
+from medtricks.data.transforms import cache_size, create_eval_transform, create_train_transform
+from medtricks.errors import DataError
+from medtricks.recipe import DataConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    """A loaded source: its split datasets and everything a run records about the data."""
+
+    source: Source
+    splits: dict[str, ImageDataset]
+    split_origin: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of images left out
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.source.classes
+
+
+def resolve_source(config: DataConfig, data: str | Path | None) -> Path:
+    """`--data` wins over the recipe's data.source; one of them is required."""
+    path = data if data is not None else config.source
+    if path is None:
+        raise DataError("no data source: pass --data DIR|FILE or set data.source in the recipe.")
+    return Path(path)
+
+
+def load_data(config: DataConfig, data: str | Path | None = None, seed: int = 0, workers: int | None = None,
+              progress=None) -> DataBundle:
+    """Load, split and decode a data source for training and evaluation.
+
+    Args:
+        config: the recipe's data section.
+        data: a source path overriding config.source.
+        seed: the recipe seed (split and nothing else here).
+        workers: decode processes (default config.workers, else min(4, CPUs)).
+        progress: optional callable(n_done, n_total) while images are decoded.
+
+    Raises:
+        DataError: bad source, labels or splits; unreadable images when config.on_error is "raise".
+    """
+    source = load_source(resolve_source(config, data), config.classes)
+    if not source.labelled:
+        raise DataError(f"{source.root}: the images have no labels. Put them in class sub-folders or list them "
+                        f"in a labels.csv with path,label columns.")
+    indices, origin = split_source(source, config.split, seed)
+    report_problems(source.missing, config.on_error, "files listed but missing")
+    max_side = cache_size(config.image_size, config.crop_fraction)
+    mode = resolve_cache_mode(config.cache, source.records, config.channels, max_side, config.cache_memory_gb)
+    store = ImageStore(source.records, config.channels, max_side, mode, config.cache_dir)
+    ok, problems, _ = prepare_images(store, workers=config.workers if workers is None else workers,
+                                     progress=progress)
+    report_problems(problems, config.on_error)
+    good = set(ok)
+    eval_transform = create_eval_transform(config.image_size, config.crop_fraction)
+    train_transform = create_train_transform(config.augment, config.image_size, config.channels,
+                                             config.crop_fraction)
+    splits = {}
+    for name in SPLITS:
+        kept = [i for i in indices[name] if i in good]
+        if kept:
+            splits[name] = ImageDataset(store, kept, train_transform if name == "train" else eval_transform)
+    return DataBundle(source, splits, origin, skipped=list(source.missing) + problems)

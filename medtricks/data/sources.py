@@ -1,0 +1,261 @@
+"""Data sources, auto-detected from `--data`, turned into one list of sample records.
+
+A record is a dict in MONAI's dictionary style so the patient id travels with the pixels to the split and the
+per-patient statistics: `{"image": Path | np.ndarray, "label": int (-1 when unlabelled), "patient_id": str | None,
+"split": "train" | "val" | "test" | None, "key": str}` where `key` names the sample in messages (a path relative to
+the source, or `train[17]` for an array).
+
+Accepted layouts (see DESIGN.md):
+- a folder with `labels.csv`, or any CSV file: columns `path,label` and optionally `patient_id`, `split`, others;
+- a MedMNIST-style `.npz` (`{train,val,test}_images` / `_labels`, any subset), or a folder holding exactly one;
+- an ImageFolder: one sub-folder per class holding images (PNG/JPEG/TIFF/BMP/DICOM, nested folders allowed);
+- a folder of images without class folders (unlabelled; `data check` and `predict` only).
+For DICOM files without a manifest, patients are grouped by the DICOM PatientID, replaced by a pseudonym
+(`patient-0001`, numbered in sorted file order) so that the real identifier never leaves the reader.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medtricks.data.dicom import is_dicom, read_dicom_header
+from medtricks.data.images import IMAGE_SUFFIXES
+from medtricks.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}
+NO_PATIENT_IDS = ("{source}: no patient ids, so images are split one by one; images of one patient can land in two "
+                  "splits and inflate validation results. Add a patient_id column to labels.csv if you can.")
+
+
+@dataclass
+class Source:
+    """A data source as records plus what is known about it."""
+
+    root: Path
+    kind: str  # csv | npz | imagefolder | unlabelled
+    classes: tuple[str, ...]
+    records: list[dict]
+    has_patient_ids: bool
+    has_splits: bool
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of rows whose file is absent
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+
+def _is_image_file(path: Path) -> bool:
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    return is_dicom(path)  # .dcm or extension-less files with the DICM preamble
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if _is_image_file(p) and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _sort_names(names) -> tuple[str, ...]:
+    names = set(names)
+    if all(n.lstrip("-").isdigit() for n in names):
+        return tuple(sorted(names, key=int))  # DR grades 0..4 sort numerically, not as text
+    return tuple(sorted(names))
+
+
+def _class_index(classes: tuple[str, ...] | None, labels: list[str], where: list[str]) -> tuple[tuple, list[int]]:
+    """Map label names to indices of `classes` (or of the sorted names when None); unknown labels are errors."""
+    if classes is None:
+        classes = _sort_names(labels)
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [(w, lab) for w, lab in zip(where, labels, strict=True) if lab not in index]
+    if unknown:
+        shown = "; ".join(f"{w}: label {lab!r}" for w, lab in unknown[:5])
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise DataError(f"labels outside the recipe's classes {list(classes)}: {shown}{more}. Add the class to "
+                        f"data.classes, or fix or remove those rows/files.")
+    return classes, [index[lab] for lab in labels]
+
+
+def _normalize_split(value: str, where: str) -> str:
+    split = _SPLIT_ALIASES.get(value.strip().lower())
+    if split is None:
+        raise DataError(f"{where}: split {value!r} is not one of train, val, test.")
+    return split
+
+
+def _pseudonymize_dicom_patients(records: list[dict]) -> bool:
+    """Group DICOM records by PatientID under pseudonyms; True when every record got one."""
+    pseudonyms: dict[str, str] = {}
+    for rec in records:
+        path = rec["image"]
+        if not is_dicom(path):
+            return False
+        try:
+            real = str(read_dicom_header(path).get("PatientID", "") or "")
+        except DataError:
+            return False  # the file is reported as unreadable when it is decoded
+        if not real:
+            return False
+        rec["patient_id"] = pseudonyms.setdefault(real, f"patient-{len(pseudonyms) + 1:04d}")
+    return bool(records)
+
+
+def _from_csv(csv_path: Path, classes) -> Source:
+    root = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path}: cannot read the CSV manifest ({exc}).") from exc
+    columns = set(rows[0].keys()) if rows else set()
+    if not rows:
+        raise DataError(f"{csv_path}: the manifest has no rows. Expected columns path,label[,patient_id][,split].")
+    for need in ("path", "label"):
+        if need not in columns:
+            raise DataError(f"{csv_path}: column {need!r} is missing; found {sorted(columns)}. Expected columns "
+                            f"path,label[,patient_id][,split].")
+    where = [f"{csv_path.name} line {i + 2} ({row['path']})" for i, row in enumerate(rows)]
+    seen: dict[str, str] = {}
+    for w, row in zip(where, rows, strict=True):
+        if not (row["path"] or "").strip():
+            raise DataError(f"{w}: empty path.")
+        if (row["label"] or "").strip() == "":
+            raise DataError(f"{w}: empty label. Every row needs a label from data.classes.")
+        if row["path"] in seen:
+            raise DataError(f"{w}: duplicate path, already listed at {seen[row['path']]}. Each image must appear "
+                            f"once; remove the repeated row.")
+        seen[row["path"]] = w
+    classes, labels = _class_index(classes, [row["label"].strip() for row in rows], where)
+    has_patient = "patient_id" in columns and all((row["patient_id"] or "").strip() for row in rows)
+    if "patient_id" in columns and not has_patient:
+        logger.warning("%s: some rows have an empty patient_id; those images are split as their own patients.",
+                       csv_path)
+    split_values = [(row.get("split") or "").strip() for row in rows] if "split" in columns else []
+    has_splits = bool(split_values) and all(split_values)
+    if split_values and any(split_values) and not has_splits:
+        raise DataError(f"{csv_path}: the split column is filled for some rows only; fill it for every row "
+                        f"(train, val, test) or remove the column to let medtricks split.")
+    records, missing = [], []
+    for i, (w, row) in enumerate(zip(where, rows, strict=True)):
+        path = (root / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
+        if not path.is_file():
+            missing.append((row["path"], f"{w}: file not found ({path})"))
+            continue
+        patient = (row.get("patient_id") or "").strip() or None
+        records.append({"image": path, "label": labels[i], "patient_id": patient,
+                        "split": _normalize_split(split_values[i], w) if has_splits else None, "key": row["path"]})
+    return Source(root, "csv", classes, records, bool(has_patient or "patient_id" in columns), has_splits, missing)
+
+
+def _from_npz(npz_path: Path, classes) -> Source:
+    try:
+        data = np.load(npz_path, allow_pickle=False)
+        keys = set(data.files)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{npz_path}: not a readable .npz file ({exc}).") from exc
+    present = [s for s in SPLITS if f"{s}_images" in keys]
+    if not present:
+        raise DataError(f"{npz_path}: no '<split>_images' arrays; found keys {sorted(keys)}. Expected MedMNIST keys "
+                        f"train_images/train_labels (val_, test_ optional).")
+    records, label_values = [], []
+    for split in present:
+        if f"{split}_labels" not in keys:
+            raise DataError(f"{npz_path}: '{split}_images' has no matching '{split}_labels' array.")
+        images, labels = data[f"{split}_images"], data[f"{split}_labels"]
+        if labels.ndim == 2 and labels.shape[1] > 1:
+            raise DataError(f"{npz_path}: '{split}_labels' has shape {labels.shape}: multi-label sets are not "
+                            f"supported; give one class index per image.")
+        labels = labels.reshape(-1).astype(np.int64)
+        if images.ndim not in (3, 4) or len(images) != len(labels):
+            raise DataError(f"{npz_path}: '{split}_images' shape {images.shape} does not match "
+                            f"{len(labels)} labels; expected (N, H, W) or (N, H, W, 3).")
+        for i in range(len(labels)):
+            records.append({"image": images[i], "label": int(labels[i]), "patient_id": None, "split": split,
+                            "key": f"{split}[{i}]"})
+            label_values.append(int(labels[i]))
+    if classes is None:
+        classes = tuple(str(v) for v in range(max(label_values) + 1))
+    bad = [r["key"] for r in records if not 0 <= r["label"] < len(classes)]
+    if bad:
+        raise DataError(f"{npz_path}: label indices outside the {len(classes)} classes {list(classes)} at "
+                        f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Set data.classes to every class.")
+    return Source(npz_path.parent, "npz", tuple(classes), records, False, True)
+
+
+def _from_folder(folder: Path, classes) -> Source:
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    by_class = {d.name: _image_files(d) for d in subdirs}
+    by_class = {name: files for name, files in by_class.items() if files}
+    loose = [p for p in folder.iterdir() if _is_image_file(p)]
+    if by_class and not loose:
+        names = list(by_class)
+        classes, _ = _class_index(classes, names, [f"{folder / n}/" for n in names])
+        index = {name: i for i, name in enumerate(classes)}
+        records = [{"image": p, "label": index[name], "patient_id": None, "split": None,
+                    "key": p.relative_to(folder).as_posix()} for name, files in by_class.items() for p in files]
+        has_patient = _pseudonymize_dicom_patients(records)
+        if not has_patient:
+            for rec in records:
+                rec["patient_id"] = None
+        return Source(folder, "imagefolder", classes, records, has_patient, False)
+    files = _image_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no images found (looked for PNG, JPEG, TIFF, BMP and DICOM files, a labels.csv "
+                        f"and a .npz). Point --data at a folder with class sub-folders, a labels.csv, or a .npz.")
+    records = [{"image": p, "label": -1, "patient_id": None, "split": None, "key": p.relative_to(folder).as_posix()}
+               for p in files]
+    has_patient = _pseudonymize_dicom_patients(records)
+    if not has_patient:
+        for rec in records:
+            rec["patient_id"] = None
+    return Source(folder, "unlabelled", (), records, has_patient, False)
+
+
+def load_source(path: str | Path, classes: tuple[str, ...] | list[str] | None = None) -> Source:
+    """Detect the layout of `path` and list its samples (no pixels are decoded here).
+
+    Args:
+        path: a folder, a CSV manifest or a .npz file.
+        classes: the recipe's class names in label order; None takes them from the source. A label or class
+            folder outside them is an error naming the row or folder.
+
+    Raises:
+        DataError: missing path, empty folder, malformed manifest, unknown or duplicate labels and paths.
+    """
+    path = Path(path).expanduser()
+    classes = tuple(str(c) for c in classes) if classes is not None else None
+    if not path.exists():
+        raise DataError(f"{path}: data source not found. Give a folder (class sub-folders or labels.csv), a CSV "
+                        f"manifest or a .npz file with --data or data.source.")
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return _from_npz(path, classes)
+        if path.suffix.lower() in (".csv", ".tsv"):
+            return _from_csv(path, classes)
+        raise DataError(f"{path}: a single file is not a data source; give a folder, a CSV manifest or a .npz file.")
+    if (path / "labels.csv").is_file():
+        return _from_csv(path / "labels.csv", classes)
+    npzs = sorted(path.glob("*.npz"))
+    if len(npzs) == 1:
+        return _from_npz(npzs[0], classes)
+    if len(npzs) > 1:
+        raise DataError(f"{path}: several .npz files ({', '.join(p.name for p in npzs)}); pass one of them.")
+    return _from_folder(path, classes)
+
+
+def count_labels(records: list[dict], classes: tuple[str, ...]) -> dict[str, int]:
+    """Images per class name, in class order."""
+    counts = Counter(r["label"] for r in records)
+    return {name: counts.get(i, 0) for i, name in enumerate(classes)}

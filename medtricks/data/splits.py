@@ -1,0 +1,122 @@
+"""Seeded, stratified, patient-level splits and the leakage check.
+
+scikit-learn's group splitters give equal folds (StratifiedGroupKFold) or no stratification
+(GroupShuffleSplit); recipes ask for arbitrary fractions (0.7 / 0.15 / 0.15), so the allocation is done here:
+patients are grouped into strata by their most frequent label, shuffled with the recipe seed, and each stratum is
+cut by the fractions with largest-remainder rounding. All images of a patient go to one split, so no patient can
+be in two splits; `find_leaks` checks that for splits a source brings itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from medtricks.data.sources import NO_PATIENT_IDS, SPLITS, Source
+from medtricks.errors import DataError
+from medtricks.recipe import SplitConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _groups(records: list[dict]) -> dict[str, list[int]]:
+    """Record indices per patient; a record without a patient id is its own group."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, rec in enumerate(records):
+        groups[rec["patient_id"] if rec["patient_id"] is not None else f"\0image-{i}"].append(i)
+    return groups
+
+
+def _allocate(n: int, fractions: tuple[float, ...], rng: np.random.Generator) -> list[int]:
+    """Split n items into counts proportional to `fractions` (largest remainder, random tie-break)."""
+    expected = np.asarray(fractions) * n
+    counts = np.floor(expected).astype(int)
+    remainder = expected - counts
+    order = np.lexsort((rng.random(len(fractions)), -remainder))
+    for j in order[: n - counts.sum()]:
+        counts[j] += 1
+    return counts.tolist()
+
+
+def assign_splits(records: list[dict], fractions: dict[str, float], seed: int) -> list[str]:
+    """A split name for every record: stratified by label, grouped by patient, reproducible for a seed.
+
+    Args:
+        records: sample records with `label` and `patient_id` (None = the image is its own patient).
+        fractions: {split name: fraction of patients}; normalized to sum to 1.
+        seed: the recipe seed; the same records and seed always give the same assignment.
+    """
+    rng = np.random.default_rng(seed)
+    groups = _groups(records)
+    strata: dict[int, list[str]] = defaultdict(list)
+    for patient in sorted(groups):
+        labels = Counter(records[i]["label"] for i in groups[patient])
+        top = max(labels.values())
+        strata[min(lab for lab, c in labels.items() if c == top)].append(patient)
+    names = tuple(fractions)
+    total = sum(fractions.values())
+    weights = tuple(fractions[name] / total for name in names)
+    out = [""] * len(records)
+    for label in sorted(strata):
+        patients = [strata[label][k] for k in rng.permutation(len(strata[label]))]
+        start = 0
+        for name, count in zip(names, _allocate(len(patients), weights, rng), strict=True):
+            for patient in patients[start:start + count]:
+                for i in groups[patient]:
+                    out[i] = name
+            start += count
+    return out
+
+
+def find_leaks(records: list[dict], splits: list[str] | None = None) -> dict[str, list[str]]:
+    """Patients whose images are in more than one split: {patient_id: sorted split names}."""
+    splits = splits if splits is not None else [r["split"] for r in records]
+    seen: dict[str, set[str]] = defaultdict(set)
+    for rec, split in zip(records, splits, strict=True):
+        if rec["patient_id"] is not None:
+            seen[rec["patient_id"]].add(split)
+    return {p: sorted(s, key=SPLITS.index) for p, s in sorted(seen.items()) if len(s) > 1}
+
+
+def split_source(source: Source, fractions: SplitConfig, seed: int) -> tuple[dict[str, list[int]], str]:
+    """Indices of the source's records per split, and a sentence saying where the split came from.
+
+    A source's own splits are kept (a missing `val` is carved from `train` at the recipe's val : train ratio,
+    patient-level); otherwise the records are split by `assign_splits`. Without patient ids the split is per
+    image, with a warning.
+
+    Raises:
+        DataError: when a source's own splits put one patient in two splits.
+    """
+    records = source.records
+    if source.has_splits:
+        splits = [r["split"] for r in records]
+        origin = "the source's own splits"
+        if "val" not in splits and fractions.val > 0:
+            train = [i for i, s in enumerate(splits) if s == "train"]
+            carve = {"train": fractions.train, "val": fractions.val}
+            sub = assign_splits([records[i] for i in train], carve, seed)
+            for i, name in zip(train, sub, strict=True):
+                splits[i] = name
+            share = fractions.val / (fractions.train + fractions.val)
+            origin += f"; val carved from train (seed {seed}, {share:.0%} of train patients)"
+            if not source.has_patient_ids:
+                logger.warning(NO_PATIENT_IDS.format(source=source.root))
+        leaks = find_leaks(records, splits)
+        if leaks:
+            shown = ", ".join(f"{p} in {'+'.join(s)}" for p, s in list(leaks.items())[:5])
+            raise DataError(f"{source.root}: the source's splits put {len(leaks)} patient(s) in two splits ({shown}). "
+                            f"Fix the split column so each patient is in one split, or remove it to let medtricks "
+                            f"split by patient.")
+    else:
+        splits = assign_splits(records, {"train": fractions.train, "val": fractions.val, "test": fractions.test},
+                               seed)
+        if not source.has_patient_ids:
+            logger.warning(NO_PATIENT_IDS.format(source=source.root))
+        unit = "patient-level" if source.has_patient_ids else "per-image (no patient ids)"
+        origin = (f"seeded stratified {unit} split (seed {seed}, train/val/test = "
+                  f"{fractions.train:g}/{fractions.val:g}/{fractions.test:g})")
+    return {name: [i for i, s in enumerate(splits) if s == name] for name in SPLITS}, origin
+

@@ -1,0 +1,18 @@
+"""The one exception type for bad input that a user can fix.
+
+Every check at an API boundary raises `MedtricksError` (or a subclass) with a message that names the file, key or
+value at fault and says what to do. The CLI turns it into a one-paragraph message and exit code 2; any other
+exception is a bug and keeps its traceback.
+"""
+
+
+class MedtricksError(ValueError):
+    """Bad input from the user: a missing file, a wrong recipe key, an unreadable image, ..."""
+
+
+class DataError(MedtricksError):
+    """A data source, a file in it, or a label cannot be used."""
+
+
+class RecipeError(MedtricksError):
+    """A recipe key or value is wrong."""

@@ -1,0 +1,243 @@
+"""Recipes: strict YAML -> frozen dataclasses, with `--set key=value` overrides.
+
+A recipe is data, not code. An unknown key is an error naming the valid keys (nanoGPT's rule), a wrong type is an
+error naming the key, the value and the expected type, and the resolved recipe is what a run saves.
+
+Sections: `name`, `seed`, `data` (validated here), and `model`, `train`, `tricks`, `attack`, which are kept as
+mappings until the model, training and attack layers define and validate their own dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtricks.errors import RecipeError
+
+AUGMENT_PRESETS = ("bag_of_tricks", "cxr", "fundus", "dermoscopy", "none")
+CACHE_MODES = ("auto", "memory", "disk", "none")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Fractions of patients (of images when the source has no patient ids) per split; they must sum to 1."""
+
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+
+    def __post_init__(self):
+        for name in ("train", "val", "test"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise RecipeError(f"recipe key 'data.split.{name}' = {getattr(self, name)} must lie in [0, 1].")
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise RecipeError(
+                f"recipe keys data.split.train/val/test = {self.train}/{self.val}/{self.test} must sum to 1."
+            )
+        if self.train <= 0:
+            raise RecipeError("recipe key 'data.split.train' must be > 0: training needs images.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data:` section.
+
+    Attributes:
+        source: data folder or file (ImageFolder, labels.csv / CSV manifest, MedMNIST .npz, DICOM); `--data` wins.
+        classes: class names in label order; None takes them from the source (sorted).
+        channels: 1 (grey: CXR) or 3 (colour: fundus, dermoscopy).
+        image_size: side in pixels of the square image the model sees.
+        augment: train-time preset, one of AUGMENT_PRESETS (see medtricks.data.transforms).
+        crop_fraction: eval preset resizes the short side to image_size / crop_fraction, then centre-crops.
+        split: fractions for the seeded, stratified, patient-level split when the source defines none.
+        cache: where decoded, resized images are kept after the first epoch: memory, disk, none, or auto
+            (memory when the estimate is under cache_memory_gb, else disk).
+        cache_dir: disk cache folder; None = $MEDTRICKS_CACHE/images or ~/.cache/medtricks/images.
+        cache_memory_gb: the memory budget of `cache: auto`.
+        on_error: what an unreadable image does: raise (stop, naming every bad file) or skip (leave it out,
+            and list it in a warning and in the run).
+        workers: DataLoader worker processes; None = min(4, CPU count).
+    """
+
+    source: str | None = None
+    classes: tuple[str, ...] | None = None
+    channels: int = 1
+    image_size: int = 224
+    augment: str = "cxr"
+    crop_fraction: float = 0.875
+    split: SplitConfig = field(default_factory=SplitConfig)
+    cache: str = "auto"
+    cache_dir: str | None = None
+    cache_memory_gb: float = 2.0
+    on_error: str = "raise"
+    workers: int | None = None
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise RecipeError(f"recipe key 'data.channels' = {self.channels} must be 1 (grey) or 3 (colour).")
+        if not 8 <= self.image_size <= 4096:
+            raise RecipeError(f"recipe key 'data.image_size' = {self.image_size} must lie in [8, 4096] pixels.")
+        if self.augment not in AUGMENT_PRESETS:
+            raise RecipeError(f"recipe key 'data.augment' = {self.augment!r}; choose one of {list(AUGMENT_PRESETS)}.")
+        if not 0.1 <= self.crop_fraction <= 1.0:
+            raise RecipeError(f"recipe key 'data.crop_fraction' = {self.crop_fraction} must lie in [0.1, 1].")
+        if self.cache not in CACHE_MODES:
+            raise RecipeError(f"recipe key 'data.cache' = {self.cache!r}; choose one of {list(CACHE_MODES)}.")
+        if self.on_error not in ("raise", "skip"):
+            raise RecipeError(f"recipe key 'data.on_error' = {self.on_error!r}; choose 'raise' or 'skip'.")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise RecipeError(f"recipe key 'data.classes' = {list(self.classes)} has duplicate names.")
+        if self.workers is not None and self.workers < 0:
+            raise RecipeError(f"recipe key 'data.workers' = {self.workers} must be >= 0 (0 = main process).")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    tricks: dict = field(default_factory=dict)
+    attack: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain data for YAML/JSON (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (int, float, str, bool, dict, tuple[str, ...], X | None,
+    a nested dataclass) and return it in that type; raise RecipeError naming the key otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{key}' must be a mapping of {_field_names(tp)}, got {value!r}.")
+        return build_dataclass(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"recipe key '{key}' must be a list, got {value!r}.")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # class names such as 0..4 for DR grades
+    if tp is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{key}' must be a mapping, got {value!r}.")
+        return value
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise RecipeError(f"recipe key '{key}' = {value!r} has the wrong type: expected {_type_name(tp)}.")
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def build_dataclass(cls, raw: dict, prefix: str = ""):
+    """Build the frozen dataclass `cls` from a mapping, strictly: unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise RecipeError(f"unknown recipe key '{full}'; valid keys here: {', '.join(names)}.")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a missing required key
+        raise RecipeError(f"recipe section '{prefix or cls.__name__}': {exc}") from exc
+
+
+def set_key(raw: dict, assignment: str) -> None:
+    """Apply one `--set a.b.c=value` override in place; the value is parsed as YAML (`null` turns a trick off)."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set data.image_size=128.")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {assignment!r}: the value is not valid YAML ({exc}).") from exc
+    node = raw
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise RecipeError(f"--set {assignment!r}: '{part}' is not a section.")
+        node = node[part]
+    if value is None and parts[0] == "tricks":
+        node.pop(parts[-1], None)  # a trick is on when present: null removes it
+    else:
+        node[parts[-1]] = value
+
+
+def bundled_recipes() -> list[str]:
+    """Names of the recipes shipped with medtricks."""
+    return sorted(p.name[:-5] for p in resources.files("medtricks.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_text(name_or_path: str | Path) -> tuple[str, str]:
+    """The YAML text of a recipe and where it came from (a file path, or `medtricks:NAME` for a bundled one)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} not found. Give a recipe name ({', '.join(bundled_recipes())}) "
+                              f"or an existing YAML file.")
+        return path.read_text(), str(path)
+    bundled = resources.files("medtricks.recipes") / f"{name_or_path}.yaml"
+    if not bundled.is_file():
+        raise RecipeError(f"unknown recipe {str(name_or_path)!r}; bundled recipes: {', '.join(bundled_recipes())}; "
+                          f"or pass the path of a YAML file.")
+    return bundled.read_text(), f"medtricks:{name_or_path}"
+
+
+def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = (), seed: int | None = None) -> Recipe:
+    """Load a bundled recipe by name or a YAML file by path, apply `--set` overrides, and validate strictly.
+
+    Example:
+        >>> recipe = load_recipe("demo", ["data.image_size=128"])
+    """
+    text, origin = recipe_text(name_or_path)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {origin}: not valid YAML ({exc}).") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {origin}: the top level must be a mapping with keys {_field_names(Recipe)}.")
+    raw.setdefault("name", Path(str(name_or_path)).stem)
+    for assignment in overrides:
+        set_key(raw, assignment)
+    if seed is not None:
+        raw["seed"] = seed
+    return build_dataclass(Recipe, raw)
