@@ -1,0 +1,25 @@
+"""Shared fixtures: the real data sets beside the checkout (skipped when absent) and a small phantom set."""
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared(name: str) -> Path:
+    """Path of a real data set in ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real data sets live in ../shared/data beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory) -> Path:
+    """24 synthetic phantom DICOMs (64 px) with labels.csv, made once per test session."""
+    from medtricks.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("phantoms") / "set"
+    synthesize(out, n=24, seed=3, size=64)
+    return out

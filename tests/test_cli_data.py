@@ -1,0 +1,119 @@
+import csv
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import shared
+from medtricks.cli import app
+from medtricks.data.images import read_image
+
+runner = CliRunner()
+
+
+def _check(path, *extra):
+    result = runner.invoke(app, ["data", "check", str(path), *extra])
+    return result
+
+
+def test_synth_writes_dicoms_that_read_bone_bright(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["data", "synth", str(out), "--n", "12", "--seed", "1", "--size", "64"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "labels.csv")))
+    assert len(rows) == 12 and {r["label"] for r in rows} <= {"normal", "opacity"}
+    assert len({r["patient_id"] for r in rows}) < 12  # several images per patient
+    for row in rows:
+        pixels, meta = read_image(out / row["path"])
+        assert meta["photometric"] == row["photometric"] and meta["format"] == "dicom"
+        spine, lung = pixels[0, 20:44, 30:34].mean(), pixels[0, 20:44, 14:18].mean()
+        assert spine > lung + 0.1, f"{row['path']} ({row['photometric']}) is not bone-bright"
+
+
+def test_synth_storage_variants_do_not_predict_the_class(tmp_path):
+    from medtricks.data.synth import synthesize
+
+    labels = synthesize(tmp_path / "s", n=200, seed=0, size=32)
+    rows = list(csv.DictReader(open(labels)))
+    table = Counter((r["label"], r["photometric"]) for r in rows)
+    for label in ("normal", "opacity"):
+        share = table[(label, "MONOCHROME1")] / (table[(label, "MONOCHROME1")] + table[(label, "MONOCHROME2")])
+        assert 0.3 < share < 0.7
+
+
+def test_synth_refuses_to_overwrite(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "not empty" in result.output
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_check_phantoms_json(phantoms, tmp_path):
+    result = _check(phantoms, "--json", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_images"] == 24 and report["classes"] == ["normal", "opacity"]
+    assert report["formats"] == {"dicom": 24} and report["bit_depths"] == {"16": 24}
+    assert report["patients_in_several_splits"] == {} and report["unreadable"] == []
+    assert sum(s["n"] for s in report["splits"].values()) == 24
+
+
+def test_check_lists_unreadable_files_with_exit_2(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "normal").mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "normal" / f"{name}.png")
+    (tmp_path / "normal" / "broken.png").write_bytes(b"")
+    (tmp_path / "normal" / "text.png").write_text("hello")
+    result = _check(tmp_path)
+    assert result.exit_code == 2
+    assert "broken.png" in result.output and "empty" in result.output
+    assert "text.png" in result.output and "unreadable files: 2" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["nowhere"], ["not found"]),
+    (["--classes", "a,b"], ["outside the recipe's classes"]),
+])
+def test_check_bad_input_exit_2(tmp_path, phantoms, args, words):
+    target = [str(tmp_path / args[0])] if args[0] == "nowhere" else [str(phantoms), *args]
+    result = runner.invoke(app, ["data", "check", *target])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    for word in words:
+        assert word in result.output
+
+
+def test_check_cxr_nih(tmp_path):
+    data = shared("cxr-nih")
+    result = _check(data, "--json", str(tmp_path / "nih.json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "nih.json").read_text())
+    assert (report["n_images"], len(report["classes"]), report["patients"]) == (234, 2, 228)
+    rows = list(csv.DictReader(open(data / "labels.csv")))
+    labels_of = {}
+    for row in rows:
+        labels_of.setdefault(row["patient_id"], set()).add(row["label"])
+    assert report["patients_in_several_classes"] == sum(len(v) > 1 for v in labels_of.values()) > 0
+    assert "patient-level" in report["split_origin"] and report["patients_in_several_splits"] == {}
+    assert "234 images, 2 classes, patients: 228" in result.output
+
+
+def test_check_retinamnist():
+    result = _check(shared("retinamnist"))
+    assert result.exit_code == 0, result.output
+    assert "1200 images, 5 classes" in result.output
+    assert "│ train │" in result.output and "1080" in result.output and "120" in result.output
+
+
+@pytest.mark.parametrize("name, n, classes", [
+    ("fundus-idrid", 408, 5), ("derm-isic", 443, 2), ("cxr-covid", 90, 3), ("pneumoniamnist", 2698, 2)])
+def test_check_other_real_sets(tmp_path, name, n, classes):
+    result = _check(shared(name), "--json", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["n_images"], len(report["classes"]), report["unreadable"]) == (n, classes, [])

@@ -1,0 +1,151 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from medtricks.data.sources import load_source
+from medtricks.errors import DataError
+
+
+def _png(path, value=100, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size, value, np.uint8)).save(path)
+
+
+def _csv(folder, text):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "labels.csv").write_text(text)
+    return folder
+
+
+def test_imagefolder_classes_sorted_and_nested(tmp_path):
+    _png(tmp_path / "pneumonia" / "a.png")
+    _png(tmp_path / "normal" / "sub" / "b.png")
+    _png(tmp_path / "normal" / "c.png")
+    (tmp_path / "normal" / "notes.txt").write_text("not an image")
+    source = load_source(tmp_path)
+    assert source.kind == "imagefolder" and source.classes == ("normal", "pneumonia")
+    assert sorted((r["key"], r["label"]) for r in source.records) == [
+        ("normal/c.png", 0), ("normal/sub/b.png", 0), ("pneumonia/a.png", 1)]
+    assert not source.has_patient_ids and not source.has_splits
+
+
+def test_imagefolder_uses_recipe_class_order_and_rejects_unknown_folder(tmp_path):
+    _png(tmp_path / "normal" / "a.png")
+    _png(tmp_path / "opacity" / "b.png")
+    source = load_source(tmp_path, ["opacity", "normal"])
+    assert {r["key"]: r["label"] for r in source.records} == {"normal/a.png": 1, "opacity/b.png": 0}
+    with pytest.raises(DataError, match=r"opacity.*Add the class to data.classes"):
+        load_source(tmp_path, ["normal"])
+
+
+def test_csv_manifest_with_patients_and_splits(tmp_path):
+    for name in ("a", "b", "c"):
+        _png(tmp_path / "img" / f"{name}.png")
+    _csv(tmp_path, "path,label,patient_id,split,age\nimg/a.png,1,p1,train,50\nimg/b.png,0,p2,Validation,\n"
+                   "img/c.png,2,p3,test,3\n")
+    source = load_source(tmp_path)
+    assert source.kind == "csv" and source.classes == ("0", "1", "2")
+    assert [(r["label"], r["patient_id"], r["split"]) for r in source.records] == [
+        (1, "p1", "train"), (0, "p2", "val"), (2, "p3", "test")]
+    assert source.has_patient_ids and source.has_splits
+
+
+def test_numeric_classes_sort_numerically(tmp_path):
+    for i in (2, 10, 1):
+        _png(tmp_path / f"{i}.png")
+    _csv(tmp_path, "path,label\n2.png,2\n10.png,10\n1.png,1\n")
+    assert load_source(tmp_path).classes == ("1", "2", "10")
+
+
+def test_csv_file_path_and_missing_file_listed(tmp_path):
+    _png(tmp_path / "a.png")
+    manifest = tmp_path / "my.csv"
+    manifest.write_text("path,label\na.png,x\ngone.png,y\n")
+    source = load_source(manifest)
+    assert len(source.records) == 1
+    assert source.missing[0][0] == "gone.png" and "line 3" in source.missing[0][1]
+    assert "file not found" in source.missing[0][1]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("path,label\na.png,normal\na.png,normal\n", ["duplicate path", "line 3"]),
+    ("path,label\na.png,cat\n", ["line 2", "'cat'", "data.classes"]),
+    ("file,label\na.png,normal\n", ["column 'path' is missing"]),
+    ("path,label\n", ["no rows"]),
+    ("path,label\na.png,\n", ["empty label", "line 2"]),
+    ("path,label,split\na.png,normal,train\nb.png,normal,\n", ["split column is filled for some rows"]),
+    ("path,label,split\na.png,normal,holdout\n", ["holdout", "train, val, test"]),
+])
+def test_bad_manifests(tmp_path, text, words):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    _csv(tmp_path, text)
+    with pytest.raises(DataError) as info:
+        load_source(tmp_path, ["normal", "opacity"] if "cat" in text else None)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_npz_any_subset_of_splits(tmp_path):
+    path = tmp_path / "set.npz"
+    np.savez(path, train_images=np.zeros((5, 28, 28), np.uint8), train_labels=np.array([[0], [1], [2], [1], [0]]),
+             test_images=np.zeros((2, 28, 28, 3), np.uint8), test_labels=np.array([[2], [0]]))
+    source = load_source(tmp_path)  # a folder holding exactly one .npz
+    assert source.kind == "npz" and source.classes == ("0", "1", "2")
+    assert [r["split"] for r in source.records] == ["train"] * 5 + ["test"] * 2
+    assert source.records[6]["key"] == "test[1]" and source.records[6]["label"] == 0
+    with pytest.raises(DataError, match="outside the 2 classes"):
+        load_source(path, ["a", "b"])
+
+
+def test_npz_without_images_and_multilabel(tmp_path):
+    np.savez(tmp_path / "x.npz", stuff=np.zeros(3))
+    with pytest.raises(DataError, match="train_images"):
+        load_source(tmp_path / "x.npz")
+    np.savez(tmp_path / "y.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.zeros((2, 3)))
+    with pytest.raises(DataError, match="multi-label"):
+        load_source(tmp_path / "y.npz")
+
+
+def test_missing_and_empty_sources(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_source(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no images found"):
+        load_source(tmp_path / "empty")
+    (tmp_path / "empty" / "normal").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        load_source(tmp_path / "empty")
+
+
+def test_unlabelled_folder(tmp_path):
+    _png(tmp_path / "a.png")
+    source = load_source(tmp_path)
+    assert source.kind == "unlabelled" and not source.labelled and source.records[0]["label"] == -1
+
+
+def test_dicom_patient_ids_are_pseudonymized(phantoms, tmp_path):
+    import shutil
+
+    folder = tmp_path / "by_class"
+    shutil.copytree(phantoms / "images", folder)
+    source = load_source(folder)
+    ids = {r["patient_id"] for r in source.records}
+    assert source.has_patient_ids and all(p.startswith("patient-") for p in ids)
+    assert not any("synth" in p for p in ids)  # the DICOM PatientID never leaves the reader
+    by_real = {}
+    for rec in source.records:  # files of one real patient share one pseudonym, and only that one
+        by_real.setdefault(rec["key"].split("/")[1][:10], set()).add(rec["patient_id"])
+    assert all(len(v) == 1 for v in by_real.values()) and len(ids) == len(by_real)
+
+
+def test_real_sets_are_detected():
+    from conftest import shared
+
+    nih = load_source(shared("cxr-nih"))
+    assert (len(nih.records), nih.classes, nih.has_patient_ids) == (234, ("normal", "pneumonia"), True)
+    assert len({r["patient_id"] for r in nih.records}) == 228
+    retina = load_source(shared("retinamnist"))
+    assert retina.classes == ("0", "1", "2", "3", "4")
+    assert sum(r["split"] == "train" for r in retina.records) == 1080
+    assert sum(r["split"] == "val" for r in retina.records) == 120
