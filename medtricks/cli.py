@@ -24,8 +24,8 @@ app = typer.Typer(help="Fine-tune pretrained CNNs on medical images with a bag o
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect data sources and make the synthetic demo set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # long paths stay whole, for grep and copy-paste
+err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
 
@@ -34,8 +34,11 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False) -> None:
     """medtricks: transfer learning with a bag of tricks for medical images, and its adversarial robustness."""
     _state["debug"] = debug
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", force=True,
-                        handlers=[RichHandler(console=err_console, show_time=False, show_path=False)])
+    log = logging.getLogger("medtricks")  # only our loggers: the root logger stays the caller's (notebooks, pytest)
+    for handler in [h for h in log.handlers if isinstance(h, RichHandler)]:
+        log.removeHandler(handler)
+    log.addHandler(RichHandler(console=err_console, show_time=False, show_path=False))
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _fail(exc: MedtricksError) -> None:

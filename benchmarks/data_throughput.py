@@ -1,0 +1,92 @@
+"""Data throughput: DICOM decode + transform for a first (uncached) epoch vs a cached epoch, side by side.
+
+Writes N synthetic 16-bit DICOM radiographs of realistic size (2000 x 2000 by default) to a temporary folder,
+then in one process measures, on the same files and settings:
+- `no_cache_epoch`: what a plain pipeline does every epoch (decode, window, resize, augment), cache: none;
+- `first_epoch`: medtricks' first epoch (decode once into the cache, then augment);
+- `cached_epoch`: a later epoch (augment from the uint16 cache only);
+and prints one JSON object with images/s, the ratios and the peak resident memory.
+
+Usage: python benchmarks/data_throughput.py [--n 48] [--size 2000] [--cache memory|disk] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from medtricks.data.dataset import ImageDataset, ImageStore, prepare_images
+from medtricks.data.sources import load_source
+from medtricks.data.synth import synthesize
+from medtricks.data.transforms import cache_size, create_train_transform
+
+
+def _epoch(dataset: ImageDataset, workers: int, batch_size: int = 16) -> float:
+    start = time.perf_counter()
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                            persistent_workers=False):
+        assert torch.isfinite(batch["image"]).all()
+    return time.perf_counter() - start
+
+
+def _rate(n: int, seconds: float) -> dict:
+    return {"seconds": round(seconds, 3), "images_per_second": round(n / seconds, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=48, help="number of DICOM files")
+    parser.add_argument("--size", type=int, default=2000, help="image side in pixels")
+    parser.add_argument("--image-size", type=int, default=224, help="model input side")
+    parser.add_argument("--cache", choices=["memory", "disk"], default="memory")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        synthesize(Path(tmp) / "dicoms", n=args.n, seed=0, size=args.size)
+        synth_seconds = time.perf_counter() - started
+        records = load_source(Path(tmp) / "dicoms").records
+        max_side = cache_size(args.image_size, 0.875)
+        transform = create_train_transform("cxr", args.image_size, 1)
+
+        plain = ImageDataset(ImageStore(records, 1, max_side, "none"), range(len(records)), transform)
+        no_cache = _epoch(plain, args.workers)
+
+        store = ImageStore(records, 1, max_side, args.cache, cache_dir=Path(tmp) / "cache")
+        dataset = ImageDataset(store, range(len(records)), transform)
+        started = time.perf_counter()
+        ok, problems, _ = prepare_images(store, workers=args.workers)
+        first = time.perf_counter() - started + _epoch(dataset, args.workers)
+        cached = min(_epoch(dataset, args.workers) for _ in range(2))
+        assert len(ok) == len(records) and not problems
+
+    peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({
+        "benchmark": "data_throughput",
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "settings": {"n": args.n, "dicom_size": args.size, "bits": 16, "image_size": args.image_size,
+                     "cache": args.cache, "workers": args.workers, "augment": "cxr"},
+        "synth_seconds": round(synth_seconds, 2),
+        "no_cache_epoch": _rate(args.n, no_cache),
+        "first_epoch": _rate(args.n, first),
+        "cached_epoch": _rate(args.n, cached),
+        "cached_vs_first": round(first / cached, 2),
+        "cached_vs_no_cache": round(no_cache / cached, 2),
+        "peak_rss_mb": {"main": round(peak_self, 1), "largest_worker": round(peak_children, 1)},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

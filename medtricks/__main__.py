@@ -1,0 +1,5 @@
+"""`python -m medtricks ...` (also what torchrun launches)."""
+
+from medtricks.cli import main
+
+main()
