@@ -74,8 +74,8 @@ def main() -> None:
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({
         "benchmark": "data_throughput",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__},
         "settings": {"n": args.n, "dicom_size": args.size, "bits": 16, "image_size": args.image_size,
                      "cache": args.cache, "workers": args.workers, "augment": "cxr"},
         "synth_seconds": round(synth_seconds, 2),

@@ -23,7 +23,8 @@ def test_patient_level_no_leak_and_fractions():
     records = _records()
     splits = assign_splits(records, FRACTIONS, seed=0)
     assert find_leaks(records, splits) == {}
-    patients = {name: {r["patient_id"] for r, s in zip(records, splits) if s == name} for name in FRACTIONS}
+    pairs = list(zip(records, splits, strict=True))
+    patients = {name: {r["patient_id"] for r, s in pairs if s == name} for name in FRACTIONS}
     assert [len(patients[n]) for n in FRACTIONS] == [70, 15, 15]
 
 
@@ -31,7 +32,7 @@ def test_stratified_by_label():
     records = [{"label": int(i < 40), "patient_id": None, "split": None, "key": str(i)} for i in range(200)]
     splits = assign_splits(records, FRACTIONS, seed=1)
     for name, fraction in FRACTIONS.items():
-        counts = Counter(r["label"] for r, s in zip(records, splits) if s == name)
+        counts = Counter(r["label"] for r, s in zip(records, splits, strict=True) if s == name)
         assert counts[1] == pytest.approx(40 * fraction, abs=1)
         assert counts[0] == pytest.approx(160 * fraction, abs=1)
 

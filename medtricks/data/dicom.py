@@ -3,7 +3,7 @@
 pydicom decodes the pixel data (pylibjpeg + openjpeg for JPEG 2000) and applies the modality LUT; the display
 mapping that radiologists see is done here, because it is where CXR pipelines most often go wrong:
 
-1. stored values masked to BitsStored (12-bit data in 16-bit words may carry junk in the unused high bits);
+1. stored values limited to BitsStored (pydicom's pixel_array drops junk in the unused high bits; tested);
 2. modality LUT: RescaleSlope / RescaleIntercept, or a Modality LUT Sequence (pydicom's `apply_modality_lut`);
 3. VOI: a VOI LUT Sequence (first LUT), else WindowCenter / WindowWidth (first value when several, with the
    VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID of DICOM PS3.3 C.11.2.1.2), else the min-max of the image;
@@ -73,11 +73,30 @@ def _minmax(values: np.ndarray) -> np.ndarray:
     return ((values - lo) / (hi - lo)).astype(np.float32)
 
 
+def voi_lut(values: np.ndarray, item: pydicom.Dataset) -> np.ndarray:
+    """Look modality values up in one VOI LUT (PS3.3 C.11.2.1.1) and return display intensities in [0, 1].
+
+    Done here rather than with pydicom 3.0.2's `apply_voi`, which indexes an 8-bit LUT with uint8 positions, so
+    a 4096-entry 12-bit -> 8-bit LUT wraps every 256 values. Values below the first mapped value take the first
+    entry, values past the end the last one; non-integer modality values are rounded, not truncated.
+    """
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536  # 0 means 2**16 entries
+    if first > 32767 and values.min() < 0:
+        first -= 65536  # first mapped value stored as US although the modality values are signed
+    data = item.LUTData
+    if isinstance(data, bytes):
+        lut = np.frombuffer(data, dtype="<u2" if len(data) >= 2 * entries else np.uint8)
+    else:
+        lut = np.atleast_1d(np.asarray(data, dtype=np.float64))
+    lut = lut[:entries].astype(np.float64)
+    index = np.clip(np.rint(values).astype(np.int64) - first, 0, len(lut) - 1)
+    return np.clip(lut[index] / float(2**bits - 1), 0.0, 1.0).astype(np.float32)
+
+
 def _voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        out = pydicom.pixels.apply_voi(values, ds, index=0)
-        return np.clip(out.astype(np.float32) / float(2**lut_bits - 1), 0.0, 1.0)
+        return voi_lut(values, ds.VOILUTSequence[0])
     if "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter is not None and ds.WindowWidth is not None:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         return window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
@@ -122,9 +141,12 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc}). {_FIX}") from exc
     if "PixelData" not in ds:
+        if "Rows" not in ds or "SOPClassUID" not in ds:  # force-read garbage, or cut inside the header
+            raise DataError(f"{path}: not a readable DICOM image: no image header found, so the file is truncated "
+                            f"or not DICOM. {_FIX}")
         raise DataError(
-            f"{path}: DICOM file has no pixel data (it may be a report, a presentation state or a header-only "
-            f"export). Point the data source at image files only."
+            f"{path}: DICOM file has no pixel data (a header-only export, a report or a presentation state, or a "
+            f"file truncated before its pixels). Point the data source at image files only."
         )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -152,8 +174,6 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
         raise DataError(f"{path}: expected a 2-D grey image, got pixel array shape {arr.shape}. {_FIX}")
 
     bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    if int(ds.get("PixelRepresentation", 0) or 0) == 0 and bits_stored < arr.dtype.itemsize * 8:
-        arr = arr & np.asarray(2**bits_stored - 1, dtype=arr.dtype)  # drop junk in the unused high bits
     values = pydicom.pixels.apply_modality_lut(arr, ds)
     display = _voi(values, ds)
     if meta["photometric"] == "MONOCHROME1":
