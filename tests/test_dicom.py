@@ -469,3 +469,10 @@ def test_rgb_dicom_to_one_channel_uses_luma(tmp_path):
     arr = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]]], dtype=np.uint8)
     pixels, _ = read_image(save(make_cr(arr, "RGB", 8), tmp_path / "rgb.dcm"), channels=1)
     assert_pixels(pixels, np.array([[[0.299, 0.587, 0.114, 1.0]]]))
+
+
+def test_dicom_header_announcing_a_huge_image_is_refused(tmp_path):
+    ds = make_cr(ramp(), bits_stored=12)
+    ds.Rows, ds.Columns = 30000, 30000  # a bomb: the header asks for 1.8 GB of pixels
+    message = assert_data_error(save(ds, tmp_path / "bomb.dcm"))
+    assert "30000 x 30000" in message and "downsample" in message

@@ -71,7 +71,7 @@ def check_data(path, classes=None, split: SplitConfig | None = None, seed: int =
             leaks = find_leaks(records, [split_of[i] for i in range(len(records))])
         report["patients_in_several_splits"] = leaks
 
-    store = ImageStore(records, channels=3, max_side=1 << 30, mode="none")  # decode only, full size
+    store = ImageStore(records, channels=None, max_side=1 << 30, mode="none")  # decode only, full size
     _, problems, metas = prepare_images(store, workers=workers, progress=progress, want_meta=True)
     report["unreadable"] = [{"file": key, "reason": reason} for key, reason in list(source.missing) + problems]
     sizes = [m["size"] for m in metas.values()]

@@ -49,15 +49,16 @@ def default_cache_dir() -> Path:
     return Path(root) / "images"
 
 
-def decode(record: dict, channels: int, max_side: int) -> tuple[torch.Tensor, dict]:
-    """Decode one record to a quantized (C, h, w) uint8/uint16 tensor whose short side is <= max_side."""
+def decode(record: dict, channels: int | None, max_side: int) -> tuple[torch.Tensor, dict]:
+    """Decode one record to a quantized (C, h, w) uint8/uint16 tensor whose short side is <= max_side
+    (channels None keeps the file's own)."""
     image = record["image"]
     if isinstance(image, np.ndarray):  # MedMNIST arrays: uint8 (H, W) or (H, W, 3)
         pixels = image.astype(np.float32) / 255.0
         pixels = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
         meta = {"format": "npz", "bit_depth": 8, "size": list(image.shape[:2]),
                 "photometric": "RGB" if pixels.shape[0] == 3 else "MONOCHROME2"}
-        pixels = to_channels(pixels, channels)
+        pixels = to_channels(pixels, channels) if channels else pixels
     else:
         pixels, meta = read_image(image, channels)
     tensor = torch.from_numpy(np.ascontiguousarray(pixels))
@@ -89,7 +90,7 @@ def _disk_key(record: dict, channels: int, max_side: int) -> str:
 class ImageStore:
     """Decoded images of a list of records, kept in memory, on disk or nowhere (see the module docstring)."""
 
-    def __init__(self, records: list[dict], channels: int, max_side: int, mode: str = "memory",
+    def __init__(self, records: list[dict], channels: int | None, max_side: int, mode: str = "memory",
                  cache_dir: str | Path | None = None):
         if mode not in ("memory", "disk", "none"):
             raise ValueError(f"ImageStore mode {mode!r}: use memory, disk or none (resolve 'auto' first)")
@@ -97,7 +98,8 @@ class ImageStore:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.memory: list[torch.Tensor | None] = [None] * len(records)
 
-    def _file(self, index: int) -> Path | None:
+    def cache_file(self, index: int) -> Path | None:
+        """The .npy file of a record in disk mode (None for other modes and in-memory arrays)."""
         record = self.records[index]
         if self.mode != "disk" or isinstance(record["image"], np.ndarray):
             return None
@@ -109,7 +111,7 @@ class ImageStore:
         cached = self.memory[index]
         if cached is not None:
             return cached
-        file = self._file(index)
+        file = self.cache_file(index)
         if file is not None and file.is_file():
             return torch.from_numpy(np.load(file, allow_pickle=False))
         image, _ = decode(self.records[index], self.channels, self.max_side)
@@ -119,7 +121,7 @@ class ImageStore:
     def put(self, index: int, image: torch.Tensor) -> None:
         """Keep a decoded image: in memory (memory mode, and arrays in disk mode) or as an .npy file written
         atomically (temp file + rename, so a killed process never leaves a half file behind)."""
-        file = self._file(index)
+        file = self.cache_file(index)
         if file is None:
             if self.mode != "none" or isinstance(self.records[index]["image"], np.ndarray):
                 self.memory[index] = image
@@ -148,7 +150,7 @@ class _Decode(Dataset):
         except Exception as exc:  # an unexpected decoder failure still names the file
             return index, None, None, f"{self.store.records[index]['key']}: {type(exc).__name__}: {exc}"
         shape = list(image.shape)
-        if self.store.mode == "disk" and self.store._file(index) is not None:
+        if self.store.mode == "disk" and self.store.cache_file(index) is not None:
             self.store.put(index, image)  # written by the worker; only the verdict travels back
             image = None
         elif self.store.mode == "none":

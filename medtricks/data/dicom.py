@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from medtricks.errors import DataError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+MAX_PIXELS = 20000 * 20000  # refuse headers that would make pydicom allocate gigabytes (a decompression bomb)
 _FIX = "Re-export the file, or set data.on_error: skip to leave unreadable images out (they are always listed)."
 
 
@@ -154,6 +155,10 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
             f"{path}: multi-frame DICOM ({frames} frames); medtricks reads single radiographs. Export the frame "
             f"you want as its own file."
         )
+    rows, columns, samples = (int(ds.get(k, 0) or 0) for k in ("Rows", "Columns", "SamplesPerPixel"))
+    if rows * columns * max(samples, 1) > MAX_PIXELS:
+        raise DataError(f"{path}: the header announces a {rows} x {columns} x {samples} image, larger than medtricks "
+                        f"decodes safely ({MAX_PIXELS} pixels); downsample the file first.")
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for truncated or malformed pixel data
