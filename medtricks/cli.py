@@ -24,6 +24,8 @@ app = typer.Typer(help="Fine-tune pretrained CNNs on medical images with a bag o
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect data sources and make the synthetic demo set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+weights_app = typer.Typer(help="Pretrained weight files: list, verify, locate.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
 console = Console(soft_wrap=True)  # long paths stay whole, for grep and copy-paste
 err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
@@ -137,6 +139,100 @@ def data_check(
                           f"{len(report.get('patients_in_several_splits') or {})} patient(s) in two splits "
                           f"(listed above). Fix or remove them before training.", highlight=False)
         raise typer.Exit(2)
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """List the known pretrained weights, their files, sha256 and whether they are available offline.
+
+    Example: medtricks weights list
+    """
+    from medtricks.models.weights import REGISTRY, WeightsError, cache_dir, weights_path
+
+    for spec in REGISTRY.values():
+        try:
+            available = "available" if weights_path(spec, download=False).is_file() else "not cached (downloaded " \
+                "on first use; offline: see `medtricks weights path`)"
+        except WeightsError:
+            available = "package missing"
+        console.print(f"[bold]{spec.arch}:{spec.name}[/]  {available}\n    {spec.description}\n    file "
+                      f"{spec.filename}  sha256 {spec.sha256}", highlight=False)
+    console.print(f"cache folder: {cache_dir()} (set MEDTRICKS_CACHE to move it; MEDTRICKS_OFFLINE=1 never downloads)")
+
+
+@weights_app.command("verify")
+def weights_verify(file: Annotated[Path, typer.Argument(help="A .pth, .pth.tar or .safetensors file.")]) -> None:
+    """Check a weights file: sha256 against the registry, safe loading, and that its keys fit the architecture.
+
+    Example: medtricks weights verify ~/Downloads/resnet50-0676ba61.pth
+    """
+    from medtricks.models.backbones import ARCHS, pretrained_state
+    from medtricks.models.weights import find_by_file, sha256_of
+
+    try:
+        spec = find_by_file(file)
+        digest = sha256_of(file) if file.is_file() else ""
+        archs = [spec.arch] if spec is not None else list(ARCHS)
+        fits = []
+        for arch in archs:
+            state, *_ = pretrained_state(arch, str(file))  # verifies the hash, loads safely, remaps
+            backbone = ARCHS[arch].build(state[f"{ARCHS[arch].head}.weight"].shape[0]
+                                         if f"{ARCHS[arch].head}.weight" in state else 1000)
+            if set(backbone.state_dict()) == set(state):
+                fits.append(arch)
+    except MedtricksError as exc:
+        _fail(exc)
+    known = f"{spec.arch} '{spec.name}' ({spec.description})" if spec else "not in the registry"
+    console.print(f"{file}: sha256 {digest}; {known}; loads safely; keys fit: {', '.join(fits) or 'no known arch'}",
+                  highlight=False)
+    if not fits:
+        raise typer.Exit(2)
+
+
+def _weight_spec(name: str):
+    """ARCH:WEIGHTS, or a bare WEIGHTS name that only one architecture has (sin_in)."""
+    from medtricks.models.weights import REGISTRY, WeightsError
+
+    arch, _, weights = name.rpartition(":")
+    matches = [spec for (a, w), spec in REGISTRY.items() if w == weights and (a == arch or not arch)]
+    if len(matches) != 1:
+        known = ", ".join(f"{a}:{w}" for a, w in REGISTRY)
+        raise WeightsError(f"{name!r} names {'several' if matches else 'no'} known weights; give ARCH:WEIGHTS, one "
+                           f"of {known}.")
+    return matches[0]
+
+
+@weights_app.command("path")
+def weights_path_cmd(name: Annotated[str, typer.Argument(help="ARCH:WEIGHTS, e.g. resnet50:sin_in.")]) -> None:
+    """Print where the file for ARCH:WEIGHTS is expected, so it can be copied there on an offline machine.
+
+    Example: medtricks weights path resnet50:imagenet
+    """
+    from medtricks.models.weights import weights_path
+
+    try:
+        spec = _weight_spec(name)
+        console.print(f"{weights_path(spec, download=False)}\n  from {spec.url}\n  sha256 {spec.sha256}",
+                      highlight=False)
+    except MedtricksError as exc:
+        _fail(exc)
+
+
+@weights_app.command("fetch")
+def weights_fetch(name: Annotated[str, typer.Argument(help="ARCH:WEIGHTS, e.g. resnet50:imagenet.")]) -> None:
+    """Download (if needed) and verify the file for ARCH:WEIGHTS into the cache, e.g. before going offline.
+
+    Example: medtricks weights fetch resnet50:sin_in
+    """
+    from medtricks.models.weights import verify, weights_path
+
+    try:
+        spec = _weight_spec(name)
+        path = weights_path(spec)
+        digest = verify(path, spec)
+    except MedtricksError as exc:
+        _fail(exc)
+    console.print(f"{path}  sha256 {digest}", highlight=False)
 
 
 def main() -> None:
