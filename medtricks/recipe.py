@@ -3,8 +3,8 @@
 A recipe is data, not code. An unknown key is an error naming the valid keys (nanoGPT's rule), a wrong type is an
 error naming the key, the value and the expected type, and the resolved recipe is what a run saves.
 
-Sections: `name`, `seed`, `data` (validated here), and `model`, `train`, `tricks`, `attack`, which are kept as
-mappings until the model, training and attack layers define and validate their own dataclasses.
+Sections: `name`, `seed`, `data` and `model` (validated here), and `train`, `tricks`, `attack`, which are kept as
+mappings until the training and attack layers define and validate their own dataclasses.
 """
 
 from __future__ import annotations
@@ -99,11 +99,44 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class BNResetConfig:
+    """One entry of `model.bn_reset` (see medtricks.models.surgery.apply_bn_reset)."""
+
+    stages: tuple[str, ...]
+    gamma: str = "zero"
+    which: str = "last_in_block"
+    beta: str = "keep"
+    running_stats: str = "keep"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The `model:` section.
+
+    Attributes:
+        arch: resnet18 | resnet50 | resnet50d | densenet121 | efficientnet_lite0.
+        weights: imagenet | imagenet_v2 | sin | sin_in | sin_in_in | none, or a local file path
+            (`medtricks weights list`).
+        input_mode: for 1-channel data: sum (fold the first conv's RGB filters) or repeat (grey -> 3 channels).
+        bn_reset: BatchNorm resets applied once after the weights are loaded, in order.
+        freeze: stages whose parameters are not trained (their BN layers stay in eval mode).
+        lr_multipliers: {stage: multiplier of the learning rate} for discriminative fine-tuning.
+    """
+
+    arch: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    input_mode: str = "sum"
+    bn_reset: tuple[BNResetConfig, ...] = ()
+    freeze: tuple[str, ...] = ()
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: dict = field(default_factory=dict)
     tricks: dict = field(default_factory=dict)
     attack: dict = field(default_factory=dict)
@@ -148,11 +181,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)  # class names such as 0..4 for DR grades
-    if tp is dict:
+    if tp is dict or origin is dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
             raise RecipeError(f"recipe key '{key}' must be a mapping, got {value!r}.")
+        if origin is dict:
+            _, inner = typing.get_args(tp)
+            return {str(k): _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
         return value
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
@@ -173,10 +209,13 @@ def build_dataclass(cls, raw: dict, prefix: str = ""):
         if key not in names:
             raise RecipeError(f"unknown recipe key '{full}'; valid keys here: {', '.join(names)}.")
         kwargs[key] = _coerce(value, hints[key], full)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a missing required key
-        raise RecipeError(f"recipe section '{prefix or cls.__name__}': {exc}") from exc
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        where = ", ".join(f"'{prefix}.{name}'" if prefix else f"'{name}'" for name in missing)
+        raise RecipeError(f"recipe key {where} is required here.")
+    return cls(**kwargs)
 
 
 def set_key(raw: dict, assignment: str) -> None:

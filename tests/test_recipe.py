@@ -61,3 +61,18 @@ def test_unknown_recipe_and_top_level_key(tmp_path):
         load_recipe(path)
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_model_section_strict():
+    from medtricks.recipe import BNResetConfig, ModelConfig
+
+    config = build_dataclass(ModelConfig, {"arch": "resnet18", "bn_reset": [{"stages": ["layer4"], "gamma": "one"}],
+                                           "freeze": ["stem"], "lr_multipliers": {"stem": 0.1}}, "model")
+    assert config.bn_reset == (BNResetConfig(stages=("layer4",), gamma="one"),)
+    assert config.freeze == ("stem",) and config.lr_multipliers == {"stem": 0.1}
+    with pytest.raises(RecipeError, match=r"'model.bn_reset\[0\].stages' is required"):
+        build_dataclass(ModelConfig, {"bn_reset": [{"gamma": "one"}]}, "model")
+    with pytest.raises(RecipeError, match=r"model.lr_multipliers.stem.*float"):
+        build_dataclass(ModelConfig, {"lr_multipliers": {"stem": "fast"}}, "model")
+    with pytest.raises(RecipeError, match="model.archh"):
+        build_dataclass(ModelConfig, {"archh": "resnet18"}, "model")
