@@ -23,3 +23,13 @@ def phantoms(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms") / "set"
     synthesize(out, n=24, seed=3, size=64)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic_weights(tmp_path_factory):
+    """No test downloads or reads the user's cache: offline, with an empty cache folder of its own."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEDTRICKS_OFFLINE", "1")
+    patch.setenv("MEDTRICKS_CACHE", str(tmp_path_factory.mktemp("medtricks-cache")))
+    yield
+    patch.undo()
