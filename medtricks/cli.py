@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from medtricks.errors import MedtricksError
 
@@ -24,10 +25,13 @@ app = typer.Typer(help="Fine-tune pretrained CNNs on medical images with a bag o
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect data sources and make the synthetic demo set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+recipes_app = typer.Typer(help="Bundled recipes: list and show.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
 weights_app = typer.Typer(help="Pretrained weight files: list, verify, locate.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
-console = Console(soft_wrap=True)  # long paths stay whole, for grep and copy-paste
-err_console = Console(stderr=True, soft_wrap=True)
+# markup off: paths and messages are printed literally (a folder named "cache[v2]" must not lose "[v2]")
+console = Console(soft_wrap=True, markup=False)  # soft wrap: long paths stay whole, for grep and copy-paste
+err_console = Console(stderr=True, soft_wrap=True, markup=False)
 _state = {"debug": False}
 
 
@@ -46,7 +50,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
 def _fail(exc: MedtricksError) -> None:
     if _state["debug"]:
         raise exc
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(Text("error:", style="bold red"), str(exc), highlight=False)
     raise typer.Exit(2)
 
 
@@ -56,6 +60,136 @@ def _progress(what: str):
                    transient=True)
     task = bar.add_task(what, total=None)
     return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _epoch_line(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}", f"lr {row['lr']:.2e}"]
+    if row.get("val_auroc") is not None:
+        parts.append(f"val AUROC {row['val_auroc']:.4f}")
+    if row.get("val_accuracy") is not None:
+        parts.append(f"val acc {row['val_accuracy']:.4f}")
+    parts.append(f"{row['images_per_second']:.1f} img/s" + ("  *best" if row.get("best") else ""))
+    return "  ".join(parts)
+
+
+@app.command("finetune")
+def finetune_cmd(
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Bundled recipe name or YAML path.")] = "demo",
+    data: Annotated[Path | None, typer.Option("--data", help="Data folder, CSV manifest or .npz.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (must not exist).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override the recipe seed.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Print only the run directory.")] = False,
+) -> None:
+    """Fine-tune a pretrained CNN as a recipe says; writes a run directory (model, metrics, report, plots).
+
+    Example: medtricks finetune --recipe pneumoniamnist --data ../shared/data/pneumoniamnist --set train.epochs=5
+    """
+    from medtricks.finetune import finetune
+    from medtricks.recipe import load_recipe
+
+    try:
+        resolved = load_recipe(recipe, set_ or (), seed)
+        bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[line]}"), TimeElapsedColumn(), console=err_console,
+                       disable=quiet)
+        task = bar.add_task(resolved.name, total=resolved.train.epochs, line="starting")
+
+        def on_epoch(row: dict) -> None:
+            bar.update(task, completed=row["epoch"], line=_epoch_line(row))
+            if not quiet:
+                bar.console.print(_epoch_line(row), highlight=False)
+
+        with bar:
+            run = finetune(resolved, data=data, out=out, on_epoch=on_epoch)
+    except MedtricksError as exc:
+        _fail(exc)
+    if quiet:
+        console.print(str(run))
+        return
+    report = json.loads((run / "report.json").read_text())
+    for split, m in report["splits"].items():
+        auroc = "n/a" if m["auroc"] is None else f"{m['auroc']:.4f}"
+        ci = "" if not m["auroc_ci95"] else f" [{m['auroc_ci95'][0]:.3f}, {m['auroc_ci95'][1]:.3f}]"
+        console.print(f"{split}: n={m['n']} AUROC {auroc}{ci}  accuracy {m['accuracy']:.4f}  balanced accuracy "
+                      f"{m['balanced_accuracy']:.4f}  sensitivity {m['sensitivity']:.4f}  specificity "
+                      f"{m['specificity']:.4f}", highlight=False)
+    console.print(f"run directory: {run}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory written by finetune.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the run's own).")] = None,
+    split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
+) -> None:
+    """Evaluate a run's model on a split of its data or on another source.
+
+    Example: medtricks evaluate runs/demo-20261128-101500 --data other_site/ --split all --json external.json
+    """
+    from medtricks.finetune import evaluate
+
+    try:
+        metrics = evaluate(run, data=data, split=split, json_path=json_path)
+    except MedtricksError as exc:
+        _fail(exc)
+    console.print(json.dumps(metrics, indent=2))
+
+
+@app.command("predict")
+def predict_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory written by finetune.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write predictions to this CSV.")] = None,
+) -> None:
+    """Predict classes (and probabilities) for images with a run's model.
+
+    Example: medtricks predict runs/demo-20261128-101500 new_images/ --out predictions.csv
+    """
+    from medtricks.finetune import predict
+
+    try:
+        rows = predict(run, inputs, out_csv=out)
+    except MedtricksError as exc:
+        _fail(exc)
+    for row in rows if out is None else []:
+        console.print(f"{row['path']}\t{row['prediction'] or 'ERROR: ' + row['error']}", highlight=False)
+    failed = [r for r in rows if r["error"]]
+    if out is not None:
+        console.print(f"{len(rows) - len(failed)} predictions written to {out}; {len(failed)} unreadable")
+    for row in failed:
+        err_console.print(Text("unreadable:", style="yellow"), row["error"], highlight=False)
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the bundled recipes with their first comment line.
+
+    Example: medtricks recipes list
+    """
+    from medtricks.recipe import bundled_recipes, recipe_text
+
+    for name in bundled_recipes():
+        text, _ = recipe_text(name)
+        first = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+        console.print(Text(name, style="bold"), f" {first}", highlight=False)
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or YAML path.")]) -> None:
+    """Print a recipe's YAML (with its comments).
+
+    Example: medtricks recipes show covid_cxr
+    """
+    from medtricks.recipe import load_recipe, recipe_text
+
+    try:
+        text, _ = recipe_text(name)
+        load_recipe(name)  # validate it too
+    except MedtricksError as exc:
+        _fail(exc)
+    console.print(text, highlight=False, markup=False)
 
 
 @data_app.command("synth")
@@ -82,7 +216,7 @@ def _print_check(report: dict) -> None:
     patients = "no ids" if report["patients"] is None else str(report["patients"])
     if report.get("patients_in_several_classes"):
         patients += f" ({report['patients_in_several_classes']} with images in several classes)"
-    console.print(f"[bold]{report['source']}[/] ({report['kind']}): {report['n_images']} images, "
+    console.print(f"{report['source']} ({report['kind']}): {report['n_images']} images, "
                   f"{len(report['classes'])} classes, patients: {patients}", highlight=False)
     if report.get("splits"):
         table = Table(title=f"split: {report['split_origin']}", title_justify="left")
@@ -101,7 +235,7 @@ def _print_check(report: dict) -> None:
                       f"formats {report['formats']}; bit depths {report['bit_depths']}; "
                       f"photometric {report['photometric']}", highlight=False)
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(Text("warning:", style="yellow"), warning, highlight=False)
     leaks = report.get("patients_in_several_splits") or {}
     console.print(f"patients in more than one split: {len(leaks)}"
                   + (": " + ", ".join(f"{p} ({'+'.join(s)})" for p, s in leaks.items()) if leaks else ""))
@@ -135,9 +269,10 @@ def data_check(
         json_path.write_text(json.dumps(report, indent=2) + "\n")
     problems = len(report["unreadable"]) + len(report.get("patients_in_several_splits") or {})
     if problems:
-        err_console.print(f"[bold red]error:[/] {source}: {len(report['unreadable'])} unreadable file(s) and "
-                          f"{len(report.get('patients_in_several_splits') or {})} patient(s) in two splits "
-                          f"(listed above). Fix or remove them before training.", highlight=False)
+        leaks = len(report.get("patients_in_several_splits") or {})
+        err_console.print(Text("error:", style="bold red"), f"{source}: {len(report['unreadable'])} unreadable "
+                          f"file(s) and {leaks} patient(s) in two splits (listed above). Fix or remove them before "
+                          f"training.", highlight=False)
         raise typer.Exit(2)
 
 
@@ -155,7 +290,7 @@ def weights_list() -> None:
                 "on first use; offline: see `medtricks weights path`)"
         except WeightsError:
             available = "package missing"
-        console.print(f"[bold]{spec.arch}:{spec.name}[/]  {available}\n    {spec.description}\n    file "
+        console.print(Text(f"{spec.arch}:{spec.name}", style="bold"), f" {available}\n    {spec.description}\n    file "
                       f"{spec.filename}  sha256 {spec.sha256}", highlight=False)
     console.print(f"cache folder: {cache_dir()} (set MEDTRICKS_CACHE to move it; MEDTRICKS_OFFLINE=1 never downloads)")
 
@@ -240,5 +375,5 @@ def main() -> None:
     try:
         app()
     except MedtricksError as exc:  # raised outside a command's own handler
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(Text("error:", style="bold red"), str(exc), highlight=False)
         sys.exit(2)

@@ -3,8 +3,8 @@
 A recipe is data, not code. An unknown key is an error naming the valid keys (nanoGPT's rule), a wrong type is an
 error naming the key, the value and the expected type, and the resolved recipe is what a run saves.
 
-Sections: `name`, `seed`, `data` and `model` (validated here), and `train`, `tricks`, `attack`, which are kept as
-mappings until the training and attack layers define and validate their own dataclasses.
+Sections: `name`, `seed`, `data`, `model`, `train`, `tricks` (validated here, each trick by its own config class
+in medtricks/tricks/), and `attack`, kept as a mapping until the attack layer defines its dataclass.
 """
 
 from __future__ import annotations
@@ -20,6 +20,18 @@ from typing import Any
 import yaml
 
 from medtricks.errors import RecipeError
+from medtricks.tricks.amp import AmpConfig
+from medtricks.tricks.class_balance import ClassBalanceConfig
+from medtricks.tricks.cosine import CosineConfig
+from medtricks.tricks.distillation import DistillationConfig
+from medtricks.tricks.ema import EmaConfig
+from medtricks.tricks.label_smoothing import LabelSmoothingConfig
+from medtricks.tricks.linear_scaling import LinearScalingConfig
+from medtricks.tricks.mixup import CutMixConfig, MixupConfig
+from medtricks.tricks.no_bias_decay import NoBiasDecayConfig
+from medtricks.tricks.step_decay import StepDecayConfig
+from medtricks.tricks.warmup import WarmupConfig
+from medtricks.tricks.zero_gamma import ZeroGammaConfig
 
 AUGMENT_PRESETS = ("bag_of_tricks", "cxr", "fundus", "dermoscopy", "none")
 CACHE_MODES = ("auto", "memory", "disk", "none")
@@ -64,6 +76,8 @@ class DataConfig:
         on_error: what an unreadable image does: raise (stop, naming every bad file) or skip (leave it out,
             and list it in a warning and in the run).
         workers: DataLoader worker processes; None = min(4, CPU count).
+        synth_if_missing: when the source folder does not exist, write synthetic phantoms there first (the
+            offline `demo` recipe; `medtricks data synth`).
     """
 
     source: str | None = None
@@ -78,6 +92,7 @@ class DataConfig:
     cache_memory_gb: float = 2.0
     on_error: str = "raise"
     workers: int | None = None
+    synth_if_missing: bool = False
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -131,14 +146,99 @@ class ModelConfig:
     lr_multipliers: dict[str, float] = field(default_factory=dict)
 
 
+SELECT_METRICS = ("auroc", "balanced_accuracy", "accuracy", "f1", "loss")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train:` section.
+
+    Attributes:
+        epochs: passes over the training split.
+        batch_size: images per step.
+        optimizer: sgd (Nesterov momentum, the paper's) or adamw.
+        lr: base learning rate (scaled by batch_size / base_batch when the linear_scaling trick is on).
+        momentum, nesterov: SGD momentum; for adamw momentum is beta1.
+        weight_decay: L2 / decoupled weight decay (biases and norms exempt with the no_bias_decay trick).
+        grad_clip: max gradient norm, None = no clipping.
+        select_metric: validation metric that picks the saved epoch (auroc, balanced_accuracy, accuracy, f1, loss).
+        early_stopping: stop after this many epochs without improvement of select_metric; None = never.
+        eval_batch_size: images per evaluation batch.
+        device: auto (CUDA when available), cpu or cuda.
+        limit_train_batches: at most this many steps per epoch (quick checks); None = all.
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    grad_clip: float | None = None
+    select_metric: str = "auroc"
+    early_stopping: int | None = None
+    eval_batch_size: int = 64
+    device: str = "auto"
+    limit_train_batches: int | None = None
+
+    def __post_init__(self):
+        checks = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                  ("lr", self.lr > 0, "> 0"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                  ("weight_decay", self.weight_decay >= 0, ">= 0"), ("eval_batch_size", self.eval_batch_size >= 1,
+                                                                     ">= 1"),
+                  ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "> 0 or null"),
+                  ("early_stopping", self.early_stopping is None or self.early_stopping >= 1, ">= 1 or null"),
+                  ("limit_train_batches", self.limit_train_batches is None or self.limit_train_batches >= 1,
+                   ">= 1 or null")]
+        for key, ok, rule in checks:
+            if not ok:
+                raise RecipeError(f"recipe key 'train.{key}' = {getattr(self, key)} must be {rule}.")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise RecipeError(f"recipe key 'train.optimizer' = {self.optimizer!r}; choose 'sgd' or 'adamw'.")
+        if self.select_metric not in SELECT_METRICS:
+            raise RecipeError(f"recipe key 'train.select_metric' = {self.select_metric!r}; choose one of "
+                              f"{list(SELECT_METRICS)}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise RecipeError(f"recipe key 'train.device' = {self.device!r}; choose auto, cpu or cuda.")
+
+
+@dataclass(frozen=True)
+class TricksConfig:
+    """The `tricks:` section: a present key turns a trick on (`{}` = its documented defaults), absent or null = off.
+    Each trick's fields and method card live in medtricks/tricks/<name>.py."""
+
+    linear_scaling: LinearScalingConfig | None = None
+    warmup: WarmupConfig | None = None
+    cosine: CosineConfig | None = None
+    step_decay: StepDecayConfig | None = None
+    label_smoothing: LabelSmoothingConfig | None = None
+    mixup: MixupConfig | None = None
+    cutmix: CutMixConfig | None = None
+    distillation: DistillationConfig | None = None
+    no_bias_decay: NoBiasDecayConfig | None = None
+    amp: AmpConfig | None = None
+    zero_gamma: ZeroGammaConfig | None = None
+    ema: EmaConfig | None = None
+    class_balance: ClassBalanceConfig | None = None
+
+    def __post_init__(self):
+        if self.cosine is not None and self.step_decay is not None:
+            raise RecipeError("tricks.cosine and tricks.step_decay are both on; a run has one LR decay: remove one.")
+
+    def enabled(self) -> list[str]:
+        """Names of the tricks that are on, in field order."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: dict = field(default_factory=dict)
-    tricks: dict = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tricks: TricksConfig = field(default_factory=TricksConfig)
     attack: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

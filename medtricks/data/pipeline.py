@@ -41,6 +41,18 @@ def resolve_source(config: DataConfig, data: str | Path | None) -> Path:
     return Path(path)
 
 
+def _decoded(config: DataConfig, source: Source, records: list[dict], workers: int | None, progress=None):
+    """Decode `records` once into a store (cache per config), raising or listing unreadable files."""
+    report_problems(source.missing, config.on_error, "files listed but missing")
+    max_side = cache_size(config.image_size, config.crop_fraction)
+    mode = resolve_cache_mode(config.cache, records, config.channels, max_side, config.cache_memory_gb)
+    store = ImageStore(records, config.channels, max_side, mode, config.cache_dir)
+    ok, problems, _ = prepare_images(store, workers=config.workers if workers is None else workers,
+                                     progress=progress)
+    report_problems(problems, config.on_error)
+    return store, ok, problems
+
+
 def load_data(config: DataConfig, data: str | Path | None = None, seed: int = 0, workers: int | None = None,
               progress=None) -> DataBundle:
     """Load, split and decode a data source for training and evaluation.
@@ -60,13 +72,7 @@ def load_data(config: DataConfig, data: str | Path | None = None, seed: int = 0,
         raise DataError(f"{source.root}: the images have no labels. Put them in class sub-folders or list them "
                         f"in a labels.csv with path,label columns.")
     indices, origin = split_source(source, config.split, seed)
-    report_problems(source.missing, config.on_error, "files listed but missing")
-    max_side = cache_size(config.image_size, config.crop_fraction)
-    mode = resolve_cache_mode(config.cache, source.records, config.channels, max_side, config.cache_memory_gb)
-    store = ImageStore(source.records, config.channels, max_side, mode, config.cache_dir)
-    ok, problems, _ = prepare_images(store, workers=config.workers if workers is None else workers,
-                                     progress=progress)
-    report_problems(problems, config.on_error)
+    store, ok, problems = _decoded(config, source, source.records, workers, progress)
     good = set(ok)
     eval_transform = create_eval_transform(config.image_size, config.crop_fraction)
     train_transform = create_train_transform(config.augment, config.image_size, config.channels,
@@ -77,3 +83,26 @@ def load_data(config: DataConfig, data: str | Path | None = None, seed: int = 0,
         if kept:
             splits[name] = ImageDataset(store, kept, train_transform if name == "train" else eval_transform)
     return DataBundle(source, splits, origin, skipped=list(source.missing) + problems)
+
+
+def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed: int, classes: tuple[str, ...],
+                   workers: int | None = None) -> tuple[ImageDataset, str]:
+    """One split of a source for evaluation (eval transform), with the model's classes.
+
+    `split` val / test / train re-makes the run's seeded split (same source, seed and fractions give the same
+    images); `all` takes every image (an external test set).
+    """
+    if split not in (*SPLITS, "all"):
+        raise DataError(f"--split {split!r}: choose val, test, train or all.")
+    source = load_source(resolve_source(config, data), classes)
+    if not source.labelled:
+        raise DataError(f"{source.root}: the images have no labels; `medtricks predict` scores unlabelled images.")
+    if split == "all":
+        chosen, origin = list(range(len(source.records))), "all images"
+    else:
+        indices, origin = split_source(source, config.split, seed)
+        chosen = indices[split]
+        if not chosen:
+            raise DataError(f"{source.root}: the {split} split is empty ({origin}); use --split all or another split.")
+    store, ok, _ = _decoded(config, source, [source.records[i] for i in chosen], workers)
+    return ImageDataset(store, ok, create_eval_transform(config.image_size, config.crop_fraction)), origin

@@ -62,7 +62,7 @@ def _is_image_file(path: Path) -> bool:
     return is_dicom(path)  # .dcm or extension-less files with the DICM preamble
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if _is_image_file(p) and not any(
         part.startswith(".") for part in p.relative_to(folder).parts))
 
@@ -196,7 +196,7 @@ def _from_npz(npz_path: Path, classes) -> Source:
 
 def _from_folder(folder: Path, classes) -> Source:
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    by_class = {d.name: _image_files(d) for d in subdirs}
+    by_class = {d.name: image_files(d) for d in subdirs}
     by_class = {name: files for name, files in by_class.items() if files}
     loose = [p for p in folder.iterdir() if _is_image_file(p)]
     if by_class and not loose:
@@ -210,7 +210,7 @@ def _from_folder(folder: Path, classes) -> Source:
             for rec in records:
                 rec["patient_id"] = None
         return Source(folder, "imagefolder", classes, records, has_patient, False)
-    files = _image_files(folder)
+    files = image_files(folder)
     if not files:
         raise DataError(f"{folder}: no images found (looked for PNG, JPEG, TIFF, BMP and DICOM files, a labels.csv "
                         f"and a .npz). Point --data at a folder with class sub-folders, a labels.csv, or a .npz.")

@@ -170,6 +170,9 @@ def pretrained_state(arch: str, weights: str) -> tuple[dict, tuple, tuple, Path]
         spec = REGISTRY[(arch, weights)]
         path = weights_path(spec)
     elif local.suffix or local.is_file() or "/" in weights:
+        if not local.is_file():
+            raise WeightsError(f"{local}: weights file not found. Check model.weights, or use a registry name "
+                               f"(medtricks weights list).")
         spec, path = find_by_file(local), local
         if spec is not None and spec.arch != arch:
             raise WeightsError(f"{local}: this is the {spec.arch} '{spec.name}' file; model.arch is {arch}.")
@@ -185,7 +188,9 @@ def pretrained_state(arch: str, weights: str) -> tuple[dict, tuple, tuple, Path]
 
 def _strict_keys(backbone: nn.Module, state: dict) -> tuple[list[str], list[str]]:
     own = backbone.state_dict()
-    missing = sorted(set(own) - set(state))
+    # BatchNorm fills in num_batches_tracked itself (torch's own strict load accepts files without it, such as
+    # torchvision's densenet121 and resnet ImageNet files)
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     shape = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
     return missing, unexpected + [f"{k} (shape {tuple(state[k].shape)} vs {tuple(own[k].shape)})" for k in shape]

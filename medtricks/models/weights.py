@@ -207,14 +207,16 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc) and "global" not in str(exc):
+            raise WeightsError(f"{path}: not a torch checkpoint ({str(exc).splitlines()[-1][:200]}).") from exc
         raise WeightsError(
             f"{path}: refused: this checkpoint needs arbitrary Python objects to unpickle, and unpickling them can "
             f"run code. medtricks only loads tensors (torch.load with weights_only=True, or safetensors). If you "
             f"trust the file, re-save just its state dict: torch.save(model.state_dict(), 'clean.pth'), or convert "
             f"it to safetensors. ({str(exc).splitlines()[0]})"
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({exc}).") from exc
+    except Exception as exc:  # torch raises KeyError, IndexError, RuntimeError ... for files that are not checkpoints
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc}).") from exc
 
 
 _DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|"

@@ -1,0 +1,279 @@
+"""finetune / evaluate / predict: the main job and the two commands that read only a run directory (+ data)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import medtricks
+from medtricks import plots
+from medtricks.data.images import read_image
+from medtricks.data.pipeline import load_data, load_eval_data, resolve_source
+from medtricks.data.sources import image_files
+from medtricks.data.synth import synthesize
+from medtricks.data.transforms import create_eval_transform
+from medtricks.errors import DataError, MedtricksError
+from medtricks.models.build import build_model
+from medtricks.recipe import Recipe, build_dataclass, load_recipe
+from medtricks.runs import (
+    METRICS_FILE,
+    MODEL_FILE,
+    MODEL_JSON,
+    REPORT_FILE,
+    append_jsonl,
+    load_run_model,
+    new_run_dir,
+    read_run,
+    save_recipe,
+    save_weights,
+    write_json,
+)
+from medtricks.train import EvalOutput, evaluate_split, fit, predict_loader
+from medtricks.tricks.class_balance import class_weights, create_balanced_sampler
+from medtricks.tricks.linear_scaling import scaled_lr
+from medtricks.tricks.zero_gamma import apply_zero_gamma
+
+logger = logging.getLogger(__name__)
+REPORT_KEYS = ("n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) from the recipe seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise MedtricksError("train.device is cuda but no CUDA device is available; use auto or cpu.")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _report_metrics(metrics: dict) -> dict:
+    return {k: metrics[k] for k in REPORT_KEYS}
+
+
+def _loader(dataset, batch_size: int, workers: int, shuffle: bool = False, sampler=None, generator=None,
+            drop_last: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, generator=generator, drop_last=drop_last,
+                      persistent_workers=workers > 0)
+
+
+def _workers(recipe: Recipe) -> int:
+    from medtricks.data.dataset import default_workers
+
+    return default_workers() if recipe.data.workers is None else recipe.data.workers
+
+
+def finetune(recipe: Recipe | str | Path, data: str | Path | None = None, out: str | Path | None = None,
+             overrides: Sequence[str] = (), seed: int | None = None,
+             on_epoch: Callable[[dict], None] | None = None) -> Path:
+    """Fine-tune a pretrained backbone as the recipe says and write a run directory; return its path.
+
+    Args:
+        recipe: a Recipe, a bundled recipe name (demo, covid_cxr, ...) or a YAML path.
+        data: data source overriding data.source.
+        out: run directory (must not exist); default runs/<recipe>-<timestamp>.
+        overrides: `key=value` strings as for `--set`.
+        seed: overrides the recipe seed.
+        on_epoch: called with each metrics.jsonl row (the CLI drives its progress bar with it).
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides, seed)
+    elif overrides or seed is not None:
+        recipe = load_recipe_from_dict(recipe.to_dict(), overrides, seed)
+    seed_everything(recipe.seed)
+    source = resolve_source(recipe.data, data)
+    if not source.exists() and recipe.data.synth_if_missing:
+        logger.info("%s does not exist: writing synthetic phantoms there (data.synth_if_missing)", source)
+        synthesize(source, seed=recipe.seed)
+    bundle = load_data(recipe.data, source, recipe.seed)
+    classes = bundle.classes
+    if "train" not in bundle.splits or len({r["label"] for r in _records(bundle, "train")}) < 2:
+        raise DataError(f"{source}: the train split needs images of at least two classes; it has "
+                        f"{sorted({classes[r['label']] for r in _records(bundle, 'train')})}.")
+    device = resolve_device(recipe.train.device)
+    model = build_model(recipe.model, len(classes), recipe.data.channels)
+    if recipe.tricks.zero_gamma is not None:
+        apply_zero_gamma(model, recipe.tricks.zero_gamma.stages, recipe.tricks.zero_gamma.beta)
+    model.to(device)
+    teacher = _teacher(recipe, classes, device)
+    base_lr = recipe.train.lr
+    if recipe.tricks.linear_scaling is not None:
+        base_lr = scaled_lr(recipe.train.lr, recipe.train.batch_size, recipe.tricks.linear_scaling.base_batch)
+    train_labels = [r["label"] for r in _records(bundle, "train")]
+    weights, sampler, generator = None, None, torch.Generator().manual_seed(recipe.seed)
+    if recipe.tricks.class_balance is not None:
+        if recipe.tricks.class_balance.mode == "loss":
+            weights = class_weights(train_labels, len(classes)).to(device)
+        else:
+            sampler = create_balanced_sampler(train_labels, generator)
+    workers = _workers(recipe)
+    train_set = bundle.splits["train"]
+    train_loader = _loader(train_set, recipe.train.batch_size, workers, shuffle=True, sampler=sampler,
+                           generator=generator, drop_last=len(train_set) > recipe.train.batch_size)
+    val_loader = _loader(bundle.splits["val"], recipe.train.eval_batch_size, workers) if "val" in bundle.splits \
+        else None
+    if val_loader is None:
+        logger.warning("no validation split: the last epoch is kept and no threshold is tuned")
+
+    run = new_run_dir(recipe.name, out)
+    save_recipe(run, recipe.to_dict())
+    info = {**model.describe(), "classes": list(classes), "image_size": recipe.data.image_size,
+            "channels": recipe.data.channels, "crop_fraction": recipe.data.crop_fraction,
+            "medtricks_version": medtricks.__version__, "tricks": recipe.tricks.enabled(),
+            "data": {"source": str(Path(source).resolve()), "split_origin": bundle.split_origin,
+                     "skipped": [{"file": k, "reason": r} for k, r in bundle.skipped]}}
+
+    def save_best(best_model: torch.nn.Module, row: dict) -> None:
+        save_weights(run / MODEL_FILE, best_model)
+        write_json(run / MODEL_JSON, {**info, "best_epoch": row["epoch"]})
+
+    rows: list[dict] = []
+
+    def epoch_done(row: dict) -> None:
+        rows.append(row)
+        append_jsonl(run / METRICS_FILE, row)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    result = fit(model, train_loader, val_loader, recipe.train, recipe.tricks, base_lr=base_lr,
+                 lr_multipliers=recipe.model.lr_multipliers, device=device, seed=recipe.seed,
+                 num_classes=len(classes), class_weights=weights, teacher=teacher, on_epoch=epoch_done,
+                 save_best=save_best)
+    best, _ = load_run_model(run)
+    best.to(device)
+    splits, outputs = {}, {}
+    for name in ("val", "test"):
+        if name in bundle.splits:
+            outputs[name] = predict_loader(best, _loader(bundle.splits[name], recipe.train.eval_batch_size,
+                                                         workers), device)
+    threshold = result.threshold
+    for name, output in outputs.items():
+        splits[name] = _report_metrics(evaluate_split(output, threshold, recipe.seed))
+    write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch, "threshold": threshold,
+                                  "select_metric": recipe.train.select_metric})
+    report = {"recipe": recipe.name, "seed": recipe.seed, "classes": list(classes), "splits": splits,
+              "train": {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
+                        "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 2),
+                        "base_lr": base_lr, "tricks": recipe.tricks.enabled()}}
+    write_json(run / REPORT_FILE, report)
+    _plots(run, rows, outputs, classes, threshold)
+    return run
+
+
+def load_recipe_from_dict(raw: dict, overrides: Sequence[str] = (), seed: int | None = None) -> Recipe:
+    """A Recipe from plain data (a run's recipe.yaml), with optional overrides."""
+    from medtricks.recipe import set_key
+
+    raw = dict(raw)
+    for assignment in overrides:
+        set_key(raw, assignment)
+    if seed is not None:
+        raw["seed"] = seed
+    return build_dataclass(Recipe, raw)
+
+
+def _records(bundle, split: str) -> list[dict]:
+    dataset = bundle.splits.get(split)
+    return [dataset.store.records[i] for i in dataset.indices] if dataset is not None else []
+
+
+def _teacher(recipe: Recipe, classes: tuple[str, ...], device: torch.device):
+    if recipe.tricks.distillation is None:
+        return None
+    teacher, info = load_run_model(recipe.tricks.distillation.teacher)
+    if tuple(info["classes"]) != tuple(classes):
+        raise MedtricksError(f"tricks.distillation.teacher {recipe.tricks.distillation.teacher}: its classes "
+                             f"{info['classes']} differ from this run's {list(classes)}; use a teacher trained on "
+                             f"the same classes.")
+    if info["in_chans"] != recipe.data.channels:
+        raise MedtricksError(f"tricks.distillation.teacher takes {info['in_chans']}-channel images; data.channels is "
+                             f"{recipe.data.channels}.")
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher.to(device)
+
+
+def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], classes, threshold) -> None:
+    plots.plot_training_curves(rows, run / "plots" / "training_curves.png")
+    for name, out in outputs.items():
+        if len(set(out.labels.tolist())) < 2:
+            continue
+        metrics = evaluate_split(out, threshold, 0)
+        plots.plot_roc(out.labels, out.probs, classes, run / "plots" / f"roc_{name}.png", threshold=threshold)
+        plots.plot_confusion(metrics["confusion_matrix"], classes, run / "plots" / f"confusion_{name}.png")
+        plots.plot_reliability(out.labels, out.probs, run / "plots" / f"reliability_{name}.png")
+
+
+def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val",
+             json_path: str | Path | None = None) -> dict:
+    """Metrics M of a run's model on a split of its own data or on another source (`split="all"`).
+
+    Reads only the run directory and the data: the same source, seed and split fractions reproduce the split,
+    and the binary threshold is the one chosen on validation during training.
+    """
+    model, info = load_run_model(run)
+    _, raw = read_run(run)
+    recipe = load_recipe_from_dict(raw)
+    source = data if data is not None else info["data"]["source"]
+    dataset, origin = load_eval_data(recipe.data, source, split, recipe.seed, tuple(info["classes"]))
+    device = resolve_device(recipe.train.device)
+    output = predict_loader(model.to(device), _loader(dataset, recipe.train.eval_batch_size, _workers(recipe)),
+                            device)
+    metrics = {**_report_metrics(evaluate_split(output, info.get("threshold"), recipe.seed)),
+               "split": split, "data": str(source)}
+    if json_path is not None:
+        write_json(Path(json_path), metrics)
+    return metrics
+
+
+def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None) -> list[dict]:
+    """Class probabilities for image files or folders (recursively); rows also written to `out_csv`.
+
+    Unreadable files are listed in the rows with their error instead of a prediction.
+    """
+    model, info = load_run_model(run)
+    transform = create_eval_transform(info["image_size"], info["crop_fraction"])
+    classes, threshold = info["classes"], info.get("threshold")
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files.extend(image_files(item))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder.")
+    rows = []
+    with torch.inference_mode():
+        for path in files:
+            try:
+                pixels, _ = read_image(path, info["channels"])
+            except DataError as exc:
+                rows.append({"path": str(path), "prediction": "", "error": str(exc)})
+                continue
+            probs = model(transform(torch.from_numpy(pixels))[None]).softmax(-1)[0].tolist()
+            if len(classes) == 2 and threshold is not None:
+                predicted = classes[int(probs[1] >= threshold)]
+            else:
+                predicted = classes[int(np.argmax(probs))]
+            rows.append({"path": str(path), "prediction": predicted,
+                         **{f"p_{c}": round(p, 6) for c, p in zip(classes, probs, strict=True)}, "error": ""})
+    if out_csv is not None:
+        fields = ["path", "prediction", *[f"p_{c}" for c in classes], "error"]
+        with open(out_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows

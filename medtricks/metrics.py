@@ -1,0 +1,311 @@
+"""Classification metrics for report.json: accuracy, AUROC with a patient-level bootstrap interval, calibration.
+
+scikit-learn computes every point metric (roc_auc_score, balanced_accuracy_score, f1_score, confusion_matrix,
+roc_curve). Written here, because scikit-learn lacks them:
+- the cluster (patient-level) bootstrap of AUROC: images of one patient are correlated, so resampling images
+  instead of patients gives intervals that are too narrow (Field & Welsh 2007, "Bootstrapping clustered data");
+- the top-label expected calibration error with equal-width bins (Guo et al. 2017, "On Calibration of Modern
+  Neural Networks", ICML);
+- the binary operating threshold maximizing Youden's J = sensitivity + specificity - 1 (Youden 1950), chosen on
+  the validation split so that a well-ranking model with a shifted bias does not look like chance.
+
+Every value returned by `compute_metrics` is a plain Python float, int, None or list, so `json.dumps` works;
+an undefined metric (AUROC when a class is absent from the labels) is None, never NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
+
+logger = logging.getLogger(__name__)
+
+_MIN_VALID_REPLICATES = 100
+_BOOT_CHUNK_ELEMENTS = 4_000_000  # replicates x images per vectorized chunk (~32 MB of float64)
+
+
+def _as_probs(probs: np.ndarray) -> np.ndarray:
+    """(N, C) float64 probabilities; a 1-D array is the positive-class probability of a binary task."""
+    arr = np.asarray(probs, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = np.stack([1.0 - arr, arr], axis=1)
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise ValueError(f"probs must have shape (N, C) with C >= 2 or (N,) for a binary task; got {arr.shape}.")
+    if arr.shape[0] == 0:
+        raise ValueError("probs is empty: there are no images to compute metrics on.")
+    if not np.all(np.isfinite(arr)):
+        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+        raise ValueError(f"probs contain NaN or inf in {bad} of {arr.shape[0]} rows; did training diverge?")
+    return arr
+
+
+def _check(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (labels int64 (N,), probs float64 (N, C))."""
+    p = _as_probs(probs)
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.shape[0] != p.shape[0]:
+        raise ValueError(f"labels must have shape ({p.shape[0]},) to match probs {p.shape}; got {y.shape}.")
+    if not np.issubdtype(y.dtype, np.integer) and not np.array_equal(y, np.round(y)):
+        raise ValueError(f"labels must be integer class indices; got dtype {y.dtype}.")
+    y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= p.shape[1]:
+        raise ValueError(f"labels must lie in [0, {p.shape[1] - 1}] for {p.shape[1]} classes; got "
+                         f"[{y.min()}, {y.max()}] (unlabelled images, label -1, cannot be scored).")
+    return y, p
+
+
+def _missing_classes(labels: np.ndarray, n_classes: int) -> list[int]:
+    return sorted(set(range(n_classes)) - set(labels.tolist()))
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The operating threshold maximizing Youden's J on these labels (use the validation split).
+
+    Args:
+        labels: (N,) binary labels in {0, 1}.
+        probs: (N, 2) probabilities or (N,) positive-class probability, in [0, 1].
+
+    Returns:
+        Threshold in [0, 1] on the positive-class probability (predict positive when prob >= threshold). Among
+        thresholds with equal J, the one closest to 0.5. 0.5 (with a warning) when only one class is present.
+    """
+    y, p = _check(labels, probs)
+    if p.shape[1] != 2:
+        raise ValueError(f"choose_threshold is for binary tasks; probs have {p.shape[1]} classes.")
+    if len(np.unique(y)) < 2:
+        logger.warning("choose_threshold: only class %d is present in the %d labels; using threshold 0.5.",
+                       int(y[0]), len(y))
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(y, p[:, 1], drop_intermediate=False)
+    thresholds = np.clip(thresholds, 0.0, 1.0)  # the first threshold is inf ("predict nothing positive")
+    youden = tpr - fpr
+    best = np.flatnonzero(youden >= youden.max() - 1e-12)
+    return float(thresholds[best[np.argmin(np.abs(thresholds[best] - 0.5))]])
+
+
+def _calibration_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int) -> tuple[np.ndarray, ...]:
+    """Per equal-width confidence bin (lo, hi]: image count, accuracy and mean top-label confidence (0 if empty)."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1; got {n_bins}.")
+    y, p = _check(labels, probs)
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    index = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    counts = np.bincount(index, minlength=n_bins).astype(np.float64)
+    safe = np.maximum(counts, 1.0)
+    accuracy = np.bincount(index, weights=correct, minlength=n_bins) / safe
+    mean_confidence = np.bincount(index, weights=confidence, minlength=n_bins) / safe
+    return counts, accuracy, mean_confidence
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE (Guo et al. 2017): sum over bins of |B|/N * |accuracy(B) - confidence(B)|.
+
+    Args:
+        labels: (N,) class indices in [0, C).
+        probs: (N, C) probabilities, or (N,) positive-class probability for a binary task.
+        n_bins: number of equal-width confidence bins (lo, hi] over [0, 1]; 15 as in Guo et al.
+
+    Returns:
+        ECE in [0, 1]; 0 is perfectly calibrated.
+    """
+    counts, accuracy, confidence = _calibration_bins(labels, probs, n_bins)
+    return float(np.sum(counts / counts.sum() * np.abs(accuracy - confidence)))
+
+
+def _weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUROC (ties count 1/2) for each row of image weights (B, N); NaN where a class has no weight."""
+    order = np.argsort(scores, kind="stable")
+    s, pos, w = scores[order], positive[order], weights[:, order]
+    new = np.r_[True, s[1:] != s[:-1]]
+    group = np.cumsum(new) - 1
+    start = np.flatnonzero(new)
+    end = np.r_[start[1:], len(s)]
+    neg_cum = np.zeros((w.shape[0], len(s) + 1))
+    np.cumsum(w * ~pos, axis=1, out=neg_cum[:, 1:])  # neg_cum[:, k]: negative weight among the k lowest scores
+    pos_idx = np.flatnonzero(pos)
+    below = neg_cum[:, start[group[pos_idx]]]
+    tied = neg_cum[:, end[group[pos_idx]]] - below
+    w_pos = w[:, pos_idx]
+    n_pos, n_neg = w_pos.sum(axis=1), neg_cum[:, -1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (w_pos * (below + 0.5 * tied)).sum(axis=1) / (n_pos * n_neg)
+    auc[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return auc
+
+
+def bootstrap_auroc_ci(labels: np.ndarray, probs: np.ndarray, groups: Sequence[str] | None = None,
+                       n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of AUROC, resampling patients (cluster bootstrap) or images.
+
+    Each replicate draws the groups (patients) with replacement and takes all images of each drawn group; without
+    groups it draws images. Binary: AUROC of the positive-class probability; multi-class: macro one-vs-rest.
+    Replicates in which a class is missing are skipped.
+
+    Args:
+        labels: (N,) class indices in [0, C).
+        probs: (N, C) probabilities, or (N,) positive-class probability for a binary task.
+        groups: (N,) patient id per image; None (the id or the whole argument) = the image is its own group.
+        n_boot: number of replicates (1000 is usual; 0 turns the bootstrap off).
+        seed: seed of the resampling; the same inputs and seed give the same interval.
+        alpha: 1 - coverage, in (0, 1); 0.05 gives a 95% interval.
+
+    Returns:
+        (lo, hi) in [0, 1], or None when fewer than 100 replicates were valid (the reason is logged).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1); got {alpha}.")
+    y, p = _check(labels, probs)
+    n, n_classes = p.shape
+    if n_boot <= 0:
+        return None
+    if groups is None:
+        group_of = np.arange(n)
+    else:
+        if len(groups) != n:
+            raise ValueError(f"groups must have one patient id per image: {len(groups)} ids for {n} images.")
+        keys = [g if g is not None else f"\0image-{i}" for i, g in enumerate(groups)]
+        group_of = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)[1].ravel()
+    n_groups = int(group_of.max()) + 1
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CHUNK_ELEMENTS // max(n, n_groups))
+    replicates = []
+    for first in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - first)
+        draws = rng.integers(0, n_groups, size=(b, n_groups)) + n_groups * np.arange(b)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups).astype(np.float64)
+        weights = counts[:, group_of]  # (b, N): how often each image is in the replicate
+        if n_classes == 2:
+            replicates.append(_weighted_auroc(p[:, 1], y == 1, weights))
+        else:
+            per_class = [_weighted_auroc(p[:, c], y == c, weights) for c in range(n_classes)]
+            replicates.append(np.mean(per_class, axis=0))  # NaN when any class is missing
+    aurocs = np.concatenate(replicates)
+    valid = aurocs[np.isfinite(aurocs)]
+    if len(valid) < _MIN_VALID_REPLICATES:
+        unit = "images" if groups is None else "patients"
+        logger.warning("AUROC interval not computed: only %d of %d bootstrap replicates had every class "
+                       "(need %d); %d %s are too few or a class is too rare.",
+                       len(valid), n_boot, _MIN_VALID_REPLICATES, n_groups, unit)
+        return None
+    lo, hi = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence[str] | None = None,
+                    threshold: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The metrics `M` of report.json, plus the threshold used and the confusion matrix.
+
+    Binary (C = 2): the positive class is index 1, predicted when probs[:, 1] >= threshold; sensitivity is the
+    recall of class 1, specificity the recall of class 0, f1 that of class 1. Multi-class: decisions by argmax;
+    sensitivity is the macro recall, specificity the mean over classes of TN / (TN + FP), f1 the macro F1 and
+    AUROC the macro one-vs-rest AUROC. Macro averages run over the classes present in the labels.
+
+    Args:
+        labels: (N,) class indices in [0, C).
+        probs: (N, C) softmax probabilities, C >= 2 (or (N,) positive-class probability for a binary task).
+        patient_ids: (N,) patient id per image, so the AUROC interval resamples patients; None = images.
+        threshold: binary operating threshold in [0, 1], chosen on the validation split with `choose_threshold`;
+            None = 0.5. Must be None for multi-class tasks.
+        n_boot: bootstrap replicates for auroc_ci95 (0 = no interval).
+        seed: seed of the bootstrap.
+
+    Returns:
+        {"n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece",
+        "threshold", "confusion_matrix"}: rates in [0, 1]; auroc and auroc_ci95 ([lo, hi]) are None when a class
+        is absent from the labels; sensitivity/specificity are None when undefined (binary: no positive/negative
+        images); confusion_matrix lists all C classes, rows = true class, columns = predicted class.
+    """
+    y, p = _check(labels, probs)
+    n, n_classes = p.shape
+    if patient_ids is not None and len(patient_ids) != n:
+        raise ValueError(f"patient_ids must have one id per image: {len(patient_ids)} ids for {n} images.")
+    if n_classes == 2:
+        threshold = 0.5 if threshold is None else float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1] (a positive-class probability); got {threshold}.")
+        preds = (p[:, 1] >= threshold).astype(np.int64)
+    else:
+        if threshold is not None:
+            raise ValueError(f"threshold applies to binary tasks only; this task has {n_classes} classes "
+                             "(decisions are by argmax). Pass threshold=None.")
+        preds = p.argmax(axis=1)
+    cm = confusion_matrix(y, preds, labels=list(range(n_classes)))
+    present = [c for c in range(n_classes) if cm[c].sum() > 0]
+    recall = [cm[c, c] / cm[c].sum() for c in present]
+    true_negatives = n - cm.sum(axis=0) - cm.sum(axis=1) + np.diag(cm)
+    false_positives = cm.sum(axis=0) - np.diag(cm)
+    negatives = true_negatives + false_positives
+    with warnings.catch_warnings():  # sklearn warns about absent classes; that is logged below instead
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = balanced_accuracy_score(y, preds)
+    if n_classes == 2:
+        sensitivity = cm[1, 1] / cm[1].sum() if cm[1].sum() else None
+        specificity = cm[0, 0] / cm[0].sum() if cm[0].sum() else None
+        f1 = f1_score(y, preds, pos_label=1, average="binary", zero_division=0.0)
+    else:
+        sensitivity = float(np.mean(recall))
+        specificity = float(np.mean([true_negatives[c] / negatives[c] for c in range(n_classes) if negatives[c]]))
+        f1 = f1_score(y, preds, labels=present, average="macro", zero_division=0.0)
+
+    missing = _missing_classes(y, n_classes)
+    auroc, interval = None, None
+    if missing:
+        logger.warning("AUROC undefined: class(es) %s absent from the %d labels; auroc and auroc_ci95 are null.",
+                       missing, n)
+    else:
+        if n_classes == 2:
+            auroc = roc_auc_score(y, p[:, 1])
+        else:
+            auroc = roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(n_classes)))
+        ci = bootstrap_auroc_ci(y, p, groups=patient_ids, n_boot=n_boot, seed=seed)
+        interval = None if ci is None else [ci[0], ci[1]]
+    return {
+        "n": int(n),
+        "accuracy": float(np.trace(cm) / n),
+        "balanced_accuracy": float(balanced),
+        "auroc": None if auroc is None else float(auroc),
+        "auroc_ci95": interval,
+        "sensitivity": None if sensitivity is None else float(sensitivity),
+        "specificity": None if specificity is None else float(specificity),
+        "f1": float(f1),
+        "ece": expected_calibration_error(y, p),
+        "threshold": threshold,
+        "confusion_matrix": cm.astype(int).tolist(),
+    }
+
+
+def per_patient_probs(probs: np.ndarray, patient_ids: Sequence[str],
+                      labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Mean probability and label per patient, for users who report patient-level results (optional).
+
+    Args:
+        probs: (N, C) probabilities, or (N,) positive-class probability.
+        patient_ids: (N,) patient id per image.
+        labels: (N,) class indices.
+
+    Returns:
+        (probs (P, ...) mean over each patient's images, labels (P,) the patient's most frequent label (ties: the
+        lowest), patient ids (P,) sorted), ready for `compute_metrics(labels, probs)`.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    if len(patient_ids) != len(p) or len(y) != len(p):
+        raise ValueError(f"probs ({len(p)}), patient_ids ({len(patient_ids)}) and labels ({len(y)}) must have "
+                         "one entry per image.")
+    if len(p) == 0:
+        raise ValueError("probs is empty: there are no images to group by patient.")
+    if y.min() < 0:
+        raise ValueError("labels must be class indices >= 0 (unlabelled images, label -1, cannot be grouped).")
+    ids, inverse = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)
+    inverse = inverse.ravel()
+    sums = np.zeros((len(ids), *p.shape[1:]))
+    np.add.at(sums, inverse, p)
+    mean = sums / np.bincount(inverse, minlength=len(ids)).reshape(-1, *([1] * (p.ndim - 1)))
+    votes = np.zeros((len(ids), int(y.max()) + 1), dtype=np.int64)
+    np.add.at(votes, (inverse, y), 1)
+    return mean, votes.argmax(axis=1), ids.tolist()

@@ -1,0 +1,201 @@
+"""PNG plots of a run: ROC curves, confusion matrix, reliability diagram and training curves.
+
+Each function writes one PNG (parent folders created), closes its figure and returns the path. The Agg backend is
+set here, so plotting works on headless machines and inside the training loop. Plots never show patient ids: no
+function takes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+from medtricks.metrics import _calibration_bins, _check  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+_DPI = 120
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, dpi=_DPI, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _check_classes(classes: Sequence[str], n_classes: int) -> list[str]:
+    if len(classes) != n_classes:
+        raise ValueError(f"classes must name all {n_classes} classes of probs/matrix; got {len(classes)}: "
+                         f"{list(classes)}.")
+    return [str(c) for c in classes]
+
+
+def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: str | Path,
+             threshold: float | None = None) -> Path:
+    """ROC curve(s) with AUROC in the legend.
+
+    Args:
+        labels: (N,) class indices in [0, C).
+        probs: (N, C) probabilities (or (N,) positive-class probability for a binary task).
+        classes: the C class names, in index order.
+        path: the PNG to write.
+        threshold: binary only: the operating threshold in [0, 1] to mark on the curve (None = no marker).
+
+    Returns:
+        path. Binary: one curve for class 1 (index 1 positive). Multi-class: one one-vs-rest curve per class that
+        has both positive and negative images; classes without them are listed in the title instead.
+    """
+    y, p = _check(labels, probs)
+    names = _check_classes(classes, p.shape[1])
+    binary = p.shape[1] == 2
+    if threshold is not None and not binary:
+        raise ValueError(f"threshold applies to binary tasks only; this task has {p.shape[1]} classes.")
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    skipped = []
+    for c in [1] if binary else range(p.shape[1]):
+        positive = y == c
+        if positive.all() or not positive.any():
+            skipped.append(names[c])
+            continue
+        fpr, tpr, _ = roc_curve(positive, p[:, c])
+        auroc = roc_auc_score(positive, p[:, c])
+        label = f"AUROC {auroc:.3f}" if binary else f"{names[c]} vs rest (AUROC {auroc:.3f})"
+        ax.plot(fpr, tpr, linewidth=1.8, label=label)
+        if threshold is not None:
+            decided = p[:, 1] >= threshold
+            sens, fpr_t = decided[positive].mean(), decided[~positive].mean()
+            ax.plot([fpr_t], [sens], marker="o", color="black", linestyle="none",
+                    label=f"threshold {threshold:.3g}: sens {sens:.2f}, spec {1 - fpr_t:.2f}")
+    title = f"ROC: {names[1]} vs {names[0]}" if binary else "ROC, one vs rest"
+    if skipped:
+        logger.warning("plot_roc: no ROC curve for %s (every or no image of the class in the labels).", skipped)
+        title += "\n(undefined: only one class present)" if binary else f"\n(no curve: {', '.join(skipped)})"
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 - specificity)",
+           ylabel="true positive rate (sensitivity)", title=title)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_confusion(matrix: list[list[int]] | np.ndarray, classes: Sequence[str], path: str | Path,
+                   normalize: bool = False) -> Path:
+    """Confusion matrix, rows = true class, columns = predicted class, each cell annotated with its count.
+
+    Args:
+        matrix: (C, C) image counts, as in compute_metrics()["confusion_matrix"].
+        classes: the C class names, in index order.
+        path: the PNG to write.
+        normalize: colour by the fraction of each true class (row) in [0, 1] and show it under the count.
+
+    Returns:
+        path.
+    """
+    counts = np.asarray(matrix)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"matrix must be square (C, C); got shape {counts.shape}.")
+    names = _check_classes(classes, counts.shape[0])
+    rows = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    shown = fractions if normalize else counts
+    size = 2.5 + 0.7 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(1, counts.max()))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "images")
+    high = (1 if normalize else max(1, counts.max())) / 2
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            text = f"{counts[i, j]:g}\n{fractions[i, j]:.0%}" if normalize else f"{counts[i, j]:g}"
+            ax.text(j, i, text, ha="center", va="center", fontsize="small",
+                    color="white" if shown[i, j] > high else "black")
+    ticks = np.arange(len(names))
+    ax.set_xticks(ticks, names, rotation=45 if max(map(len, names)) > 6 else 0, ha="right")
+    ax.set_yticks(ticks, names)
+    ax.set(xlabel="predicted class", ylabel="true class", title=f"Confusion matrix (n = {counts.sum():g})")
+    return _save(fig, path)
+
+
+def plot_reliability(labels: np.ndarray, probs: np.ndarray, path: str | Path, n_bins: int = 15) -> Path:
+    """Reliability diagram (Guo et al. 2017): accuracy vs top-label confidence per bin, with the ECE in the title.
+
+    Args:
+        labels: (N,) class indices in [0, C).
+        probs: (N, C) probabilities (or (N,) positive-class probability for a binary task).
+        path: the PNG to write.
+        n_bins: equal-width confidence bins over [0, 1], as in expected_calibration_error.
+
+    Returns:
+        path. Empty bins have no bar; hatched red bars show the gap between accuracy and mean confidence; a lower
+        panel shows the number of images per bin.
+    """
+    counts, accuracy, confidence = _calibration_bins(labels, probs, n_bins)
+    ece = float(np.sum(counts / counts.sum() * np.abs(accuracy - confidence)))
+    filled = counts > 0
+    centres = (np.arange(n_bins) + 0.5) / n_bins
+    width = 1.0 / n_bins
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centres[filled], accuracy[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(centres[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width,
+           facecolor="none", edgecolor="tab:red", hatch="//", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"Reliability (ECE = {ece:.3f}, {n_bins} bins)")
+    ax.legend(loc="upper left", fontsize="small")
+    hist.bar(centres, counts, width=width, edgecolor="black", color="lightgrey")
+    hist.set(xlabel="confidence (top-label probability)", ylabel="images")
+    return _save(fig, path)
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) of the rows that have a non-None value for key."""
+    pairs = [(row.get("epoch", i), row[key]) for i, row in enumerate(rows) if row.get(key) is not None]
+    return [float(e) for e, _ in pairs], [float(v) for _, v in pairs]
+
+
+def plot_training_curves(rows: list[dict], path: str | Path) -> Path:
+    """Losses, validation AUROC/accuracy and learning rate against epoch, from the lines of metrics.jsonl.
+
+    Args:
+        rows: one dict per epoch with "epoch", "train_loss", "lr" and optionally "val_loss", "val_auroc" (may be
+            None), "val_accuracy"; missing keys and None values are skipped.
+        path: the PNG to write.
+
+    Returns:
+        path.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = [
+        (axes[0], ["train_loss", "val_loss"], "loss"),
+        (axes[1], ["val_auroc", "val_accuracy"], "validation metric"),
+        (axes[2], ["lr"], "learning rate"),
+    ]
+    for ax, keys, ylabel in panels:
+        drawn = False
+        for key in keys:
+            epochs, values = _series(rows, key)
+            if values:
+                ax.plot(epochs, values, marker="o" if len(values) < 30 else None, markersize=3, label=key)
+                drawn = True
+        if drawn:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, f"no {' / '.join(keys)} recorded", ha="center", va="center", transform=ax.transAxes,
+                    color="grey")
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(0, 1.02)
+    fig.suptitle(f"Training curves ({len(rows)} epochs)")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,238 @@
+"""The one training loop. Each step-time trick is named once: mixup/cutmix (batch), AMP (autocast + scaler),
+distillation (loss). Schedule tricks live in `lr_factor` (a pure function of the step), optimizer tricks in the
+parameter groups, loss tricks in `create_loss`, model tricks at model build (medtricks.finetune).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from medtricks.errors import MedtricksError
+from medtricks.metrics import choose_threshold, compute_metrics
+from medtricks.models.backbones import MedModel
+from medtricks.models.surgery import stage_parameter_groups
+from medtricks.recipe import TrainConfig, TricksConfig
+from medtricks.tricks.amp import autocast, create_grad_scaler
+from medtricks.tricks.cosine import cosine_factor
+from medtricks.tricks.distillation import distillation_loss
+from medtricks.tricks.ema import create_ema, ema_update
+from medtricks.tricks.label_smoothing import label_smoothing_loss
+from medtricks.tricks.mixup import cutmix_batch, mixup_batch, one_hot
+from medtricks.tricks.no_bias_decay import create_param_groups
+from medtricks.tricks.step_decay import step_factor
+from medtricks.tricks.warmup import warmup_factor
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(MedtricksError):
+    """Training cannot go on (NaN/inf loss); the last good checkpoint is kept."""
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, tricks: TricksConfig) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based): warmup x (cosine | step | 1)."""
+    factor = warmup_factor(step, warmup_steps) if tricks.warmup is not None else 1.0
+    if tricks.cosine is not None:
+        factor *= cosine_factor(step, warmup_steps, total_steps, tricks.cosine.final_factor)
+    elif tricks.step_decay is not None:
+        factor *= step_factor(step, total_steps, tricks.step_decay.milestones, tricks.step_decay.gamma)
+    return factor
+
+
+def create_optimizer(model: MedModel, config: TrainConfig, tricks: TricksConfig, base_lr: float,
+                     lr_multipliers: dict[str, float]) -> torch.optim.Optimizer:
+    """Nesterov SGD or AdamW over stage groups (LR multipliers) split by the no_bias_decay trick."""
+    groups = create_param_groups(stage_parameter_groups(model, lr_multipliers), config.weight_decay,
+                                 no_bias_decay=tricks.no_bias_decay is not None)
+    for group in groups:
+        group["lr"] = base_lr * group["lr_mult"]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=base_lr, momentum=config.momentum, nesterov=config.nesterov and
+                               config.momentum > 0)
+    return torch.optim.AdamW(groups, lr=base_lr, betas=(config.momentum, 0.999))
+
+
+def create_loss(tricks: TricksConfig, class_weights: torch.Tensor | None) -> Callable:
+    """Cross-entropy with the label_smoothing trick's smoothing and class-balance weights (indices or soft
+    targets, as torch's CrossEntropyLoss takes both)."""
+    smoothing = tricks.label_smoothing.smoothing if tricks.label_smoothing is not None else 0.0
+    return lambda logits, targets: label_smoothing_loss(logits, targets, smoothing, weight=class_weights)
+
+
+@dataclass
+class EvalOutput:
+    labels: np.ndarray
+    probs: np.ndarray
+    patient_ids: list[str]
+    loss: float
+
+
+@torch.inference_mode()
+def predict_loader(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> EvalOutput:
+    """Class probabilities of every sample, in fp32 and eval mode (robustness and metrics are always fp32)."""
+    model.eval()
+    labels, probs, ids, loss_sum = [], [], [], 0.0
+    for batch in loader:
+        logits = model(batch["image"].to(device)).float()
+        target = batch["label"].to(device)
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        probs.append(logits.softmax(-1).cpu().numpy())
+        labels.append(batch["label"].numpy())
+        ids.extend(batch["patient_id"])
+    n = sum(len(x) for x in labels)
+    return EvalOutput(np.concatenate(labels), np.concatenate(probs).astype(np.float64), ids, loss_sum / max(n, 1))
+
+
+def evaluate_split(output: EvalOutput, threshold: float | None, seed: int) -> dict:
+    """Report metrics M of one split plus its mean loss."""
+    metrics = compute_metrics(output.labels, output.probs, output.patient_ids, threshold=threshold, seed=seed)
+    metrics["loss"] = output.loss
+    return metrics
+
+
+def val_threshold(output: EvalOutput, num_classes: int) -> float | None:
+    """The binary operating threshold chosen on validation (Youden's J); None for multi-class (argmax)."""
+    return choose_threshold(output.labels, output.probs) if num_classes == 2 else None
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_value: float
+    threshold: float | None
+    seconds: float
+    images_per_second: float
+    epochs_run: int
+
+
+def _better(metric: str, value: float | None, best: float | None) -> bool:
+    if value is None:
+        return best is None
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None, config: TrainConfig,
+        tricks: TricksConfig, *, base_lr: float, lr_multipliers: dict[str, float], device: torch.device,
+        seed: int, num_classes: int, class_weights: torch.Tensor | None = None,
+        teacher: torch.nn.Module | None = None, on_epoch: Callable[[dict], None] | None = None,
+        save_best: Callable[[torch.nn.Module, dict], None] | None = None) -> FitResult:
+    """Train `model`; after each epoch evaluate on validation, call `on_epoch(row)` and, when the selected
+    validation metric improves, `save_best(model_to_save, row)` (the EMA model when EMA is on).
+
+    Raises:
+        TrainingError: on a NaN or infinite loss (naming the epoch and step); what was saved stays.
+    """
+    steps_per_epoch = len(train_loader) if config.limit_train_batches is None else min(
+        len(train_loader), config.limit_train_batches)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = round(tricks.warmup.epochs * steps_per_epoch) if tricks.warmup is not None else 0
+    optimizer = create_optimizer(model, config, tricks, base_lr, lr_multipliers)
+    amp_dtype = _amp_dtype(device, tricks)
+    scaler = create_grad_scaler(device, amp_dtype)
+    loss_fn = create_loss(tricks, class_weights)
+    ema = create_ema(model, tricks.ema.decay) if tricks.ema is not None else None
+    mix_gen = torch.Generator().manual_seed(seed + 1)
+    best_value, best_epoch, threshold, stale = None, 0, None, 0
+    step, seen, started = 0, 0, time.perf_counter()
+    if teacher is not None:
+        teacher.eval()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        loss_sum, n_epoch, epoch_start = 0.0, 0, time.perf_counter()
+        for i, batch in enumerate(train_loader):
+            if i >= steps_per_epoch:
+                break
+            factor = lr_factor(step, total_steps, warmup_steps, tricks)
+            for group in optimizer.param_groups:
+                group["lr"] = base_lr * group["lr_mult"] * factor
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            images, targets = _mixed_targets(images, labels, num_classes, tricks, mix_gen)
+            with autocast(device, amp_dtype):
+                logits = model(images)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                    loss = distillation_loss(logits.float(), teacher_logits.float(), targets,
+                                             tricks.distillation.temperature, tricks.distillation.weight,
+                                             tricks.label_smoothing.smoothing if tricks.label_smoothing else 0.0)
+                else:
+                    loss = loss_fn(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the training loss became {float(loss)} at epoch {epoch}, step {i + 1} "
+                                    f"(global step {step + 1}); training stopped and the last saved checkpoint is "
+                                    f"kept. Lower train.lr, set train.grad_clip, or turn off tricks.amp.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema_update(ema, model)
+            loss_sum += float(loss.detach()) * len(images)
+            n_epoch += len(images)
+            step += 1
+        seen += n_epoch
+        train_seconds = time.perf_counter() - epoch_start
+        row = {"epoch": epoch, "train_loss": loss_sum / max(n_epoch, 1), "lr": base_lr * factor,
+               "images_per_second": n_epoch / max(train_seconds, 1e-9), "seconds": train_seconds}
+        evaluated = ema.module if ema is not None else model
+        if val_loader is not None:
+            out = predict_loader(evaluated, val_loader, device)
+            epoch_threshold = val_threshold(out, num_classes)
+            metrics = evaluate_split(out, epoch_threshold, seed)
+            row.update({f"val_{k}": metrics[k] for k in ("loss", "auroc", "accuracy", "balanced_accuracy", "f1")})
+            value = metrics[config.select_metric]
+        else:
+            epoch_threshold, value = None, -row["train_loss"] if config.select_metric != "loss" else row["train_loss"]
+        improved = _better(config.select_metric, value, best_value)
+        if improved:
+            best_value, best_epoch, threshold, stale = value, epoch, epoch_threshold, 0
+            if save_best is not None:
+                save_best(evaluated, row)
+        else:
+            stale += 1
+        row["best"] = improved
+        if on_epoch is not None:
+            on_epoch(row)
+        if config.early_stopping is not None and stale >= config.early_stopping:
+            logger.info("early stopping after epoch %d: no better val %s for %d epochs", epoch,
+                        config.select_metric, stale)
+            break
+    seconds = time.perf_counter() - started
+    return FitResult(best_epoch, best_value if best_value is not None else math.nan, threshold, seconds,
+                     seen / max(seconds, 1e-9), epoch)
+
+
+def _amp_dtype(device: torch.device, tricks: TricksConfig):
+    if tricks.amp is None:
+        return None
+    from medtricks.tricks.amp import resolve_amp_dtype
+
+    return resolve_amp_dtype(device, tricks.amp.dtype)
+
+
+def _mixed_targets(images, labels, num_classes, tricks: TricksConfig, generator: torch.Generator):
+    """(images, targets): class indices, or soft targets when mixup/cutmix is on (one picked per batch)."""
+    use_mixup = tricks.mixup is not None and float(torch.rand(1, generator=generator)) < tricks.mixup.prob
+    use_cutmix = tricks.cutmix is not None and float(torch.rand(1, generator=generator)) < tricks.cutmix.prob
+    if not (use_mixup or use_cutmix):
+        return images, labels
+    soft = one_hot(labels, num_classes)
+    if use_mixup and use_cutmix:  # both on: alternate at random, as timm's Mixup does with switch_prob 0.5
+        use_mixup = float(torch.rand(1, generator=generator)) < 0.5
+    if use_mixup:
+        return mixup_batch(images, soft, tricks.mixup.alpha, generator)
+    return cutmix_batch(images, soft, tricks.cutmix.alpha, generator)

@@ -1,0 +1,57 @@
+"""Cosine learning-rate decay: after warmup the lr follows half a cosine from its peak down to a floor.
+
+Paper: Loshchilov & Hutter 2017 "SGDR" (arXiv 1608.03983); He et al. 2019 "Bag of Tricks" (arXiv 1812.01187)
+    sec 5.1.
+Hook: schedule (a multiplier of the peak lr, multiplied with the warmup factor).
+Defaults: final_factor 0.0 (the lr reaches 0 at the last step, as in the paper).
+Interactions: replaces step_decay (use one of the two); starts after warmup (start_step = warmup_steps); on
+    medical transfer it helped little in the toolkit's experience (see DESIGN.md), so ablate it over seeds.
+Measured effect: not yet measured
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from medtricks.errors import RecipeError
+
+# A pure function of the step rather than torch's CosineAnnealingLR: the trainer composes warmup x decay in one
+# LambdaLR, the schedule is testable at any step, and resuming needs only the step number.
+
+
+@dataclass(frozen=True)
+class CosineConfig:
+    """Recipe keys under `tricks.cosine`.
+
+    Attributes:
+        final_factor: lr at the last step as a fraction of the peak lr, in [0, 1].
+    """
+
+    final_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.final_factor <= 1.0:
+            raise RecipeError(f"tricks.cosine.final_factor = {self.final_factor} must be in [0, 1] (a fraction of "
+                              f"the peak lr; 0 decays to zero).")
+
+
+def cosine_factor(step: int, start_step: int, total_steps: int, final_factor: float = 0.0) -> float:
+    """Cosine decay multiplier, a pure function of the optimizer step.
+
+    Args:
+        step: optimizer steps taken so far.
+        start_step: the step the decay starts from (usually the end of warmup); before it the factor is 1.
+        total_steps: the last step of training, where the factor reaches `final_factor`.
+        final_factor: the floor, in [0, 1].
+
+    Returns:
+        1.0 for step <= start_step; final_factor + (1 - final_factor) * (1 + cos(pi * t)) / 2 with
+        t = (step - start_step) / (total_steps - start_step) clamped to [0, 1] after.
+    """
+    if step <= start_step:
+        return 1.0
+    if total_steps <= start_step:
+        return final_factor
+    progress = min(1.0, (step - start_step) / (total_steps - start_step))
+    return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))

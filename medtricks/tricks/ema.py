@@ -1,0 +1,54 @@
+"""Weight EMA: evaluate an exponential moving average of the weights instead of the last weights (Polyak averaging).
+
+Paper: Polyak & Juditsky 1992 "Acceleration of stochastic approximation by averaging"; beyond He et al. 2019; as in
+    timm's ModelEmaV3 and torch.optim.swa_utils.
+Hook: training step (one update after each optimizer step); the averaged copy is the model that is evaluated/saved.
+Defaults: decay 0.999 (averages about the last 1 / (1 - decay) = 1000 steps).
+Interactions: BN running statistics are averaged too (use_buffers=True), so no extra BN pass is needed; with few
+    steps (small medical sets) lower the decay so 1 / (1 - decay) is well below the run's total steps, or the average
+    still carries the pretrained start; keeps float32 weights under amp.
+Measured effect: not yet measured
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from medtricks.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """Recipe keys under `tricks.ema`.
+
+    Attributes:
+        decay: weight of the running average per update, in (0, 1).
+    """
+
+    decay: float = 0.999
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise RecipeError(f"tricks.ema.decay = {self.decay} must be in (0, 1), e.g. 0.999 (averages about "
+                              f"1 / (1 - decay) steps).")
+
+
+def create_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """A deep copy of `model` that `ema_update` turns into an exponential moving average of its weights and buffers.
+
+    Args:
+        model: the model being trained.
+        decay: in (0, 1); each update does ema = decay * ema + (1 - decay) * current (the first update copies).
+
+    Returns:
+        A torch.optim.swa_utils.AveragedModel; call it like the model, its `.module` is the averaged model.
+    """
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def ema_update(ema: AveragedModel, model: nn.Module) -> None:
+    """Fold the current weights and buffers of `model` into `ema`; call it after every optimizer step."""
+    ema.update_parameters(model)

@@ -1,0 +1,87 @@
+"""Zero gamma: the BatchNorm that closes each residual branch gets gamma = 0, so each block starts as its shortcut.
+
+Paper: He et al. 2019 "Bag of Tricks" (arXiv 1812.01187) sec 3.1 (at random initialization); Goyal et al. 2017
+    (arXiv 1706.02677). Here applied to a *pretrained* model's chosen stages after its weights are loaded (see
+    medtricks.models.surgery; Raghu et al. 2019 "Transfusion" on re-initializing BN in transfer).
+Hook: model build (once, after the pretrained weights are in; never inside the training loop).
+Defaults: stages None (every stage with residual blocks), beta keep. Resetting only later stages (e.g.
+    [layer3, layer4]) is the variant that often helped on X-ray transfer (DESIGN.md).
+Interactions: the same as a `model.bn_reset` entry {gamma: zero, which: last_in_block}: don't list a stage in both;
+    never on frozen stages (their blocks would stay switched off); DenseNet has no residual blocks (error); with
+    no_bias_decay the zeroed gammas are not decayed.
+Measured effect: not yet measured
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from medtricks.errors import RecipeError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZeroGammaConfig:
+    """Recipe keys under `tricks.zero_gamma`.
+
+    Attributes:
+        stages: stage names (see medtricks.models.surgery.stage_names), or None for every stage with residual blocks.
+        beta: keep | zero (zero with gamma 0 makes each residual branch output exactly 0).
+    """
+
+    stages: tuple[str, ...] | None = None
+    beta: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.stages is not None:
+            object.__setattr__(self, "stages", tuple(self.stages))  # a list from a notebook stays hashable
+            if not self.stages:
+                raise RecipeError("tricks.zero_gamma.stages = [] is empty; name stages such as [layer3, layer4], or "
+                                  "leave the key out for every stage with residual blocks.")
+        if self.beta not in ("keep", "zero"):
+            raise RecipeError(f"tricks.zero_gamma.beta = {self.beta!r} must be 'keep' or 'zero'.")
+
+
+def apply_zero_gamma(model: nn.Module, stages: Sequence[str] | None = None, beta: str = "keep") -> list[str]:
+    """Zero the gamma of the BN closing every residual branch in `stages`, in place.
+
+    Args:
+        model: a MedModel with its (pretrained) weights loaded.
+        stages: stage names, or None for every stage that has residual blocks.
+        beta: "keep" or "zero".
+
+    Returns:
+        The names of the BN layers that were reset (relative to model.backbone).
+
+    Raises:
+        RecipeError: an unknown stage, a stage without residual blocks, or an architecture without any.
+    """
+    # Imported here, not at the top: recipe.py imports this module's config, and loading a recipe should not pull
+    # in timm and torchvision (nor risk an import cycle through medtricks.models.build, which imports recipe.py).
+    from medtricks.models.surgery import apply_bn_reset, residual_bns, stage_names
+
+    names = stage_names(model)
+    if stages is None:
+        stages = [s for s, found in residual_bns(model, names).items() if found]
+        if not stages:
+            raise RecipeError(f"tricks.zero_gamma: {model.arch} has no residual blocks; remove tricks.zero_gamma or "
+                              f"use model.bn_reset with which: all.")
+    else:
+        stages = list(stages)
+        unknown = [s for s in stages if s not in names]
+        if unknown:
+            raise RecipeError(f"tricks.zero_gamma.stages: unknown stage(s) {unknown} for {model.arch}; its stages "
+                              f"are {', '.join(names)}.")
+        empty = [s for s, found in residual_bns(model, stages).items() if not found]
+        if empty:
+            raise RecipeError(f"tricks.zero_gamma.stages: {empty} of {model.arch} have no residual blocks; remove "
+                              f"them.")
+    frozen = [s for s in stages if s in getattr(model, "frozen_stages", ())]
+    if frozen:
+        logger.warning("zero_gamma on frozen stage(s) %s: their residual branches stay switched off.", frozen)
+    return apply_bn_reset(model, stages, gamma="zero", which="last_in_block", beta=beta)

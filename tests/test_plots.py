@@ -1,0 +1,78 @@
+"""Each plot writes a real PNG that Pillow opens, for binary and 3-class inputs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medtricks.metrics import compute_metrics
+from medtricks.plots import plot_confusion, plot_reliability, plot_roc, plot_training_curves
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CLASSES = {2: ["normal", "pneumonia"], 3: ["normal", "bacterial", "viral"]}
+
+
+def assert_png(path: Path, returned: Path) -> None:
+    assert returned == path
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert min(image.size) > 100
+
+
+def data(n_classes: int, n: int = 90, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, n)
+    logits = rng.normal(size=(n, n_classes))
+    logits[np.arange(n), labels] += 1.5
+    return labels, np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_plot_roc(tmp_path, n_classes):
+    labels, probs = data(n_classes)
+    path = tmp_path / "plots" / "roc.png"  # parent folder is created
+    assert_png(path, plot_roc(labels, probs, CLASSES[n_classes], path))
+
+
+def test_plot_roc_binary_with_operating_point_and_one_class(tmp_path):
+    labels, probs = data(2)
+    assert_png(tmp_path / "op.png", plot_roc(labels, probs, CLASSES[2], tmp_path / "op.png", threshold=0.4))
+    one_class = np.zeros(10, dtype=int)
+    assert_png(tmp_path / "one.png", plot_roc(one_class, probs[:10], CLASSES[2], tmp_path / "one.png"))
+    with pytest.raises(ValueError, match="classes must name all 3"):
+        plot_roc(*data(3), CLASSES[2], tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_plot_confusion(tmp_path, n_classes, normalize):
+    labels, probs = data(n_classes)
+    matrix = compute_metrics(labels, probs, n_boot=0)["confusion_matrix"]
+    path = tmp_path / "confusion.png"
+    assert_png(path, plot_confusion(matrix, CLASSES[n_classes], path, normalize=normalize))
+
+
+def test_plot_confusion_with_an_empty_row(tmp_path):
+    path = tmp_path / "confusion.png"
+    assert_png(path, plot_confusion(np.array([[3, 1, 0], [0, 0, 0], [2, 0, 5]]), CLASSES[3], path, normalize=True))
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_plot_reliability(tmp_path, n_classes):
+    labels, probs = data(n_classes)
+    path = tmp_path / "reliability.png"
+    assert_png(path, plot_reliability(labels, probs, path, n_bins=10))
+
+
+def test_plot_training_curves_with_and_without_validation(tmp_path):
+    full = [{"epoch": e, "train_loss": 1 / (e + 1), "lr": 0.01 * e, "val_loss": 1.2 / (e + 1),
+             "val_auroc": None if e == 0 else 0.6 + 0.05 * e, "val_accuracy": 0.5 + 0.05 * e,
+             "images_per_second": 100.0} for e in range(5)]
+    bare = [{"epoch": e, "train_loss": 1 / (e + 1), "lr": 0.01, "images_per_second": 100.0} for e in range(3)]
+    for name, rows in {"full": full, "bare": bare, "empty": []}.items():
+        path = tmp_path / f"{name}.png"
+        assert_png(path, plot_training_curves(rows, path))
