@@ -65,7 +65,7 @@ def create_loss(tricks: TricksConfig, class_weights: torch.Tensor | None) -> Cal
     """Cross-entropy with the label_smoothing trick's smoothing and class-balance weights (indices or soft
     targets, as torch's CrossEntropyLoss takes both)."""
     smoothing = tricks.label_smoothing.smoothing if tricks.label_smoothing is not None else 0.0
-    return lambda logits, targets: label_smoothing_loss(logits, targets, smoothing, weight=class_weights)
+    return lambda logits, targets: label_smoothing_loss(logits, targets, smoothing, class_weights=class_weights)
 
 
 @dataclass

@@ -7,7 +7,7 @@ Defaults: smoothing 0.1 (the paper's eps).
 Interactions: with mixup/cutmix the soft targets are smoothed as well; a teacher trained with label smoothing is a
     worse distillation teacher (Mueller et al. 2019, arXiv 1906.02629); it changes the confidence of the
     probabilities, so check calibration (ECE) and the validation-chosen threshold; class_balance weights pass
-    through `weight`.
+    through `class_weights`.
 Measured effect: not yet measured
 """
 
@@ -38,17 +38,17 @@ class LabelSmoothingConfig:
 
 
 def label_smoothing_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.1,
-                         weight: torch.Tensor | None = None) -> torch.Tensor:
+                         class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy against smoothed targets, averaged over the batch.
 
     Args:
         logits: (N, C) unnormalized scores.
         target: (N,) class indices, or (N, C) class probabilities (each row sums to 1, e.g. from mixup_batch).
         smoothing: in [0, 1); the target becomes (1 - smoothing) * target + smoothing / C.
-        weight: optional (C,) per-class weights (see class_balance.class_weights).
+        class_weights: optional (C,) per-class weights (see class_balance.class_weights).
 
     Returns:
         A scalar tensor: for index targets mean over samples of -(1 - s) log p_y - s / C sum_c log p_c
-        (torch's weighted mean when `weight` is given).
+        (torch's weighted mean when `class_weights` is given).
     """
-    return F.cross_entropy(logits, target, weight=weight, label_smoothing=smoothing)
+    return F.cross_entropy(logits, target, weight=class_weights, label_smoothing=smoothing)
