@@ -15,6 +15,8 @@ from medtricks.data.sources import Source, load_source
 from medtricks.data.splits import assign_splits, find_leaks
 from medtricks.data.synth import synthesize
 from medtricks.errors import DataError, MedtricksError, RecipeError
+from medtricks.finetune import evaluate, finetune, predict
+from medtricks.models import apply_bn_reset, apply_freeze, create_model
 from medtricks.recipe import DataConfig, Recipe, load_recipe
 
 __version__ = "0.1.0"
@@ -27,12 +29,18 @@ __all__ = [
     "RecipeError",
     "Source",
     "__version__",
+    "apply_bn_reset",
+    "apply_freeze",
     "assign_splits",
     "check_data",
+    "create_model",
+    "evaluate",
+    "finetune",
     "find_leaks",
     "load_data",
     "load_recipe",
     "load_source",
+    "predict",
     "read_image",
     "synthesize",
 ]

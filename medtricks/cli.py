@@ -92,7 +92,7 @@ def finetune_cmd(
         resolved = load_recipe(recipe, set_ or (), seed)
         bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[line]}"), TimeElapsedColumn(), console=err_console,
-                       disable=quiet)
+                       disable=quiet, transient=True)
         task = bar.add_task(resolved.name, total=resolved.train.epochs, line="starting")
 
         def on_epoch(row: dict) -> None:

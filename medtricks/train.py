@@ -169,7 +169,7 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
                 else:
                     loss = loss_fn(logits.float(), targets)
             if not torch.isfinite(loss):
-                raise TrainingError(f"the training loss became {float(loss)} at epoch {epoch}, step {i + 1} "
+                raise TrainingError(f"the training loss became {float(loss.detach())} at epoch {epoch}, step {i + 1} "
                                     f"(global step {step + 1}); training stopped and the last saved checkpoint is "
                                     f"kept. Lower train.lr, set train.grad_clip, or turn off tricks.amp.")
             optimizer.zero_grad(set_to_none=True)

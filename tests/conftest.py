@@ -25,6 +25,16 @@ def phantoms(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def phantoms_train(tmp_path_factory) -> Path:
+    """80 synthetic phantoms (48 px): enough patients for non-empty train / val / test splits."""
+    from medtricks.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("phantoms_train") / "set"
+    synthesize(out, n=80, seed=5, size=48)
+    return out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _hermetic_weights(tmp_path_factory):
     """No test downloads or reads the user's cache: offline, with an empty cache folder of its own."""

@@ -1,0 +1,166 @@
+"""finetune / evaluate / predict end to end on tiny phantom sets, every trick for two steps, the schedule."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medtricks.cli import app
+from medtricks.errors import MedtricksError
+from medtricks.finetune import evaluate, finetune, predict
+from medtricks.recipe import TricksConfig, build_dataclass, load_recipe
+from medtricks.runs import RunError
+from medtricks.train import TrainingError, lr_factor
+from medtricks.tricks import TRICKS
+
+runner = CliRunner()
+FAST = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=2",
+        "train.batch_size=8", "train.eval_batch_size=16", "train.lr=0.1"]
+REPORT_M = {"n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(phantoms_train, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    return finetune("demo", data=phantoms_train, out=out, overrides=FAST)
+
+
+def test_run_directory_contract(tiny_run):
+    for name in ("recipe.yaml", "model.safetensors", "model.json", "metrics.jsonl", "report.json"):
+        assert (tiny_run / name).is_file(), name
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert set(report) >= {"recipe", "seed", "classes", "splits", "train"}
+    assert set(report["train"]) >= {"epochs", "seconds", "images_per_second"}
+    for split in report["splits"].values():
+        assert set(split) == REPORT_M
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in rows)
+    info = json.loads((tiny_run / "model.json").read_text())
+    assert info["arch"] == "efficientnet_lite0" and info["classes"] == ["normal", "opacity"]
+    assert info["in_chans"] == 1 and info["image_size"] == 32 and "threshold" in info
+    assert {p.name for p in (tiny_run / "plots").iterdir()} >= {"training_curves.png", "roc_val.png"}
+    assert load_recipe(tiny_run / "recipe.yaml").data.image_size == 32  # the resolved recipe reloads
+
+
+def test_evaluate_reproduces_report_exactly(tiny_run, tmp_path):
+    report = json.loads((tiny_run / "report.json").read_text())
+    again = evaluate(tiny_run, split="val", json_path=tmp_path / "val.json")
+    assert {k: again[k] for k in REPORT_M} == report["splits"]["val"]
+    assert json.loads((tmp_path / "val.json").read_text())["split"] == "val"
+
+
+def test_evaluate_external_source_and_predict(tiny_run, tmp_path):
+    from medtricks.data.synth import synthesize
+
+    other = tmp_path / "other_site"
+    synthesize(other, n=10, seed=99, size=48)
+    metrics = evaluate(tiny_run, data=other, split="all")
+    assert metrics["n"] == 10 and metrics["split"] == "all"
+    (tmp_path / "broken.png").write_text("not an image")
+    rows = predict(tiny_run, [other / "images", tmp_path / "broken.png"], out_csv=tmp_path / "p.csv")
+    assert len(rows) == 11 and sum(bool(r["error"]) for r in rows) == 1
+    good = [r for r in rows if not r["error"]]
+    assert all(r["prediction"] in ("normal", "opacity") for r in good)
+    assert all(abs(r["p_normal"] + r["p_opacity"] - 1) < 1e-4 for r in good)
+    assert (tmp_path / "p.csv").read_text().startswith("path,prediction,p_normal,p_opacity,error")
+
+
+def test_evaluate_refuses_other_classes(tiny_run, tmp_path):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        Image.new("L", (40, 40)).save(tmp_path / "pets" / name / "a.png")
+    with pytest.raises(MedtricksError, match="outside the recipe's classes"):
+        evaluate(tiny_run, data=tmp_path / "pets", split="all")
+
+
+def test_existing_out_is_never_overwritten(tiny_run, phantoms_train):
+    before = (tiny_run / "report.json").read_text()
+    with pytest.raises(RunError, match="already exists"):
+        finetune("demo", data=phantoms_train, out=tiny_run, overrides=FAST)
+    assert (tiny_run / "report.json").read_text() == before
+
+
+def _tricks_for(name: str, teacher) -> list[str]:
+    value = {"distillation": f"{{teacher: '{teacher}', temperature: 4.0}}", "ema": "{decay: 0.9}",
+             "class_balance": "{mode: sampler}"}.get(name, "{}")
+    return [f"tricks={{{name}: {value}}}"]
+
+
+@pytest.mark.parametrize("name", list(TRICKS))
+def test_every_trick_alone_for_two_steps(name, phantoms_train, tiny_run, tmp_path):
+    overrides = [*FAST, "train.epochs=1", "train.limit_train_batches=2", *_tricks_for(name, tiny_run)]
+    run = finetune("demo", data=phantoms_train, out=tmp_path / name, overrides=overrides)
+    report = json.loads((run / "report.json").read_text())
+    assert report["train"]["tricks"] == [name]
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(row["train_loss"])
+
+
+def test_schedule_warmup_cosine_and_step():
+    tricks = build_dataclass(TricksConfig, {"warmup": {"epochs": 1}, "cosine": {}}, "tricks")
+    assert lr_factor(0, 100, 10, tricks) == 0.0
+    assert lr_factor(10, 100, 10, tricks) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, tricks) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, tricks) == pytest.approx(0.0)
+    step = build_dataclass(TricksConfig, {"step_decay": {}}, "tricks")
+    assert [lr_factor(s, 120, 0, step) for s in (0, 30, 60, 90)] == pytest.approx([1, 0.1, 0.01, 0.001])
+    assert lr_factor(7, 100, 0, build_dataclass(TricksConfig, {}, "tricks")) == 1.0
+
+
+def test_cosine_and_step_decay_together_is_an_error():
+    with pytest.raises(MedtricksError, match="one LR decay"):
+        build_dataclass(TricksConfig, {"cosine": {}, "step_decay": {}}, "tricks")
+
+
+def test_nan_loss_stops_with_the_step(phantoms_train, tmp_path, monkeypatch):
+    import medtricks.train as train
+
+    monkeypatch.setattr(train, "label_smoothing_loss", lambda logits, *a, **k: logits.sum() * float("nan"))
+    with pytest.raises(TrainingError, match=r"epoch 1, step 1"):
+        finetune("demo", data=phantoms_train, out=tmp_path / "nan", overrides=FAST)
+
+
+def test_cli_finetune_and_bad_input(phantoms_train, tmp_path):
+    sets = [x for kv in FAST for x in ("--set", kv)]
+    out = tmp_path / "cli_run"
+    result = runner.invoke(app, ["finetune", "--recipe", "demo", "--data", str(phantoms_train), "--out", str(out),
+                                 "--quiet", *sets, "--set", "train.epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.output and (out / "report.json").is_file()
+    again = runner.invoke(app, ["finetune", "--recipe", "demo", "--data", str(phantoms_train), "--out", str(out),
+                                *sets])
+    assert again.exit_code == 2 and "already exists" in again.output and "Traceback" not in again.output
+    for args, words in [(["--recipe", "nope"], ["unknown recipe 'nope'", "demo"]),
+                        (["--recipe", "demo", "--set", "train.lrr=1"], ["train.lrr", "lr"]),
+                        (["--recipe", "demo", "--set", "train.lr=-1"], ["train.lr", "> 0"]),
+                        (["--recipe", "demo", "--set", "tricks.mixup.alpha=-1"], ["tricks.mixup.alpha"]),
+                        (["--recipe", "demo", "--set", "model.arch=vgg"], ["model.arch", "resnet18"]),
+                        (["--recipe", "demo", "--data", str(tmp_path / "none")], ["not found"])]:
+        result = runner.invoke(app, ["finetune", *sets, *args, "--out", str(tmp_path / "x")])
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output
+        for word in words:
+            assert word in result.output, (args, result.output)
+
+
+def test_cli_evaluate_and_predict(tiny_run, tmp_path, phantoms_train):
+    result = runner.invoke(app, ["evaluate", str(tiny_run), "--split", "val", "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "e.json").read_text())["n"] > 0
+    result = runner.invoke(app, ["predict", str(tiny_run), str(phantoms_train / "images" / "normal")])
+    assert result.exit_code == 0 and "synth-" in result.output
+    missing = runner.invoke(app, ["evaluate", str(tmp_path / "no_run")])
+    assert missing.exit_code == 2 and "not a finished medtricks run" in missing.output
+
+
+def test_amp_trick_runs_bf16_on_this_cpu():
+    from medtricks.tricks.amp import resolve_amp_dtype
+
+    dtype = resolve_amp_dtype(torch.device("cpu"), "auto")
+    if dtype is None:
+        pytest.skip("this CPU has no fast bfloat16; amp falls back to fp32")
+    assert dtype == torch.bfloat16
