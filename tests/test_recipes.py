@@ -28,3 +28,19 @@ def test_readme_lists_every_trick():
     readme = (ROOT / "README.md").read_text()
     for name in TRICKS:
         assert f"`{name}`" in readme, name
+
+
+@pytest.mark.parametrize("name", bundled_recipes())
+def test_recipe_builds_offline(name):
+    """Recipes that need downloaded weights say so in a comment and work offline with arch efficientnet_lite0."""
+    from medtricks.models.build import build_model
+    from medtricks.models.weights import REGISTRY
+
+    recipe = load_recipe(name)
+    spec = REGISTRY.get((recipe.model.arch, recipe.model.weights))
+    if spec is not None and spec.package is None:
+        text = (ROOT / "recipes" / f"{name}.yaml").read_text()
+        assert "model.arch=efficientnet_lite0" in text, "say how to run it offline"
+        recipe = load_recipe(name, ["model.arch=efficientnet_lite0", "model.weights=imagenet"])
+    model = build_model(recipe.model, num_classes=len(recipe.data.classes or (0, 1)), in_chans=recipe.data.channels)
+    assert model.arch == recipe.model.arch
