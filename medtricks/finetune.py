@@ -20,7 +20,7 @@ from medtricks.data.sources import image_files
 from medtricks.data.synth import synthesize
 from medtricks.data.transforms import create_eval_transform
 from medtricks.errors import DataError, MedtricksError
-from medtricks.models.build import build_model
+from medtricks.models.build import build_model, check_model_config
 from medtricks.recipe import Recipe, build_dataclass, load_recipe
 from medtricks.runs import (
     METRICS_FILE,
@@ -93,6 +93,7 @@ def finetune(recipe: Recipe | str | Path, data: str | Path | None = None, out: s
         recipe = load_recipe(recipe, overrides, seed)
     elif overrides or seed is not None:
         recipe = load_recipe_from_dict(recipe.to_dict(), overrides, seed)
+    check_model_config(recipe.model)
     seed_everything(recipe.seed)
     source = resolve_source(recipe.data, data)
     if not source.exists() and recipe.data.synth_if_missing:

@@ -134,11 +134,13 @@ def test_cli_finetune_and_bad_input(phantoms_train, tmp_path):
     again = runner.invoke(app, ["finetune", "--recipe", "demo", "--data", str(phantoms_train), "--out", str(out),
                                 *sets])
     assert again.exit_code == 2 and "already exists" in again.output and "Traceback" not in again.output
-    for args, words in [(["--recipe", "nope"], ["unknown recipe 'nope'", "demo"]),
-                        (["--recipe", "demo", "--set", "train.lrr=1"], ["train.lrr", "lr"]),
-                        (["--recipe", "demo", "--set", "train.lr=-1"], ["train.lr", "> 0"]),
-                        (["--recipe", "demo", "--set", "tricks.mixup.alpha=-1"], ["tricks.mixup.alpha"]),
+    data = ["--data", str(phantoms_train)]
+    for args, words in [(["--recipe", "nope", *data], ["unknown recipe 'nope'", "demo"]),
+                        (["--recipe", "demo", *data, "--set", "train.lrr=1"], ["train.lrr", "lr"]),
+                        (["--recipe", "demo", *data, "--set", "train.lr=-1"], ["train.lr", "> 0"]),
+                        (["--recipe", "demo", *data, "--set", "tricks.mixup.alpha=-1"], ["tricks.mixup.alpha"]),
                         (["--recipe", "demo", "--set", "model.arch=vgg"], ["model.arch", "resnet18"]),
+                        (["--recipe", "demo", "--set", "model.weights=/no/such.pth"], ["model.weights", "not found"]),
                         (["--recipe", "demo", "--data", str(tmp_path / "none")], ["not found"])]:
         result = runner.invoke(app, ["finetune", *sets, *args, "--out", str(tmp_path / "x")])
         assert result.exit_code == 2, (args, result.output)

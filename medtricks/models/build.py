@@ -7,6 +7,23 @@ from medtricks.models.surgery import apply_bn_reset, apply_freeze, stage_paramet
 from medtricks.recipe import ModelConfig
 
 
+def check_model_config(config: ModelConfig) -> None:
+    """Fail fast, before any data is read, on an unknown arch or weights name (or a missing weights file)."""
+    from pathlib import Path
+
+    from medtricks.models.backbones import ARCHS
+    from medtricks.models.weights import REGISTRY, WeightsError, lookup_message
+
+    if config.arch not in ARCHS:
+        raise WeightsError(f"unknown model.arch {config.arch!r}; choose one of {', '.join(ARCHS)}.")
+    if config.weights != "none" and (config.arch, config.weights) not in REGISTRY:
+        path = Path(config.weights).expanduser()
+        if not (path.suffix or "/" in config.weights):
+            raise WeightsError(lookup_message(config.arch, config.weights))
+        if not path.is_file():
+            raise WeightsError(f"model.weights {config.weights}: file not found.")
+
+
 def build_model(config: ModelConfig, num_classes: int, in_chans: int) -> MedModel:
     """Create the backbone with its pretrained weights, then apply `bn_reset` entries in order and `freeze`.
 
