@@ -162,6 +162,62 @@ def predict_cmd(
         err_console.print(Text("unreadable:", style="yellow"), row["error"], highlight=False)
 
 
+@app.command("attack")
+def attack_cmd(
+    run: Annotated[Path | None, typer.Argument(help="Run directory (default: the newest under runs/).")] = None,
+    pgd: Annotated[bool, typer.Option("--pgd", help="Projected gradient descent (default).")] = False,
+    fgsm: Annotated[bool, typer.Option("--fgsm", help="Fast gradient sign method.")] = False,
+    eps: Annotated[str | None, typer.Option("--eps", help="Budgets in [0, 1] units: 1/255,2/255,...")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="PGD steps.")] = 10,
+    step_size: Annotated[float | None, typer.Option("--step-size", help="Default 2.5 x eps / steps.")] = None,
+    restarts: Annotated[int, typer.Option("--restarts", help="PGD random restarts.")] = 1,
+    norm: Annotated[str, typer.Option("--norm", help="linf or l2.")] = "linf",
+    targeted: Annotated[bool, typer.Option("--targeted", help="Binary: flipped label; else --target-class.")] = False,
+    target_class: Annotated[str | None, typer.Option("--target-class", help="Target for multi-class.")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="finlayson: their PGD in [0, 1] units.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the run's own).")] = None,
+    split: Annotated[str, typer.Option("--split", help="val, test, train or all.")] = "test",
+    limit: Annotated[int | None, typer.Option("--limit", help="Attack only the first N images.")] = None,
+    source_run: Annotated[Path | None, typer.Option("--source-run", help="Craft on this run (transfer).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
+    save_images: Annotated[Path | None, typer.Option("--save-images", help="Save adversarial PNGs here.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = 0,
+) -> None:
+    """Attack a fine-tuned model with FGSM or PGD over a sweep of eps; writes JSON and plots under RUN/attacks/.
+
+    Example: medtricks attack runs/demo --pgd --eps 1/255,2/255,4/255,8/255 --limit 200
+    """
+    from medtricks.robustness import FINLAYSON, AttackSettings, attack, parse_eps
+    from medtricks.runs import newest_run
+
+    try:
+        if pgd and fgsm:
+            raise MedtricksError("choose one of --pgd and --fgsm.")
+        options = {"method": "fgsm" if fgsm else "pgd", "steps": steps, "step_size": step_size,
+                   "restarts": restarts, "norm": norm, "targeted": targeted, "target_class": target_class,
+                   "seed": seed}
+        if preset is not None:
+            if preset != "finlayson":
+                raise MedtricksError(f"--preset {preset!r}: the only preset is finlayson.")
+            options.update(FINLAYSON, method="pgd")
+        if eps is not None:
+            options["eps"] = parse_eps(eps)
+        settings = AttackSettings(**options)
+        report = attack(run if run is not None else newest_run(), data=data, settings=settings, split=split,
+                        limit=limit, source_run=source_run, json_path=json_path, save_images=save_images)
+    except MedtricksError as exc:
+        _fail(exc)
+    clean = report["clean"]
+    console.print(f"{report['attack']} {report['norm']}{' targeted' if report['targeted'] else ''} on "
+                  f"{report['n']} images ({report['split']}): clean accuracy {clean['accuracy']:.4f}", highlight=False)
+    for row in report["results"]:
+        auroc = "n/a" if row["auroc"] is None else f"{row['auroc']:.4f}"
+        success = "n/a" if row["success_rate"] is None else f"{row['success_rate']:.4f}"
+        console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {row['accuracy']:.4f}  AUROC {auroc}  "
+                      f"success rate {success}", highlight=False)
+    console.print(f"{report['images_per_second']:.1f} images/s; report and plots in {report['files']}")
+
+
 @recipes_app.command("list")
 def recipes_list() -> None:
     """List the bundled recipes with their first comment line.

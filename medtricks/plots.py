@@ -199,3 +199,42 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> Path:
     fig.suptitle(f"Training curves ({len(rows)} epochs)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_robustness(report: dict, path: str | Path) -> Path:
+    """Accuracy and AUROC versus eps (eps 0 = clean) for an attack report."""
+    eps = [0.0] + [r["eps"] for r in report["results"]]
+    acc = [report["clean"]["accuracy"]] + [r["accuracy"] for r in report["results"]]
+    auroc = [report["clean"]["auroc"]] + [r["auroc"] for r in report["results"]]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([e * 255 for e in eps], acc, "o-", label="accuracy")
+    if all(a is not None for a in auroc):
+        ax.plot([e * 255 for e in eps], auroc, "s--", label="AUROC")
+    ax.set_xlabel("eps (x 1/255 of the intensity range)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{report['attack'].upper()} {report['norm']}"
+                 f"{', targeted' if report['targeted'] else ''}, n={report['n']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_adversarial_examples(examples: list, classes, path: str | Path, eps: float) -> Path:
+    """Rows of clean image / perturbation (amplified to the full range) / adversarial image, with predictions.
+
+    `examples` holds (clean (C,H,W), adversarial (C,H,W), label, clean prediction, adversarial prediction)."""
+    rows = max(len(examples), 1)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
+    for row, (clean, adv, label, pred, adv_pred) in enumerate(examples):
+        delta = (adv - clean).numpy()
+        scale = max(float(np.abs(delta).max()), 1e-12)
+        panels = [(clean.numpy(), f"clean: {classes[pred]} (true {classes[label]})"),
+                  (0.5 + 0.5 * delta / scale, f"perturbation x{0.5 / scale:.0f}"),
+                  (adv.numpy(), f"adversarial: {classes[adv_pred]}")]
+        for col, (image, title) in enumerate(panels):
+            shown = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+            axes[row, col].imshow(np.clip(shown, 0, 1), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1)
+            axes[row, col].set_title(title, fontsize=8)
+            axes[row, col].axis("off")
+    fig.suptitle(f"eps = {eps * 255:.2g}/255", fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,201 @@
+"""FGSM and PGD on models that take [0, 1] images (normalization is inside the model), for medical classifiers.
+
+Finlayson et al. 2019 (arXiv 1804.05296): ImageNet-pretrained medical classifiers fall to imperceptible PGD.
+Madry et al. 2018 (PGD), Goodfellow et al. 2015 (FGSM).
+
+Conventions: eps is a fraction of the displayed intensity range ([0, 1] units) whatever the backbone; attacks run
+in fp32 with the model in eval mode and no weight gradients; the adversarial image stays in [0, 1]. Binary models
+with a single logit are wrapped into two logits ([0, z]) so one cross-entropy serves every head.
+
+Early exit: an example whose current iterate is already misclassified (targeted: already the target) is broken;
+its first successful iterate is kept and it takes no more steps. Because each example's steps depend only on its
+own gradient (eval mode: no batch statistics), this gives exactly the robust accuracy of attacking every example
+to the end and keeping, per example, the first successful iterate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medtricks.errors import MedtricksError
+
+
+class AttackError(MedtricksError):
+    """Bad attack settings (eps, steps, norm, target)."""
+
+
+class TwoLogits(nn.Module):
+    """Wrap a single-logit binary model (sigmoid head) into two logits [0, z]: softmax gives the same probability."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        if logits.ndim == 1:
+            logits = logits[:, None]
+        if logits.shape[1] == 1:
+            return torch.cat([torch.zeros_like(logits), logits], dim=1)
+        return logits
+
+
+class ThresholdShift(nn.Module):
+    """Shift a binary model's class-1 logit by -logit(threshold), so that argmax equals the run's decision rule
+    `p1 >= threshold` (chosen on validation). Probabilities change, rankings (AUROC) do not."""
+
+    def __init__(self, model: nn.Module, threshold: float):
+        super().__init__()
+        self.model = model
+        t = min(max(threshold, 1e-6), 1 - 1e-6)
+        self.shift = math.log(t / (1 - t))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return torch.stack([logits[:, 0], logits[:, 1] - self.shift], dim=1)
+
+
+def check_eps(eps: float) -> float:
+    """eps in [0, 1] intensity units (0 = clean)."""
+    if not 0.0 <= eps <= 1.0 or math.isnan(eps):
+        raise AttackError(f"eps {eps} is outside [0, 1]: eps is a fraction of the displayed intensity range "
+                          f"(e.g. 2/255 = 0.0078).")
+    return float(eps)
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (delta.ndim - 1))
+    return delta * torch.clamp(eps / norms, max=1.0)
+
+
+def _step(grad: torch.Tensor, step_size: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return step_size * grad.sign()
+    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
+    return step_size * grad / norms
+
+
+def _random_start(images: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    if norm == "linf":
+        delta = (torch.rand(images.shape, generator=generator, device=images.device) * 2 - 1) * eps
+    else:  # uniform in the L2 ball: random direction, radius eps * u^(1/d)
+        direction = torch.randn(images.shape, generator=generator, device=images.device)
+        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (images.ndim - 1))
+        d = images[0].numel()
+        radius = eps * torch.rand(len(images), generator=generator, device=images.device) ** (1.0 / d)
+        delta = direction * radius.view(-1, *[1] * (images.ndim - 1))
+    return (images + delta).clamp(0, 1) - images
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module):
+    """Eval mode, fp32 and no weight gradients for the duration of an attack; restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]  # each module's own flag: train() would recurse
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for module, mode in modes:
+            module.training = mode
+
+
+def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int = 10,
+        step_size: float | None = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
+        targets: torch.Tensor | None = None, early_exit: bool = True,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Projected gradient descent (Madry et al. 2018) on [0, 1] images.
+
+    Args:
+        model: returns logits (N, C) or a single logit (N, 1) for binary; normalization inside.
+        images: (N, C, H, W) in [0, 1].
+        labels: true classes (N,).
+        eps: budget in [0, 1] intensity units (L-inf: per pixel; L2: per image).
+        steps: gradient steps (>= 1).
+        step_size: per step; default 2.5 * eps / steps.
+        norm: "linf" or "l2".
+        random_start: start from a uniform point of the eps ball (Madry et al.).
+        restarts: independent random starts; an example counts as broken if any restart breaks it.
+        targets: target classes for a targeted attack (None = untargeted).
+        early_exit: stop stepping examples already broken (same result, less work; see the module docstring).
+        generator: torch generator for the random starts (reproducible attacks).
+
+    Returns:
+        Adversarial images (N, C, H, W) in [0, 1] with ||adv - images|| <= eps: the first successful iterate
+        where the attack succeeded, else the last iterate of the last restart.
+    """
+    eps = check_eps(eps)
+    if steps < 1:
+        raise AttackError(f"steps {steps}: PGD needs at least 1 step.")
+    if restarts < 1:
+        raise AttackError(f"restarts {restarts}: need at least 1.")
+    if norm not in ("linf", "l2"):
+        raise AttackError(f"norm {norm!r}: choose linf or l2.")
+    step_size = 2.5 * eps / steps if step_size is None else float(step_size)
+    if step_size < 0:
+        raise AttackError(f"step_size {step_size} must be >= 0.")
+    net = TwoLogits(model)
+    images, labels = images.detach().float(), labels.detach()
+    goal = targets.detach() if targets is not None else labels
+
+    def broken(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        pred = logits.argmax(1)
+        return pred == goal[idx] if targets is not None else pred != goal[idx]
+
+    with attack_mode(model), torch.enable_grad():
+        adv = images.clone()
+        with torch.no_grad():
+            done = broken(net(images), torch.arange(len(images), device=images.device))
+        if eps == 0:
+            return adv
+        for _ in range(restarts):
+            active = torch.nonzero(~done).flatten() if early_exit else torch.arange(len(images),
+                                                                                     device=images.device)
+            if len(active) == 0:
+                break
+            x0 = images[active]
+            # drawn for every example, then indexed: an example's start does not depend on which others are done
+            start = _random_start(images, eps, norm, generator) if random_start else torch.zeros_like(images)
+            delta = start[active]
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                logits = net(x0 + delta)
+                loss = F.cross_entropy(logits, goal[active], reduction="sum")
+                (grad,) = torch.autograd.grad(-loss if targets is not None else loss, delta)
+                with torch.no_grad():
+                    delta = _project(delta + _step(grad, step_size, norm), eps, norm)
+                    delta = (x0 + delta).clamp(0, 1) - x0
+                    success = broken(net(x0 + delta), active) & ~done[active]
+                    adv[active[success]] = (x0 + delta)[success]
+                    if not early_exit:
+                        still = ~done[active] & ~success
+                        adv[active[still]] = (x0 + delta)[still]
+                    done[active[success]] = True
+                    if early_exit:
+                        keep = ~success
+                        active, x0, delta = active[keep], x0[keep], delta[keep]
+                        if len(active) == 0:
+                            break
+            if early_exit and len(active) > 0:
+                with torch.no_grad():
+                    adv[active] = x0 + delta  # last iterate of the examples that resisted this restart
+    return adv.detach()
+
+
+def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, norm: str = "linf",
+         targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps from the clean image
+    (PGD with one step, no random start, step = eps)."""
+    return pgd(model, images, labels, eps, steps=1, step_size=eps, norm=norm, random_start=False, targets=targets,
+               early_exit=False)

@@ -1,0 +1,234 @@
+"""Robustness evaluation of a run: an eps sweep of FGSM or PGD, the attack report, plots, transfer attacks.
+
+`attack(run, ...)` reads only the run directory (+ data), like evaluate. Decisions follow the run: a binary model's
+class-1 logit is shifted by the validation threshold (ThresholdShift) so "correct" means the same as in
+report.json, and the attack breaks that decision. With `source_run`, perturbations are crafted on another run's
+model and evaluated on this one (black-box transfer, Finlayson et al.'s setting).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medtricks import plots
+from medtricks.attacks import AttackError, ThresholdShift, TwoLogits, fgsm, pgd
+from medtricks.data.pipeline import load_eval_data
+from medtricks.metrics import compute_metrics
+from medtricks.runs import load_run_model, read_run, write_json
+
+# Finlayson et al.: eps 0.02 and step 0.01 on a [-1, 1] input scale, 20 iterations, targeted at the flipped label
+FINLAYSON = {"eps": (0.01,), "step_size": 0.005, "steps": 20, "targeted": True, "random_start": False}
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """What to run. eps in [0, 1] intensity units; step_size None = 2.5 * eps / steps."""
+
+    method: str = "pgd"
+    eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    steps: int = 10
+    step_size: float | None = None
+    norm: str = "linf"
+    restarts: int = 1
+    random_start: bool = True
+    targeted: bool = False
+    target_class: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ("pgd", "fgsm"):
+            raise AttackError(f"attack {self.method!r}: choose --pgd or --fgsm.")
+        if not self.eps:
+            raise AttackError("give at least one eps (e.g. --eps 1/255,2/255).")
+        for eps in self.eps:
+            if not 0 < eps <= 1:
+                raise AttackError(f"--eps {eps}: must be in (0, 1] (a fraction of the intensity range; 8/255 = "
+                                  f"0.031).")
+        if self.steps < 1:
+            raise AttackError(f"--steps {self.steps}: must be >= 1.")
+        if self.restarts < 1:
+            raise AttackError(f"--restarts {self.restarts}: must be >= 1.")
+        if self.norm not in ("linf", "l2"):
+            raise AttackError(f"--norm {self.norm!r}: choose linf or l2.")
+        if self.step_size is not None and not self.step_size > 0:
+            raise AttackError(f"--step-size {self.step_size}: must be > 0.")
+
+
+def parse_eps(text: str) -> tuple[float, ...]:
+    """'1/255,2/255,0.01' -> (0.0039, 0.0078, 0.01); each must be in (0, 1]."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            num, _, den = part.partition("/")
+            value = float(num) / (float(den) if den else 1.0)
+        except (ValueError, ZeroDivisionError) as exc:
+            raise AttackError(f"--eps {part!r}: not a number or fraction such as 2/255.") from exc
+        if not 0 < value <= 1:
+            raise AttackError(f"--eps {part} = {value:g}: must be in (0, 1] (a fraction of the intensity range).")
+        values.append(value)
+    return tuple(values)
+
+
+def decision_model(model: torch.nn.Module, info: dict) -> torch.nn.Module:
+    """The run's model whose argmax is the run's decision (validation threshold for binary)."""
+    net = TwoLogits(model)
+    threshold = info.get("threshold")
+    net = ThresholdShift(net, threshold) if len(info["classes"]) == 2 and threshold is not None else net
+    return net.eval()
+
+
+def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[str]) -> torch.Tensor | None:
+    if not settings.targeted:
+        return None
+    if len(classes) == 2:
+        return 1 - labels  # Finlayson et al.: the flipped label
+    if settings.target_class is None:
+        raise AttackError(f"a targeted attack on {len(classes)} classes needs --target-class, one of {list(classes)}.")
+    if settings.target_class not in classes:
+        raise AttackError(f"--target-class {settings.target_class!r} is not one of {list(classes)}.")
+    return torch.full_like(labels, list(classes).index(settings.target_class))
+
+
+def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSettings, classes: Sequence[str],
+               source: torch.nn.Module | None = None, keep_examples: int = 0) -> dict:
+    """Sweep eps over a loader: clean and robust accuracy/AUROC per eps, success rate, speed.
+
+    Args:
+        model: the evaluated model (decisions by argmax; see decision_model).
+        loader: batches of {"image", "label"}.
+        settings: attack settings.
+        classes: class names.
+        source: craft perturbations on this model instead (transfer attack); evaluated on `model`.
+        keep_examples: keep this many (clean, adversarial, predictions) examples of the largest eps for plots.
+    """
+    crafter = source if source is not None else model
+    generator = torch.Generator().manual_seed(settings.seed)
+    labels_all, clean_probs, clean_pred = [], [], []
+    adv_probs = {eps: [] for eps in settings.eps}
+    adv_pred = {eps: [] for eps in settings.eps}
+    examples, attacked, started = [], 0, time.perf_counter()
+    for batch in loader:
+        images, labels = batch["image"].float(), batch["label"]
+        targets = _targets(labels, settings, classes)
+        with torch.inference_mode():
+            logits = model(images).float()
+        labels_all.append(labels.numpy())
+        clean_probs.append(logits.softmax(1).numpy())
+        clean_pred.append(logits.argmax(1).numpy())
+        for eps in settings.eps:
+            if settings.method == "fgsm":
+                adv = fgsm(crafter, images, labels, eps, settings.norm, targets)
+            else:
+                adv = pgd(crafter, images, labels, eps, settings.steps, settings.step_size, settings.norm,
+                          settings.random_start, settings.restarts, targets, generator=generator)
+            attacked += len(images)
+            with torch.inference_mode():
+                adv_logits = model(adv).float()
+            adv_probs[eps].append(adv_logits.softmax(1).numpy())
+            adv_pred[eps].append(adv_logits.argmax(1).numpy())
+            if eps == settings.eps[-1] and len(examples) < keep_examples:
+                for k in range(min(len(images), keep_examples - len(examples))):
+                    examples.append((images[k], adv[k], int(labels[k]), int(logits[k].argmax()),
+                                     int(adv_logits[k].argmax())))
+    seconds = time.perf_counter() - started
+    labels = np.concatenate(labels_all)
+    clean_p, clean_hat = np.concatenate(clean_probs), np.concatenate(clean_pred)
+    clean_ok = clean_hat == labels
+    results = []
+    for eps in settings.eps:
+        probs, pred = np.concatenate(adv_probs[eps]), np.concatenate(adv_pred[eps])
+        if settings.targeted:
+            goal = 1 - labels if len(classes) == 2 else np.full_like(labels,
+                                                                       list(classes).index(settings.target_class))
+            success = float(np.mean(pred[clean_ok] == goal[clean_ok])) if clean_ok.any() else None
+        else:
+            success = float(np.mean(pred[clean_ok] != labels[clean_ok])) if clean_ok.any() else None
+        results.append({"eps": eps, "accuracy": float(np.mean(pred == labels)), "auroc": _auroc(labels, probs),
+                        "success_rate": success,
+                        "step_size": (settings.step_size if settings.step_size is not None
+                                      else 2.5 * eps / settings.steps) if settings.method == "pgd" else eps})
+    return {"attack": settings.method, "norm": settings.norm,
+            "steps": settings.steps if settings.method == "pgd" else 1,
+            "step_size": settings.step_size, "restarts": settings.restarts if settings.method == "pgd" else 1,
+            "targeted": settings.targeted, "target_class": settings.target_class, "n": int(len(labels)),
+            "clean": {"accuracy": float(np.mean(clean_ok)), "auroc": _auroc(labels, clean_p)},
+            "results": results, "seconds": round(seconds, 3),
+            "images_per_second": round(attacked / max(seconds, 1e-9), 2), "examples": examples}
+
+
+def _auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    return compute_metrics(labels, probs, n_boot=0)["auroc"]
+
+
+def attack(run: str | Path, data: str | Path | None = None, settings: AttackSettings | None = None,
+           split: str = "test", limit: int | None = None, source_run: str | Path | None = None,
+           json_path: str | Path | None = None, save_images: str | Path | None = None) -> dict:
+    """Attack a run's model on a split of its data (or another source); write the JSON report and plots.
+
+    Returns:
+        The report (DESIGN.md's attack JSON plus where its files are).
+    """
+    from medtricks.finetune import load_recipe_from_dict
+
+    settings = settings or AttackSettings()
+    run = Path(run)
+    model, info = load_run_model(run)
+    _, raw = read_run(run)
+    recipe = load_recipe_from_dict(raw)
+    classes = tuple(info["classes"])
+    dataset, origin = load_eval_data(recipe.data, data if data is not None else info["data"]["source"], split,
+                                     recipe.seed, classes)
+    if limit is not None:
+        if limit < 1:
+            raise AttackError(f"--limit {limit}: must be >= 1.")
+        dataset.indices = dataset.indices[:limit]
+    source = None
+    if source_run is not None:
+        source_model, source_info = load_run_model(source_run)
+        if tuple(source_info["classes"]) != classes or source_info["in_chans"] != info["in_chans"]:
+            raise AttackError(f"--source-run {source_run}: its classes {source_info['classes']} / channels "
+                              f"{source_info['in_chans']} differ from the target's {list(classes)} / "
+                              f"{info['in_chans']}.")
+        source = decision_model(source_model, source_info)
+    loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False, num_workers=0)
+    report = run_attack(decision_model(model, info), loader, settings, classes, source, keep_examples=8)
+    examples = report.pop("examples")
+    report.update({"split": split, "data": str(data if data is not None else info["data"]["source"]),
+                   "run": str(run), "source_run": str(source_run) if source_run else None})
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    kind = f"{settings.method}-{settings.norm}{'-targeted' if settings.targeted else ''}"
+    out_dir = run / "attacks" / f"{kind}-{stamp}"
+    out_dir.mkdir(parents=True)
+    plots.plot_robustness(report, out_dir / "robustness.png")
+    plots.plot_adversarial_examples(examples, classes, out_dir / "examples.png", eps=settings.eps[-1])
+    write_json(out_dir / "attack.json", report)
+    if json_path is not None:
+        write_json(Path(json_path), report)
+    if save_images is not None:
+        _save_adversarial(examples, Path(save_images))
+    report["files"] = str(out_dir)
+    return report
+
+
+def _save_adversarial(examples, folder: Path) -> None:
+    """Adversarial images as 16-bit PNGs (grey) or 8-bit RGB PNGs, for inspection."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (_, adv, label, _, pred) in enumerate(examples):
+        pixels = adv.clamp(0, 1).numpy()
+        name = folder / f"adv_{k:03d}_label{label}_pred{pred}.png"
+        if pixels.shape[0] == 1:
+            Image.fromarray((pixels[0] * 65535).round().astype(np.uint16)).save(name)
+        else:
+            Image.fromarray((np.moveaxis(pixels, 0, -1) * 255).round().astype(np.uint8)).save(name)
+
