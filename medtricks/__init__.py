@@ -8,6 +8,7 @@ The notebook API (each name is also a CLI command or backs one):
     >>> pixels, meta = medtricks.read_image("RG1_UNCR.dcm")             # float32 (1, H, W) in [0, 1]
 """
 
+from medtricks.attacks import AttackSettings
 from medtricks.data.check import check_data
 from medtricks.data.images import read_image
 from medtricks.data.pipeline import DataBundle, load_data
@@ -18,9 +19,11 @@ from medtricks.errors import DataError, MedtricksError, RecipeError
 from medtricks.finetune import evaluate, finetune, predict
 from medtricks.models import apply_bn_reset, apply_freeze, create_model
 from medtricks.recipe import DataConfig, Recipe, load_recipe
+from medtricks.robustness import attack
 
 __version__ = "0.1.0"
 __all__ = [
+    "AttackSettings",
     "DataBundle",
     "DataConfig",
     "DataError",
@@ -30,6 +33,7 @@ __all__ = [
     "Source",
     "__version__",
     "apply_bn_reset",
+    "attack",
     "apply_freeze",
     "assign_splits",
     "check_data",

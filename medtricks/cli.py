@@ -168,10 +168,10 @@ def attack_cmd(
     pgd: Annotated[bool, typer.Option("--pgd", help="Projected gradient descent (default).")] = False,
     fgsm: Annotated[bool, typer.Option("--fgsm", help="Fast gradient sign method.")] = False,
     eps: Annotated[str | None, typer.Option("--eps", help="Budgets in [0, 1] units: 1/255,2/255,...")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="PGD steps.")] = 10,
+    steps: Annotated[int | None, typer.Option("--steps", help="PGD steps (recipe default: 10).")] = None,
     step_size: Annotated[float | None, typer.Option("--step-size", help="Default 2.5 x eps / steps.")] = None,
-    restarts: Annotated[int, typer.Option("--restarts", help="PGD random restarts.")] = 1,
-    norm: Annotated[str, typer.Option("--norm", help="linf or l2.")] = "linf",
+    restarts: Annotated[int | None, typer.Option("--restarts", help="PGD random restarts.")] = None,
+    norm: Annotated[str | None, typer.Option("--norm", help="linf or l2.")] = None,
     targeted: Annotated[bool, typer.Option("--targeted", help="Binary: flipped label; else --target-class.")] = False,
     target_class: Annotated[str | None, typer.Option("--target-class", help="Target for multi-class.")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="finlayson: their PGD in [0, 1] units.")] = None,
@@ -181,30 +181,35 @@ def attack_cmd(
     source_run: Annotated[Path | None, typer.Option("--source-run", help="Craft on this run (transfer).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
     save_images: Annotated[Path | None, typer.Option("--save-images", help="Save adversarial PNGs here.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random starts.")] = 0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random starts.")] = None,
 ) -> None:
     """Attack a fine-tuned model with FGSM or PGD over a sweep of eps; writes JSON and plots under RUN/attacks/.
 
+    Defaults come from the run recipe's `attack:` section; options given here override them.
+
     Example: medtricks attack runs/demo --pgd --eps 1/255,2/255,4/255,8/255 --limit 200
     """
-    from medtricks.robustness import FINLAYSON, AttackSettings, attack, parse_eps
-    from medtricks.runs import newest_run
+    import dataclasses
+
+    from medtricks.finetune import load_recipe_from_dict
+    from medtricks.robustness import FINLAYSON, attack, parse_eps
+    from medtricks.runs import newest_run, read_run
 
     try:
         if pgd and fgsm:
             raise MedtricksError("choose one of --pgd and --fgsm.")
-        options = {"method": "fgsm" if fgsm else "pgd", "steps": steps, "step_size": step_size,
-                   "restarts": restarts, "norm": norm, "targeted": targeted, "target_class": target_class,
-                   "seed": seed}
+        run = run if run is not None else newest_run()
+        given = {"steps": steps, "step_size": step_size, "restarts": restarts, "norm": norm,
+                 "target_class": target_class, "seed": seed, "method": "fgsm" if fgsm else "pgd" if pgd else None,
+                 "targeted": True if targeted else None, "eps": parse_eps(eps) if eps is not None else None}
         if preset is not None:
             if preset != "finlayson":
                 raise MedtricksError(f"--preset {preset!r}: the only preset is finlayson.")
-            options.update(FINLAYSON, method="pgd")
-        if eps is not None:
-            options["eps"] = parse_eps(eps)
-        settings = AttackSettings(**options)
-        report = attack(run if run is not None else newest_run(), data=data, settings=settings, split=split,
-                        limit=limit, source_run=source_run, json_path=json_path, save_images=save_images)
+            given.update(FINLAYSON, method="pgd")
+        base = load_recipe_from_dict(read_run(run)[1]).attack
+        settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+        report = attack(run, data=data, settings=settings, split=split, limit=limit, source_run=source_run,
+                        json_path=json_path, save_images=save_images)
     except MedtricksError as exc:
         _fail(exc)
     clean = report["clean"]

@@ -3,8 +3,8 @@
 A recipe is data, not code. An unknown key is an error naming the valid keys (nanoGPT's rule), a wrong type is an
 error naming the key, the value and the expected type, and the resolved recipe is what a run saves.
 
-Sections: `name`, `seed`, `data`, `model`, `train`, `tricks` (validated here, each trick by its own config class
-in medtricks/tricks/), and `attack`, kept as a mapping until the attack layer defines its dataclass.
+Sections: `name`, `seed`, `data`, `model`, `train`, `tricks` (each trick by its own config class in
+medtricks/tricks/) and `attack` (the defaults of `medtricks attack`, medtricks.attacks.AttackSettings).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from medtricks.attacks import AttackSettings
 from medtricks.errors import RecipeError
 from medtricks.tricks.amp import AmpConfig
 from medtricks.tricks.class_balance import ClassBalanceConfig
@@ -239,7 +240,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tricks: TricksConfig = field(default_factory=TricksConfig)
-    attack: dict = field(default_factory=dict)
+    attack: AttackSettings = field(default_factory=AttackSettings)
 
     def to_dict(self) -> dict:
         """Plain data for YAML/JSON (tuples become lists)."""

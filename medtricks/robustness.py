@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -19,63 +18,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from medtricks import plots
-from medtricks.attacks import AttackError, ThresholdShift, TwoLogits, fgsm, pgd
+from medtricks.attacks import (  # noqa: F401  (AttackSettings, FINLAYSON, parse_eps: public here too)
+    FINLAYSON,
+    AttackError,
+    AttackSettings,
+    ThresholdShift,
+    TwoLogits,
+    fgsm,
+    parse_eps,
+    pgd,
+)
 from medtricks.data.pipeline import load_eval_data
 from medtricks.metrics import compute_metrics
 from medtricks.runs import load_run_model, read_run, write_json
-
-# Finlayson et al.: eps 0.02 and step 0.01 on a [-1, 1] input scale, 20 iterations, targeted at the flipped label
-FINLAYSON = {"eps": (0.01,), "step_size": 0.005, "steps": 20, "targeted": True, "random_start": False}
-
-
-@dataclass(frozen=True)
-class AttackSettings:
-    """What to run. eps in [0, 1] intensity units; step_size None = 2.5 * eps / steps."""
-
-    method: str = "pgd"
-    eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
-    steps: int = 10
-    step_size: float | None = None
-    norm: str = "linf"
-    restarts: int = 1
-    random_start: bool = True
-    targeted: bool = False
-    target_class: str | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.method not in ("pgd", "fgsm"):
-            raise AttackError(f"attack {self.method!r}: choose --pgd or --fgsm.")
-        if not self.eps:
-            raise AttackError("give at least one eps (e.g. --eps 1/255,2/255).")
-        for eps in self.eps:
-            if not 0 < eps <= 1:
-                raise AttackError(f"--eps {eps}: must be in (0, 1] (a fraction of the intensity range; 8/255 = "
-                                  f"0.031).")
-        if self.steps < 1:
-            raise AttackError(f"--steps {self.steps}: must be >= 1.")
-        if self.restarts < 1:
-            raise AttackError(f"--restarts {self.restarts}: must be >= 1.")
-        if self.norm not in ("linf", "l2"):
-            raise AttackError(f"--norm {self.norm!r}: choose linf or l2.")
-        if self.step_size is not None and not self.step_size > 0:
-            raise AttackError(f"--step-size {self.step_size}: must be > 0.")
-
-
-def parse_eps(text: str) -> tuple[float, ...]:
-    """'1/255,2/255,0.01' -> (0.0039, 0.0078, 0.01); each must be in (0, 1]."""
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            num, _, den = part.partition("/")
-            value = float(num) / (float(den) if den else 1.0)
-        except (ValueError, ZeroDivisionError) as exc:
-            raise AttackError(f"--eps {part!r}: not a number or fraction such as 2/255.") from exc
-        if not 0 < value <= 1:
-            raise AttackError(f"--eps {part} = {value:g}: must be in (0, 1] (a fraction of the intensity range).")
-        values.append(value)
-    return tuple(values)
 
 
 def decision_model(model: torch.nn.Module, info: dict) -> torch.nn.Module:
@@ -174,16 +129,18 @@ def attack(run: str | Path, data: str | Path | None = None, settings: AttackSett
            json_path: str | Path | None = None, save_images: str | Path | None = None) -> dict:
     """Attack a run's model on a split of its data (or another source); write the JSON report and plots.
 
+    `settings` default to the run recipe's `attack:` section.
+
     Returns:
         The report (DESIGN.md's attack JSON plus where its files are).
     """
     from medtricks.finetune import load_recipe_from_dict
 
-    settings = settings or AttackSettings()
     run = Path(run)
     model, info = load_run_model(run)
     _, raw = read_run(run)
     recipe = load_recipe_from_dict(raw)
+    settings = settings or recipe.attack
     classes = tuple(info["classes"])
     dataset, origin = load_eval_data(recipe.data, data if data is not None else info["data"]["source"], split,
                                      recipe.seed, classes)
