@@ -76,3 +76,15 @@ def test_model_section_strict():
         build_dataclass(ModelConfig, {"lr_multipliers": {"stem": "fast"}}, "model")
     with pytest.raises(RecipeError, match="model.archh"):
         build_dataclass(ModelConfig, {"archh": "resnet18"}, "model")
+
+
+def test_attack_section_strict():
+    from medtricks.attacks import AttackSettings
+    from medtricks.errors import MedtricksError
+
+    settings = build_dataclass(AttackSettings, {"eps": [0.01, 0.02], "steps": 5, "norm": "l2"}, "attack")
+    assert settings.eps == (0.01, 0.02) and settings.steps == 5 and settings.method == "pgd"
+    with pytest.raises(MedtricksError, match="unknown recipe key 'attack.epsilon'"):
+        build_dataclass(AttackSettings, {"epsilon": [0.01]}, "attack")
+    with pytest.raises(MedtricksError, match="must be in"):
+        build_dataclass(AttackSettings, {"eps": [2.0]}, "attack")
