@@ -54,7 +54,8 @@ def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[s
 
 
 def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSettings, classes: Sequence[str],
-               source: torch.nn.Module | None = None, keep_examples: int = 0) -> dict:
+               source: torch.nn.Module | None = None, keep_examples: int = 0,
+               save_dir: str | Path | None = None) -> dict:
     """Sweep eps over a loader: clean and robust accuracy/AUROC per eps, success rate, speed.
 
     Args:
@@ -64,6 +65,7 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
         classes: class names.
         source: craft perturbations on this model instead (transfer attack); evaluated on `model`.
         keep_examples: keep this many (clean, adversarial, predictions) examples of the largest eps for plots.
+        save_dir: save every adversarial image of the largest eps there (16-bit PNG for grey images).
     """
     crafter = source if source is not None else model
     generator = torch.Generator().manual_seed(settings.seed)
@@ -73,6 +75,7 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     examples, attacked, started = [], 0, time.perf_counter()
     for batch in loader:
         images, labels = batch["image"].float(), batch["label"]
+        offset = sum(len(x) for x in labels_all)  # index of this batch's first image
         targets = _targets(labels, settings, classes)
         with torch.inference_mode():
             logits = model(images).float()
@@ -90,6 +93,8 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
                 adv_logits = model(adv).float()
             adv_probs[eps].append(adv_logits.softmax(1).numpy())
             adv_pred[eps].append(adv_logits.argmax(1).numpy())
+            if eps == settings.eps[-1] and save_dir is not None:
+                _save_adversarial(adv, labels, adv_logits.argmax(1), classes, Path(save_dir), start=offset)
             if eps == settings.eps[-1] and len(examples) < keep_examples:
                 for k in range(min(len(images), keep_examples - len(examples))):
                     examples.append((images[k], adv[k], int(labels[k]), int(logits[k].argmax()),
@@ -157,7 +162,8 @@ def attack(run: str | Path, data: str | Path | None = None, settings: AttackSett
                               f"{info['in_chans']}.")
         source = decision_model(source_model, source_info)
     loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False, num_workers=0)
-    report = run_attack(decision_model(model, info), loader, settings, classes, source, keep_examples=8)
+    report = run_attack(decision_model(model, info), loader, settings, classes, source, keep_examples=8,
+                        save_dir=save_images)
     examples = report.pop("examples")
     report.update({"split": split, "data": str(data if data is not None else info["data"]["source"]),
                    "run": str(run), "source_run": str(source_run) if source_run else None})
@@ -170,22 +176,20 @@ def attack(run: str | Path, data: str | Path | None = None, settings: AttackSett
     write_json(out_dir / "attack.json", report)
     if json_path is not None:
         write_json(Path(json_path), report)
-    if save_images is not None:
-        _save_adversarial(examples, Path(save_images))
     report["files"] = str(out_dir)
     return report
 
 
-def _save_adversarial(examples, folder: Path) -> None:
-    """Adversarial images as 16-bit PNGs (grey) or 8-bit RGB PNGs, for inspection."""
+def _save_adversarial(adv: torch.Tensor, labels, preds, classes, folder: Path, start: int) -> None:
+    """Adversarial images as 16-bit grey PNGs or 8-bit RGB PNGs named by index, true and predicted class (no
+    metadata is written into the files)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    for k, (_, adv, label, _, pred) in enumerate(examples):
-        pixels = adv.clamp(0, 1).numpy()
-        name = folder / f"adv_{k:03d}_label{label}_pred{pred}.png"
+    for k in range(len(adv)):
+        pixels = adv[k].clamp(0, 1).numpy()
+        name = folder / f"{start + k:05d}_true-{classes[int(labels[k])]}_pred-{classes[int(preds[k])]}.png"
         if pixels.shape[0] == 1:
             Image.fromarray((pixels[0] * 65535).round().astype(np.uint16)).save(name)
         else:
             Image.fromarray((np.moveaxis(pixels, 0, -1) * 255).round().astype(np.uint8)).save(name)
-
