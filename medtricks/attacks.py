@@ -50,6 +50,8 @@ class ThresholdShift(nn.Module):
     """Shift a binary model's class-1 logit by -logit(threshold), so that argmax equals the run's decision rule
     `p1 >= threshold` (chosen on validation). Probabilities change, rankings (AUROC) do not."""
 
+    TIE = 1e-5  # p1 == threshold is class 1 (the run's rule is p1 >= threshold), whatever the float rounding
+
     def __init__(self, model: nn.Module, threshold: float):
         super().__init__()
         self.model = model
@@ -58,14 +60,16 @@ class ThresholdShift(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
-        return torch.stack([logits[:, 0], logits[:, 1] - self.shift], dim=1)
+        return torch.stack([logits[:, 0], logits[:, 1] - self.shift + self.TIE], dim=1)
 
 
-def check_eps(eps: float) -> float:
-    """eps in [0, 1] intensity units (0 = clean)."""
-    if not 0.0 <= eps <= 1.0 or math.isnan(eps):
-        raise AttackError(f"eps {eps} is outside [0, 1]: eps is a fraction of the displayed intensity range "
-                          f"(e.g. 2/255 = 0.0078).")
+def check_eps(eps: float, norm: str = "linf") -> float:
+    """eps in [0, 1] intensity units for L-inf (0 = clean); for L2 any finite eps >= 0 (the L2 norm of a whole
+    image's perturbation can exceed 1)."""
+    upper = 1.0 if norm == "linf" else math.inf
+    if not 0.0 <= eps <= upper or not math.isfinite(eps):
+        raise AttackError(f"eps {eps} is outside [0, {upper:g}]: eps is a fraction of the displayed intensity "
+                          f"range (e.g. 2/255 = 0.0078).")
     return float(eps)
 
 
@@ -136,16 +140,16 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
         Adversarial images (N, C, H, W) in [0, 1] with ||adv - images|| <= eps: the first successful iterate
         where the attack succeeded, else the last iterate of the last restart.
     """
-    eps = check_eps(eps)
+    if norm not in ("linf", "l2"):
+        raise AttackError(f"norm {norm!r}: choose linf or l2.")
+    eps = check_eps(eps, norm)
     if steps < 1:
         raise AttackError(f"steps {steps}: PGD needs at least 1 step.")
     if restarts < 1:
         raise AttackError(f"restarts {restarts}: need at least 1.")
-    if norm not in ("linf", "l2"):
-        raise AttackError(f"norm {norm!r}: choose linf or l2.")
     step_size = 2.5 * eps / steps if step_size is None else float(step_size)
-    if step_size < 0:
-        raise AttackError(f"step_size {step_size} must be >= 0.")
+    if not (step_size >= 0 and math.isfinite(step_size)):
+        raise AttackError(f"step_size {step_size} must be a finite number >= 0.")
     net = TwoLogits(model)
     images, labels = images.detach().float(), labels.detach()
     goal = targets.detach() if targets is not None else labels
@@ -154,7 +158,8 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
         pred = logits.argmax(1)
         return pred == goal[idx] if targets is not None else pred != goal[idx]
 
-    with attack_mode(model), torch.enable_grad():
+    # fp32 even inside an enclosing autocast (robustness is evaluated in full precision)
+    with attack_mode(model), torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
         adv = images.clone()
         with torch.no_grad():
             done = broken(net(images), torch.arange(len(images), device=images.device))
@@ -227,17 +232,20 @@ class AttackSettings:
         if not self.eps:
             raise AttackError("give at least one eps (e.g. --eps 1/255,2/255).")
         for eps in self.eps:
-            if not 0 < eps <= 1:
-                raise AttackError(f"--eps {eps}: must be in (0, 1] (a fraction of the intensity range; 8/255 = "
-                                  f"0.031).")
+            upper = 1.0 if self.norm == "linf" else math.inf
+            if not (0 < eps <= upper and math.isfinite(eps)):
+                raise AttackError(f"eps {eps} (--eps / attack.eps): must be in (0, {upper:g}] (a fraction of the "
+                                  f"intensity range; 8/255 = 0.031).")
         if self.steps < 1:
             raise AttackError(f"--steps {self.steps}: must be >= 1.")
         if self.restarts < 1:
             raise AttackError(f"--restarts {self.restarts}: must be >= 1.")
         if self.norm not in ("linf", "l2"):
             raise AttackError(f"--norm {self.norm!r}: choose linf or l2.")
-        if self.step_size is not None and not self.step_size > 0:
+        if self.step_size is not None and not (self.step_size > 0 and math.isfinite(self.step_size)):
             raise AttackError(f"--step-size {self.step_size}: must be > 0.")
+        if self.method == "fgsm" and self.step_size is not None:
+            raise AttackError("--step-size does not apply to FGSM, which takes one step of size eps.")
 
 
 def parse_eps(text: str) -> tuple[float, ...]:
@@ -250,7 +258,8 @@ def parse_eps(text: str) -> tuple[float, ...]:
             value = float(num) / (float(den) if den else 1.0)
         except (ValueError, ZeroDivisionError) as exc:
             raise AttackError(f"--eps {part!r}: not a number or fraction such as 2/255.") from exc
-        if not 0 < value <= 1:
-            raise AttackError(f"--eps {part} = {value:g}: must be in (0, 1] (a fraction of the intensity range).")
+        if not (value > 0 and math.isfinite(value)):
+            raise AttackError(f"--eps {part} = {value:g}: must be > 0 (L-inf: at most 1, a fraction of the intensity "
+                              f"range).")
         values.append(value)
     return tuple(values)

@@ -202,11 +202,13 @@ def attack_cmd(
         given = {"steps": steps, "step_size": step_size, "restarts": restarts, "norm": norm,
                  "target_class": target_class, "seed": seed, "method": "fgsm" if fgsm else "pgd" if pgd else None,
                  "targeted": True if targeted else None, "eps": parse_eps(eps) if eps is not None else None}
-        if preset is not None:
+        base = load_recipe_from_dict(read_run(run)[1]).attack
+        if preset is not None:  # the preset replaces the recipe's defaults; options given explicitly still win
             if preset != "finlayson":
                 raise MedtricksError(f"--preset {preset!r}: the only preset is finlayson.")
-            given.update(FINLAYSON, method="pgd")
-        base = load_recipe_from_dict(read_run(run)[1]).attack
+            if fgsm:
+                raise MedtricksError("--preset finlayson is a PGD attack; drop --fgsm.")
+            base = dataclasses.replace(base, **FINLAYSON, method="pgd")
         settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
         report = attack(run, data=data, settings=settings, split=split, limit=limit, source_run=source_run,
                         json_path=json_path, save_images=save_images)
