@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import re
 import urllib.request
 import warnings
@@ -206,17 +205,16 @@ def load_checkpoint(path: str | Path) -> dict:
         return load_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "GLOBAL" not in str(exc) and "global" not in str(exc):
-            raise WeightsError(f"{path}: not a torch checkpoint ({str(exc).splitlines()[-1][:200]}).") from exc
+    except Exception as exc:  # noqa: BLE001 (torch raises UnpicklingError, KeyError, RuntimeError, ... here)
+        if type(exc).__name__ != "UnpicklingError" or "global" not in str(exc).lower():
+            raise WeightsError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[-1][:200] if str(exc) else ''}).") from exc
         raise WeightsError(
             f"{path}: refused: this checkpoint needs arbitrary Python objects to unpickle, and unpickling them can "
             f"run code. medtricks only loads tensors (torch.load with weights_only=True, or safetensors). If you "
             f"trust the file, re-save just its state dict: torch.save(model.state_dict(), 'clean.pth'), or convert "
             f"it to safetensors. ({str(exc).splitlines()[0]})"
         ) from exc
-    except Exception as exc:  # torch raises KeyError, IndexError, RuntimeError ... for files that are not checkpoints
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc}).") from exc
 
 
 _DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|"
