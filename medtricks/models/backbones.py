@@ -132,14 +132,9 @@ class MedModel(nn.Module):
                 "repeat_to": self.normalize.repeat_to, "frozen_stages": list(self.frozen_stages)}
 
 
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    """`root.a.b.0` by its dotted path."""
-    return root.get_submodule(path)
-
-
 def _set_head(backbone: nn.Module, path: str, num_classes: int) -> None:
-    old = get_module(backbone, path)
-    parent, name = (backbone, path) if "." not in path else (get_module(backbone, path.rsplit(".", 1)[0]),
+    old = backbone.get_submodule(path)
+    parent, name = (backbone, path) if "." not in path else (backbone.get_submodule(path.rsplit(".", 1)[0]),
                                                               path.rsplit(".", 1)[1])
     setattr(parent, name, nn.Linear(old.in_features, num_classes))
 
@@ -236,7 +231,7 @@ def create_model(arch: str, num_classes: int, in_chans: int = 3, weights: str = 
                                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}). Is it a {arch} checkpoint?")
         backbone.load_state_dict(state, strict=True)
         logger.info("loaded %s weights from %s (%d tensors, strict)", arch, path, len(state))
-        if get_module(backbone, spec.head).out_features != num_classes:
+        if backbone.get_submodule(spec.head).out_features != num_classes:
             _set_head(backbone, spec.head, num_classes)
     repeat_to = None
     if in_chans == 1:
