@@ -162,7 +162,8 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for truncated or malformed pixel data
-        raise DataError(f"{path}: cannot decode the DICOM pixel data ({type(exc).__name__}: {exc}). {_FIX}") from exc
+        raise DataError(f"{path}: cannot decode the DICOM pixel data: the file is truncated or corrupt "
+                        f"({type(exc).__name__}: {exc}). {_FIX}") from exc
 
     meta = safe_metadata(ds)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
