@@ -155,14 +155,14 @@ def finetune(recipe: Recipe | str | Path, data: str | Path | None = None, out: s
                  save_best=save_best)
     best, _ = load_run_model(run)
     best.to(device)
-    splits, outputs = {}, {}
+    outputs = {}
     for name in ("val", "test"):
         if name in bundle.splits:
             outputs[name] = predict_loader(best, _loader(bundle.splits[name], recipe.train.eval_batch_size,
                                                          workers), device)
     threshold = result.threshold
-    for name, output in outputs.items():
-        splits[name] = _report_metrics(evaluate_split(output, threshold, recipe.seed))
+    full = {name: evaluate_split(output, threshold, recipe.seed) for name, output in outputs.items()}
+    splits = {name: _report_metrics(metrics) for name, metrics in full.items()}
     write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch, "threshold": threshold,
                                   "select_metric": recipe.train.select_metric})
     report = {"recipe": recipe.name, "seed": recipe.seed, "classes": list(classes), "splits": splits,
@@ -170,7 +170,7 @@ def finetune(recipe: Recipe | str | Path, data: str | Path | None = None, out: s
                         "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 2),
                         "base_lr": base_lr, "tricks": recipe.tricks.enabled()}}
     write_json(run / REPORT_FILE, report)
-    _plots(run, rows, outputs, classes, threshold)
+    _plots(run, rows, outputs, full, classes, threshold)
     return run
 
 
@@ -207,14 +207,14 @@ def _teacher(recipe: Recipe, classes: tuple[str, ...], device: torch.device):
     return teacher.to(device)
 
 
-def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], classes, threshold) -> None:
+def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics: dict[str, dict], classes,
+           threshold) -> None:
     plots.plot_training_curves(rows, run / "plots" / "training_curves.png")
     for name, out in outputs.items():
         if len(set(out.labels.tolist())) < 2:
             continue
-        metrics = evaluate_split(out, threshold, 0)
         plots.plot_roc(out.labels, out.probs, classes, run / "plots" / f"roc_{name}.png", threshold=threshold)
-        plots.plot_confusion(metrics["confusion_matrix"], classes, run / "plots" / f"confusion_{name}.png")
+        plots.plot_confusion(metrics[name]["confusion_matrix"], classes, run / "plots" / f"confusion_{name}.png")
         plots.plot_reliability(out.labels, out.probs, run / "plots" / f"reliability_{name}.png")
 
 
