@@ -174,28 +174,31 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
             # drawn for every example, then indexed: an example's start does not depend on which others are done
             start = _random_start(images, eps, norm, generator) if random_start else torch.zeros_like(images)
             delta = start[active]
-            for _ in range(steps):
-                delta.requires_grad_(True)
+            # iterate k = the start plus k steps; one forward per iterate both checks it and gives the gradient
+            # of the next step (steps + 1 forwards and `steps` backwards in all)
+            for k in range(steps + 1):
+                last = k == steps
+                delta.requires_grad_(not last)
                 logits = net(x0 + delta)
-                loss = F.cross_entropy(logits, goal[active], reduction="sum")
+                with torch.no_grad():
+                    current = (x0 + delta).detach()
+                    success = broken(logits, active) & ~done[active]
+                    adv[active[success]] = current[success]
+                    if last or not early_exit:  # examples that resist so far: their latest iterate
+                        still = ~done[active] & ~success
+                        adv[active[still]] = current[still]
+                    done[active[success]] = True
+                if last:
+                    break
+                keep = ~success if early_exit else torch.ones_like(success)
+                if not keep.any():
+                    break
+                loss = F.cross_entropy(logits[keep], goal[active[keep]], reduction="sum")
                 (grad,) = torch.autograd.grad(-loss if targets is not None else loss, delta)
                 with torch.no_grad():
-                    delta = _project(delta + _step(grad, step_size, norm), eps, norm)
-                    delta = (x0 + delta).clamp(0, 1) - x0
-                    success = broken(net(x0 + delta), active) & ~done[active]
-                    adv[active[success]] = (x0 + delta)[success]
-                    if not early_exit:
-                        still = ~done[active] & ~success
-                        adv[active[still]] = (x0 + delta)[still]
-                    done[active[success]] = True
-                    if early_exit:
-                        keep = ~success
-                        active, x0, delta = active[keep], x0[keep], delta[keep]
-                        if len(active) == 0:
-                            break
-            if early_exit and len(active) > 0:
-                with torch.no_grad():
-                    adv[active] = x0 + delta  # last iterate of the examples that resisted this restart
+                    active, x0 = active[keep], x0[keep]
+                    stepped = _project(delta.detach()[keep] + _step(grad[keep], step_size, norm), eps, norm)
+                    delta = (x0 + stepped).clamp(0, 1) - x0
     return adv.detach()
 
 
