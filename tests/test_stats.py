@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+from scipy import stats as sps
+from sklearn.metrics import roc_auc_score
+
+from medtricks.stats import delong_test, mcnemar_test, paired_bootstrap, paired_difference
+
+
+def _delong_reference(labels, a, b):
+    """DeLong et al. 1988 from the definition: placement values with the O(m n) kernel."""
+    labels = np.asarray(labels)
+    comps = []
+    for s in (np.asarray(a), np.asarray(b)):
+        x, y = s[labels == 1], s[labels == 0]
+        psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+        comps.append((psi.mean(), psi.mean(axis=1), psi.mean(axis=0)))
+    m, n = len(comps[0][1]), len(comps[0][2])
+    s10 = np.cov(np.vstack([comps[0][1], comps[1][1]]))
+    s01 = np.cov(np.vstack([comps[0][2], comps[1][2]]))
+    cov = s10 / m + s01 / n
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    diff = comps[0][0] - comps[1][0]
+    return comps[0][0], comps[1][0], diff / np.sqrt(var)
+
+
+def test_delong_matches_the_definition_with_ties():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 120)
+    a = np.round(labels + rng.normal(0, 1.0, 120), 1)  # rounding makes ties
+    b = np.round(labels + rng.normal(0, 1.5, 120), 1)
+    result = delong_test(labels, a, b)
+    auc_a, auc_b, z = _delong_reference(labels, a, b)
+    assert result["auroc_a"] == pytest.approx(auc_a) == pytest.approx(roc_auc_score(labels, a))
+    assert result["auroc_b"] == pytest.approx(auc_b)
+    assert result["z"] == pytest.approx(z)
+    assert result["p_value"] == pytest.approx(2 * sps.norm.sf(abs(z)))
+    assert result["ci95"][0] < result["difference"] < result["ci95"][1]
+
+
+def test_delong_identical_models_and_missing_class():
+    labels = [0, 1, 0, 1, 1]
+    scores = [0.1, 0.8, 0.3, 0.6, 0.9]
+    assert delong_test(labels, scores, scores)["p_value"] == 1.0
+    with pytest.raises(ValueError, match="both classes"):
+        delong_test([1, 1, 1], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
+
+
+def test_mcnemar_exact_by_hand():
+    correct_a = [True] * 10 + [False] * 2 + [True] * 50
+    correct_b = [False] * 10 + [True] * 2 + [True] * 50
+    result = mcnemar_test(correct_a, correct_b)
+    assert (result["a_only"], result["b_only"]) == (10, 2)
+    assert result["p_value"] == pytest.approx(2 * (66 + 12 + 1) / 4096)  # 2 x P(X >= 10), X ~ Bin(12, 1/2)
+    assert mcnemar_test([True, False], [True, False])["p_value"] == 1.0
+
+
+@pytest.mark.slow
+def test_paired_bootstrap_covers_the_true_difference():
+    rng = np.random.default_rng(1)
+    covered = 0
+    for _ in range(20):
+        labels = rng.integers(0, 2, 300)
+        a = labels * 1.0 + rng.normal(0, 1.0, 300)  # true AUROC Phi(1/sqrt(2)) = 0.760
+        b = labels * 0.5 + rng.normal(0, 1.0, 300)  # true AUROC Phi(0.5/sqrt(2)) = 0.638
+        truth = sps.norm.cdf(1 / np.sqrt(2)) - sps.norm.cdf(0.5 / np.sqrt(2))
+        lo, hi = paired_bootstrap(labels, a, b, roc_auc_score, n_boot=200, seed=int(rng.integers(1000)))["ci95"]
+        covered += lo <= truth <= hi
+    assert covered >= 16
+
+
+def test_paired_bootstrap_by_patient_is_wider_for_clustered_images():
+    rng = np.random.default_rng(2)
+    labels = np.repeat(rng.integers(0, 2, 60), 4)
+    a = np.repeat(rng.normal(0, 1, 60), 4) + labels
+    b = np.repeat(rng.normal(0, 1, 60), 4) + 0.5 * labels
+    groups = np.repeat([f"p{i}" for i in range(60)], 4)
+    per_image = paired_bootstrap(labels, a, b, roc_auc_score, n_boot=300, seed=0)["ci95"]
+    per_patient = paired_bootstrap(labels, a, b, roc_auc_score, groups=groups, n_boot=300, seed=0)["ci95"]
+    assert per_patient[1] - per_patient[0] > 1.4 * (per_image[1] - per_image[0])
+
+
+def test_paired_difference_t_interval_and_verdicts():
+    a, b = [0.80, 0.82, 0.79, 0.83, 0.81], [0.75, 0.78, 0.74, 0.77, 0.76]
+    result = paired_difference(a, b)
+    reference = sps.ttest_rel(a, b).confidence_interval(0.95)
+    assert result["ci95"] == pytest.approx([reference.low, reference.high])
+    assert result["verdict"] == "helps" and paired_difference(b, a)["verdict"] == "hurts"
+    assert paired_difference([0.8, 0.7, 0.9], [0.75, 0.8, 0.85])["verdict"] == "no detectable effect"
+    assert paired_difference([0.8], [0.7])["verdict"] == "no detectable effect"
