@@ -21,7 +21,7 @@ from medtricks.metrics import choose_threshold, compute_metrics
 from medtricks.models.backbones import MedModel
 from medtricks.models.surgery import stage_parameter_groups
 from medtricks.recipe import TrainConfig, TricksConfig
-from medtricks.tricks.amp import autocast, create_grad_scaler
+from medtricks.tricks.amp import autocast, create_grad_scaler, resolve_amp_dtype
 from medtricks.tricks.cosine import cosine_factor
 from medtricks.tricks.distillation import distillation_loss
 from medtricks.tricks.ema import create_ema, ema_update
@@ -138,7 +138,7 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(tricks.warmup.epochs * steps_per_epoch) if tricks.warmup is not None else 0
     optimizer = create_optimizer(model, config, tricks, base_lr, lr_multipliers)
-    amp_dtype = _amp_dtype(device, tricks)
+    amp_dtype = resolve_amp_dtype(device, tricks.amp.dtype) if tricks.amp is not None else None
     scaler = create_grad_scaler(device, amp_dtype)
     loss_fn = create_loss(tricks, class_weights)
     ema = create_ema(model, tricks.ema.decay) if tricks.ema is not None else None
@@ -214,14 +214,6 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
     seconds = time.perf_counter() - started
     return FitResult(best_epoch, best_value if best_value is not None else math.nan, threshold, seconds,
                      seen / max(seconds, 1e-9), epoch)
-
-
-def _amp_dtype(device: torch.device, tricks: TricksConfig):
-    if tricks.amp is None:
-        return None
-    from medtricks.tricks.amp import resolve_amp_dtype
-
-    return resolve_amp_dtype(device, tricks.amp.dtype)
 
 
 def _mixed_targets(images, labels, num_classes, tricks: TricksConfig, generator: torch.Generator):
