@@ -74,22 +74,32 @@ def _epoch_line(row: dict) -> str:
 
 @app.command("finetune")
 def finetune_cmd(
-    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Bundled recipe name or YAML path.")] = "demo",
+    recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Bundled recipe name or YAML path "
+                                               "[default: demo; with --resume the run's own].")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Data folder, CSV manifest or .npz.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Run directory (must not exist).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (must not exist, unless --resume).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override the recipe seed.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --out after its last "
+                                         "completed epoch.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the run directory.")] = False,
 ) -> None:
     """Fine-tune a pretrained CNN as a recipe says; writes a run directory (model, metrics, report, plots).
 
     Example: medtricks finetune --recipe pneumoniamnist --data ../shared/data/pneumoniamnist --set train.epochs=5
+
+    After a crash or a kill: medtricks finetune --out runs/pneumoniamnist-20261128-101500 --resume
+    (the run continues from its last completed epoch and ends as if it had never stopped).
     """
-    from medtricks.finetune import finetune
+    from medtricks.finetune import finetune, load_recipe_from_dict
     from medtricks.recipe import load_recipe
+    from medtricks.runs import read_run_recipe
 
     try:
-        resolved = load_recipe(recipe, set_ or (), seed)
+        if resume and out is not None and recipe is None and (out / "recipe.yaml").is_file():
+            resolved = load_recipe_from_dict(read_run_recipe(out), set_ or (), seed)
+        else:
+            resolved = load_recipe(recipe or "demo", set_ or (), seed)
         bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[line]}"), TimeElapsedColumn(), console=err_console,
                        disable=quiet, transient=True)
@@ -101,7 +111,8 @@ def finetune_cmd(
                 bar.console.print(_epoch_line(row), highlight=False)
 
         with bar:
-            run = finetune(resolved, data=data, out=out, on_epoch=on_epoch)
+            run = finetune(resolved if not resume or recipe or set_ or seed is not None else None, data=data,
+                           out=out, on_epoch=on_epoch, resume=resume)
     except MedtricksError as exc:
         _fail(exc)
     if quiet:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ import medtricks
 from medtricks import plots
 from medtricks.data.images import read_image
 from medtricks.data.pipeline import load_data, load_eval_data, resolve_source
+from medtricks.data.sampling import SeededSampler
 from medtricks.data.sources import image_files
 from medtricks.data.synth import synthesize
 from medtricks.data.transforms import create_eval_transform
@@ -26,17 +28,24 @@ from medtricks.runs import (
     METRICS_FILE,
     MODEL_FILE,
     MODEL_JSON,
+    RECIPE_FILE,
     REPORT_FILE,
+    RESUME_FILE,
+    RunError,
     append_jsonl,
+    load_resume_state,
     load_run_model,
     new_run_dir,
     read_run,
+    read_run_recipe,
     save_recipe,
+    save_resume_state,
     save_weights,
     write_json,
+    write_text,
 )
 from medtricks.train import EvalOutput, evaluate_split, fit, predict_loader
-from medtricks.tricks.class_balance import class_weights, create_balanced_sampler
+from medtricks.tricks.class_balance import balanced_sample_weights, class_weights
 from medtricks.tricks.linear_scaling import scaled_lr
 from medtricks.tricks.zero_gamma import apply_zero_gamma
 
@@ -76,23 +85,29 @@ def _workers(recipe: Recipe) -> int:
     return default_workers() if recipe.data.workers is None else recipe.data.workers
 
 
-def finetune(recipe: Recipe | str | Path, data: str | Path | None = None, out: str | Path | None = None,
+def finetune(recipe: Recipe | str | Path | None, data: str | Path | None = None, out: str | Path | None = None,
              overrides: Sequence[str] = (), seed: int | None = None,
-             on_epoch: Callable[[dict], None] | None = None) -> Path:
+             on_epoch: Callable[[dict], None] | None = None, resume: bool = False) -> Path:
     """Fine-tune a pretrained backbone as the recipe says and write a run directory; return its path.
 
     Args:
-        recipe: a Recipe, a bundled recipe name (demo, covid_cxr, ...) or a YAML path.
+        recipe: a Recipe, a bundled recipe name (demo, covid_cxr, ...) or a YAML path; None with `resume`
+            (the run's own recipe.yaml).
         data: data source overriding data.source.
-        out: run directory (must not exist); default runs/<recipe>-<timestamp>.
+        out: run directory (must not exist unless `resume`); default runs/<recipe>-<timestamp>.
         overrides: `key=value` strings as for `--set`.
         seed: overrides the recipe seed.
         on_epoch: called with each metrics.jsonl row (the CLI drives its progress bar with it).
+        resume: continue the unfinished run in `out` after its last completed epoch (after a crash or a kill);
+            the result is the same as if it had never stopped.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, overrides, seed)
-    elif overrides or seed is not None:
-        recipe = load_recipe_from_dict(recipe.to_dict(), overrides, seed)
+    resumed = _resume_point(out, recipe, data, overrides, seed) if resume else None
+    if resumed is not None:
+        recipe, data = resumed["recipe"], resumed["data"]
+    elif recipe is None:
+        raise MedtricksError("finetune needs a recipe (or resume=True with an existing run directory).")
+    else:
+        recipe = _as_recipe(recipe, overrides, seed)
     check_model_config(recipe.model)
     seed_everything(recipe.seed)
     source = resolve_source(recipe.data, data)
@@ -114,23 +129,27 @@ def finetune(recipe: Recipe | str | Path, data: str | Path | None = None, out: s
     if recipe.tricks.linear_scaling is not None:
         base_lr = scaled_lr(recipe.train.lr, recipe.train.batch_size, recipe.tricks.linear_scaling.base_batch)
     train_labels = [r["label"] for r in _records(bundle, "train")]
-    weights, sampler, generator = None, None, torch.Generator().manual_seed(recipe.seed)
+    weights, sample_weights = None, None
     if recipe.tricks.class_balance is not None:
         if recipe.tricks.class_balance.mode == "loss":
             weights = class_weights(train_labels, len(classes)).to(device)
         else:
-            sampler = create_balanced_sampler(train_labels, generator)
+            sample_weights = balanced_sample_weights(train_labels)
     workers = _workers(recipe)
     train_set = bundle.splits["train"]
-    train_loader = _loader(train_set, recipe.train.batch_size, workers, shuffle=True, sampler=sampler,
-                           generator=generator, drop_last=len(train_set) > recipe.train.batch_size)
+    sampler = SeededSampler(len(train_set), recipe.seed, weights=sample_weights)
+    train_loader = _loader(train_set, recipe.train.batch_size, workers, sampler=sampler,
+                           drop_last=len(train_set) > recipe.train.batch_size)
     val_loader = _loader(bundle.splits["val"], recipe.train.eval_batch_size, workers) if "val" in bundle.splits \
         else None
     if val_loader is None:
         logger.warning("no validation split: the last epoch is kept and no threshold is tuned")
 
-    run = new_run_dir(recipe.name, out)
-    save_recipe(run, recipe.to_dict())
+    if resumed is None:
+        run = new_run_dir(recipe.name, out)
+        save_recipe(run, recipe.to_dict())
+    else:
+        run = Path(out)
     info = {**model.describe(), "classes": list(classes), "image_size": recipe.data.image_size,
             "channels": recipe.data.channels, "crop_fraction": recipe.data.crop_fraction,
             "medtricks_version": medtricks.__version__, "tricks": recipe.tricks.enabled(),
@@ -141,7 +160,9 @@ def finetune(recipe: Recipe | str | Path, data: str | Path | None = None, out: s
         save_weights(run / MODEL_FILE, best_model)
         write_json(run / MODEL_JSON, {**info, "best_epoch": row["epoch"]})
 
-    rows: list[dict] = []
+    state = resumed["state"] if resumed is not None else None
+    rows: list[dict] = list(state["rows"]) if state is not None else []
+    write_text(run / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows))  # drop rows of a lost epoch
 
     def epoch_done(row: dict) -> None:
         rows.append(row)
@@ -149,10 +170,14 @@ def finetune(recipe: Recipe | str | Path, data: str | Path | None = None, out: s
         if on_epoch is not None:
             on_epoch(row)
 
+    def save_state(fit_state: dict) -> None:
+        save_resume_state(run, {**fit_state, "rows": rows, "data_source": str(Path(source).resolve()),
+                                "model_info": info})
+
     result = fit(model, train_loader, val_loader, recipe.train, recipe.tricks, base_lr=base_lr,
                  lr_multipliers=recipe.model.lr_multipliers, device=device, seed=recipe.seed,
                  num_classes=len(classes), class_weights=weights, teacher=teacher, on_epoch=epoch_done,
-                 save_best=save_best)
+                 save_best=save_best, save_state=save_state, state=state)
     best, _ = load_run_model(run)
     best.to(device)
     outputs = {}
@@ -169,9 +194,58 @@ def finetune(recipe: Recipe | str | Path, data: str | Path | None = None, out: s
               "train": {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
                         "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 2),
                         "base_lr": base_lr, "tricks": recipe.tricks.enabled()}}
-    write_json(run / REPORT_FILE, report)
     _plots(run, rows, outputs, full, classes, threshold)
+    write_json(run / REPORT_FILE, report)  # last: a run with report.json is complete
+    (run / RESUME_FILE).unlink(missing_ok=True)
     return run
+
+
+def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, data: str | Path | None,
+                  overrides: Sequence[str], seed: int | None) -> dict:
+    """What an unfinished run directory continues from: {"recipe", "data", "state" (None before epoch 1)}.
+
+    A recipe or data given again must be the run's own: resuming with other settings would mix two experiments.
+    """
+    if out is None or not Path(out).is_dir():
+        raise RunError(f"--resume needs an existing run directory as --out; {out} is not one.")
+    run = Path(out)
+    if (run / REPORT_FILE).is_file():
+        raise RunError(f"{run}: the run is finished (report.json exists); there is nothing to resume.")
+    if not (run / RECIPE_FILE).is_file():
+        raise RunError(f"{run}: no recipe.yaml, so this is not a medtricks run that can be resumed; choose a new "
+                       f"--out.")
+    raw = read_run_recipe(run)
+    saved = load_recipe_from_dict(raw)
+    if recipe is not None or overrides or seed is not None:
+        given = _as_recipe(recipe if recipe is not None else saved, overrides, seed)
+        if given.to_dict() != saved.to_dict():
+            changed = sorted(_diff_keys(given.to_dict(), saved.to_dict()))
+            raise RunError(f"{run}: the given recipe differs from the run's recipe.yaml in {', '.join(changed)}; "
+                           f"resume without --recipe/--set/--seed (the run's own recipe is used), or start a new run.")
+    state = load_resume_state(run)
+    if state is not None:
+        source = state["data_source"]
+        if data is not None and str(Path(resolve_source(saved.data, data)).resolve()) != source:
+            raise RunError(f"{run}: it was trained on {source}, not {data}; resume without --data or with the same.")
+        data = source
+    return {"recipe": saved, "data": data, "state": state}
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _as_recipe(recipe: Recipe | str | Path, overrides: Sequence[str], seed: int | None) -> Recipe:
+    if not isinstance(recipe, Recipe):
+        return load_recipe(recipe, overrides, seed)
+    return load_recipe_from_dict(recipe.to_dict(), overrides, seed) if overrides or seed is not None else recipe
 
 
 def load_recipe_from_dict(raw: dict, overrides: Sequence[str] = (), seed: int | None = None) -> Recipe:

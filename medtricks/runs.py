@@ -8,6 +8,7 @@ runs/<recipe>-<YYYYmmdd-HHMMSS>/
   metrics.jsonl      one line per epoch
   report.json        {"recipe", "seed", "classes", "splits": {"val": M, "test": M}, "train": {...}}
   plots/*.png        ROC, confusion matrix, reliability diagram, training curves
+  resume.safetensors while training: the state after the last completed epoch (removed once report.json exists)
 ```
 Every file is written atomically (temporary file in the same folder, then rename): a killed process leaves the
 old file or the new one, never half of one. An existing run directory is never overwritten.
@@ -15,6 +16,7 @@ old file or the new one, never half of one. An existing run directory is never o
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -42,8 +44,13 @@ def _atomic(path: Path, write) -> None:
     try:
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RunError(f"{path}: the disk is full (or over quota) while writing it; the previous version of the "
+                           f"file, if any, is kept. Free some space, then continue with --resume.") from exc
+        if isinstance(exc, PermissionError):
+            raise RunError(f"{path}: no permission to write it ({exc.strerror}). Choose a writable --out.") from exc
         raise
 
 
@@ -105,9 +112,12 @@ def read_run(run: str | Path) -> tuple[dict, dict]:
         if not (run / name).is_file():
             raise RunError(f"{run}: not a finished medtricks run ({name} is missing). Pass the directory that "
                            f"`medtricks finetune` wrote.")
-    info = json.loads((run / MODEL_JSON).read_text())
-    recipe = yaml.safe_load((run / RECIPE_FILE).read_text())
-    return info, recipe
+    return json.loads((run / MODEL_JSON).read_text()), read_run_recipe(run)
+
+
+def read_run_recipe(run: str | Path) -> dict:
+    """A run's resolved recipe.yaml as plain data."""
+    return yaml.safe_load((Path(run) / RECIPE_FILE).read_text())
 
 
 def load_run_model(run: str | Path):
@@ -127,3 +137,51 @@ def load_run_model(run: str | Path):
     except RuntimeError as exc:
         raise RunError(f"{run}: {MODEL_FILE} does not fit {info['arch']} ({str(exc).splitlines()[0]}).") from exc
     return model.eval(), info
+
+
+RESUME_FILE = "resume.safetensors"
+
+
+def _split_tensors(value, tensors: dict[str, torch.Tensor], path: str):
+    """JSON skeleton of nested dicts/lists with tensors moved into `tensors` (dict keys keep their type)."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().contiguous().cpu()
+        return {"tensor": path}
+    if isinstance(value, dict):
+        return {"dict": [[k, _split_tensors(v, tensors, f"{path}/{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"list": [_split_tensors(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]}
+    return {"value": value}
+
+
+def _join_tensors(node, tensors: dict[str, torch.Tensor]):
+    if "tensor" in node:
+        return tensors[node["tensor"]]
+    if "dict" in node:
+        return {k: _join_tensors(v, tensors) for k, v in node["dict"]}
+    if "list" in node:
+        return [_join_tensors(v, tensors) for v in node["list"]]
+    return node["value"]
+
+
+def save_resume_state(run: Path, state: dict) -> None:
+    """Write the training state (nested dicts of tensors and JSON values) as one safetensors file whose metadata
+    holds the JSON skeleton: a single atomic rename, so a kill leaves the previous epoch's state or this one."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_split_tensors(state, tensors, "state"))
+    _atomic(Path(run) / RESUME_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"medtricks": skeleton}))
+
+
+def load_resume_state(run: Path) -> dict | None:
+    """The state save_resume_state wrote, or None when the run has none (killed before its first epoch ended)."""
+    path = Path(run) / RESUME_FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            skeleton = json.loads((f.metadata() or {})["medtricks"])
+        return _join_tensors(skeleton, load_file(str(path)))
+    except Exception as exc:  # a foreign or damaged file: say which and what to do
+        raise RunError(f"{path}: unreadable resume state ({exc}). Start a new run with another --out.") from exc

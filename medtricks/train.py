@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from medtricks.data.sampling import epoch_seed
 from medtricks.errors import MedtricksError
 from medtricks.metrics import choose_threshold, compute_metrics
 from medtricks.models.backbones import MedModel
@@ -126,9 +127,14 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
         tricks: TricksConfig, *, base_lr: float, lr_multipliers: dict[str, float], device: torch.device,
         seed: int, num_classes: int, class_weights: torch.Tensor | None = None,
         teacher: torch.nn.Module | None = None, on_epoch: Callable[[dict], None] | None = None,
-        save_best: Callable[[torch.nn.Module, dict], None] | None = None) -> FitResult:
-    """Train `model`; after each epoch evaluate on validation, call `on_epoch(row)` and, when the selected
-    validation metric improves, `save_best(model_to_save, row)` (the EMA model when EMA is on).
+        save_best: Callable[[torch.nn.Module, dict], None] | None = None,
+        save_state: Callable[[dict], None] | None = None, state: dict | None = None) -> FitResult:
+    """Train `model`; after each epoch evaluate on validation, call `on_epoch(row)`, when the selected validation
+    metric improves `save_best(model_to_save, row)` (the EMA model when EMA is on), then `save_state(state)`.
+
+    Every epoch is a function of the state at its start and (seed, epoch): the train loader's sampler must be a
+    SeededSampler, and the mixing and dropout RNGs are reseeded per epoch. So `fit(..., state=saved)` with a
+    state from `save_state` continues exactly as the uninterrupted run would have.
 
     Raises:
         TrainingError: on a NaN or infinite loss (naming the epoch and step); what was saved stays.
@@ -142,12 +148,24 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
     scaler = create_grad_scaler(device, amp_dtype)
     loss_fn = create_loss(tricks, class_weights)
     ema = create_ema(model, tricks.ema.decay) if tricks.ema is not None else None
-    mix_gen = torch.Generator().manual_seed(seed + 1)
-    best_value, best_epoch, threshold, stale = None, 0, None, 0
-    step, seen, started = 0, 0, time.perf_counter()
+    mix_gen = torch.Generator()
+    progress = {"epoch": 0, "step": 0, "seen": 0, "seconds": 0.0, "best_value": None, "best_epoch": 0,
+                "threshold": None, "stale": 0, "stopped": False}
+    if state is not None:
+        _restore(state, progress, model, optimizer, scaler, ema)
+    best_value, best_epoch, threshold, stale = (progress[k] for k in ("best_value", "best_epoch", "threshold",
+                                                                       "stale"))
+    step, seen, started = progress["step"], progress["seen"], time.perf_counter() - progress["seconds"]
     if teacher is not None:
         teacher.eval()
-    for epoch in range(1, config.epochs + 1):
+    sampler = getattr(train_loader, "sampler", None)
+    first_epoch = config.epochs + 1 if progress["stopped"] else progress["epoch"] + 1
+    epoch = progress["epoch"]
+    for epoch in range(first_epoch, config.epochs + 1):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        mix_gen.manual_seed(epoch_seed(seed, epoch, stream=1))
+        torch.manual_seed(epoch_seed(seed, epoch, stream=2))  # dropout and drop-path
         model.train()
         loss_sum, n_epoch, epoch_start = 0.0, 0, time.perf_counter()
         for i, batch in enumerate(train_loader):
@@ -207,13 +225,35 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
         row["best"] = improved
         if on_epoch is not None:
             on_epoch(row)
-        if config.early_stopping is not None and stale >= config.early_stopping:
+        stopped = config.early_stopping is not None and stale >= config.early_stopping
+        if save_state is not None:
+            save_state({"epoch": epoch, "step": step, "seen": seen, "seconds": time.perf_counter() - started,
+                        "best_value": best_value, "best_epoch": best_epoch, "threshold": threshold, "stale": stale,
+                        "stopped": stopped, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None})
+        if stopped:
             logger.info("early stopping after epoch %d: no better val %s for %d epochs", epoch,
                         config.select_metric, stale)
             break
     seconds = time.perf_counter() - started
     return FitResult(best_epoch, best_value if best_value is not None else math.nan, threshold, seconds,
                      seen / max(seconds, 1e-9), epoch)
+
+
+def _restore(state: dict, progress: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, ema: torch.nn.Module | None) -> None:
+    """Load a saved training state into the objects fit() built, and its counters into `progress`."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    if (ema is None) != (state["ema"] is None):
+        raise TrainingError("the resume state and the recipe disagree about tricks.ema; resume with the run's own "
+                            "recipe.")
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    progress.update({k: state[k] for k in progress})
+    logger.info("resuming after epoch %d (global step %d)", progress["epoch"], progress["step"])
 
 
 def _mixed_targets(images, labels, num_classes, tricks: TricksConfig, generator: torch.Generator):

@@ -190,5 +190,27 @@ def test_attack_eps_out_of_range(phantoms_train, tmp_path):
         assert word in output, output
 
 
+def test_disk_full_keeps_what_was_written(phantoms_train, tmp_path, monkeypatch):
+    import errno
+
+    import medtricks.runs as runs
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs, "save_file", full)  # the first weights file of epoch 1 meets a full disk
+    output = _run(["finetune", "--data", str(phantoms_train), "--out", str(tmp_path / "run")], tmp_path)
+    assert "disk is full" in output and "model.safetensors" in output and "--resume" in output
+    assert (tmp_path / "run" / "recipe.yaml").is_file()  # what was written before stays
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]  # no half files left behind
+
+
+def test_resume_bad_targets(phantoms_train, tmp_path):
+    finished = _fake_run(tmp_path / "finished", ("normal", "opacity"), phantoms_train)
+    (finished / "report.json").write_text("{}")
+    assert "nothing to resume" in _run(["finetune", "--out", str(finished), "--resume"], tmp_path)
+    assert "existing run directory" in _run(["finetune", "--out", str(tmp_path / "nope"), "--resume"], tmp_path)
+
+
 def test_corpus_has_at_least_twenty_cases():
-    assert len(FILE_CASES) + len(SET_CASES) + 2 >= 20
+    assert len(FILE_CASES) + len(SET_CASES) + 4 >= 20

@@ -231,8 +231,20 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> dict:
+    def __getitem__(self, k: int | tuple[int, int]) -> dict:
+        """Sample at position `k`, or at `(position, seed)` from SeededSampler: the random transforms then draw
+        from the global torch RNG seeded with `seed`, which is restored afterwards."""
+        k, sample_seed = k if isinstance(k, tuple) else (k, None)
         index = self.indices[k]
         record = self.store.records[index]
-        image = self.transform(dequantize(self.store.load(index)))
+        image = dequantize(self.store.load(index))
+        if sample_seed is None:
+            image = self.transform(image)
+        else:
+            state = torch.get_rng_state()
+            torch.manual_seed(sample_seed)
+            try:
+                image = self.transform(image)
+            finally:
+                torch.set_rng_state(state)
         return {"image": image, "label": record["label"], "patient_id": record["patient_id"] or record["key"]}

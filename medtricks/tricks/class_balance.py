@@ -82,7 +82,11 @@ def create_balanced_sampler(labels: Sequence[int], generator: torch.Generator | 
     Returns:
         WeightedRandomSampler with num_samples = len(labels) and replacement, for DataLoader(sampler=...).
     """
+    return WeightedRandomSampler(balanced_sample_weights(labels), num_samples=len(labels), replacement=True,
+                                 generator=generator)
+
+
+def balanced_sample_weights(labels: Sequence[int]) -> torch.Tensor:
+    """Per-image sampling weights 1 / (count of its class): every class is drawn equally often in expectation."""
     counts = _counts(labels, max(labels, default=-1) + 1)
-    labels = torch.as_tensor(list(labels), dtype=torch.long)
-    weights = 1.0 / counts[labels].double()
-    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+    return 1.0 / counts[torch.as_tensor(list(labels), dtype=torch.long)].double()

@@ -1,0 +1,155 @@
+"""Resume after a kill (SIGKILL included) and determinism: the same recipe and seed give the same report.json."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from medtricks.data.sampling import SeededSampler
+from medtricks.finetune import finetune
+from medtricks.runs import RESUME_FILE, RunError, load_resume_state, save_resume_state
+
+TIMING = {"seconds", "images_per_second"}
+# Tricks that carry state across epochs (EMA, optimizer momentum, warmup/cosine step) or draw randomness (mixup):
+# the resumed run must restore or replay all of them.
+RESUME = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=4",
+          "train.batch_size=8", "train.eval_batch_size=16", "train.lr=0.1", "tricks.mixup={}", "tricks.ema={}"]
+
+
+def _without_timing(report: dict) -> dict:
+    return {**report, "train": {k: v for k, v in report["train"].items() if k not in TIMING}}
+
+
+def _rows(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(phantoms_train, tmp_path_factory):
+    return finetune("demo", data=phantoms_train, out=tmp_path_factory.mktemp("ref") / "run", overrides=RESUME)
+
+
+def test_same_seed_gives_identical_report(reference, phantoms_train, tmp_path):
+    again = finetune("demo", data=phantoms_train, out=tmp_path / "again", overrides=RESUME)
+    a, b = (json.loads((run / "report.json").read_text()) for run in (reference, again))
+    assert _without_timing(a) == _without_timing(b)
+    assert _rows(reference) == _rows(again)
+    assert (reference / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    assert not (reference / RESUME_FILE).exists()  # removed once the run is complete
+
+
+def test_worker_count_does_not_change_the_run(reference, phantoms_train, tmp_path):
+    """Order and augmentation come from (seed, epoch, position), not from the worker processes' RNG."""
+    two = finetune("demo", data=phantoms_train, out=tmp_path / "workers",
+                   overrides=[*RESUME, "data.workers=2", "train.epochs=2"])
+    zero = finetune("demo", data=phantoms_train, out=tmp_path / "inline", overrides=[*RESUME, "train.epochs=2"])
+    assert _rows(two) == _rows(zero)
+
+
+def test_resume_in_process_after_a_crash_matches(reference, phantoms_train, tmp_path, monkeypatch):
+    ft = importlib.import_module("medtricks.finetune")  # the package also exports the function finetune
+    out = tmp_path / "crashed"
+    real = ft.save_resume_state
+    calls = []
+
+    def crash_after_two_epochs(run, state):
+        real(run, state)
+        calls.append(state["epoch"])
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # as abrupt as it gets in-process: nothing after the state write runs
+
+    monkeypatch.setattr(ft, "save_resume_state", crash_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        finetune("demo", data=phantoms_train, out=out, overrides=RESUME)
+    monkeypatch.setattr(ft, "save_resume_state", real)
+    assert not (out / "report.json").exists() and load_resume_state(out)["epoch"] == 2
+    with pytest.raises(RunError, match="already exists"):
+        finetune("demo", data=phantoms_train, out=out, overrides=RESUME)  # never overwritten without --resume
+    finetune(None, out=out, resume=True)
+    a, b = (json.loads((run / "report.json").read_text()) for run in (reference, out))
+    assert _without_timing(a) == _without_timing(b)
+    assert _rows(reference) == _rows(out)
+
+
+def test_resume_refuses_other_settings_and_finished_runs(reference, tmp_path, phantoms_train):
+    with pytest.raises(RunError, match="finished"):
+        finetune(None, out=reference, resume=True)
+    with pytest.raises(RunError, match="existing run directory"):
+        finetune(None, out=tmp_path / "nothing", resume=True)
+    out = tmp_path / "partial"
+    out.mkdir()
+    (out / "recipe.yaml").write_text((reference / "recipe.yaml").read_text())
+    with pytest.raises(RunError, match="train.lr"):
+        finetune("demo", out=out, overrides=[*RESUME, "train.lr=0.5"], resume=True)
+
+
+def test_resume_before_the_first_epoch_starts_over(reference, phantoms_train, tmp_path):
+    out = tmp_path / "early"
+    out.mkdir()
+    (out / "recipe.yaml").write_text((reference / "recipe.yaml").read_text())
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "half": true}\n')  # a row whose state never got saved
+    finetune(None, data=phantoms_train, out=out, resume=True)
+    assert _rows(out) == _rows(reference)
+
+
+def test_resume_state_round_trip(tmp_path):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    state = {"epoch": 3, "best_value": None, "optimizer": opt.state_dict(), "rows": [{"a": 1.5}],
+             "ema": None, "nested": {"t": torch.arange(4.0), "xs": [torch.zeros(2, 2), "s"]}}
+    save_resume_state(tmp_path, state)
+    back = load_resume_state(tmp_path)
+    assert back["epoch"] == 3 and back["best_value"] is None and back["rows"] == [{"a": 1.5}]
+    assert list(back["optimizer"]["state"]) == [0]  # integer keys stay integers, as torch needs them
+    torch.testing.assert_close(back["optimizer"]["state"][0]["momentum_buffer"],
+                               opt.state_dict()["state"][0]["momentum_buffer"])
+    torch.testing.assert_close(back["nested"]["xs"][0], torch.zeros(2, 2))
+    fresh = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
+    fresh.load_state_dict(back["optimizer"])
+    (tmp_path / RESUME_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(RunError, match="unreadable resume state"):
+        load_resume_state(tmp_path)
+
+
+def test_seeded_sampler_is_a_function_of_seed_and_epoch():
+    sampler = SeededSampler(10, seed=4)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    assert sorted(i for i, _ in first) == list(range(10))
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    again = SeededSampler(10, seed=4)
+    again.set_epoch(1)
+    assert list(again) == first
+    weighted = SeededSampler(10, seed=4, weights=torch.tensor([1.0] + [0.0] * 9))
+    assert {i for i, _ in weighted} == {0}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_gives_the_same_report(reference, phantoms_train, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "medtricks", "finetune", "--recipe", "demo", "--data", str(phantoms_train),
+           "--out", str(out), "--quiet", *[arg for s in RESUME for arg in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.monotonic() + 600
+    while not (out / RESUME_FILE).exists() or load_resume_state(out)["epoch"] < 2:
+        assert proc.poll() is None, f"finished or failed before it could be killed: {proc.stderr.read()!r}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "report.json").exists()
+    done = subprocess.run([sys.executable, "-m", "medtricks", "finetune", "--out", str(out), "--resume", "--quiet"],
+                          capture_output=True, text=True, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr
+    a, b = (json.loads((run / "report.json").read_text()) for run in (reference, out))
+    assert _without_timing(a) == _without_timing(b)
+    assert _rows(reference) == _rows(out)
