@@ -8,7 +8,9 @@ The notebook API (each name is also a CLI command or backs one):
     >>> pixels, meta = medtricks.read_image("RG1_UNCR.dcm")             # float32 (1, H, W) in [0, 1]
 """
 
+from medtricks.ablate import ablate
 from medtricks.attacks import AttackSettings
+from medtricks.compare import compare
 from medtricks.data.check import check_data
 from medtricks.data.images import read_image
 from medtricks.data.pipeline import DataBundle, load_data
@@ -32,11 +34,13 @@ __all__ = [
     "RecipeError",
     "Source",
     "__version__",
+    "ablate",
     "apply_bn_reset",
     "attack",
     "apply_freeze",
     "assign_splits",
     "check_data",
+    "compare",
     "create_model",
     "evaluate",
     "finetune",

@@ -238,3 +238,42 @@ def plot_adversarial_examples(examples: list, classes, path: str | Path, eps: fl
             axes[row, col].axis("off")
     fig.suptitle(f"eps = {eps * 255:.2g}/255", fontsize=10)
     return _save(fig, path)
+
+
+def plot_forest(effects: dict[str, Sequence[dict]], path: str | Path, title: str | None = None) -> Path:
+    """Forest plot: one panel per metric, one row per variant with its effect and 95% interval, a line at 0.
+
+    Args:
+        effects: {panel title (e.g. "Δ val AUROC"): rows {"label", "difference", "ci95": [lo, hi] (None, None when
+            undefined), "verdict" (optional: "helps" green, "hurts" red, else grey)}}, rows drawn top to bottom.
+        path: the PNG to write.
+        title: figure title.
+
+    Returns:
+        path. A row without an interval is drawn as a hollow marker.
+    """
+    colours = {"helps": "tab:green", "hurts": "tab:red"}
+    panels = list(effects.items()) or [("no effects", [])]
+    n_rows = max((len(rows) for _, rows in panels), default=0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 1.2 + 0.45 * max(n_rows, 1)),
+                             squeeze=False, sharey=True)
+    for ax, (name, rows) in zip(axes[0], panels, strict=True):
+        for y, row in enumerate(rows):
+            colour = colours.get(row.get("verdict"), "grey")
+            lo, hi = row["ci95"]
+            if lo is not None and hi is not None:
+                ax.plot([lo, hi], [y, y], color=colour, linewidth=2)
+                ax.plot([row["difference"]], [y], "o", color=colour)
+            else:
+                ax.plot([row["difference"]], [y], "o", markerfacecolor="none", color=colour)
+        ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
+        ax.set_yticks(range(len(rows)), [str(row["label"]) for row in rows])
+        ax.set_ylim(len(rows) - 0.5 if rows else 0.5, -0.5)
+        ax.set_xlabel(name)
+        ax.grid(axis="x", alpha=0.3)
+    if not any(rows for _, rows in panels):
+        axes[0, 0].text(0.5, 0.5, "nothing to compare", ha="center", va="center", transform=axes[0, 0].transAxes,
+                        color="grey")
+    fig.suptitle(title or "Effect vs reference (95% interval)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -7,7 +7,7 @@ from medtricks.cli import app
 
 COMMANDS = [["finetune"], ["evaluate"], ["predict"], ["attack"], ["data", "check"], ["data", "synth"],
             ["recipes", "list"], ["recipes", "show"], ["weights", "list"], ["weights", "verify"], ["weights", "path"],
-            ["weights", "fetch"]]
+            ["weights", "fetch"], ["ablate"], ["compare"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from medtricks.metrics import compute_metrics
-from medtricks.plots import plot_confusion, plot_reliability, plot_roc, plot_training_curves
+from medtricks.plots import plot_confusion, plot_forest, plot_reliability, plot_roc, plot_training_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = {2: ["normal", "pneumonia"], 3: ["normal", "bacterial", "viral"]}
@@ -76,3 +76,13 @@ def test_plot_training_curves_with_and_without_validation(tmp_path):
     for name, rows in {"full": full, "bare": bare, "empty": []}.items():
         path = tmp_path / f"{name}.png"
         assert_png(path, plot_training_curves(rows, path))
+
+
+def test_plot_forest_with_and_without_intervals(tmp_path):
+    rows = [{"label": "without-warmup", "difference": -0.02, "ci95": [-0.04, -0.001], "verdict": "hurts"},
+            {"label": "without-mixup", "difference": 0.01, "ci95": [-0.01, 0.03], "verdict": "no detectable effect"},
+            {"label": "one seed", "difference": 0.005, "ci95": [None, None]}]
+    effects = {"Δ val AUROC": rows, "Δ val bal. acc.": rows[:2] + [{**rows[2], "verdict": "helps"}]}
+    for name, panels in {"two": effects, "empty": {}}.items():
+        path = tmp_path / f"{name}.png"
+        assert_png(path, plot_forest(panels, path, title="demo"))

@@ -1,0 +1,299 @@
+"""Multi-seed ablations of the bag of tricks, reported with paired statistics (`medtricks ablate`).
+
+Design:
+- A grid of runs, variants x seeds. The reference and every variant train with the same seeds 0..N-1, and the
+  patient-level split is seeded by the run seed, so seed k of every variant trains and validates on the same
+  patients: each seed gives one paired difference (variant - reference), and the effect is their mean with a 95% t
+  interval and a verdict (medtricks.stats.paired_difference). Effects under 1% need several seeds to be believed;
+  with one seed there is no interval and the verdict is always "no detectable effect".
+- Modes (the `--set` overrides apply to the reference and to every variant alike):
+  `leave-one-out`: reference = the recipe; "without-X" = the recipe with tricks.X off (default: every trick the
+  recipe enables). `add-one`: reference = the recipe with the listed tricks off; "with-X" = reference + X (the
+  recipe's own settings of X, else X's defaults). `each`: reference = the recipe with every trick off; "only-X" =
+  that plus X alone.
+- Metrics of the validation split (the test split stays untouched for the final model): AUROC and balanced accuracy
+  from each run's report.json; with `attack=True` also robust accuracy under the recipe's `attack:` settings at
+  their largest eps (`--set attack.eps=[0.0078]` chooses it), saved beside the run as robust.json.
+- Resuming: OUT/runs/<variant>/seed-<k>/ is an ordinary run directory. Calling again with the same OUT reuses every
+  finished run (report.json present) once its recipe.yaml is checked to be the recipe that would run now (else an
+  error: use another OUT). An unfinished run (killed during training) is continued with finetune's `resume` where
+  that exists, else moved aside to `<dir>.incomplete-<n>` and trained again. Nothing is deleted or overwritten.
+- Outputs: OUT/ablation.json (settings, equivalent command, per-seed values, statistics), OUT/ablation.md (the
+  table) and OUT/forest.png (effect and interval per variant).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import shlex
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+import medtricks
+from medtricks import plots
+from medtricks.errors import MedtricksError
+from medtricks.finetune import finetune, load_recipe_from_dict
+from medtricks.recipe import Recipe, build_dataclass, load_recipe
+from medtricks.runs import RECIPE_FILE, REPORT_FILE, RunError, save_recipe, write_json, write_text
+from medtricks.stats import paired_difference
+from medtricks.tricks import TRICKS
+
+logger = logging.getLogger(__name__)
+MODES = {"leave-one-out": "without", "add-one": "with", "each": "only"}  # mode -> prefix of the variant names
+REFERENCE = "reference"
+METRICS = {"auroc": "AUROC", "balanced_accuracy": "bal. acc.", "robust_accuracy": "robust acc."}
+ROBUST_FILE = "robust.json"
+ATTACK_KEYS = ("attack", "norm", "eps", "steps", "restarts", "targeted")  # robust.json keys that describe the attack
+
+
+class AblationError(MedtricksError):
+    """Bad ablation settings, or an output folder made by a different ablation."""
+
+
+def variants(recipe: Recipe, tricks: Sequence[str] | None = None, mode: str = "leave-one-out") -> dict[str, Recipe]:
+    """The reference and one variant per trick as recipes (seeds not yet set), reference first.
+
+    Args:
+        recipe: the resolved recipe (overrides applied).
+        tricks: trick names (medtricks.tricks.TRICKS); None = the tricks the recipe enables.
+        mode: leave-one-out, add-one or each (see the module docstring).
+    """
+    if mode not in MODES:
+        raise AblationError(f"--mode {mode!r}: choose one of {', '.join(MODES)}.")
+    enabled = recipe.tricks.enabled()
+    names = list(dict.fromkeys(tricks)) if tricks is not None else enabled
+    unknown = [name for name in names if name not in TRICKS]
+    if unknown:
+        raise AblationError(f"--tricks: unknown trick {', '.join(map(repr, unknown))}; valid names: "
+                            f"{', '.join(TRICKS)}.")
+    if not names:
+        raise AblationError(f"recipe {recipe.name!r} enables no tricks and --tricks names none: nothing to ablate. "
+                            f"Name some with --tricks (valid: {', '.join(TRICKS)}).")
+    if mode == "leave-one-out" and (off := [name for name in names if name not in enabled]):
+        raise AblationError(f"--mode leave-one-out: recipe {recipe.name!r} does not enable {', '.join(off)} (it "
+                            f"enables {', '.join(enabled) or 'no tricks'}); use --mode add-one to measure adding it.")
+    raw = recipe.to_dict()
+    own = raw["tricks"]
+    turned_off = {"leave-one-out": [], "add-one": names, "each": list(TRICKS)}[mode]
+    reference = {**own, **dict.fromkeys(turned_off)}
+    grid = {REFERENCE: reference}
+    for name in names:
+        change = None if mode == "leave-one-out" else own[name] if own[name] is not None else {}
+        grid[f"{MODES[mode]}-{name}"] = {**reference, name: change}
+    return {variant: build_dataclass(Recipe, {**raw, "tricks": tricks_}) for variant, tricks_ in grid.items()}
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys where two plain-data recipes differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in dict.fromkeys([*a, *b])
+                for k in _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
+    return [] if a == b else [prefix or "(top level)"]
+
+
+def _check_same_recipe(run: Path, recipe: Recipe) -> bool:
+    """True when `run` has a recipe.yaml, after checking it is `recipe`'s (else AblationError naming the keys)."""
+    if not (run / RECIPE_FILE).is_file():
+        return False
+    saved = yaml.safe_load((run / RECIPE_FILE).read_text())
+    keys = _differences(saved, recipe.to_dict())
+    if keys:
+        more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+        raise AblationError(f"{run}: made with a different recipe (it differs at {', '.join(keys[:4])}{more}), so it "
+                            f"cannot be reused in this ablation. Use another --out, or repeat the original "
+                            f"--recipe, --data and --set options.")
+    return True
+
+
+def _set_aside(run: Path) -> Path:
+    n = 1
+    while (aside := run.with_name(f"{run.name}.incomplete-{n}")).exists():
+        n += 1
+    run.rename(aside)
+    logger.warning("%s was not finished and cannot be resumed: moved aside to %s; training it again", run, aside)
+    return aside
+
+
+def _train(recipe: Recipe, run: Path, on_epoch: Callable[[dict], None]) -> str:
+    """Train the run, continuing or setting aside an unfinished directory; return "trained" or "resumed"."""
+    if run.exists() and _check_same_recipe(run, recipe) and "resume" in inspect.signature(finetune).parameters:
+        try:
+            finetune(recipe, out=run, on_epoch=on_epoch, resume=True)
+            return "resumed"
+        except RunError as exc:  # finetune refuses to resume it: keep it aside and train afresh
+            logger.warning("%s cannot be resumed (%s)", run, exc)
+    if run.exists():
+        _set_aside(run)
+    finetune(recipe, out=run, on_epoch=on_epoch)
+    return "trained"
+
+
+def _robust_accuracy(run: Path, recipe: Recipe) -> dict:
+    """Robust accuracy on the validation split under the recipe's attack at its largest eps (cached: robust.json)."""
+    import dataclasses
+
+    from torch.utils.data import DataLoader
+
+    from medtricks.data.pipeline import load_eval_data
+    from medtricks.robustness import decision_model, run_attack
+    from medtricks.runs import load_run_model
+
+    if (run / ROBUST_FILE).is_file():
+        return json.loads((run / ROBUST_FILE).read_text())
+    settings = dataclasses.replace(recipe.attack, eps=(max(recipe.attack.eps),))
+    model, info = load_run_model(run)
+    classes = tuple(info["classes"])
+    dataset, _ = load_eval_data(recipe.data, info["data"]["source"], "val", recipe.seed, classes)
+    loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False, num_workers=0)
+    report = run_attack(decision_model(model, info), loader, settings, classes)
+    result = {"split": "val", "attack": settings.method, "norm": settings.norm, "eps": settings.eps[0],
+              "steps": report["steps"], "restarts": report["restarts"], "targeted": settings.targeted,
+              "n": report["n"], "clean_accuracy": report["clean"]["accuracy"],
+              "accuracy": report["results"][0]["accuracy"]}
+    write_json(run / ROBUST_FILE, result)
+    return result
+
+
+def _summary(values: list) -> dict:
+    present = [v for v in values if v is not None]
+    return {"mean": float(np.mean(present)) if present else None,
+            "sd": float(np.std(present, ddof=1)) if len(present) >= 2 else None, "n": len(present)}
+
+
+def _versus(values: list, reference: list) -> dict:
+    pairs = [(v, r) for v, r in zip(values, reference, strict=True) if v is not None and r is not None]
+    stats = paired_difference([v for v, _ in pairs], [r for _, r in pairs])
+    return {**stats, "per_seed": [None if v is None or r is None else v - r
+                                  for v, r in zip(values, reference, strict=True)]}
+
+
+def _command(recipe, data, out, seeds, names, mode, attack, overrides) -> str:
+    args = ["medtricks", "ablate", "--recipe", str(recipe), *(["--data", str(data)] if data is not None else []),
+            "--out", str(out), "--seeds", str(seeds), "--tricks", ",".join(names), "--mode", mode,
+            *(["--attack"] if attack else []), *[x for kv in overrides for x in ("--set", kv)]]
+    return shlex.join(args)
+
+
+def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str | Path | None = None,
+           seeds: int = 3, tricks: Sequence[str] | None = None, mode: str = "leave-one-out", attack: bool = False,
+           overrides: Sequence[str] = (), on_run: Callable[[dict], None] | None = None) -> dict:
+    """Train the reference and one variant per trick over seeds 0..seeds-1, compare them pairwise, write the report.
+
+    Args:
+        recipe: a Recipe, a bundled recipe name or a YAML path.
+        data: data source for every run (overrides data.source; recorded in each run's recipe).
+        out: output folder, default runs/ablate-<recipe>-<timestamp>; an existing one is reused (resumed).
+        seeds: number of seeds (>= 2 for an interval; with 1 the verdict is always "no detectable effect").
+        tricks: trick names; None = the tricks the recipe enables.
+        mode: leave-one-out, add-one or each.
+        attack: also measure robust accuracy (the recipe's attack at its largest eps, validation split).
+        overrides: `key=value` strings as for `--set`, applied to the reference and every variant.
+        on_run: called with {"variant", "seed", "run", "done", "total", "status"}; status is training, resuming,
+            epoch (with "row", a metrics.jsonl line), attacking, trained, resumed or reused (the last three with
+            "values", the run's metrics).
+
+    Returns:
+        The content of OUT/ablation.json, plus "files" (where the three outputs are).
+
+    Example:
+        >>> result = ablate("demo", seeds=3, tricks=["warmup", "label_smoothing"], out="runs/ablate-demo")
+    """
+    base = load_recipe_from_dict(recipe.to_dict(), overrides) if isinstance(recipe, Recipe) else \
+        load_recipe(recipe, overrides)
+    if seeds < 1:
+        raise AblationError(f"--seeds {seeds}: must be >= 1 (>= 2 for an interval; 3-5 are usual).")
+    if data is not None:
+        base = load_recipe_from_dict(base.to_dict(), [f"data.source={json.dumps(str(Path(data).resolve()))}"])
+    grid = variants(base, tricks, mode)
+    names = [name.split("-", 1)[1] for name in list(grid)[1:]]
+    out = Path(out) if out is not None else Path("runs") / f"ablate-{base.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    plan = [(variant, seed, load_recipe_from_dict(grid[variant].to_dict(), seed=seed),
+             out / "runs" / variant / f"seed-{seed}") for seed in range(seeds) for variant in grid]
+    for _, _, run_recipe, run in plan:  # before any training: a foreign run in OUT must stop us at once
+        _check_same_recipe(run, run_recipe)
+    given = recipe
+    if isinstance(recipe, Recipe):  # saved, so that the recorded command can be run again
+        given = out / "recipe.yaml"
+        save_recipe(out, recipe.to_dict())
+    values = {variant: {m: [None] * seeds for m in METRICS if attack or m != "robust_accuracy"} for variant in grid}
+    robust, done, notify = {}, 0, on_run or (lambda _: None)
+    for variant, seed, run_recipe, run in plan:
+        event = {"variant": variant, "seed": seed, "run": str(run), "done": done, "total": len(plan)}
+        if (run / REPORT_FILE).is_file():
+            status = "reused"
+        else:
+            notify({**event, "status": "resuming" if run.exists() else "training"})
+            status = _train(run_recipe, run, lambda row, e=event: notify({**e, "status": "epoch", "row": row}))
+        val = json.loads((run / REPORT_FILE).read_text())["splits"].get("val")
+        if val is None:
+            raise AblationError(f"{run}: the run has no validation split; an ablation compares validation metrics. "
+                                f"Give the data a val split (data.split.val > 0).")
+        values[variant]["auroc"][seed] = val["auroc"]
+        values[variant]["balanced_accuracy"][seed] = val["balanced_accuracy"]
+        if attack:
+            notify({**event, "status": "attacking"})
+            robust = _robust_accuracy(run, run_recipe)
+            values[variant]["robust_accuracy"][seed] = robust["accuracy"]
+        done += 1
+        notify({**event, "done": done, "status": status,
+                "values": {m: v[seed] for m, v in values[variant].items()}})
+    result = {
+        "recipe": base.name, "data": str(data) if data is not None else base.data.source, "mode": mode,
+        "tricks": names, "seeds": list(range(seeds)), "split": "val", "overrides": list(overrides),
+        "command": _command(given, data, out, seeds, names, mode, attack, overrides),
+        "attack": {k: robust[k] for k in ATTACK_KEYS if k in robust} or None,
+        "medtricks_version": medtricks.__version__,
+        "variants": {variant: {
+            "runs": [str(run) for v, _, _, run in plan if v == variant],
+            "tricks": grid[variant].tricks.enabled(),
+            "values": values[variant],
+            "summary": {m: _summary(v) for m, v in values[variant].items()},
+            "vs_reference": None if variant == REFERENCE else {
+                m: _versus(v, values[REFERENCE][m]) for m, v in values[variant].items()},
+        } for variant in grid},
+    }
+    write_json(out / "ablation.json", result)
+    write_text(out / "ablation.md", markdown_table(result))
+    effects = {f"Δ val {label}": [{"label": variant, **entry["vs_reference"][m]}
+                                  for variant, entry in result["variants"].items() if variant != REFERENCE]
+               for m, label in METRICS.items() if m in values[REFERENCE]}
+    plots.plot_forest(effects, out / "forest.png", title=f"{base.name}: {mode}, {seeds} seed(s), paired vs reference")
+    return {**result, "files": {name: str(out / name) for name in ("ablation.json", "ablation.md", "forest.png")}}
+
+
+def markdown_table(result: dict) -> str:
+    """The ablation as a Markdown table: mean ± sd per variant and the paired difference to the reference."""
+    metrics = list(result["variants"][REFERENCE]["values"])
+    head = ["variant", *[h for m in metrics for h in (f"{METRICS[m]} mean ± sd", f"Δ {METRICS[m]} [95% CI]",
+                                                         "verdict")]]
+    lines = [f"# Ablation of {result['recipe']} ({result['mode']})", "",
+             f"Validation split; seeds {', '.join(map(str, result['seeds']))}; Δ = variant - reference, mean of the "
+             f"per-seed paired differences with a 95% t interval.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, entry in result["variants"].items():
+        cells = [variant]
+        for m in metrics:
+            cells.append(" ± ".join("n/a" if x is None else f"{x:.4f}" for x in (entry["summary"][m]["mean"],
+                                                                                 entry["summary"][m]["sd"])))
+            if entry["vs_reference"] is None:
+                cells += ["—", "—"]
+                continue
+            d = entry["vs_reference"][m]
+            lo, hi = d["ci95"]
+            interval = "" if lo is None else f" [{lo:+.4f}, {hi:+.4f}]"
+            cells += [f"{d['difference']:+.4f}{interval}", d["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(result["seeds"]) < 2:
+        lines += ["", "One seed: no interval, so every verdict is \"no detectable effect\". Use --seeds 3 or more."]
+    if result.get("attack"):
+        a = result["attack"]
+        lines += ["", f"Robust accuracy: {a['attack']} {a['norm']}, eps {a['eps']:.4g} ({a['eps'] * 255:.2g}/255), "
+                      f"{a['steps']} steps, validation split."]
+    lines += ["", f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)

@@ -1,0 +1,280 @@
+"""medtricks ablate: the variants of each mode, the three outputs and their consistency with the runs, resuming
+(finished runs reused, unfinished ones continued or set aside, foreign ones refused) and bad input."""
+
+import importlib
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medtricks.ablate import AblationError, ablate, variants
+from medtricks.cli import app
+from medtricks.recipe import load_recipe
+from medtricks.stats import paired_difference
+from medtricks.tricks import TRICKS
+
+ablate_module = importlib.import_module("medtricks.ablate")  # the module: `medtricks.ablate` is the function
+runner = CliRunner()
+TINY = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=1",
+        "train.limit_train_batches=2", "train.batch_size=8", "train.eval_batch_size=16", "train.lr=0.1",
+        "attack.eps=[0.0078]", "attack.steps=2"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def grid(phantoms_train, tmp_path_factory):
+    """Leave-one-out of warmup over seeds 0 and 1: four tiny runs, and the events they reported."""
+    out = tmp_path_factory.mktemp("ablate") / "abl"
+    events = []
+    result = ablate("demo", data=phantoms_train, out=out, seeds=2, tricks=["warmup"], overrides=TINY,
+                    on_run=events.append)
+    return out, result, events
+
+
+@pytest.fixture
+def grid_copy(grid, tmp_path):
+    """A copy of the grid's output folder that a test may change."""
+    out = tmp_path / "abl"
+    shutil.copytree(grid[0], out)
+    return out
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError("finetune was called: a finished run was trained again")
+
+
+def mtimes(out):
+    return {p: p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/seed-*/model.safetensors"))}
+
+
+def test_variants_of_each_mode():
+    demo = load_recipe("demo")
+    enabled = demo.tricks.enabled()
+    loo = variants(demo)
+    assert list(loo) == ["reference", *[f"without-{t}" for t in enabled]]
+    assert loo["reference"] == demo
+    assert loo["without-warmup"].tricks.enabled() == [t for t in enabled if t != "warmup"]
+    add = variants(demo, ["warmup", "mixup"], mode="add-one")
+    assert list(add) == ["reference", "with-warmup", "with-mixup"]
+    assert add["reference"].tricks.enabled() == [t for t in enabled if t != "warmup"]
+    assert add["with-warmup"].tricks == demo.tricks  # the recipe's own warmup (1 epoch), not the default 5
+    assert add["with-mixup"].tricks.mixup == TRICKS["mixup"]()  # not in the recipe: its defaults
+    each = variants(demo, ["warmup", "mixup"], mode="each")
+    assert each["reference"].tricks.enabled() == []
+    assert each["only-warmup"].tricks.enabled() == ["warmup"] and each["only-warmup"].tricks.warmup.epochs == 1
+    assert each["only-mixup"].tricks.enabled() == ["mixup"]
+    for recipes in (loo, add, each):  # everything but the tricks is the recipe's
+        assert all(r.train == demo.train and r.data == demo.data and r.seed == demo.seed for r in recipes.values())
+
+
+def test_bad_tricks_mode_and_seeds():
+    demo = load_recipe("demo")
+    with pytest.raises(AblationError, match=r"unknown trick 'warmpu'.*valid names: linear_scaling, warmup"):
+        variants(demo, ["warmpu"])
+    with pytest.raises(AblationError, match=r"does not enable mixup.*add-one"):
+        variants(demo, ["warmup", "mixup"])
+    with pytest.raises(AblationError, match="leave-one-out, add-one, each"):
+        variants(demo, mode="drop-one")
+    with pytest.raises(AblationError, match="enables no tricks"):
+        variants(variants(demo, mode="each")["reference"])
+    with pytest.raises(AblationError, match="--seeds 0"):
+        ablate("demo", seeds=0, out="never-written")
+    result = runner.invoke(app, ["ablate", "--recipe", "demo", "--tricks", "warmup,nope", "--out", "never-written"])
+    assert result.exit_code == 2 and "unknown trick 'nope'" in result.output and "class_balance" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_outputs_agree_with_the_runs(grid):
+    out, result, events = grid
+    files = {name: out / name for name in ("ablation.json", "ablation.md", "forest.png")}
+    assert result["files"] == {name: str(path) for name, path in files.items()}
+    saved = json.loads(files["ablation.json"].read_text())
+    assert saved == {k: v for k, v in result.items() if k != "files"}
+    assert saved["mode"] == "leave-one-out" and saved["seeds"] == [0, 1] and saved["tricks"] == ["warmup"]
+    assert saved["overrides"] == TINY and "--tricks warmup" in saved["command"] and saved["attack"] is None
+    assert files["forest.png"].read_bytes()[:8] == PNG_MAGIC
+    assert [(e["variant"], e["seed"]) for e in events if e["status"] == "trained"] == [
+        ("reference", 0), ("without-warmup", 0), ("reference", 1), ("without-warmup", 1)]
+    reference = saved["variants"]["reference"]
+    for variant, entry in saved["variants"].items():
+        for seed, run in enumerate(entry["runs"]):
+            assert run == str(out / "runs" / variant / f"seed-{seed}")
+            report = json.loads((out / "runs" / variant / f"seed-{seed}" / "report.json").read_text())
+            assert report["seed"] == seed
+            for metric in ("auroc", "balanced_accuracy"):
+                assert entry["values"][metric][seed] == report["splits"]["val"][metric]
+        for metric, values in entry["values"].items():
+            assert entry["summary"][metric]["mean"] == pytest.approx(np.mean(values))
+            assert entry["summary"][metric]["sd"] == pytest.approx(np.std(values, ddof=1))
+    versus = saved["variants"]["without-warmup"]["vs_reference"]
+    for metric in ("auroc", "balanced_accuracy"):
+        mine, ref = saved["variants"]["without-warmup"]["values"][metric], reference["values"][metric]
+        assert versus[metric]["per_seed"] == pytest.approx([a - b for a, b in zip(mine, ref, strict=True)])
+        assert {k: versus[metric][k] for k in ("difference", "ci95", "n", "verdict")} == paired_difference(mine, ref)
+    table = files["ablation.md"].read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| without-warmup |"))
+    assert f"{saved['variants']['without-warmup']['summary']['auroc']['mean']:.4f}" in row
+    assert versus["auroc"]["verdict"] in row and "| variant | AUROC mean ± sd | Δ AUROC [95% CI] | verdict |" in table
+
+
+def test_rerun_reuses_finished_runs_and_adds_robust_accuracy(grid, grid_copy, phantoms_train, monkeypatch):
+    before = mtimes(grid_copy)
+    assert len(before) == 4
+    monkeypatch.setattr(ablate_module, "finetune", no_training)
+    events = []
+    result = ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY,
+                    attack=True, on_run=events.append)
+    assert {e["status"] for e in events} == {"reused", "attacking"}
+    assert mtimes(grid_copy) == before
+    assert result["variants"]["reference"]["values"]["auroc"] == grid[1]["variants"]["reference"]["values"]["auroc"]
+    assert result["attack"]["eps"] == 0.0078 and result["attack"]["steps"] == 2
+    for variant, entry in result["variants"].items():
+        for seed in (0, 1):
+            robust = json.loads((grid_copy / "runs" / variant / f"seed-{seed}" / "robust.json").read_text())
+            assert robust["split"] == "val" and 0 <= robust["accuracy"] <= robust["clean_accuracy"]
+            assert entry["values"]["robust_accuracy"][seed] == robust["accuracy"]
+    assert "robust acc." in (grid_copy / "ablation.md").read_text()
+    robust_files = {p: p.stat().st_mtime_ns for p in grid_copy.glob("runs/*/seed-*/robust.json")}
+    again = ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY,
+                   attack=True)
+    assert {p: p.stat().st_mtime_ns for p in grid_copy.glob("runs/*/seed-*/robust.json")} == robust_files
+    assert again["variants"] == result["variants"]
+
+
+def test_one_seed_has_no_interval(grid_copy, phantoms_train, monkeypatch):
+    monkeypatch.setattr(ablate_module, "finetune", no_training)  # seed 0 exists already
+    result = ablate("demo", data=phantoms_train, out=grid_copy, seeds=1, tricks=["warmup"], overrides=TINY)
+    versus = result["variants"]["without-warmup"]["vs_reference"]["auroc"]
+    assert versus["ci95"] == [None, None] and versus["verdict"] == "no detectable effect"
+    assert result["variants"]["reference"]["summary"]["auroc"]["sd"] is None
+    assert "One seed: no interval" in (grid_copy / "ablation.md").read_text()
+
+
+def test_recipe_mismatch_is_refused_before_any_training(grid, phantoms_train, monkeypatch):
+    monkeypatch.setattr(ablate_module, "finetune", no_training)
+    with pytest.raises(AblationError, match=r"made with a different recipe \(it differs at train\.lr\).*another"):
+        ablate("demo", data=phantoms_train, out=grid[0], seeds=2, tricks=["warmup"], overrides=[*TINY, "train.lr=0.2"])
+    result = runner.invoke(app, ["ablate", "--recipe", "demo", "--out", str(grid[0]), "--seeds", "1",
+                                 "--tricks", "warmup", "--data", str(phantoms_train)])
+    assert result.exit_code == 2 and "different recipe" in result.output
+
+
+def _unfinish(run, tmp_path):
+    """Make `run` look killed during training; return what it held."""
+    report = run / "report.json"
+    kept = tmp_path / "report.json"
+    shutil.move(report, kept)
+    (run / "killed-here.txt").write_text("marker")
+    return kept
+
+
+def test_unfinished_run_is_continued_or_set_aside(grid_copy, phantoms_train, tmp_path):
+    run = grid_copy / "runs" / "reference" / "seed-1"
+    _unfinish(run, tmp_path)
+    weights = (run / "model.safetensors").read_bytes()
+    others = {p: t for p, t in mtimes(grid_copy).items() if p.parent != run}
+    events = []
+    ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY,
+           on_run=events.append)
+    assert [(e["variant"], e["seed"], e["status"]) for e in events if e["status"] in ("trained", "resumed")] == [
+        ("reference", 1, "resumed" if "resume" in inspect.signature(ablate_module.finetune).parameters
+         else "trained")]
+    assert (run / "report.json").is_file()
+    assert {p: t for p, t in mtimes(grid_copy).items() if p.parent != run} == others
+    aside = run.with_name("seed-1.incomplete-1")
+    if aside.exists():  # set aside, never deleted
+        assert (aside / "killed-here.txt").read_text() == "marker"
+        assert (aside / "model.safetensors").read_bytes() == weights
+    else:  # continued in place
+        assert (run / "killed-here.txt").is_file()
+
+
+def test_resume_is_used_when_finetune_offers_it(grid_copy, phantoms_train, tmp_path, monkeypatch):
+    run = grid_copy / "runs" / "without-warmup" / "seed-0"
+    kept = _unfinish(run, tmp_path)
+    calls = []
+
+    def finetune_with_resume(recipe, data=None, out=None, overrides=(), seed=None, on_epoch=None, resume=False):
+        calls.append((out, resume, recipe.seed, recipe.tricks.warmup))
+        shutil.copy(kept, out / "report.json")
+        return out
+
+    monkeypatch.setattr(ablate_module, "finetune", finetune_with_resume)
+    ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY)
+    assert calls == [(run, True, 0, None)]
+    assert not run.with_name("seed-0.incomplete-1").exists() and (run / "killed-here.txt").is_file()
+
+
+def test_without_resume_the_run_is_set_aside_never_overwritten(grid_copy, phantoms_train, tmp_path, monkeypatch):
+    run = grid_copy / "runs" / "without-warmup" / "seed-0"
+    kept = _unfinish(run, tmp_path)
+    (run.with_name("seed-0.incomplete-1")).mkdir()  # an earlier one: the next number is taken
+    finished = tmp_path / "finished"
+    shutil.copytree(run, finished)
+    shutil.copy(kept, finished / "report.json")
+
+    def finetune_without_resume(recipe, data=None, out=None, overrides=(), seed=None, on_epoch=None):
+        assert not out.exists(), "finetune must get a fresh directory"
+        shutil.copytree(finished, out)
+        return out
+
+    monkeypatch.setattr(ablate_module, "finetune", finetune_without_resume)
+    ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY)
+    aside = run.with_name("seed-0.incomplete-2")
+    assert (aside / "killed-here.txt").is_file() and not (aside / "report.json").exists()
+    assert (run / "report.json").is_file()
+
+
+def test_cli_ablate_reuses_and_prints_the_table(grid, phantoms_train, monkeypatch):
+    monkeypatch.setattr(ablate_module, "finetune", no_training)
+    sets = [x for kv in TINY for x in ("--set", kv)]
+    result = runner.invoke(app, ["ablate", "--recipe", "demo", "--data", str(phantoms_train), "--out", str(grid[0]),
+                                 "--seeds", "2", "--tricks", "warmup", *sets])
+    assert result.exit_code == 0, result.output
+    assert "| without-warmup |" in result.output and "Δ AUROC [95% CI]" in result.output
+    assert result.output.count(": reused") == 4
+    quiet = runner.invoke(app, ["ablate", "--recipe", "demo", "--data", str(phantoms_train), "--out", str(grid[0]),
+                                "--seeds", "2", "--tricks", "warmup", "--quiet", *sets])
+    assert quiet.exit_code == 0 and quiet.output.strip() == str(grid[0])
+
+
+@pytest.mark.slow
+def test_issue_command_survives_sigkill_and_reuses_finished_runs(tmp_path):
+    """The issue's must-show: `medtricks ablate --recipe demo --seeds 3 --tricks warmup,label_smoothing` runs offline
+    (tiny settings), is killed with SIGKILL after the first runs finished, and the same command reuses them."""
+    command = [sys.executable, "-m", "medtricks", "ablate", "--recipe", "demo", "--seeds", "3", "--tricks",
+               "warmup,label_smoothing", "--out", "abl", "--set", "train.epochs=1", "--set", "data.image_size=32",
+               "--set", "train.limit_train_batches=2", "--set", "data.workers=0"]
+    out = tmp_path / "abl"
+    first = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    try:
+        while len(list(out.glob("runs/*/seed-*/report.json"))) < 2:
+            assert first.poll() is None, "the ablation ended before it could be killed"
+            assert time.monotonic() < deadline, "no run finished in 15 minutes"
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finished = mtimes(out)
+    finished = {p: t for p, t in finished.items() if (p.parent / "report.json").is_file()}
+    assert 2 <= len(finished) < 9
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert second.returncode == 0, second.stderr
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert second.stdout.count(": reused") + second.stderr.count(": reused") >= len(finished)
+    for name in ("ablation.json", "ablation.md", "forest.png"):
+        assert (out / name).is_file()
+    result = json.loads((out / "ablation.json").read_text())
+    assert list(result["variants"]) == ["reference", "without-warmup", "without-label_smoothing"]
+    assert all(None not in entry["values"]["balanced_accuracy"] for entry in result["variants"].values())
+    assert len(list(out.glob("runs/*/seed-*/report.json"))) == 9

@@ -1,0 +1,136 @@
+"""medtricks compare: two runs on the same images, tested with medtricks.stats exactly as the runs decide."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
+from typer.testing import CliRunner
+
+from medtricks.cli import app
+from medtricks.compare import _auroc, compare, compare_predictions
+from medtricks.data.pipeline import load_eval_data
+from medtricks.errors import MedtricksError
+from medtricks.finetune import finetune, load_recipe_from_dict
+from medtricks.runs import load_run_model, read_run
+from medtricks.stats import delong_test, mcnemar_test, paired_bootstrap
+from medtricks.train import predict_loader
+
+runner = CliRunner()
+TINY = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=1",
+        "train.limit_train_batches=2", "train.batch_size=8", "train.eval_batch_size=16", "train.lr=0.1"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(phantoms_train, tmp_path_factory):
+    """The demo recipe with and without warmup, same seed (so the same split)."""
+    root = tmp_path_factory.mktemp("compare")
+    a = finetune("demo", data=phantoms_train, out=root / "a", overrides=TINY)
+    b = finetune("demo", data=phantoms_train, out=root / "b", overrides=[*TINY, "tricks.warmup=null"])
+    return a, b
+
+
+def sk_auroc(labels, probs):
+    """sklearn's AUROC (macro one-vs-rest for 2-D probs); ValueError without every class, so the bootstrap skips the
+    replicate (this sklearn returns NaN with a warning instead)."""
+    if len(np.unique(labels)) < (probs.shape[1] if probs.ndim == 2 else 2):
+        raise ValueError("a class is absent")
+    return roc_auc_score(labels, probs, multi_class="ovr", average="macro") if probs.ndim == 2 else \
+        roc_auc_score(labels, probs)
+
+
+def predictions(run, split="val"):
+    """(labels, probs, patient ids, threshold) of a run on its own split, computed here without medtricks.compare."""
+    model, info = load_run_model(run)
+    recipe = load_recipe_from_dict(read_run(run)[1])
+    dataset, _ = load_eval_data(recipe.data, info["data"]["source"], split, recipe.seed, tuple(info["classes"]))
+    output = predict_loader(model, DataLoader(dataset, batch_size=16), "cpu")
+    return output.labels, output.probs, output.patient_ids, info["threshold"]
+
+
+def test_compare_equals_the_stats_on_the_predictions(two_runs):
+    a, b = two_runs
+    result = compare(a, b)
+    labels, probs_a, patients, threshold_a = predictions(a)
+    labels_b, probs_b, _, threshold_b = predictions(b)
+    assert np.array_equal(labels, labels_b) and result["n"] == len(labels)
+    assert result["auroc"]["delong"] == delong_test(labels, probs_a[:, 1], probs_b[:, 1])
+    assert result["auroc"]["delong"]["difference"] != 0  # two different models
+    correct_a = (probs_a[:, 1] >= threshold_a) == labels
+    correct_b = (probs_b[:, 1] >= threshold_b) == labels
+    assert result["accuracy"]["mcnemar"] == mcnemar_test(correct_a, correct_b)
+    assert result["auroc"]["bootstrap"]["difference"] == pytest.approx(sk_auroc(labels, probs_a[:, 1])
+                                                                       - sk_auroc(labels, probs_b[:, 1]))
+    # resampling the patients (sklearn's AUROC against the fast one: test_compare_predictions_multiclass...)
+    assert result["auroc"]["bootstrap"] == paired_bootstrap(labels, probs_a, probs_b, _auroc, groups=patients)
+    assert result["patients"] == len(set(patients)) < len(labels)  # phantoms have patients with several images
+    for run, side in ((a, "a"), (b, "b")):  # the same decisions and AUROC as report.json
+        val = json.loads((run / "report.json").read_text())["splits"]["val"]
+        assert result[side]["accuracy"] == pytest.approx(val["accuracy"])
+        assert result[side]["auroc"] == pytest.approx(val["auroc"])
+
+
+def test_compare_predictions_multiclass_and_missing_class():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 120)
+    probs_a = rng.dirichlet(np.ones(3), 120)
+    probs_a[np.arange(120), labels] += 1.0
+    probs_a /= probs_a.sum(1, keepdims=True)
+    probs_b = rng.dirichlet(np.ones(3), 120)
+    groups = [f"p{i // 3}" for i in range(120)]
+    result = compare_predictions(labels, probs_a, probs_b, groups=groups, n_boot=300)
+    assert result["auroc"]["delong"] is None
+    assert result["auroc"]["bootstrap"]["difference"] == pytest.approx(
+        sk_auroc(labels, probs_a) - sk_auroc(labels, probs_b))
+    assert result["auroc"]["bootstrap"]["ci95"] == pytest.approx(
+        paired_bootstrap(labels, probs_a, probs_b, sk_auroc, groups=groups, n_boot=300)["ci95"])
+    assert result["accuracy"]["mcnemar"] == mcnemar_test(probs_a.argmax(1) == labels, probs_b.argmax(1) == labels)
+    binary = compare_predictions(labels % 2, probs_a[:, :2], probs_b[:, :2], groups=groups, n_boot=300)
+    reference = paired_bootstrap(labels % 2, probs_a[:, 1], probs_b[:, 1], sk_auroc, groups=groups, n_boot=300)
+    for key in ("difference", "ci95", "replicates"):
+        assert binary["auroc"]["bootstrap"][key] == pytest.approx(reference[key])
+    one_class = compare_predictions(np.zeros(10, int), probs_a[:10], probs_b[:10])
+    assert one_class["auroc"]["delong"] is None and one_class["a"]["auroc"] is None and one_class["auroc"]["note"]
+    one_positive = compare_predictions(np.r_[np.zeros(9, int), 1], probs_a[:10, :2], probs_b[:10, :2])
+    assert one_positive["auroc"]["delong"] is None and "two images of each class" in one_positive["auroc"]["note"]
+
+
+def test_cli_compare_writes_json(two_runs, tmp_path):
+    from medtricks.data.synth import synthesize
+
+    a, b = two_runs
+    result = runner.invoke(app, ["compare", str(a), str(b), "--json", str(tmp_path / "c.json")])
+    assert result.exit_code == 0, result.output
+    assert "DeLong" in result.output and "McNemar" in result.output
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["split"] == "val" and saved["classes"] == ["normal", "opacity"]
+    external = tmp_path / "external"
+    synthesize(external, n=12, seed=7, size=48)
+    result = runner.invoke(app, ["compare", str(a), str(b), "--data", str(external), "--split", "all"])
+    assert result.exit_code == 0, result.output
+    assert "12 images (all of " in result.output
+
+
+def _fake_run(run, tmp_path, name, file, key, value):
+    """A copy of `run` whose model.json or recipe.yaml says something else at `key`."""
+    fake = tmp_path / name
+    shutil.copytree(run, fake, ignore=shutil.ignore_patterns("plots"))
+    data = (json.loads if file == "model.json" else yaml.safe_load)((fake / file).read_text())
+    data[key] = value
+    (fake / file).write_text(json.dumps(data) if file == "model.json" else yaml.safe_dump(data))
+    return fake
+
+
+def test_other_classes_or_other_split_exit_2(two_runs, tmp_path):
+    a, b = two_runs
+    pets = _fake_run(b, tmp_path, "pets", "model.json", "classes", ["cat", "dog"])
+    result = runner.invoke(app, ["compare", str(a), str(pets)])
+    assert result.exit_code == 2 and "same classes" in result.output and "Traceback" not in result.output
+    other_seed = _fake_run(b, tmp_path, "seed1", "recipe.yaml", "seed", 1)
+    with pytest.raises(MedtricksError, match="different images"):
+        compare(a, other_seed)
+    result = runner.invoke(app, ["compare", str(a), str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "not a finished medtricks run" in result.output
