@@ -87,3 +87,16 @@ def test_paired_difference_t_interval_and_verdicts():
     assert result["verdict"] == "helps" and paired_difference(b, a)["verdict"] == "hurts"
     assert paired_difference([0.8, 0.7, 0.9], [0.75, 0.8, 0.85])["verdict"] == "no detectable effect"
     assert paired_difference([0.8], [0.7])["verdict"] == "no detectable effect"
+
+
+def test_paired_bootstrap_skips_replicates_where_auroc_is_nan():
+    import warnings
+
+    labels = np.array([0] * 2 + [1] * 18)  # many replicates draw no negative: sklearn warns and returns NaN
+    rng = np.random.default_rng(0)
+    a, b = rng.random(20), rng.random(20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = paired_bootstrap(labels, a, b, roc_auc_score, n_boot=400, seed=1)
+    assert result["replicates"] < 400
+    assert all(np.isfinite(result["ci95"]))
