@@ -39,7 +39,7 @@ import medtricks
 from medtricks import plots
 from medtricks.errors import MedtricksError
 from medtricks.finetune import finetune, load_recipe_from_dict
-from medtricks.recipe import Recipe, build_dataclass, load_recipe
+from medtricks.recipe import Recipe, build_dataclass, load_recipe, recipe_differences
 from medtricks.runs import RECIPE_FILE, REPORT_FILE, RunError, save_recipe, write_json, write_text
 from medtricks.stats import paired_difference
 from medtricks.tricks import TRICKS
@@ -89,20 +89,12 @@ def variants(recipe: Recipe, tricks: Sequence[str] | None = None, mode: str = "l
     return {variant: build_dataclass(Recipe, {**raw, "tricks": tricks_}) for variant, tricks_ in grid.items()}
 
 
-def _differences(a, b, prefix: str = "") -> list[str]:
-    """Dotted keys where two plain-data recipes differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in dict.fromkeys([*a, *b])
-                for k in _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
-    return [] if a == b else [prefix or "(top level)"]
-
-
 def _check_same_recipe(run: Path, recipe: Recipe) -> bool:
     """True when `run` has a recipe.yaml, after checking it is `recipe`'s (else AblationError naming the keys)."""
     if not (run / RECIPE_FILE).is_file():
         return False
-    saved = yaml.safe_load((run / RECIPE_FILE).read_text())
-    keys = _differences(saved, recipe.to_dict())
+    saved = load_recipe_from_dict(yaml.safe_load((run / RECIPE_FILE).read_text())).to_dict()  # new keys: defaults
+    keys = recipe_differences(saved, recipe.to_dict())
     if keys:
         more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
         raise AblationError(f"{run}: made with a different recipe (it differs at {', '.join(keys[:4])}{more}), so it "

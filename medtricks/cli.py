@@ -74,6 +74,7 @@ def _epoch_line(row: dict) -> str:
 
 @app.command("finetune")
 def finetune_cmd(
+    ctx: typer.Context,
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Bundled recipe name or YAML path "
                                                "[default: demo; with --resume the run's own].")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Data folder, CSV manifest or .npz.")] = None,
@@ -83,6 +84,8 @@ def finetune_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --out after its last "
                                          "completed epoch.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the run directory.")] = False,
+    nproc: Annotated[int | None, typer.Option("--nproc", help="Train with N processes on this machine (one per "
+                                              "GPU): starts torchrun with the other options.")] = None,
 ) -> None:
     """Fine-tune a pretrained CNN as a recipe says; writes a run directory (model, metrics, report, plots).
 
@@ -90,11 +93,30 @@ def finetune_cmd(
 
     After a crash or a kill: medtricks finetune --out runs/pneumoniamnist-20261128-101500 --resume
     (the run continues from its last completed epoch and ends as if it had never stopped).
+
+    On several GPUs: medtricks finetune --recipe pneumonia_cxr --nproc 8, or torchrun --nproc_per_node 8 -m
+    medtricks finetune --recipe pneumonia_cxr (multi-node: see the README). train.batch_size is the global batch.
     """
+    from medtricks import distributed
     from medtricks.finetune import finetune, load_recipe_from_dict
     from medtricks.recipe import load_recipe
     from medtricks.runs import read_run_recipe
 
+    if nproc is not None and nproc != 1:
+        top = ctx.find_root().params  # the app's own --debug / --quiet
+        args = [*(["--debug"] if top.get("debug") else []), *(["--quiet"] if top.get("quiet") else []), "finetune",
+                *(["--recipe", recipe] if recipe is not None else []), *(["--data", str(data)] if data else []),
+                *(["--out", str(out)] if out is not None else []), *[a for s in set_ or () for a in ("--set", s)],
+                *(["--seed", str(seed)] if seed is not None else []), *(["--resume"] if resume else []),
+                *(["--quiet"] if quiet else [])]
+        try:
+            code = distributed.launch(nproc, args)
+        except MedtricksError as exc:
+            _fail(exc)
+        raise typer.Exit(code)
+    main_rank = distributed.is_main()  # the other ranks print nothing on success and log only warnings
+    if not main_rank:
+        logging.getLogger("medtricks").setLevel(logging.WARNING)
     try:
         if resume and out is not None and recipe is None and (out / "recipe.yaml").is_file():
             resolved = load_recipe_from_dict(read_run_recipe(out), set_ or (), seed)
@@ -102,7 +124,7 @@ def finetune_cmd(
             resolved = load_recipe(recipe or "demo", set_ or (), seed)
         bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[line]}"), TimeElapsedColumn(), console=err_console,
-                       disable=quiet, transient=True)
+                       disable=quiet or not main_rank, transient=True)
         task = bar.add_task(resolved.name, total=resolved.train.epochs, line="starting")
 
         def on_epoch(row: dict) -> None:
@@ -115,6 +137,8 @@ def finetune_cmd(
                            out=out, on_epoch=on_epoch, resume=resume)
     except MedtricksError as exc:
         _fail(exc)
+    if not main_rank:
+        return
     if quiet:
         console.print(str(run))
         return

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import medtricks
-from medtricks import plots
+from medtricks import distributed, plots
 from medtricks.data.images import read_image
 from medtricks.data.pipeline import load_data, load_eval_data, resolve_source
 from medtricks.data.sampling import SeededSampler
@@ -23,7 +23,7 @@ from medtricks.data.synth import synthesize
 from medtricks.data.transforms import create_eval_transform
 from medtricks.errors import DataError, MedtricksError
 from medtricks.models.build import build_model, check_model_config
-from medtricks.recipe import Recipe, build_dataclass, load_recipe
+from medtricks.recipe import Recipe, build_dataclass, load_recipe, recipe_differences
 from medtricks.runs import (
     METRICS_FILE,
     MODEL_FILE,
@@ -61,10 +61,11 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The recipe's train.device as a torch device; CUDA: the current device (each torchrun process's own)."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise MedtricksError("train.device is cuda but no CUDA device is available; use auto or cpu.")
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -77,6 +78,11 @@ def _loader(dataset, batch_size: int, workers: int, shuffle: bool = False, sampl
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, generator=generator, drop_last=drop_last,
                       persistent_workers=workers > 0)
+
+
+def _eval_loader(dataset, recipe: Recipe, workers: int) -> DataLoader:
+    """This rank's shard of `dataset` for predict_loader, which gathers all shards (all of it in one process)."""
+    return _loader(dataset, recipe.train.eval_batch_size, workers, sampler=distributed.shard(len(dataset)))
 
 
 def _workers(recipe: Recipe) -> int:
@@ -100,8 +106,19 @@ def finetune(recipe: Recipe | str | Path | None, data: str | Path | None = None,
         on_epoch: called with each metrics.jsonl row (the CLI drives its progress bar with it).
         resume: continue the unfinished run in `out` after its last completed epoch (after a crash or a kill);
             the result is the same as if it had never stopped.
+
+    Under torchrun (`torchrun --nproc_per_node N -m medtricks finetune ...`) every process calls this and they
+    train one model together (medtricks.distributed): train.batch_size is the global batch, rank 0 alone reads and
+    writes the run directory and calls `on_epoch`, and every rank returns the run's path once it is complete.
     """
-    resumed = _resume_point(out, recipe, data, overrides, seed) if resume else None
+    with distributed.process_group():
+        return _finetune(recipe, data, out, overrides, seed, on_epoch, resume)
+
+
+def _finetune(recipe: Recipe | str | Path | None, data: str | Path | None, out: str | Path | None,
+              overrides: Sequence[str], seed: int | None, on_epoch: Callable[[dict], None] | None,
+              resume: bool) -> Path:
+    resumed = distributed.on_main(lambda: _resume_point(out, recipe, data, overrides, seed)) if resume else None
     if resumed is not None:
         recipe, data = resumed["recipe"], resumed["data"]
     elif recipe is None:
@@ -109,11 +126,10 @@ def finetune(recipe: Recipe | str | Path | None, data: str | Path | None = None,
     else:
         recipe = _as_recipe(recipe, overrides, seed)
     check_model_config(recipe.model)
+    batch_size = distributed.local_batch_size(recipe.train.batch_size)
     seed_everything(recipe.seed)
     source = resolve_source(recipe.data, data)
-    if not source.exists() and recipe.data.synth_if_missing:
-        logger.info("%s does not exist: writing synthetic phantoms there (data.synth_if_missing)", source)
-        synthesize(source, seed=recipe.seed)
+    distributed.on_main(lambda: _synthesize_if_missing(recipe, source))
     bundle = load_data(recipe.data, source, recipe.seed)
     classes = bundle.classes
     if "train" not in bundle.splits or len({r["label"] for r in _records(bundle, "train")}) < 2:
@@ -137,19 +153,17 @@ def finetune(recipe: Recipe | str | Path | None, data: str | Path | None = None,
             sample_weights = balanced_sample_weights(train_labels)
     workers = _workers(recipe)
     train_set = bundle.splits["train"]
-    sampler = SeededSampler(len(train_set), recipe.seed, weights=sample_weights)
-    train_loader = _loader(train_set, recipe.train.batch_size, workers, sampler=sampler,
+    sampler = SeededSampler(len(train_set), recipe.seed, weights=sample_weights,
+                            num_replicas=distributed.world_size(), rank=distributed.rank())
+    train_loader = _loader(train_set, batch_size, workers, sampler=sampler,
                            drop_last=len(train_set) > recipe.train.batch_size)
-    val_loader = _loader(bundle.splits["val"], recipe.train.eval_batch_size, workers) if "val" in bundle.splits \
-        else None
+    val_loader = _eval_loader(bundle.splits["val"], recipe, workers) if "val" in bundle.splits else None
     if val_loader is None:
         logger.warning("no validation split: the last epoch is kept and no threshold is tuned")
 
-    if resumed is None:
-        run = new_run_dir(recipe.name, out)
-        save_recipe(run, recipe.to_dict())
-    else:
-        run = Path(out)
+    state = resumed["state"] if resumed is not None else None
+    rows: list[dict] = list(state["rows"]) if state is not None else []  # filled on rank 0
+    run = distributed.on_main(lambda: _open_run(recipe, out, resumed is not None, rows))
     info = {**model.describe(), "classes": list(classes), "image_size": recipe.data.image_size,
             "channels": recipe.data.channels, "crop_fraction": recipe.data.crop_fraction,
             "medtricks_version": medtricks.__version__, "tricks": recipe.tricks.enabled(),
@@ -159,10 +173,6 @@ def finetune(recipe: Recipe | str | Path | None, data: str | Path | None = None,
     def save_best(best_model: torch.nn.Module, row: dict) -> None:
         save_weights(run / MODEL_FILE, best_model)
         write_json(run / MODEL_JSON, {**info, "best_epoch": row["epoch"]})
-
-    state = resumed["state"] if resumed is not None else None
-    rows: list[dict] = list(state["rows"]) if state is not None else []
-    write_text(run / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows))  # drop rows of a lost epoch
 
     def epoch_done(row: dict) -> None:
         rows.append(row)
@@ -178,25 +188,46 @@ def finetune(recipe: Recipe | str | Path | None, data: str | Path | None = None,
                  lr_multipliers=recipe.model.lr_multipliers, device=device, seed=recipe.seed,
                  num_classes=len(classes), class_weights=weights, teacher=teacher, on_epoch=epoch_done,
                  save_best=save_best, save_state=save_state, state=state)
-    best, _ = load_run_model(run)
-    best.to(device)
-    outputs = {}
-    for name in ("val", "test"):
-        if name in bundle.splits:
-            outputs[name] = predict_loader(best, _loader(bundle.splits[name], recipe.train.eval_batch_size,
-                                                         workers), device)
-    threshold = result.threshold
-    full = {name: evaluate_split(output, threshold, recipe.seed) for name, output in outputs.items()}
-    splits = {name: _report_metrics(metrics) for name, metrics in full.items()}
-    write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch, "threshold": threshold,
-                                  "select_metric": recipe.train.select_metric})
-    report = {"recipe": recipe.name, "seed": recipe.seed, "classes": list(classes), "splits": splits,
-              "train": {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
-                        "seconds": round(result.seconds, 2), "images_per_second": round(result.images_per_second, 2),
-                        "base_lr": base_lr, "tricks": recipe.tricks.enabled()}}
-    _plots(run, rows, outputs, full, classes, threshold)
-    write_json(run / REPORT_FILE, report)  # last: a run with report.json is complete
-    (run / RESUME_FILE).unlink(missing_ok=True)
+    # rank 0 reads the selected epoch's weights back from the run (checking they load); every rank predicts with
+    # them (the run directory need not be on a filesystem the other nodes see)
+    model.load_state_dict(distributed.on_main(lambda: load_run_model(run)[0].state_dict()))
+    outputs = {name: predict_loader(model, _eval_loader(bundle.splits[name], recipe, workers), device)
+               for name in ("val", "test") if name in bundle.splits}
+
+    def write_results() -> None:
+        threshold = result.threshold
+        full = {name: evaluate_split(output, threshold, recipe.seed) for name, output in outputs.items()}
+        splits = {name: _report_metrics(metrics) for name, metrics in full.items()}
+        write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch, "threshold": threshold,
+                                      "select_metric": recipe.train.select_metric})
+        report = {"recipe": recipe.name, "seed": recipe.seed, "classes": list(classes), "splits": splits,
+                  "train": {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
+                            "seconds": round(result.seconds, 2),
+                            "images_per_second": round(result.images_per_second, 2), "base_lr": base_lr,
+                            "world_size": distributed.world_size(), "tricks": recipe.tricks.enabled()}}
+        _plots(run, rows, outputs, full, classes, threshold)
+        write_json(run / REPORT_FILE, report)  # last: a run with report.json is complete
+        (run / RESUME_FILE).unlink(missing_ok=True)
+
+    distributed.on_main(write_results)
+    return run
+
+
+def _synthesize_if_missing(recipe: Recipe, source: Path) -> None:
+    if not source.exists() and recipe.data.synth_if_missing:
+        logger.info("%s does not exist: writing synthetic phantoms there (data.synth_if_missing)", source)
+        synthesize(source, seed=recipe.seed)
+
+
+def _open_run(recipe: Recipe, out: str | Path | None, resumed: bool, rows: list[dict]) -> Path:
+    """The run directory: a new one with the resolved recipe, or the resumed one with the metrics rows of its
+    saved state (rows of an epoch whose state was lost are dropped)."""
+    if resumed:
+        run = Path(out)
+    else:
+        run = new_run_dir(recipe.name, out)
+        save_recipe(run, recipe.to_dict())
+    write_text(run / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
     return run
 
 
@@ -219,7 +250,7 @@ def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, da
     if recipe is not None or overrides or seed is not None:
         given = _as_recipe(recipe if recipe is not None else saved, overrides, seed)
         if given.to_dict() != saved.to_dict():
-            changed = sorted(_diff_keys(given.to_dict(), saved.to_dict()))
+            changed = recipe_differences(given.to_dict(), saved.to_dict())
             raise RunError(f"{run}: the given recipe differs from the run's recipe.yaml in {', '.join(changed)}; "
                            f"resume without --recipe/--set/--seed (the run's own recipe is used), or start a new run.")
     state = load_resume_state(run)
@@ -230,16 +261,6 @@ def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, da
         data = source
     return {"recipe": saved, "data": data, "state": state}
 
-
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff_keys(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 def _as_recipe(recipe: Recipe | str | Path, overrides: Sequence[str], seed: int | None) -> Recipe:
@@ -297,7 +318,8 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val"
     """Metrics M of a run's model on a split of its own data or on another source (`split="all"`).
 
     Reads only the run directory and the data: the same source, seed and split fractions reproduce the split,
-    and the binary threshold is the one chosen on validation during training.
+    and the binary threshold is the one chosen on validation during training. Called on every rank of a process
+    group (medtricks.distributed.process_group), each rank predicts a shard and all get the same metrics.
     """
     model, info = load_run_model(run)
     _, raw = read_run(run)
@@ -305,12 +327,11 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val"
     source = data if data is not None else info["data"]["source"]
     dataset, origin = load_eval_data(recipe.data, source, split, recipe.seed, tuple(info["classes"]))
     device = resolve_device(recipe.train.device)
-    output = predict_loader(model.to(device), _loader(dataset, recipe.train.eval_batch_size, _workers(recipe)),
-                            device)
+    output = predict_loader(model.to(device), _eval_loader(dataset, recipe, _workers(recipe)), device)
     metrics = {**_report_metrics(evaluate_split(output, info.get("threshold"), recipe.seed)),
                "split": split, "data": str(source)}
     if json_path is not None:
-        write_json(Path(json_path), metrics)
+        distributed.on_main(lambda: write_json(Path(json_path), metrics))
     return metrics
 
 

@@ -156,7 +156,8 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training split.
-        batch_size: images per step.
+        batch_size: images per optimizer step, over all processes of a distributed run (torchrun): each process
+            takes batch_size / processes, so the same recipe gives the same steps and LR at any process count.
         optimizer: sgd (Nesterov momentum, the paper's) or adamw.
         lr: base learning rate (scaled by batch_size / base_batch when the linear_scaling trick is on).
         momentum, nesterov: SGD momentum; for adamw momentum is beta1.
@@ -164,9 +165,11 @@ class TrainConfig:
         grad_clip: max gradient norm, None = no clipping.
         select_metric: validation metric that picks the saved epoch (auroc, balanced_accuracy, accuracy, f1, loss).
         early_stopping: stop after this many epochs without improvement of select_metric; None = never.
-        eval_batch_size: images per evaluation batch.
+        eval_batch_size: images per evaluation batch (on each process of a distributed run).
         device: auto (CUDA when available), cpu or cuda.
         limit_train_batches: at most this many steps per epoch (quick checks); None = all.
+        sync_bn: distributed runs only: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each
+            process's share; costs a collective per BN layer; CUDA only (torch's SyncBatchNorm does not run on CPU).
     """
 
     epochs: int = 10
@@ -182,6 +185,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     device: str = "auto"
     limit_train_batches: int | None = None
+    sync_bn: bool = False  # off: per-process BN statistics, as torchvision's references and timm default to
 
     def __post_init__(self):
         checks = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
@@ -381,3 +385,11 @@ def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = (), 
     if seed is not None:
         raw["seed"] = seed
     return build_dataclass(Recipe, raw)
+
+
+def recipe_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two plain-data recipes (Recipe.to_dict(), recipe.yaml) differ, e.g. ["train.lr"]."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in dict.fromkeys([*a, *b])
+                for k in recipe_differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
+    return [] if a == b else [prefix or "(top level)"]

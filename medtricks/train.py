@@ -1,6 +1,9 @@
 """The one training loop. Each step-time trick is named once: mixup/cutmix (batch), AMP (autocast + scaler),
 distillation (loss). Schedule tricks live in `lr_factor` (a pure function of the step), optimizer tricks in the
 parameter groups, loss tricks in `create_loss`, model tricks at model build (medtricks.finetune).
+
+Under torchrun the same loop runs on every process (medtricks.distributed): the forward/backward goes through
+DistributedDataParallel, everything else (EMA, evaluation, checkpoints) uses the plain model.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from medtricks import distributed
 from medtricks.data.sampling import epoch_seed
 from medtricks.errors import MedtricksError
 from medtricks.metrics import choose_threshold, compute_metrics
@@ -79,18 +84,24 @@ class EvalOutput:
 
 @torch.inference_mode()
 def predict_loader(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> EvalOutput:
-    """Class probabilities of every sample, in fp32 and eval mode (robustness and metrics are always fp32)."""
+    """Class probabilities of every sample, in fp32 and eval mode (robustness and metrics are always fp32).
+
+    The loader's sampler lists the dataset positions it visits: in a distributed run this rank's shard
+    (`sampler=distributed.shard(len(dataset))`), whose predictions are gathered from all ranks; the output is in
+    dataset order on every rank, and the same as one process's (the mean loss is summed in that order too).
+    """
     model.eval()
-    labels, probs, ids, loss_sum = [], [], [], 0.0
+    rows = []  # (label, probs, patient id, loss) per sample
     for batch in loader:
         logits = model(batch["image"].to(device)).float()
-        target = batch["label"].to(device)
-        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
-        probs.append(logits.softmax(-1).cpu().numpy())
-        labels.append(batch["label"].numpy())
-        ids.extend(batch["patient_id"])
-    n = sum(len(x) for x in labels)
-    return EvalOutput(np.concatenate(labels), np.concatenate(probs).astype(np.float64), ids, loss_sum / max(n, 1))
+        losses = F.cross_entropy(logits, batch["label"].to(device), reduction="none")
+        rows.extend(zip(batch["label"].tolist(), logits.softmax(-1).cpu().numpy().astype(np.float64),
+                        batch["patient_id"], losses.cpu().numpy().astype(np.float64), strict=True))
+    rows = distributed.gather_by_position(rows, list(loader.sampler))
+    if not rows:
+        return EvalOutput(np.zeros(0, dtype=np.int64), np.zeros((0, 0)), [], 0.0)
+    labels, probs, ids, losses = zip(*rows, strict=True)
+    return EvalOutput(np.array(labels), np.stack(probs), list(ids), float(np.sum(losses)) / len(losses))
 
 
 def evaluate_split(output: EvalOutput, threshold: float | None, seed: int) -> dict:
@@ -136,6 +147,11 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
     SeededSampler, and the mixing and dropout RNGs are reseeded per epoch. So `fit(..., state=saved)` with a
     state from `save_state` continues exactly as the uninterrupted run would have.
 
+    Distributed (inside medtricks.distributed.process_group): call it on every rank with the rank's share of the
+    data (SeededSampler num_replicas/rank, batch_size / world; val_loader over distributed.shard). Gradients are
+    averaged over the ranks, the train loss and validation metrics are those of all ranks (the same on each, so
+    every rank takes the same best-epoch and early-stopping decisions), and the callbacks run on rank 0 only.
+
     Raises:
         TrainingError: on a NaN or infinite loss (naming the epoch and step); what was saved stays.
     """
@@ -143,6 +159,8 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
         len(train_loader), config.limit_train_batches)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(tricks.warmup.epochs * steps_per_epoch) if tricks.warmup is not None else 0
+    if config.sync_bn:
+        model = distributed.convert_sync_batchnorm(model, device)
     optimizer = create_optimizer(model, config, tricks, base_lr, lr_multipliers)
     amp_dtype = resolve_amp_dtype(device, tricks.amp.dtype) if tricks.amp is not None else None
     scaler = create_grad_scaler(device, amp_dtype)
@@ -153,6 +171,8 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
                 "threshold": None, "stale": 0, "stopped": False}
     if state is not None:
         _restore(state, progress, model, optimizer, scaler, ema)
+    trained = distributed.wrap_model(model, device)  # the forward/backward path; `model` for all else
+    world, rank = distributed.world_size(), distributed.rank()
     best_value, best_epoch, threshold, stale = (progress[k] for k in ("best_value", "best_epoch", "threshold",
                                                                        "stale"))
     step, seen, started = progress["step"], progress["seen"], time.perf_counter() - progress["seconds"]
@@ -164,8 +184,8 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
     for epoch in range(first_epoch, config.epochs + 1):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        mix_gen.manual_seed(epoch_seed(seed, epoch, stream=1))
-        torch.manual_seed(epoch_seed(seed, epoch, stream=2))  # dropout and drop-path
+        mix_gen.manual_seed(epoch_seed(seed, epoch, stream=1))  # the same on every rank
+        torch.manual_seed(epoch_seed(seed, epoch, stream=2, rank=rank))  # dropout and drop-path: per rank's images
         model.train()
         loss_sum, n_epoch, epoch_start = 0.0, 0, time.perf_counter()
         for i, batch in enumerate(train_loader):
@@ -177,7 +197,7 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
             images, labels = batch["image"].to(device), batch["label"].to(device)
             images, targets = _mixed_targets(images, labels, num_classes, tricks, mix_gen)
             with autocast(device, amp_dtype):
-                logits = model(images)
+                logits = trained(images)
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(images)
@@ -186,8 +206,9 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
                                              tricks.label_smoothing.smoothing if tricks.label_smoothing else 0.0)
                 else:
                     loss = loss_fn(logits.float(), targets)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the training loss became {float(loss.detach())} at epoch {epoch}, step {i + 1} "
+            global_loss = float(distributed.mean(loss.detach()))  # all ranks' mean: every rank stops together
+            if not math.isfinite(global_loss):
+                raise TrainingError(f"the training loss became {global_loss} at epoch {epoch}, step {i + 1} "
                                     f"(global step {step + 1}); training stopped and the last saved checkpoint is "
                                     f"kept. Lower train.lr, set train.grad_clip, or turn off tricks.amp.")
             optimizer.zero_grad(set_to_none=True)
@@ -199,14 +220,15 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
             scaler.update()
             if ema is not None:
                 ema_update(ema, model)
-            loss_sum += float(loss.detach()) * len(images)
-            n_epoch += len(images)
+            loss_sum += global_loss * len(images) * world
+            n_epoch += len(images) * world  # images of the global batch
             step += 1
         seen += n_epoch
         train_seconds = time.perf_counter() - epoch_start
-        row = {"epoch": epoch, "train_loss": loss_sum / max(n_epoch, 1), "lr": base_lr * factor,
+        row = {"epoch": epoch, "train_loss": loss_sum / max(n_epoch, 1), "lr": base_lr * factor, "images": n_epoch,
                "images_per_second": n_epoch / max(train_seconds, 1e-9), "seconds": train_seconds}
         evaluated = ema.module if ema is not None else model
+        distributed.broadcast_buffers(evaluated)  # rank 0's BN statistics everywhere: the model rank 0 saves
         if val_loader is not None:
             out = predict_loader(evaluated, val_loader, device)
             epoch_threshold = val_threshold(out, num_classes)
@@ -218,19 +240,16 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
         improved = _better(config.select_metric, value, best_value)
         if improved:
             best_value, best_epoch, threshold, stale = value, epoch, epoch_threshold, 0
-            if save_best is not None:
-                save_best(evaluated, row)
         else:
             stale += 1
         row["best"] = improved
-        if on_epoch is not None:
-            on_epoch(row)
         stopped = config.early_stopping is not None and stale >= config.early_stopping
-        if save_state is not None:
-            save_state({"epoch": epoch, "step": step, "seen": seen, "seconds": time.perf_counter() - started,
-                        "best_value": best_value, "best_epoch": best_epoch, "threshold": threshold, "stale": stale,
-                        "stopped": stopped, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None})
+        fit_state = {"epoch": epoch, "step": step, "seen": seen, "seconds": time.perf_counter() - started,
+                     "best_value": best_value, "best_epoch": best_epoch, "threshold": threshold, "stale": stale,
+                     "stopped": stopped, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None}
+        distributed.on_main(partial(_epoch_callbacks, row, evaluated if improved else None, fit_state, save_best,
+                                    on_epoch, save_state))  # files and progress on rank 0; its errors reach all
         if stopped:
             logger.info("early stopping after epoch %d: no better val %s for %d epochs", epoch,
                         config.select_metric, stale)
@@ -238,6 +257,17 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
     seconds = time.perf_counter() - started
     return FitResult(best_epoch, best_value if best_value is not None else math.nan, threshold, seconds,
                      seen / max(seconds, 1e-9), epoch)
+
+
+def _epoch_callbacks(row: dict, improved_model: torch.nn.Module | None, fit_state: dict,
+                     save_best: Callable | None, on_epoch: Callable | None, save_state: Callable | None) -> None:
+    """fit's callbacks after an epoch, in order: save_best (when the model improved), on_epoch, save_state."""
+    if improved_model is not None and save_best is not None:
+        save_best(improved_model, row)
+    if on_epoch is not None:
+        on_epoch(row)
+    if save_state is not None:
+        save_state(fit_state)
 
 
 def _restore(state: dict, progress: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
