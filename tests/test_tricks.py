@@ -5,6 +5,7 @@ import logging
 import math
 import sys
 import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from medtricks.tricks.step_decay import step_factor
 from medtricks.tricks.warmup import warmup_factor
 from medtricks.tricks.zero_gamma import apply_zero_gamma
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 CARD_LINES = ("Paper:", "Hook:", "Defaults:", "Interactions:", "Measured effect:")
 HOOKS = ("schedule", "loss", "optimizer groups", "model build", "training step")
 
@@ -51,7 +53,14 @@ def test_config_defaults_and_method_card(name):
     lines = doc.splitlines()
     for prefix in CARD_LINES:
         assert sum(line.startswith(prefix) for line in lines) == 1, f"{cls.__module__}: one {prefix!r} line"
-    assert "Measured effect: not yet measured" in lines
+    effect = next(i for i, line in enumerate(lines) if line.startswith("Measured effect:"))
+    card = " ".join([lines[effect].removeprefix("Measured effect:"), *lines[effect + 1:effect + 2]]).split()
+    row = next(line for line in README.read_text().splitlines() if line.startswith(f"| `{name}` |"))
+    if "not yet measured" in row:  # the card and the README tricks table say the same
+        assert card == ["not", "yet", "measured"], card
+    else:
+        numbers = " ".join(card).split(": ", 1)[1].split(";")[0]  # "AUROC +0.015 [...], bal. acc. ..."
+        assert card[:3] == row.split(" | ")[-1].split()[:3] and numbers in row, (card, row)
     hook = next(line for line in lines if line.startswith("Hook:"))
     assert any(h in hook for h in HOOKS), hook
     assert all(len(line) <= 120 for line in lines)

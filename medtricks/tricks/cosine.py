@@ -6,7 +6,8 @@ Hook: schedule (a multiplier of the peak lr, multiplied with the warmup factor).
 Defaults: final_factor 0.0 (the lr reaches 0 at the last step, as in the paper).
 Interactions: replaces step_decay (use one of the two); starts after warmup (start_step = warmup_steps); on
     medical transfer it helped little in the toolkit's experience (see DESIGN.md), so ablate it over seeds.
-Measured effect: not yet measured
+Measured effect: no detectable effect on fundus_dr (RetinaMNIST val, 64 px, 10 epochs, 3 paired seeds, with − without):
+    AUROC +0.002 [-0.047, +0.052], bal. acc. +0.029 [-0.197, +0.255]; command in README (tricks table).
 """
 
 from __future__ import annotations

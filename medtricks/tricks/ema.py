@@ -7,7 +7,8 @@ Defaults: decay 0.999 (averages about the last 1 / (1 - decay) = 1000 steps).
 Interactions: BN running statistics are averaged too (use_buffers=True), so no extra BN pass is needed; with few
     steps (small medical sets) lower the decay so 1 / (1 - decay) is well below the run's total steps, or the average
     still carries the pretrained start; keeps float32 weights under amp.
-Measured effect: not yet measured
+Measured effect: no detectable effect on fundus_dr (RetinaMNIST val, 64 px, 10 epochs, 3 paired seeds, with − without):
+    AUROC -0.015 [-0.034, +0.004], bal. acc. -0.064 [-0.188, +0.060]; command in README (tricks table).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Interactions: with mixup/cutmix the soft targets are smoothed as well; a teacher
     worse distillation teacher (Mueller et al. 2019, arXiv 1906.02629); it changes the confidence of the
     probabilities, so check calibration (ECE) and the validation-chosen threshold; class_balance weights pass
     through `class_weights`.
-Measured effect: not yet measured
+Measured effect: no detectable effect on fundus_dr (RetinaMNIST val, 64 px, 10 epochs, 3 paired seeds, with − without):
+    AUROC +0.015 [-0.004, +0.034], bal. acc. +0.048 [-0.135, +0.230]; command in README (tricks table).
 """
 
 from __future__ import annotations

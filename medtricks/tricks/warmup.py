@@ -6,7 +6,8 @@ Hook: schedule (a multiplier of the peak lr; the trainer multiplies it with the 
 Defaults: epochs 5 (the paper's); a short fine-tuning run usually wants 1 or a fraction of an epoch.
 Interactions: most needed with linear_scaling at large batches and with a freshly initialized head on a pretrained
     backbone (large early gradients); cosine starts its decay after the warmup (start_step = warmup_steps).
-Measured effect: not yet measured
+Measured effect: no detectable effect on fundus_dr (RetinaMNIST val, 64 px, 10 epochs, 3 paired seeds, with − without):
+    AUROC -0.012 [-0.075, +0.052], bal. acc. -0.006 [-0.126, +0.114]; command in README (tricks table).
 """
 
 from __future__ import annotations
