@@ -18,3 +18,23 @@ def test_data_throughput_prints_json():
     for key in ("no_cache_epoch", "first_epoch", "cached_epoch"):
         assert report[key]["images_per_second"] > 0
     assert report["settings"]["n"] == 6 and report["peak_rss_mb"]["main"] > 0
+
+
+DERM = ROOT.parent / "shared" / "data" / "derm-isic"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DERM / "labels.csv").is_file(), reason=f"real data set {DERM} is absent (../shared/data)")
+def test_train_speed_prints_json():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), "--models", "efficientnet_lite0",
+                          "--n", "16", "--size", "64", "--epochs", "1", "--step-repeats", "1", "--data", str(DERM)],
+                         capture_output=True, text=True, check=True, timeout=600)
+    report = json.loads(out.stdout)
+    result = report["models"]["efficientnet_lite0"]
+    assert result["weights"] == "imagenet" and report["settings"]["epochs"] == 1
+    assert result["medtricks"]["images_per_second"]["first_epoch"] > 0 and result["speed_ratio"]["first_epoch"] > 0
+    assert len(result["plain_fp32"]["runs"]) == 2  # two seeds: the run-to-run noise of val AUROC
+    assert all(0 <= auroc <= 1 for auroc in [result["val_auroc"]["medtricks"], *result["val_auroc"]["plain"]])
+    assert set(result["train_step_synthetic"]["speedup_vs_fp32"]) == {"fp32", "fp32_channels_last", "bf16",
+                                                                        "bf16_channels_last"}
+    assert result["train_gflop_per_image"] > 0 and report["machine"]["gemm_gflops"]["bfloat16"] > 0
