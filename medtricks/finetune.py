@@ -73,10 +73,9 @@ def _report_metrics(metrics: dict) -> dict:
     return {k: metrics[k] for k in REPORT_KEYS}
 
 
-def _loader(dataset, batch_size: int, workers: int, shuffle: bool = False, sampler=None, generator=None,
-            drop_last: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, generator=generator, drop_last=drop_last,
+def _loader(dataset, batch_size: int, workers: int, sampler, drop_last: bool = False) -> DataLoader:
+    """A loader whose sampler decides the order (SeededSampler for training, a shard for evaluation)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       persistent_workers=workers > 0)
 
 
@@ -181,8 +180,7 @@ def _finetune(recipe: Recipe | str | Path | None, data: str | Path | None, out: 
             on_epoch(row)
 
     def save_state(fit_state: dict) -> None:
-        save_resume_state(run, {**fit_state, "rows": rows, "data_source": str(Path(source).resolve()),
-                                "model_info": info})
+        save_resume_state(run, {**fit_state, "rows": rows, "data_source": str(Path(source).resolve())})
 
     result = fit(model, train_loader, val_loader, recipe.train, recipe.tricks, base_lr=base_lr,
                  lr_multipliers=recipe.model.lr_multipliers, device=device, seed=recipe.seed,
