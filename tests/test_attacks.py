@@ -267,13 +267,17 @@ def test_model_mode_and_requires_grad_are_restored_and_no_weight_grads(mode, met
 
 
 def test_attack_mode_is_eval_without_weight_gradients_and_restores_on_error():
-    model = _bn_model().train()
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), _bn_model()).train()  # a conv whose layout channels-last changes
     before = _state(model)
+    weights = {name: (p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
     with pytest.raises(RuntimeError, match="boom"), attack_mode(model):
         assert not any(m.training for m in model.modules())
         assert not any(p.requires_grad for p in model.parameters())
+        conv = next(p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1)
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
         raise RuntimeError("boom")
     assert _state(model) == before
+    assert all((p.data_ptr(), p.stride()) == weights[name] for name, p in model.named_parameters())  # no copies
 
 
 def test_two_logits_matches_the_sigmoid_of_a_single_logit(task):
