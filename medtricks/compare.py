@@ -82,7 +82,7 @@ def compare_predictions(labels: Sequence[int], probs_a: np.ndarray, probs_b: np.
 def _scored(run: Path, source, split: str, classes: tuple[str, ...]):
     """(keys, labels, probs, patient ids or None) of a run's model on a split of `source`."""
     from medtricks.data.pipeline import load_eval_data
-    from medtricks.finetune import load_recipe_from_dict, resolve_device
+    from medtricks.finetune import load_recipe_from_dict, place_model, resolve_device
     from medtricks.runs import load_run_model, read_run
     from medtricks.train import predict_loader
 
@@ -92,7 +92,7 @@ def _scored(run: Path, source, split: str, classes: tuple[str, ...]):
     records = [dataset.store.records[i] for i in dataset.indices]
     device = resolve_device(recipe.train.device)
     loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False, num_workers=0)
-    output = predict_loader(model.to(device), loader, device)
+    output = predict_loader(place_model(model, device), loader, device)
     has_ids = any(r["patient_id"] is not None for r in records)  # an image without an id is its own patient
     patients = [r["patient_id"] or r["key"] for r in records] if has_ids else None
     return [r["key"] for r in records], output.labels, output.probs, patients

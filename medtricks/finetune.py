@@ -69,6 +69,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` moved to `device` (in place) in the layout its convolutions run fastest in there.
+
+    CPU: channels-last, oneDNN's native layout: with bfloat16 autocast a training step of efficientnet_lite0 /
+    resnet18 at 224 px takes about 1.1x less time than with contiguous weights on a 2-core AVX-512 CPU, and an fp32
+    input-gradient (attack) step about 1.4x less (benchmarks/train_speed.py, attack_speed.py). The values are the
+    same; saved weights are written contiguous. CUDA keeps the default layout (not measured here).
+    """
+    if device.type == "cpu":
+        return model.to(device, memory_format=torch.channels_last)
+    return model.to(device)
+
+
 def _report_metrics(metrics: dict) -> dict:
     return {k: metrics[k] for k in REPORT_KEYS}
 
@@ -138,7 +151,7 @@ def _finetune(recipe: Recipe | str | Path | None, data: str | Path | None, out: 
     model = build_model(recipe.model, len(classes), recipe.data.channels)
     if recipe.tricks.zero_gamma is not None:
         apply_zero_gamma(model, recipe.tricks.zero_gamma.stages, recipe.tricks.zero_gamma.beta)
-    model.to(device)
+    place_model(model, device)
     teacher = _teacher(recipe, classes, device)
     base_lr = recipe.train.lr
     if recipe.tricks.linear_scaling is not None:
@@ -297,7 +310,7 @@ def _teacher(recipe: Recipe, classes: tuple[str, ...], device: torch.device):
                              f"{recipe.data.channels}.")
     for param in teacher.parameters():
         param.requires_grad_(False)
-    return teacher.to(device)
+    return place_model(teacher, device)
 
 
 def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics: dict[str, dict], classes,
@@ -325,7 +338,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val"
     source = data if data is not None else info["data"]["source"]
     dataset, origin = load_eval_data(recipe.data, source, split, recipe.seed, tuple(info["classes"]))
     device = resolve_device(recipe.train.device)
-    output = predict_loader(model.to(device), _eval_loader(dataset, recipe, _workers(recipe)), device)
+    output = predict_loader(place_model(model, device), _eval_loader(dataset, recipe, _workers(recipe)), device)
     metrics = {**_report_metrics(evaluate_split(output, info.get("threshold"), recipe.seed)),
                "split": split, "data": str(source)}
     if json_path is not None:

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
@@ -14,7 +15,7 @@ from medtricks.cli import app
 from medtricks.compare import _auroc, compare, compare_predictions
 from medtricks.data.pipeline import load_eval_data
 from medtricks.errors import MedtricksError
-from medtricks.finetune import finetune, load_recipe_from_dict
+from medtricks.finetune import finetune, load_recipe_from_dict, place_model
 from medtricks.runs import load_run_model, read_run
 from medtricks.stats import delong_test, mcnemar_test, paired_bootstrap
 from medtricks.train import predict_loader
@@ -47,7 +48,8 @@ def predictions(run, split="val"):
     model, info = load_run_model(run)
     recipe = load_recipe_from_dict(read_run(run)[1])
     dataset, _ = load_eval_data(recipe.data, info["data"]["source"], split, recipe.seed, tuple(info["classes"]))
-    output = predict_loader(model, DataLoader(dataset, batch_size=16), "cpu")
+    # in the layout medtricks evaluates in: a probability at the threshold decides by its last bit
+    output = predict_loader(place_model(model, torch.device("cpu")), DataLoader(dataset, batch_size=16), "cpu")
     return output.labels, output.probs, output.patient_ids, info["threshold"]
 
 
