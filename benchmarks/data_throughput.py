@@ -7,7 +7,13 @@ then in one process measures, on the same files and settings:
 - `cached_epoch`: a later epoch (augment from the uint16 cache only);
 and prints one JSON object with images/s, the ratios and the peak resident memory.
 
+Then (unless --train-epochs 0) it fine-tunes on the same files with `medtricks.finetune` (the demo recipe at
+--image-size px: efficientnet_lite0, bfloat16 autocast where the CPU has it, the DataLoader workers finetune
+chooses) and reports, per epoch, the share of the training time the loop spent blocked waiting for the next batch
+(metrics.jsonl `data_wait_seconds` / `seconds`): epoch 1 decodes into the cache, later epochs read it.
+
 Usage: python benchmarks/data_throughput.py [--n 48] [--size 2000] [--cache memory|disk] [--workers 2]
+       [--train-epochs 3] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
-from medtricks.data.dataset import ImageDataset, ImageStore, prepare_images
+from medtricks.data.dataset import ImageDataset, ImageStore, default_workers, prepare_images
 from medtricks.data.sources import load_source
 from medtricks.data.synth import synthesize
 from medtricks.data.transforms import cache_size, create_train_transform
@@ -49,6 +56,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224, help="model input side")
     parser.add_argument("--cache", choices=["memory", "disk"], default="memory")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--train-epochs", type=int, default=3, help="fine-tune epochs (0: skip)")
+    parser.add_argument("--batch-size", type=int, default=32, help="fine-tune batch size")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,6 +78,7 @@ def main() -> None:
         first = time.perf_counter() - started + _epoch(dataset, args.workers)
         cached = min(_epoch(dataset, args.workers) for _ in range(2))
         assert len(ok) == len(records) and not problems
+        training = _training(Path(tmp), args) if args.train_epochs > 0 else None
 
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -85,7 +95,26 @@ def main() -> None:
         "cached_vs_first": round(first / cached, 2),
         "cached_vs_no_cache": round(no_cache / cached, 2),
         "peak_rss_mb": {"main": round(peak_self, 1), "largest_worker": round(peak_children, 1)},
+        "training": training,
     }, indent=2))
+
+
+def _training(tmp: Path, args: argparse.Namespace) -> dict:
+    """Fine-tune on the DICOMs and return each epoch's images/s and share of time spent waiting for data."""
+    from medtricks.finetune import finetune
+
+    overrides = [f"data.image_size={args.image_size}", f"data.cache={args.cache}", "data.synth_if_missing=false",
+                 f"train.epochs={args.train_epochs}", f"train.batch_size={args.batch_size}"]
+    run = finetune("demo", data=tmp / "dicoms", out=tmp / "run", overrides=overrides)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [{"epoch": row["epoch"], "images_per_second": round(row["images_per_second"], 2),
+               "data_wait_share": round(row["data_wait_seconds"] / row["seconds"], 4)} for row in rows]
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    later = [e["data_wait_share"] for e in epochs[1:]]
+    return {"recipe": "demo", "overrides": overrides, "arch": recipe["model"]["arch"],
+            "workers": default_workers() if recipe["data"]["workers"] is None else recipe["data"]["workers"],
+            "epochs": epochs,
+            "cached_epochs_max_data_wait_share": max(later) if later else None}
 
 
 if __name__ == "__main__":

@@ -68,7 +68,10 @@ def _epoch_line(row: dict) -> str:
         parts.append(f"val AUROC {row['val_auroc']:.4f}")
     if row.get("val_accuracy") is not None:
         parts.append(f"val acc {row['val_accuracy']:.4f}")
-    parts.append(f"{row['images_per_second']:.1f} img/s" + ("  *best" if row.get("best") else ""))
+    speed = f"{row['images_per_second']:.1f} img/s"
+    if row.get("data_wait_seconds") is not None and row["seconds"] > 0:  # > 10%: the input pipeline limits training
+        speed += f" ({row['data_wait_seconds'] / row['seconds']:.0%} waiting for data)"
+    parts.append(speed + ("  *best" if row.get("best") else ""))
     return "  ".join(parts)
 
 

@@ -188,7 +188,9 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
         torch.manual_seed(epoch_seed(seed, epoch, stream=2, rank=rank))  # dropout and drop-path: per rank's images
         model.train()
         loss_sum, n_epoch, epoch_start = 0.0, 0, time.perf_counter()
+        waited, asked = 0.0, epoch_start  # seconds blocked on the loader: the input pipeline's share of the epoch
         for i, batch in enumerate(train_loader):
+            waited += time.perf_counter() - asked
             if i >= steps_per_epoch:
                 break
             factor = lr_factor(step, total_steps, warmup_steps, tricks)
@@ -223,10 +225,12 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
             loss_sum += global_loss * len(images) * world
             n_epoch += len(images) * world  # images of the global batch
             step += 1
+            asked = time.perf_counter()
         seen += n_epoch
         train_seconds = time.perf_counter() - epoch_start
         row = {"epoch": epoch, "train_loss": loss_sum / max(n_epoch, 1), "lr": base_lr * factor, "images": n_epoch,
-               "images_per_second": n_epoch / max(train_seconds, 1e-9), "seconds": train_seconds}
+               "images_per_second": n_epoch / max(train_seconds, 1e-9), "seconds": train_seconds,
+               "data_wait_seconds": waited}
         evaluated = ema.module if ema is not None else model
         distributed.broadcast_buffers(evaluated)  # rank 0's BN statistics everywhere: the model rank 0 saves
         if val_loader is not None:

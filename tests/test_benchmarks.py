@@ -12,12 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_data_throughput_prints_json():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--n", "6", "--size", "400",
-                          "--workers", "1"], capture_output=True, text=True, check=True, timeout=600)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--n", "24", "--size", "400",
+                          "--workers", "1", "--image-size", "32", "--train-epochs", "2", "--batch-size", "4"],
+                         capture_output=True, text=True, check=True, timeout=600)
     report = json.loads(out.stdout)
     for key in ("no_cache_epoch", "first_epoch", "cached_epoch"):
         assert report[key]["images_per_second"] > 0
-    assert report["settings"]["n"] == 6 and report["peak_rss_mb"]["main"] > 0
+    assert report["settings"]["n"] == 24 and report["peak_rss_mb"]["main"] > 0
+    epochs = report["training"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and all(0 <= e["data_wait_share"] < 1 for e in epochs)
+    assert report["training"]["cached_epochs_max_data_wait_share"] == epochs[1]["data_wait_share"]
 
 
 DERM = ROOT.parent / "shared" / "data" / "derm-isic"

@@ -37,6 +37,7 @@ def test_run_directory_contract(tiny_run):
         assert set(split) == REPORT_M
     rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in rows)
+    assert all(0 < r["data_wait_seconds"] < r["seconds"] for r in rows)  # the loader's share of the epoch
     info = json.loads((tiny_run / "model.json").read_text())
     assert info["arch"] == "efficientnet_lite0" and info["classes"] == ["normal", "opacity"]
     assert info["in_chans"] == 1 and info["image_size"] == 32 and "threshold" in info

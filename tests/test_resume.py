@@ -15,7 +15,7 @@ from medtricks.data.sampling import SeededSampler
 from medtricks.finetune import finetune
 from medtricks.runs import RESUME_FILE, RunError, load_resume_state, save_resume_state
 
-TIMING = {"seconds", "images_per_second"}
+TIMING = {"seconds", "images_per_second", "data_wait_seconds"}
 # Tricks that carry state across epochs (EMA, optimizer momentum, warmup/cosine step) or draw randomness (mixup):
 # the resumed run must restore or replay all of them.
 RESUME = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=4",
