@@ -12,8 +12,11 @@ Then (unless --train-epochs 0) it fine-tunes on the same files with `medtricks.f
 chooses) and reports, per epoch, the share of the training time the loop spent blocked waiting for the next batch
 (metrics.jsonl `data_wait_seconds` / `seconds`): epoch 1 decodes into the cache, later epochs read it.
 
+With --scaling 1000,4000 it instead runs the measurements above (no fine-tune) once per N, each in a fresh
+process, and reports peak memory against N: with the disk cache it must not grow with the data set.
+
 Usage: python benchmarks/data_throughput.py [--n 48] [--size 2000] [--cache memory|disk] [--workers 2]
-       [--train-epochs 3] [--batch-size 32]
+       [--train-epochs 3] [--batch-size 32] [--scaling 1000,4000]
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +63,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--train-epochs", type=int, default=3, help="fine-tune epochs (0: skip)")
     parser.add_argument("--batch-size", type=int, default=32, help="fine-tune batch size")
+    parser.add_argument("--scaling", help="comma-separated data set sizes: peak memory per size, no fine-tune")
     args = parser.parse_args()
+    if args.scaling:
+        print(json.dumps(_scaling(args, [int(n) for n in args.scaling.split(",")]), indent=2))
+        return
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -97,6 +106,22 @@ def main() -> None:
         "peak_rss_mb": {"main": round(peak_self, 1), "largest_worker": round(peak_children, 1)},
         "training": training,
     }, indent=2))
+
+
+def _scaling(args: argparse.Namespace, sizes: list[int]) -> dict:
+    """This benchmark without the fine-tune, once per data set size in its own process (so each peak is its own)."""
+    runs = {}
+    for n in sizes:
+        command = [sys.executable, __file__, "--n", str(n), "--size", str(args.size), "--image-size",
+                   str(args.image_size), "--cache", args.cache, "--workers", str(args.workers), "--train-epochs", "0"]
+        runs[n] = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    small, large = runs[min(sizes)]["peak_rss_mb"], runs[max(sizes)]["peak_rss_mb"]
+    return {"benchmark": "data_throughput_scaling",
+            "settings": {"sizes": sizes, "dicom_size": args.size, "image_size": args.image_size, "cache": args.cache,
+                         "workers": args.workers},
+            "runs": {str(n): {key: runs[n][key] for key in ("first_epoch", "cached_epoch", "peak_rss_mb")}
+                     for n in sizes},
+            "peak_rss_largest_vs_smallest": {part: round(large[part] / small[part], 3) for part in small}}
 
 
 def _training(tmp: Path, args: argparse.Namespace) -> dict:

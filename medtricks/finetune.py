@@ -73,9 +73,9 @@ def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     """`model` moved to `device` (in place) in the layout its convolutions run fastest in there.
 
     CPU: channels-last, oneDNN's native layout: with bfloat16 autocast a training step of efficientnet_lite0 /
-    resnet18 at 224 px takes about 1.1x less time than with contiguous weights on a 2-core AVX-512 CPU, and an fp32
-    input-gradient (attack) step about 1.4x less (benchmarks/train_speed.py, attack_speed.py). The values are the
-    same; saved weights are written contiguous. CUDA keeps the default layout (not measured here).
+    resnet18 at 224 px runs about 1.2x faster than with contiguous weights on a 2-core AVX-512 CPU
+    (benchmarks/train_speed.py). The values are the same; saved weights are written contiguous. CUDA keeps the
+    default layout (not measured here).
     """
     if device.type == "cpu":
         return model.to(device, memory_format=torch.channels_last)

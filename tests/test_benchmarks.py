@@ -24,6 +24,18 @@ def test_data_throughput_prints_json():
     assert report["training"]["cached_epochs_max_data_wait_share"] == epochs[1]["data_wait_share"]
 
 
+@pytest.mark.slow
+def test_data_throughput_scaling_reports_memory_per_size():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_throughput.py"), "--scaling", "6,12",
+                          "--size", "200", "--image-size", "32", "--workers", "1", "--cache", "disk"],
+                         capture_output=True, text=True, check=True, timeout=600)
+    report = json.loads(out.stdout)
+    assert set(report["runs"]) == {"6", "12"} and report["settings"]["cache"] == "disk"
+    assert all(run["peak_rss_mb"]["main"] > 0 for run in report["runs"].values())
+    ratio = report["peak_rss_largest_vs_smallest"]["main"]
+    assert ratio == round(report["runs"]["12"]["peak_rss_mb"]["main"] / report["runs"]["6"]["peak_rss_mb"]["main"], 3)
+
+
 DERM = ROOT.parent / "shared" / "data" / "derm-isic"
 
 
