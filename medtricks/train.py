@@ -38,6 +38,9 @@ from medtricks.tricks.step_decay import step_factor
 from medtricks.tricks.warmup import warmup_factor
 
 logger = logging.getLogger(__name__)
+# the wall-clock fields of report.json's `train` and of each metrics.jsonl row: everything else is a function of
+# the recipe, data and seed (compare runs without these)
+TIMING_KEYS = frozenset({"seconds", "images_per_second", "data_wait_seconds"})
 
 
 class TrainingError(MedtricksError):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medtricks.attacks import AttackError, ThresholdShift, TwoLogits, attack_mode, fgsm, pgd
+from medtricks.attacks import AttackError, ThresholdShift, TwoLogits, attack_mode, fgsm, fold_batchnorm, pgd
 from medtricks.robustness import FINLAYSON, AttackSettings, parse_eps
 
 SIDE = 16
@@ -278,6 +278,78 @@ def test_attack_mode_is_eval_without_weight_gradients_and_restores_on_error():
         raise RuntimeError("boom")
     assert _state(model) == before
     assert all((p.data_ptr(), p.stride()) == weights[name] for name, p in model.named_parameters())  # no copies
+
+
+def _with_statistics(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with non-trivial BatchNorm statistics and affine parameters (folding them matters)."""
+    g = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            module.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def _conv_bn_model() -> nn.Module:
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    return _with_statistics(nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), BatchNormAct2d(4, act_layer=nn.ReLU6),
+        nn.Conv2d(4, 4, 1, groups=4), nn.BatchNorm2d(4),  # depthwise
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)))
+
+
+def test_fold_batchnorm_keeps_the_logits_and_leaves_the_model_alone(task):
+    model = _conv_bn_model()
+    before = copy.deepcopy(model.state_dict())
+    with attack_mode(model):
+        folded = fold_batchnorm(model, task.x[:2])
+        assert folded is not model
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())  # all three folded
+        assert any(isinstance(m, nn.ReLU6) for m in folded.modules())  # BatchNormAct2d's activation stays
+        with torch.no_grad():
+            torch.testing.assert_close(folded(task.x), model(task.x), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _SkipFromConv(nn.Module):
+    """A conv whose output feeds both its BatchNorm and a skip connection: folding would change the skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(self.bn(y) + y)
+
+
+def test_fold_batchnorm_returns_the_model_when_folding_would_change_it(task):
+    model = _with_statistics(_SkipFromConv())
+    assert fold_batchnorm(model, task.x[:2]) is model
+    plain = tiny_cnn(2).eval()
+    assert fold_batchnorm(plain, task.x[:2]) is plain  # nothing to fold: the model itself
+
+
+def test_pgd_through_folded_batchnorm_matches_pgd_on_the_model(task, monkeypatch):
+    model = _train(_conv_bn_model().train(), task.x, task.y, single_logit=False).eval()
+    images, labels = task.x, predict(model, task.x)  # its own predictions: clean accuracy 100%
+    runs = {}
+    for name in ("folded", "plain"):
+        if name == "plain":
+            monkeypatch.setattr("medtricks.attacks.fold_batchnorm", lambda m, example: m)
+        adv = pgd(model, images, labels, 16 / 255, steps=5, generator=torch.Generator().manual_seed(0))
+        runs[name] = predict(model, adv)
+    agree = (runs["folded"] == runs["plain"]).float().mean()
+    assert agree >= 0.97 and abs(float((runs["folded"] == labels).float().mean() - (runs["plain"] == labels)
+                                        .float().mean())) <= 0.02
+    assert (runs["plain"] != labels).any()  # the attack did something
 
 
 def test_two_logits_matches_the_sigmoid_of_a_single_logit(task):

@@ -19,6 +19,7 @@ from medtricks.data.sampling import SeededSampler
 from medtricks.errors import MedtricksError
 from medtricks.finetune import finetune
 from medtricks.runs import RESUME_FILE, load_resume_state
+from medtricks.train import TIMING_KEYS
 
 TINY = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=2",
         "train.batch_size=8", "train.eval_batch_size=16"]
@@ -26,7 +27,6 @@ TINY = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "
 # depend on the other images of its batch, so 2 processes must give the 1-process numbers up to float reduction order.
 FROZEN = [*TINY, "model.arch=resnet18", "model.weights=none", "model.freeze=[stem,layer1,layer2,layer3,layer4]",
           "tricks.amp=null"]
-TIMING = {"seconds", "images_per_second"}
 
 
 def _free_port() -> int:
@@ -63,7 +63,7 @@ def _rows(run) -> list[dict]:
 
 def _report(run) -> dict:
     report = json.loads((run / "report.json").read_text())
-    return {**report, "train": {k: v for k, v in report["train"].items() if k not in TIMING}}
+    return {**report, "train": {k: v for k, v in report["train"].items() if k not in TIMING_KEYS}}
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +210,8 @@ def test_killed_two_process_run_resumes_to_the_same_report(phantoms_train, tmp_p
     done = _torchrun("-m", "medtricks", "finetune", "--out", str(out), "--resume", "--quiet")
     assert done.returncode == 0, done.stderr
     assert _report(out) == _report(reference)
-    strip = [{k: v for k, v in row.items() if k not in TIMING} for row in _rows(out)]
-    assert strip == [{k: v for k, v in row.items() if k not in TIMING} for row in _rows(reference)]
+    strip = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in _rows(out)]
+    assert strip == [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in _rows(reference)]
 
 
 # --- unit tests: one process --------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import torch
 from medtricks.data.sampling import SeededSampler
 from medtricks.finetune import finetune
 from medtricks.runs import RESUME_FILE, RunError, load_resume_state, save_resume_state
+from medtricks.train import TIMING_KEYS
 
-TIMING = {"seconds", "images_per_second", "data_wait_seconds"}
 # Tricks that carry state across epochs (EMA, optimizer momentum, warmup/cosine step) or draw randomness (mixup):
 # the resumed run must restore or replay all of them.
 RESUME = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=4",
@@ -23,12 +23,12 @@ RESUME = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false",
 
 
 def _without_timing(report: dict) -> dict:
-    return {**report, "train": {k: v for k, v in report["train"].items() if k not in TIMING}}
+    return {**report, "train": {k: v for k, v in report["train"].items() if k not in TIMING_KEYS}}
 
 
 def _rows(run) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
 @pytest.fixture(scope="module")
