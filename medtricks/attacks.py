@@ -161,10 +161,10 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-4) 
 
     An attack differentiates through the frozen network a few dozen times per image; folding drops the BatchNorm
     passes from every forward and backward: PGD-10 on efficientnet_lite0 (CPU, 128 px) ran 1.3-1.5x faster with
-    folding than without (benchmarks/attack_speed.py). Conv -> BN pairs are found by running `example` with hooks: a BN whose input is
-    the very tensor a conv returned. The copy must give the same logits on `example` (within `atol`, plus float
-    rounding relative to the logits' size); otherwise, e.g. when a conv's output also feeds a skip connection,
-    `model` is returned unchanged. Call inside `attack_mode` (eval, no weight gradients).
+    folding than without (benchmarks/attack_speed.py). Conv -> BN pairs are found by running `example` with hooks:
+    a BN whose input is the very tensor a conv returned. The copy must give the same logits on `example` (within
+    `atol`, plus float rounding relative to the logits' size); otherwise, e.g. when a conv's output also feeds a
+    skip connection, `model` is returned unchanged. Call inside `attack_mode` (eval, no weight gradients).
     """
     folded = copy.deepcopy(model)
     produced, pairs, hooks = {}, [], []

@@ -165,14 +165,18 @@ def evaluate_cmd(
     """Evaluate a run's model on a split of its data or on another source.
 
     Example: medtricks evaluate runs/demo-20261128-101500 --data other_site/ --split all --json external.json
+    (under torchrun --nproc_per_node N -m medtricks evaluate ...: each process predicts a shard, rank 0 prints).
     """
+    from medtricks import distributed
     from medtricks.finetune import evaluate
 
     try:
-        metrics = evaluate(run, data=data, split=split, json_path=json_path)
+        with distributed.process_group():
+            metrics = evaluate(run, data=data, split=split, json_path=json_path)
     except MedtricksError as exc:
         _fail(exc)
-    console.print(json.dumps(metrics, indent=2))
+    if distributed.is_main():
+        console.print(json.dumps(metrics, indent=2))
 
 
 @app.command("predict")

@@ -173,6 +173,18 @@ def test_sharded_evaluation_equals_one_process_exactly(two_process_run, tmp_path
         assert {k: a[split]["metrics"][k] for k in report["splits"][split]} == report["splits"][split]
 
 
+def test_evaluate_command_under_torchrun_shards_and_prints_once(two_process_run, tmp_path):
+    """`torchrun ... -m medtricks evaluate RUN --json F` joins the group (each rank predicts a shard), writes F once
+    and prints one JSON object: report.json's val metrics."""
+    run, _ = two_process_run
+    done = _torchrun("-m", "medtricks", "evaluate", str(run), "--split", "val", "--json", str(tmp_path / "val.json"))
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)  # one object: a second rank printing would make this invalid JSON
+    assert printed == json.loads((tmp_path / "val.json").read_text())
+    val = json.loads((run / "report.json").read_text())["splits"]["val"]
+    assert {k: printed[k] for k in val} == val and printed["split"] == "val"
+
+
 def test_an_error_on_rank_0_ends_every_rank(two_process_run, phantoms_train):
     """An existing --out fails on rank 0 (which alone creates the run); the error reaches rank 1, both exit 2 and
     --nproc returns that code (no rank waits forever: the subprocess timeout would fail the test)."""
