@@ -54,12 +54,15 @@ def test_config_defaults_and_method_card(name):
     for prefix in CARD_LINES:
         assert sum(line.startswith(prefix) for line in lines) == 1, f"{cls.__module__}: one {prefix!r} line"
     effect = next(i for i, line in enumerate(lines) if line.startswith("Measured effect:"))
-    card = " ".join([lines[effect].removeprefix("Measured effect:"), *lines[effect + 1:effect + 2]]).split()
+    end = next((i for i in range(effect + 1, len(lines)) if not lines[i].startswith("    ")), len(lines))
+    card = " ".join([lines[effect].removeprefix("Measured effect:"), *lines[effect + 1:end]]).split()
     row = next(line for line in README.read_text().splitlines() if line.startswith(f"| `{name}` |"))
     if "not yet measured" in row:  # the card and the README tricks table say the same
         assert card == ["not", "yet", "measured"], card
-    else:
-        numbers = " ".join(card).split(": ", 1)[1].split(";")[0]  # "AUROC +0.015 [...], bal. acc. ..."
+    else:  # "AUROC +0.015 [...], bal. acc. ...", or "mixup: AUROC ...; cutmix: AUROC ..." for a card of two tricks
+        segments = [segment.strip() for segment in " ".join(card).split(": ", 1)[1].split(";")]
+        own = [segment.removeprefix(f"{name}: ") for segment in segments if segment.startswith(f"{name}: ")]
+        numbers = own[0] if own else segments[0]
         assert card[:3] == row.split(" | ")[-1].split()[:3] and numbers in row, (card, row)
     hook = next(line for line in lines if line.startswith("Hook:"))
     assert any(h in hook for h in HOOKS), hook

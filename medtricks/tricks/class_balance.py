@@ -9,7 +9,9 @@ Interactions: use one mode, not the loss weights and the sampler together (the i
     works with label_smoothing and mixup's soft targets; it shifts predicted probabilities, which the
     validation-chosen operating threshold and the calibration report reveal; the sampler repeats rare images, so
     strong augmentation matters more.
-Measured effect: not yet measured
+Measured effect: no detectable effect on fundus_dr (RetinaMNIST val, 64 px, 10 epochs, 3 paired seeds, with − without):
+    AUROC -0.017 [-0.071, +0.037], bal. acc. +0.129 [-0.093, +0.352]; command in README (tricks table, added to the
+    recipe).
 """
 
 from __future__ import annotations

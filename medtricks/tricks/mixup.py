@@ -8,7 +8,9 @@ Interactions: targets become (N, C) probabilities, which label_smoothing_loss an
     one of mixup/cutmix act on a batch (timm alternates them); the paper trains longer with it (200 epochs, not 120).
     Use with care on medical images: a blended or pasted region can hide a small lesion while its label stays in the
     target, and CutMix assumes the label is proportional to area.
-Measured effect: not yet measured
+Measured effect: no detectable effect on fundus_dr (RetinaMNIST val, 64 px, 10 epochs, 3 paired seeds, with − without):
+    mixup: AUROC +0.001 [-0.101, +0.103], bal. acc. +0.003 [-0.154, +0.159]; cutmix: AUROC -0.029 [-0.084,
+    +0.025], bal. acc. -0.041 [-0.206, +0.124]; command in README (tricks table, added to the recipe).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ Defaults: stages None (every stage with residual blocks), beta keep. Resetting o
 Interactions: the same as a `model.bn_reset` entry {gamma: zero, which: last_in_block}: don't list a stage in both;
     never on frozen stages (their blocks would stay switched off); DenseNet has no residual blocks (error); with
     no_bias_decay the zeroed gammas are not decayed.
-Measured effect: not yet measured
+Measured effect: no detectable effect on fundus_dr (RetinaMNIST val, 64 px, 10 epochs, 3 paired seeds, with − without):
+    AUROC +0.001 [-0.050, +0.051], bal. acc. -0.015 [-0.244, +0.213]; command in README (tricks table, added to the
+    recipe).
 """
 
 from __future__ import annotations
