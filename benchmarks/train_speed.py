@@ -133,9 +133,12 @@ def plain_epochs(arch: str, weights: str, classes: list[str], manifest: Path, ar
                "val_auroc": roc_auc_score(torch.cat(truth).numpy(), torch.cat(probs).numpy())}
 
 
-def plain_summary(seed: int, epochs: list[dict]) -> dict:
+def run_summary(seed: int, epochs: list[dict], wall_seconds: float | None = None) -> dict:
+    """One run's per-epoch images/s and val AUROC (plain-loop epochs or metrics.jsonl rows); its wall time is the
+    sum of the epochs' seconds unless given."""
+    wall = sum(e["seconds"] for e in epochs) if wall_seconds is None else wall_seconds
     return {"seed": seed, "epoch_images_per_second": [round(e["images_per_second"], 2) for e in epochs],
-            "val_auroc": round(epochs[-1]["val_auroc"], 4), "wall_seconds": round(sum(e["seconds"] for e in epochs), 1),
+            "val_auroc": round(epochs[-1]["val_auroc"], 4), "wall_seconds": round(wall, 1),
             "val_auroc_per_epoch": [round(e["val_auroc"], 4) for e in epochs]}
 
 
@@ -160,10 +163,7 @@ def medtricks_vs_plain(arch: str, weights: str, classes: list[str], manifest: Pa
     run = finetune("baseline", data=manifest, out=out, overrides=overrides, seed=seed, on_epoch=plain_epoch)
     wall = time.perf_counter() - started - sum(r["seconds"] for r in plain_rows)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return ({"seed": seed, "epoch_images_per_second": [round(r["images_per_second"], 2) for r in rows],
-             "val_auroc": round(rows[-1]["val_auroc"], 4), "wall_seconds": round(wall, 1),
-             "val_auroc_per_epoch": [round(r["val_auroc"], 4) for r in rows]},
-            plain_summary(seed, plain_rows), n_train)
+    return run_summary(seed, rows, wall), run_summary(seed, plain_rows), n_train
 
 
 def gemm_gflops(n: int = 2048, repeats: int = 10) -> dict:
@@ -255,7 +255,7 @@ def main() -> None:
             weights = "imagenet" if imagenet_offline(arch) else "none"
             mt, plain0, n_train = medtricks_vs_plain(arch, weights, classes, manifest, Path(tmp) / f"run-{arch}",
                                                      args, seeds[0])
-            plain = [plain0] + [plain_summary(s, list(plain_epochs(arch, weights, classes, manifest, args, s))[1:])
+            plain = [plain0] + [run_summary(s, list(plain_epochs(arch, weights, classes, manifest, args, s))[1:])
                                 for s in seeds[1:]]
             plain_ips = summarize(plain0["epoch_images_per_second"])  # the run interleaved with medtricks
             mt_ips = summarize(mt["epoch_images_per_second"])
