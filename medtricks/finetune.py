@@ -181,6 +181,8 @@ def _finetune(recipe: Recipe | str | Path | None, data: str | Path | None, out: 
             "medtricks_version": medtricks.__version__, "tricks": recipe.tricks.enabled(),
             "data": {"source": str(Path(source).resolve()), "split_origin": bundle.split_origin,
                      "skipped": [{"file": k, "reason": r} for k, r in bundle.skipped]}}
+    if state is None:  # records the data source before epoch 1, so a run killed that early resumes on the same data
+        distributed.on_main(lambda: write_json(run / MODEL_JSON, info))
 
     def save_best(best_model: torch.nn.Module, row: dict) -> None:
         save_weights(run / MODEL_FILE, best_model)
@@ -265,12 +267,21 @@ def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, da
             raise RunError(f"{run}: the given recipe differs from the run's recipe.yaml in {', '.join(changed)}; "
                            f"resume without --recipe/--set/--seed (the run's own recipe is used), or start a new run.")
     state = load_resume_state(run)
-    if state is not None:
-        source = state["data_source"]
+    recorded = state["data_source"] if state is not None else _opened_on(run)
+    if recorded is not None:
+        source = recorded
         if data is not None and str(Path(resolve_source(saved.data, data)).resolve()) != source:
             raise RunError(f"{run}: it was trained on {source}, not {data}; resume without --data or with the same.")
         data = source
     return {"recipe": saved, "data": data, "state": state}
+
+
+def _opened_on(run: Path) -> str | None:
+    """The data source model.json recorded when the run opened (None for a run from before that record)."""
+    try:
+        return json.loads((run / MODEL_JSON).read_text())["data"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 

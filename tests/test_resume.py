@@ -99,6 +99,30 @@ def test_resume_before_the_first_epoch_starts_over(reference, phantoms_train, tm
     assert _rows(out) == _rows(reference)
 
 
+def test_killed_before_the_first_epoch_resumes_on_the_data_it_was_given(reference, phantoms_train, tmp_path,
+                                                                          monkeypatch):
+    # The demo recipe's own source is another folder (and RESUME turns off writing phantoms there): a resume that
+    # fell back to it would fail or train on other images. model.json records the source when the run opens.
+    ft = importlib.import_module("medtricks.finetune")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    runs = {name: tmp_path / name for name in ("early", "early_other_data")}
+    monkeypatch.setattr(ft, "fit", killed)
+    for out in runs.values():
+        with pytest.raises(KeyboardInterrupt):
+            finetune("demo", data=phantoms_train, out=out, overrides=RESUME)
+    monkeypatch.undo()
+    assert load_resume_state(runs["early"]) is None and not (runs["early"] / "report.json").exists()
+    finetune(None, out=runs["early"], resume=True)
+    assert _rows(runs["early"]) == _rows(reference)
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(RunError, match="it was trained on"):
+        finetune(None, data=other, out=runs["early_other_data"], resume=True)
+
+
 def test_resume_state_round_trip(tmp_path):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
     opt.param_groups[0]["params"][0].grad = torch.ones(3)
