@@ -7,7 +7,11 @@ roc_curve). Written here, because scikit-learn lacks them:
 - the top-label expected calibration error with equal-width bins (Guo et al. 2017, "On Calibration of Modern
   Neural Networks", ICML);
 - the binary operating threshold maximizing Youden's J = sensitivity + specificity - 1 (Youden 1950), chosen on
-  the validation split so that a well-ranking model with a shifted bias does not look like chance.
+  the validation split so that a well-ranking model with a shifted bias does not look like chance; either the
+  empirical maximum (`youden`) or the point where a class-balanced logistic fit of the labels on the score logit
+  crosses 1/2 (`logistic`, Platt 1999 scaling used to place the balanced operating point). The empirical maximum is
+  decided by the few validation images nearest the boundary and jumps between them on a small or nearly separable
+  validation split; the fit uses every image and moves little.
 
 Every value returned by `compute_metrics` is a plain Python float, int, None or list, so `json.dumps` works;
 an undefined metric (AUROC when a class is absent from the labels) is None, never NaN.
@@ -20,6 +24,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 logger = logging.getLogger(__name__)
@@ -62,17 +67,28 @@ def _missing_classes(labels: np.ndarray, n_classes: int) -> list[int]:
     return sorted(set(range(n_classes)) - set(labels.tolist()))
 
 
-def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The operating threshold maximizing Youden's J on these labels (use the validation split).
+THRESHOLD_METHODS = ("youden", "logistic")
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str = "youden") -> float:
+    """The binary operating threshold for balanced errors, estimated on these labels (use the validation split).
 
     Args:
         labels: (N,) binary labels in {0, 1}.
         probs: (N, 2) probabilities or (N,) positive-class probability, in [0, 1].
+        method: `youden`: the threshold maximizing Youden's J = sensitivity + specificity - 1 on these images;
+            among thresholds with equal J, the one closest to 0.5. `logistic`: the probability at which a
+            logistic regression of the labels on logit(p1), with class-balanced weights and scikit-learn's default
+            L2 penalty, predicts 1/2; the balanced-prior posterior crosses 1/2 where the class densities of the
+            score cross, which is where J peaks when the fit holds. It falls back to `youden` (with a warning)
+            when the fitted slope is not positive (scores that do not rank the classes).
 
     Returns:
-        Threshold in [0, 1] on the positive-class probability (predict positive when prob >= threshold). Among
-        thresholds with equal J, the one closest to 0.5. 0.5 (with a warning) when only one class is present.
+        Threshold in [0, 1] on the positive-class probability (predict positive when prob >= threshold). 0.5 (with
+        a warning) when only one class is present.
     """
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"unknown threshold method {method!r}; choose one of {list(THRESHOLD_METHODS)}.")
     y, p = _check(labels, probs)
     if p.shape[1] != 2:
         raise ValueError(f"choose_threshold is for binary tasks; probs have {p.shape[1]} classes.")
@@ -80,11 +96,29 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
         logger.warning("choose_threshold: only class %d is present in the %d labels; using threshold 0.5.",
                        int(y[0]), len(y))
         return 0.5
+    if method == "logistic":
+        threshold = _logistic_threshold(y, p[:, 1])
+        if threshold is not None:
+            return threshold
+        logger.warning("choose_threshold: the logistic fit of the %d labels on the scores has no positive slope "
+                       "(the scores do not rank the classes); using the Youden threshold.", len(y))
     fpr, tpr, thresholds = roc_curve(y, p[:, 1], drop_intermediate=False)
     thresholds = np.clip(thresholds, 0.0, 1.0)  # the first threshold is inf ("predict nothing positive")
     youden = tpr - fpr
     best = np.flatnonzero(youden >= youden.max() - 1e-12)
     return float(thresholds[best[np.argmin(np.abs(thresholds[best] - 0.5))]])
+
+
+def _logistic_threshold(labels: np.ndarray, p1: np.ndarray) -> float | None:
+    """p where sigmoid(a * logit(p) + b) = 1/2 for the class-balanced L2 logistic fit; None when a <= 0."""
+    eps = 1e-6
+    p1 = np.clip(p1, eps, 1 - eps)
+    z = np.log(p1 / (1 - p1)).reshape(-1, 1)
+    fit = LogisticRegression(class_weight="balanced").fit(z, labels)
+    slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if slope <= 0:
+        return None
+    return float(np.clip(1.0 / (1.0 + np.exp(intercept / slope)), 0.0, 1.0))
 
 
 def _calibration_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int) -> tuple[np.ndarray, ...]:

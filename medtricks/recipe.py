@@ -21,6 +21,7 @@ import yaml
 
 from medtricks.attacks import AttackSettings
 from medtricks.errors import RecipeError
+from medtricks.metrics import THRESHOLD_METHODS
 from medtricks.tricks.amp import AmpConfig
 from medtricks.tricks.class_balance import ClassBalanceConfig
 from medtricks.tricks.cosine import CosineConfig
@@ -164,6 +165,9 @@ class TrainConfig:
         weight_decay: L2 / decoupled weight decay (biases and norms exempt with the no_bias_decay trick).
         grad_clip: max gradient norm, None = no clipping.
         select_metric: validation metric that picks the saved epoch (auroc, balanced_accuracy, accuracy, f1, loss).
+        threshold: how the binary operating threshold is estimated on validation (medtricks.metrics.choose_threshold):
+            youden (the empirical maximum of sensitivity + specificity) or logistic (where a class-balanced logistic
+            fit on the score crosses 1/2: steadier on a small or nearly separable validation split).
         early_stopping: stop after this many epochs without improvement of select_metric; None = never.
         eval_batch_size: images per evaluation batch (on each process of a distributed run).
         device: auto (CUDA when available), cpu or cuda.
@@ -181,6 +185,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float | None = None
     select_metric: str = "auroc"
+    threshold: str = "youden"
     early_stopping: int | None = None
     eval_batch_size: int = 64
     device: str = "auto"
@@ -204,6 +209,9 @@ class TrainConfig:
         if self.select_metric not in SELECT_METRICS:
             raise RecipeError(f"recipe key 'train.select_metric' = {self.select_metric!r}; choose one of "
                               f"{list(SELECT_METRICS)}.")
+        if self.threshold not in THRESHOLD_METHODS:
+            raise RecipeError(f"recipe key 'train.threshold' = {self.threshold!r}; choose one of "
+                              f"{list(THRESHOLD_METHODS)}.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise RecipeError(f"recipe key 'train.device' = {self.device!r}; choose auto, cpu or cuda.")
 

@@ -114,9 +114,9 @@ def evaluate_split(output: EvalOutput, threshold: float | None, seed: int) -> di
     return metrics
 
 
-def val_threshold(output: EvalOutput, num_classes: int) -> float | None:
-    """The binary operating threshold chosen on validation (Youden's J); None for multi-class (argmax)."""
-    return choose_threshold(output.labels, output.probs) if num_classes == 2 else None
+def val_threshold(output: EvalOutput, num_classes: int, method: str = "youden") -> float | None:
+    """The binary operating threshold chosen on validation (choose_threshold's method); None for multi-class."""
+    return choose_threshold(output.labels, output.probs, method) if num_classes == 2 else None
 
 
 @dataclass
@@ -238,7 +238,7 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
         distributed.broadcast_buffers(evaluated)  # rank 0's BN statistics everywhere: the model rank 0 saves
         if val_loader is not None:
             out = predict_loader(evaluated, val_loader, device)
-            epoch_threshold = val_threshold(out, num_classes)
+            epoch_threshold = val_threshold(out, num_classes, config.threshold)
             metrics = evaluate_split(out, epoch_threshold, seed)
             row.update({f"val_{k}": metrics[k] for k in ("loss", "auroc", "accuracy", "balanced_accuracy", "f1")})
             value = metrics[config.select_metric]

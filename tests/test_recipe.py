@@ -1,7 +1,7 @@
 import pytest
 
 from medtricks.errors import RecipeError
-from medtricks.recipe import DataConfig, Recipe, SplitConfig, build_dataclass, load_recipe, set_key
+from medtricks.recipe import DataConfig, Recipe, SplitConfig, TrainConfig, build_dataclass, load_recipe, set_key
 
 
 def test_data_section_builds_with_types_and_defaults():
@@ -88,3 +88,15 @@ def test_attack_section_strict():
         build_dataclass(AttackSettings, {"epsilon": [0.01]}, "attack")
     with pytest.raises(MedtricksError, match="must be in"):
         build_dataclass(AttackSettings, {"eps": [2.0]}, "attack")
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"threshold": "otsu"}, ["train.threshold", "youden", "logistic"]),
+    ({"select_metric": "kappa"}, ["train.select_metric", "auroc"]),
+])
+def test_bad_train_keys_name_the_key(raw, words):
+    with pytest.raises(RecipeError) as info:
+        build_dataclass(TrainConfig, raw, "train")
+    for word in words:
+        assert word in str(info.value)
+    assert build_dataclass(TrainConfig, {"threshold": "logistic"}, "train").threshold == "logistic"
