@@ -284,7 +284,6 @@ def _opened_on(run: Path) -> str | None:
         return None
 
 
-
 def _as_recipe(recipe: Recipe | str | Path, overrides: Sequence[str], seed: int | None) -> Recipe:
     if not isinstance(recipe, Recipe):
         return load_recipe(recipe, overrides, seed)
