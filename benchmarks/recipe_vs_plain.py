@@ -11,12 +11,13 @@ test once, so K folds score all N images instead of the 270.
   weight decay 0) at lr 1e-3, no augmentation, no tricks, the best-val-AUROC epoch and the toolkit's default
   (Youden) threshold; its other settings (epochs, batch) are the recipe's.
 
-Per fold: each run's test AUROC / accuracy / balanced accuracy (report.json) and `medtricks.compare` on the
-fold's test images (DeLong, McNemar at each run's own threshold). For a binary task also `threshold_methods`: each
-run's test accuracy at the threshold every method of medtricks.metrics.choose_threshold estimates on the run's own
-val predictions (the same model, only the operating point differs). Summary: mean +- sd over folds, the paired
-difference recipe - plain over folds with a 95% t interval (medtricks.stats.paired_difference), and one exact
-McNemar test on the counts pooled over folds (each image is in one fold only, so the counts are independent).
+Per fold: each run's test AUROC / accuracy / balanced accuracy (report.json) and the paired tests of
+`medtricks.compare` on the fold's test images (DeLong, McNemar at each run's own threshold). For a binary task
+also `threshold_methods`: each run's test accuracy at the threshold every method of
+medtricks.metrics.choose_threshold estimates on the run's own val predictions (the same model, only the operating
+point differs). Summary: mean +- sd over folds, the paired difference recipe - plain over folds with a 95% t
+interval (medtricks.stats.paired_difference), and one exact McNemar test on the counts pooled over folds (each
+image is in one fold only, so the counts are independent).
 
 Finished runs under --out are reused, so a killed benchmark continues where it stopped, and a second recipe (a
 YAML path, or other --set values) can be measured against the same folds and plain runs with another --arm name.
@@ -34,17 +35,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import scipy.stats as sps
 import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from medtricks.ablate import AblationError, _check_same_recipe
-from medtricks.compare import _scored, compare
+from medtricks.compare import _scored, compare_predictions
 from medtricks.finetune import finetune, load_recipe_from_dict
 from medtricks.metrics import THRESHOLD_METHODS, choose_threshold, compute_metrics
 from medtricks.recipe import load_recipe
 from medtricks.runs import REPORT_FILE, read_run
-from medtricks.stats import paired_difference
+from medtricks.stats import mcnemar_p_value, paired_difference
 
 PLAIN = ["train.optimizer=adamw", "train.lr=0.001", "train.weight_decay=0", "data.augment=none",
          "train.select_metric=auroc", "train.threshold=youden"]
@@ -104,12 +104,26 @@ def run_once(recipe, data: Path, out: Path) -> dict:
     return json.loads((out / REPORT_FILE).read_text())
 
 
-def threshold_methods(run: Path) -> dict:
-    """Test accuracy of a binary run's model at the threshold each method estimates on the run's val split."""
+def score(run: Path) -> dict:
+    """A run's model.json and its (keys, labels, probs) on the fold's val and test splits, each predicted once."""
     info, _ = read_run(run)
     classes, source = tuple(info["classes"]), info["data"]["source"]
-    _, val_labels, val_probs, _ = _scored(run, source, "val", classes)
-    _, labels, probs, _ = _scored(run, source, "test", classes)
+    return {"info": info, **{split: _scored(run, source, split, classes)[:3] for split in ("val", "test")}}
+
+
+def paired_test(scored: dict) -> dict:
+    """compare_predictions on the fold's test images, recipe (A) vs plain (B), each at its own threshold."""
+    (keys, labels, probs_a), (keys_b, _, probs_b) = scored["recipe"]["test"], scored["plain"]["test"]
+    if keys != keys_b:
+        sys.exit("the two arms scored different test images: their runs were not made on the same fold.npz.")
+    result = compare_predictions(labels, probs_a, probs_b, scored["recipe"]["info"].get("threshold"),
+                                 scored["plain"]["info"].get("threshold"))
+    return {key: result[key] for key in ("n", "auroc", "accuracy")}
+
+
+def threshold_methods(scored: dict) -> dict:
+    """Test accuracy of a binary run's model at the threshold each method estimates on the run's val split."""
+    (_, val_labels, val_probs), (_, labels, probs) = scored["val"], scored["test"]
     result = {}
     for method in THRESHOLD_METHODS:
         threshold = choose_threshold(val_labels, val_probs, method)
@@ -138,10 +152,10 @@ def summarize(per_fold: list[dict]) -> dict:
                            "recipe_minus_plain": paired_difference(values["recipe"], values["plain"])}
     a_only = sum(fold["compare"]["accuracy"]["mcnemar"]["a_only"] for fold in per_fold)
     b_only = sum(fold["compare"]["accuracy"]["mcnemar"]["b_only"] for fold in per_fold)
-    p = 1.0 if a_only + b_only == 0 else float(sps.binomtest(a_only, a_only + b_only, 0.5).pvalue)
     n = sum(fold["compare"]["n"] for fold in per_fold)
     summary["pooled_mcnemar"] = {"images": n, "recipe_only_right": a_only, "plain_only_right": b_only,
-                                 "accuracy_difference": round((a_only - b_only) / n, 4), "p_value": p}
+                                 "accuracy_difference": round((a_only - b_only) / n, 4),
+                                 "p_value": mcnemar_p_value(a_only, b_only)}
     if all("threshold_methods" in fold for fold in per_fold):
         summary["threshold_methods"] = summarize_thresholds(per_fold)
     return summary
@@ -168,13 +182,13 @@ def main() -> None:
     for k, folder in enumerate(write_folds(find_npz(args.data), args.folds, args.seed, args.out)):
         runs = {"recipe": args.out / args.arm / f"fold-{k}", "plain": args.out / "plain" / f"fold-{k}"}
         reports = {arm: run_once(r, folder, runs[arm]) for arm, r in (("recipe", recipe), ("plain", plain))}
-        paired = compare(runs["recipe"], runs["plain"], split="test")
+        scored = {arm: score(runs[arm]) for arm in runs}
         per_fold.append({"fold": k, **{arm: {m: reports[arm]["splits"]["test"][m] for m in METRICS}
                                        for arm in reports},
                          "seconds": {arm: reports[arm]["train"]["seconds"] for arm in reports},
-                         "compare": {key: paired[key] for key in ("n", "auroc", "accuracy")}})
-        if len(paired["classes"]) == 2:
-            per_fold[-1]["threshold_methods"] = {arm: threshold_methods(runs[arm]) for arm in runs}
+                         "compare": paired_test(scored)})
+        if len(reports["recipe"]["classes"]) == 2:
+            per_fold[-1]["threshold_methods"] = {arm: threshold_methods(scored[arm]) for arm in runs}
         print(f"fold {k}: recipe {per_fold[-1]['recipe']}  plain {per_fold[-1]['plain']}", file=sys.stderr)
     plain_settings = [*PLAIN, f"data.image_size={args.plain_size}", "tricks: none"]
     result = {"settings": {"recipe": args.recipe, "data": str(args.data), "folds": args.folds, "seed": args.seed,

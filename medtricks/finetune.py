@@ -181,7 +181,7 @@ def _finetune(recipe: Recipe | str | Path | None, data: str | Path | None, out: 
             "medtricks_version": medtricks.__version__, "tricks": recipe.tricks.enabled(),
             "data": {"source": str(Path(source).resolve()), "split_origin": bundle.split_origin,
                      "skipped": [{"file": k, "reason": r} for k, r in bundle.skipped]}}
-    if state is None:  # records the data source before epoch 1, so a run killed that early resumes on the same data
+    if state is None:  # model.json records the data source from the start: resume reads it (_recorded_source)
         distributed.on_main(lambda: write_json(run / MODEL_JSON, info))
 
     def save_best(best_model: torch.nn.Module, row: dict) -> None:
@@ -195,7 +195,7 @@ def _finetune(recipe: Recipe | str | Path | None, data: str | Path | None, out: 
             on_epoch(row)
 
     def save_state(fit_state: dict) -> None:
-        save_resume_state(run, {**fit_state, "rows": rows, "data_source": str(Path(source).resolve())})
+        save_resume_state(run, {**fit_state, "rows": rows})
 
     result = fit(model, train_loader, val_loader, recipe.train, recipe.tricks, base_lr=base_lr,
                  lr_multipliers=recipe.model.lr_multipliers, device=device, seed=recipe.seed,
@@ -267,17 +267,18 @@ def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, da
             raise RunError(f"{run}: the given recipe differs from the run's recipe.yaml in {', '.join(changed)}; "
                            f"resume without --recipe/--set/--seed (the run's own recipe is used), or start a new run.")
     state = load_resume_state(run)
-    recorded = state["data_source"] if state is not None else _opened_on(run)
+    recorded = _recorded_source(run)
     if recorded is not None:
-        source = recorded
-        if data is not None and str(Path(resolve_source(saved.data, data)).resolve()) != source:
-            raise RunError(f"{run}: it was trained on {source}, not {data}; resume without --data or with the same.")
-        data = source
+        if data is not None and str(Path(resolve_source(saved.data, data)).resolve()) != recorded:
+            raise RunError(f"{run}: it was trained on {recorded}, not {data}; resume without --data or with the "
+                           f"same.")
+        data = recorded
     return {"recipe": saved, "data": data, "state": state}
 
 
-def _opened_on(run: Path) -> str | None:
-    """The data source model.json recorded when the run opened (None for a run from before that record)."""
+def _recorded_source(run: Path) -> str | None:
+    """The data source in the run's model.json, written when the run opens and again with every best epoch (None
+    for a run that stopped before its first epoch under a version that did not write it then)."""
     try:
         return json.loads((run / MODEL_JSON).read_text())["data"]["source"]
     except (OSError, ValueError, KeyError, TypeError):

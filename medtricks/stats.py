@@ -58,6 +58,12 @@ def delong_test(labels: Sequence[int], scores_a: Sequence[float], scores_b: Sequ
             "p_value": p, "ci95": [diff - half, diff + half]}
 
 
+def mcnemar_p_value(a_only: int, b_only: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant counts (a right and b wrong, and the reverse); sums of
+    counts over disjoint image sets (e.g. cross-validation folds) are counts too."""
+    return 1.0 if a_only + b_only == 0 else float(sps.binomtest(a_only, a_only + b_only, 0.5).pvalue)
+
+
 def mcnemar_test(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     """Exact McNemar test: do two classifiers err on the same images at different rates?
 
@@ -68,7 +74,7 @@ def mcnemar_test(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     if a.shape != b.shape:
         raise ValueError("both classifiers must be scored on the same images")
     a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    p = 1.0 if a_only + b_only == 0 else float(sps.binomtest(a_only, a_only + b_only, 0.5).pvalue)
+    p = mcnemar_p_value(a_only, b_only)
     return {"a_only": a_only, "b_only": b_only, "accuracy_difference": float(a.mean() - b.mean()) if len(a) else 0.0,
             "p_value": p}
 
