@@ -40,10 +40,10 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from medtricks.ablate import AblationError, _check_same_recipe
 from medtricks.compare import _scored, compare_predictions
-from medtricks.finetune import finetune, load_recipe_from_dict
-from medtricks.metrics import THRESHOLD_METHODS, choose_threshold, compute_metrics
-from medtricks.recipe import load_recipe
-from medtricks.runs import REPORT_FILE, read_run
+from medtricks.finetune import finetune
+from medtricks.metrics import choose_threshold, compute_metrics
+from medtricks.recipe import THRESHOLD_METHODS, load_recipe, load_recipe_from_dict
+from medtricks.runs import REPORT_FILE, open_run
 from medtricks.stats import mcnemar_p_value, paired_difference
 
 PLAIN = ["train.optimizer=adamw", "train.lr=0.001", "train.weight_decay=0", "data.augment=none",
@@ -106,9 +106,8 @@ def run_once(recipe, data: Path, out: Path) -> dict:
 
 def score(run: Path) -> dict:
     """A run's model.json and its (keys, labels, probs) on the fold's val and test splits, each predicted once."""
-    info, _ = read_run(run)
-    classes, source = tuple(info["classes"]), info["data"]["source"]
-    return {"info": info, **{split: _scored(run, source, split, classes)[:3] for split in ("val", "test")}}
+    opened = open_run(run)
+    return {"info": opened.info, **{split: _scored(opened, opened.source, split)[:3] for split in ("val", "test")}}
 
 
 def paired_test(scored: dict) -> dict:

@@ -6,49 +6,72 @@ The notebook API (each name is also a CLI command or backs one):
     >>> report = medtricks.check_data("../shared/data/cxr-nih")       # medtricks data check
     >>> bundle = medtricks.load_data(medtricks.load_recipe("my.yaml").data, "../shared/data/cxr-nih")
     >>> pixels, meta = medtricks.read_image("RG1_UNCR.dcm")             # float32 (1, H, W) in [0, 1]
+    >>> run = medtricks.open_run("runs/demo")                           # model, recipe, threshold of a run
+
+Names are imported on first use (PEP 562), so `import medtricks` and `medtricks --help` do not wait for torch,
+timm, scikit-learn or matplotlib.
 """
 
-from medtricks.ablate import ablate
-from medtricks.attacks import AttackSettings
-from medtricks.compare import compare
-from medtricks.data.check import check_data
-from medtricks.data.images import read_image
-from medtricks.data.pipeline import DataBundle, load_data
-from medtricks.data.sources import Source, load_source
-from medtricks.data.splits import assign_splits, find_leaks
-from medtricks.data.synth import synthesize
-from medtricks.errors import DataError, MedtricksError, RecipeError
-from medtricks.finetune import evaluate, finetune, predict
-from medtricks.models import apply_bn_reset, apply_freeze, create_model
-from medtricks.recipe import DataConfig, Recipe, load_recipe
-from medtricks.robustness import attack
+import sys
+from importlib import import_module
+from types import ModuleType
 
 __version__ = "0.1.0"
-__all__ = [
-    "AttackSettings",
-    "DataBundle",
-    "DataConfig",
-    "DataError",
-    "MedtricksError",
-    "Recipe",
-    "RecipeError",
-    "Source",
-    "__version__",
-    "ablate",
-    "apply_bn_reset",
-    "attack",
-    "apply_freeze",
-    "assign_splits",
-    "check_data",
-    "compare",
-    "create_model",
-    "evaluate",
-    "finetune",
-    "find_leaks",
-    "load_data",
-    "load_recipe",
-    "load_source",
-    "predict",
-    "read_image",
-    "synthesize",
-]
+
+# public name -> module that defines it
+_EXPORTS = {
+    "AttackSettings": "medtricks.recipe",
+    "DataBundle": "medtricks.data.pipeline",
+    "DataConfig": "medtricks.recipe",
+    "DataError": "medtricks.errors",
+    "MedtricksError": "medtricks.errors",
+    "Recipe": "medtricks.recipe",
+    "RecipeError": "medtricks.errors",
+    "Run": "medtricks.runs",
+    "Source": "medtricks.data.sources",
+    "ablate": "medtricks.ablate",
+    "apply_bn_reset": "medtricks.models.surgery",
+    "apply_freeze": "medtricks.models.surgery",
+    "assign_splits": "medtricks.data.splits",
+    "attack": "medtricks.robustness",
+    "check_data": "medtricks.data.check",
+    "compare": "medtricks.compare",
+    "create_model": "medtricks.models.backbones",
+    "evaluate": "medtricks.finetune",
+    "finetune": "medtricks.finetune",
+    "find_leaks": "medtricks.data.splits",
+    "load_data": "medtricks.data.pipeline",
+    "load_recipe": "medtricks.recipe",
+    "load_source": "medtricks.data.sources",
+    "open_run": "medtricks.runs",
+    "predict": "medtricks.finetune",
+    "read_image": "medtricks.data.images",
+    "synthesize": "medtricks.data.synth",
+}
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+class _Package(ModuleType):
+    """The medtricks package object. Python binds every imported submodule as an attribute of its package, so
+    importing medtricks.finetune would replace the function medtricks.finetune by its module (likewise ablate and
+    compare): the public function wins. The modules stay reachable: importlib.import_module("medtricks.ablate")."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medtricks' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

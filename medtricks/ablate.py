@@ -24,7 +24,7 @@ Design:
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 import logging
 import shlex
@@ -33,14 +33,21 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-import medtricks
-from medtricks import plots
+from medtricks import __version__, plots
 from medtricks.errors import MedtricksError
-from medtricks.finetune import finetune, load_recipe_from_dict
-from medtricks.recipe import Recipe, build_dataclass, load_recipe, recipe_differences
-from medtricks.runs import RECIPE_FILE, REPORT_FILE, RunError, save_recipe, write_json, write_text
+from medtricks.finetune import finetune
+from medtricks.recipe import (
+    RECIPE_FILE,
+    Recipe,
+    build_dataclass,
+    load_recipe,
+    load_recipe_from_dict,
+    recipe_differences,
+    resolve_recipe,
+)
+from medtricks.robustness import decision_model, run_attack
+from medtricks.runs import REPORT_FILE, RunError, open_run, save_recipe, write_json, write_text
 from medtricks.stats import paired_difference
 from medtricks.tricks import TRICKS
 
@@ -93,7 +100,7 @@ def _check_same_recipe(run: Path, recipe: Recipe) -> bool:
     """True when `run` has a recipe.yaml, after checking it is `recipe`'s (else AblationError naming the keys)."""
     if not (run / RECIPE_FILE).is_file():
         return False
-    saved = load_recipe_from_dict(yaml.safe_load((run / RECIPE_FILE).read_text())).to_dict()  # new keys: defaults
+    saved = load_recipe(run / RECIPE_FILE).to_dict()  # keys added since the run was made: their defaults
     keys = recipe_differences(saved, recipe.to_dict())
     if keys:
         more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
@@ -114,7 +121,7 @@ def _set_aside(run: Path) -> Path:
 
 def _train(recipe: Recipe, run: Path, on_epoch: Callable[[dict], None]) -> str:
     """Train the run, continuing or setting aside an unfinished directory; return "trained" or "resumed"."""
-    if run.exists() and _check_same_recipe(run, recipe) and "resume" in inspect.signature(finetune).parameters:
+    if run.exists() and _check_same_recipe(run, recipe):
         try:
             finetune(recipe, out=run, on_epoch=on_epoch, resume=True)
             return "resumed"
@@ -128,22 +135,12 @@ def _train(recipe: Recipe, run: Path, on_epoch: Callable[[dict], None]) -> str:
 
 def _robust_accuracy(run: Path, recipe: Recipe) -> dict:
     """Robust accuracy on the validation split under the recipe's attack at its largest eps (cached: robust.json)."""
-    import dataclasses
-
-    from torch.utils.data import DataLoader
-
-    from medtricks.data.pipeline import load_eval_data
-    from medtricks.robustness import decision_model, run_attack
-    from medtricks.runs import load_run_model
-
     if (run / ROBUST_FILE).is_file():
         return json.loads((run / ROBUST_FILE).read_text())
     settings = dataclasses.replace(recipe.attack, eps=(max(recipe.attack.eps),))
-    model, info = load_run_model(run)
-    classes = tuple(info["classes"])
-    dataset, _ = load_eval_data(recipe.data, info["data"]["source"], "val", recipe.seed, classes)
-    loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False, num_workers=0)
-    report = run_attack(decision_model(model, info), loader, settings, classes)
+    opened = open_run(run, "auto")
+    report = run_attack(decision_model(opened), opened.loader(opened.dataset(split="val")), settings, opened.classes,
+                        device=opened.device)
     result = {"split": "val", "attack": settings.method, "norm": settings.norm, "eps": settings.eps[0],
               "steps": report["steps"], "restarts": report["restarts"], "targeted": settings.targeted,
               "n": report["n"], "clean_accuracy": report["clean"]["accuracy"],
@@ -196,8 +193,7 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
     Example:
         >>> result = ablate("demo", seeds=3, tricks=["warmup", "label_smoothing"], out="runs/ablate-demo")
     """
-    base = load_recipe_from_dict(recipe.to_dict(), overrides) if isinstance(recipe, Recipe) else \
-        load_recipe(recipe, overrides)
+    base = resolve_recipe(recipe, overrides)
     if seeds < 1:
         raise AblationError(f"--seeds {seeds}: must be >= 1 (>= 2 for an interval; 3-5 are usual).")
     if data is not None:
@@ -240,7 +236,7 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         "tricks": names, "seeds": list(range(seeds)), "split": "val", "overrides": list(overrides),
         "command": _command(given, data, out, seeds, names, mode, attack, overrides),
         "attack": {k: robust[k] for k in ATTACK_KEYS if k in robust} or None,
-        "medtricks_version": medtricks.__version__,
+        "medtricks_version": __version__,
         "variants": {variant: {
             "runs": [str(run) for v, _, _, run in plan if v == variant],
             "tricks": grid[variant].tricks.enabled(),

@@ -20,18 +20,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medtricks.errors import MedtricksError
-
-
-class AttackError(MedtricksError):
-    """Bad attack settings (eps, steps, norm, target)."""
+from medtricks.errors import AttackError
 
 
 class TwoLogits(nn.Module):
@@ -301,61 +296,3 @@ def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: floa
     (PGD with one step, no random start, step = eps)."""
     return pgd(model, images, labels, eps, steps=1, step_size=eps, norm=norm, random_start=False, targets=targets,
                early_exit=False)
-
-
-# Finlayson et al.: eps 0.02 and step 0.01 on a [-1, 1] input scale, 20 iterations, targeted at the flipped label
-FINLAYSON = {"eps": (0.01,), "step_size": 0.005, "steps": 20, "targeted": True, "random_start": False}
-
-
-@dataclass(frozen=True)
-class AttackSettings:
-    """What to run. eps in [0, 1] intensity units; step_size None = 2.5 * eps / steps."""
-
-    method: str = "pgd"
-    eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
-    steps: int = 10
-    step_size: float | None = None
-    norm: str = "linf"
-    restarts: int = 1
-    random_start: bool = True
-    targeted: bool = False
-    target_class: str | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.method not in ("pgd", "fgsm"):
-            raise AttackError(f"attack {self.method!r}: choose --pgd or --fgsm.")
-        if not self.eps:
-            raise AttackError("give at least one eps (e.g. --eps 1/255,2/255).")
-        for eps in self.eps:
-            upper = 1.0 if self.norm == "linf" else math.inf
-            if not (0 < eps <= upper and math.isfinite(eps)):
-                raise AttackError(f"eps {eps} (--eps / attack.eps): must be in (0, {upper:g}] (a fraction of the "
-                                  f"intensity range; 8/255 = 0.031).")
-        if self.steps < 1:
-            raise AttackError(f"--steps {self.steps}: must be >= 1.")
-        if self.restarts < 1:
-            raise AttackError(f"--restarts {self.restarts}: must be >= 1.")
-        if self.norm not in ("linf", "l2"):
-            raise AttackError(f"--norm {self.norm!r}: choose linf or l2.")
-        if self.step_size is not None and not (self.step_size > 0 and math.isfinite(self.step_size)):
-            raise AttackError(f"--step-size {self.step_size}: must be > 0.")
-        if self.method == "fgsm" and self.step_size is not None:
-            raise AttackError("--step-size does not apply to FGSM, which takes one step of size eps.")
-
-
-def parse_eps(text: str) -> tuple[float, ...]:
-    """'1/255,2/255,0.01' -> (0.0039, 0.0078, 0.01); each must be in (0, 1]."""
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            num, _, den = part.partition("/")
-            value = float(num) / (float(den) if den else 1.0)
-        except (ValueError, ZeroDivisionError) as exc:
-            raise AttackError(f"--eps {part!r}: not a number or fraction such as 2/255.") from exc
-        if not (value > 0 and math.isfinite(value)):
-            raise AttackError(f"--eps {part} = {value:g}: must be > 0 (L-inf: at most 1, a fraction of the intensity "
-                              f"range).")
-        values.append(value)
-    return tuple(values)

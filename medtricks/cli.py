@@ -33,6 +33,7 @@ app.add_typer(weights_app, name="weights")
 console = Console(soft_wrap=True, markup=False)  # soft wrap: long paths stay whole, for grep and copy-paste
 err_console = Console(stderr=True, soft_wrap=True, markup=False)
 _state = {"debug": False}
+DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
 
 
 @app.callback()
@@ -101,9 +102,7 @@ def finetune_cmd(
     medtricks finetune --recipe pneumonia_cxr (multi-node: see the README). train.batch_size is the global batch.
     """
     from medtricks import distributed
-    from medtricks.finetune import finetune, load_recipe_from_dict
-    from medtricks.recipe import load_recipe
-    from medtricks.runs import read_run_recipe
+    from medtricks.finetune import finetune
 
     if nproc is not None and nproc != 1:
         top = ctx.find_root().params  # the app's own --debug / --quiet
@@ -120,24 +119,23 @@ def finetune_cmd(
     main_rank = distributed.is_main()  # the other ranks print nothing on success and log only warnings
     if not main_rank:
         logging.getLogger("medtricks").setLevel(logging.WARNING)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[line]}"), TimeElapsedColumn(), console=err_console,
+                   disable=quiet or not main_rank, transient=True)
+    task = bar.add_task("finetune", total=None, line="checking the recipe")
+
+    def on_start(resolved) -> None:
+        bar.update(task, description=resolved.name, total=resolved.train.epochs, line="reading the data")
+
+    def on_epoch(row: dict) -> None:
+        bar.update(task, completed=row["epoch"], line=_epoch_line(row))
+        if not quiet:
+            bar.console.print(_epoch_line(row), highlight=False)
+
     try:
-        if resume and out is not None and recipe is None and (out / "recipe.yaml").is_file():
-            resolved = load_recipe_from_dict(read_run_recipe(out), set_ or (), seed)
-        else:
-            resolved = load_recipe(recipe or "demo", set_ or (), seed)
-        bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[line]}"), TimeElapsedColumn(), console=err_console,
-                       disable=quiet or not main_rank, transient=True)
-        task = bar.add_task(resolved.name, total=resolved.train.epochs, line="starting")
-
-        def on_epoch(row: dict) -> None:
-            bar.update(task, completed=row["epoch"], line=_epoch_line(row))
-            if not quiet:
-                bar.console.print(_epoch_line(row), highlight=False)
-
         with bar:
-            run = finetune(resolved if not resume or recipe or set_ or seed is not None else None, data=data,
-                           out=out, on_epoch=on_epoch, resume=resume)
+            run = finetune(recipe if recipe is not None or resume else "demo", data=data, out=out,
+                           overrides=set_ or (), seed=seed, on_epoch=on_epoch, resume=resume, on_start=on_start)
     except MedtricksError as exc:
         _fail(exc)
     if not main_rank:
@@ -161,6 +159,7 @@ def evaluate_cmd(
     data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the run's own).")] = None,
     split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
 ) -> None:
     """Evaluate a run's model on a split of its data or on another source.
 
@@ -172,7 +171,7 @@ def evaluate_cmd(
 
     try:
         with distributed.process_group():
-            metrics = evaluate(run, data=data, split=split, json_path=json_path)
+            metrics = evaluate(run, data=data, split=split, json_path=json_path, device=device)
     except MedtricksError as exc:
         _fail(exc)
     if distributed.is_main():
@@ -184,6 +183,7 @@ def predict_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory written by finetune.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     out: Annotated[Path | None, typer.Option("--out", help="Write predictions to this CSV.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
 ) -> None:
     """Predict classes (and probabilities) for images with a run's model.
 
@@ -192,7 +192,7 @@ def predict_cmd(
     from medtricks.finetune import predict
 
     try:
-        rows = predict(run, inputs, out_csv=out)
+        rows = predict(run, inputs, out_csv=out, device=device)
     except MedtricksError as exc:
         _fail(exc)
     for row in rows if out is None else []:
@@ -224,36 +224,25 @@ def attack_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
     save_images: Annotated[Path | None, typer.Option("--save-images", help="Save adversarial PNGs here.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random starts.")] = None,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Attack a fine-tuned model with FGSM or PGD over a sweep of eps; writes JSON and plots under RUN/attacks/.
 
-    Defaults come from the run recipe's `attack:` section; options given here override them.
+    Defaults come from the run recipe's `attack:` section; a --preset replaces them, and options given here
+    override both.
 
     Example: medtricks attack runs/demo --pgd --eps 1/255,2/255,4/255,8/255 --limit 200
     """
-    import dataclasses
-
-    from medtricks.finetune import load_recipe_from_dict
-    from medtricks.robustness import FINLAYSON, attack, parse_eps
-    from medtricks.runs import newest_run, read_run
+    from medtricks.robustness import attack, parse_eps
 
     try:
         if pgd and fgsm:
             raise MedtricksError("choose one of --pgd and --fgsm.")
-        run = run if run is not None else newest_run()
-        given = {"steps": steps, "step_size": step_size, "restarts": restarts, "norm": norm,
-                 "target_class": target_class, "seed": seed, "method": "fgsm" if fgsm else "pgd" if pgd else None,
-                 "targeted": True if targeted else None, "eps": parse_eps(eps) if eps is not None else None}
-        base = load_recipe_from_dict(read_run(run)[1]).attack
-        if preset is not None:  # the preset replaces the recipe's defaults; options given explicitly still win
-            if preset != "finlayson":
-                raise MedtricksError(f"--preset {preset!r}: the only preset is finlayson.")
-            if fgsm:
-                raise MedtricksError("--preset finlayson is a PGD attack; drop --fgsm.")
-            base = dataclasses.replace(base, **FINLAYSON, method="pgd")
-        settings = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-        report = attack(run, data=data, settings=settings, split=split, limit=limit, source_run=source_run,
-                        json_path=json_path, save_images=save_images)
+        options = {"steps": steps, "step_size": step_size, "restarts": restarts, "norm": norm,
+                   "target_class": target_class, "seed": seed, "method": "fgsm" if fgsm else "pgd" if pgd else None,
+                   "targeted": True if targeted else None, "eps": parse_eps(eps) if eps is not None else None}
+        report = attack(run, data=data, preset=preset, options=options, split=split, limit=limit,
+                        source_run=source_run, json_path=json_path, save_images=save_images, device=device)
     except MedtricksError as exc:
         _fail(exc)
     clean = report["clean"]
@@ -264,7 +253,8 @@ def attack_cmd(
         success = "n/a" if row["success_rate"] is None else f"{row['success_rate']:.4f}"
         console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {row['accuracy']:.4f}  AUROC {auroc}  "
                       f"success rate {success}", highlight=False)
-    console.print(f"{report['images_per_second']:.1f} images/s; report and plots in {report['files']}")
+    console.print(f"{report['images_per_second']:.1f} images/s on {report['device']}; report and plots in "
+                  f"{report['files']}", highlight=False)
 
 
 @app.command("ablate")
@@ -333,6 +323,7 @@ def compare_cmd(
     data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the runs' own).")] = None,
     split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
 ) -> None:
     """Compare two runs' models on the same images: DeLong test and patient-level paired bootstrap for AUROC
     (macro AUROC bootstrap for multi-class), exact McNemar test for accuracy; differences are A - B.
@@ -343,7 +334,7 @@ def compare_cmd(
     from medtricks.runs import write_json
 
     try:
-        result = compare(run_a, run_b, data=data, split=split)
+        result = compare(run_a, run_b, data=data, split=split, device=device)
     except MedtricksError as exc:
         _fail(exc)
     if json_path is not None:
@@ -512,20 +503,13 @@ def weights_verify(file: Annotated[Path, typer.Argument(help="A .pth, .pth.tar o
 
     Example: medtricks weights verify ~/Downloads/resnet50-0676ba61.pth
     """
-    from medtricks.models.backbones import ARCHS, pretrained_state
+    from medtricks.models.backbones import archs_fitting
     from medtricks.models.weights import find_by_file, sha256_of
 
     try:
         spec = find_by_file(file)
         digest = sha256_of(file) if file.is_file() else ""
-        archs = [spec.arch] if spec is not None else list(ARCHS)
-        fits = []
-        for arch in archs:
-            state, *_ = pretrained_state(arch, str(file))  # verifies the hash, loads safely, remaps
-            backbone = ARCHS[arch].build(state[f"{ARCHS[arch].head}.weight"].shape[0]
-                                         if f"{ARCHS[arch].head}.weight" in state else 1000)
-            if set(backbone.state_dict()) == set(state):
-                fits.append(arch)
+        fits = archs_fitting(file)
     except MedtricksError as exc:
         _fail(exc)
     known = f"{spec.arch} '{spec.name}' ({spec.description})" if spec else "not in the registry"
@@ -535,29 +519,16 @@ def weights_verify(file: Annotated[Path, typer.Argument(help="A .pth, .pth.tar o
         raise typer.Exit(2)
 
 
-def _weight_spec(name: str):
-    """ARCH:WEIGHTS, or a bare WEIGHTS name that only one architecture has (sin_in)."""
-    from medtricks.models.weights import REGISTRY, WeightsError
-
-    arch, _, weights = name.rpartition(":")
-    matches = [spec for (a, w), spec in REGISTRY.items() if w == weights and (a == arch or not arch)]
-    if len(matches) != 1:
-        known = ", ".join(f"{a}:{w}" for a, w in REGISTRY)
-        raise WeightsError(f"{name!r} names {'several' if matches else 'no'} known weights; give ARCH:WEIGHTS, one "
-                           f"of {known}.")
-    return matches[0]
-
-
 @weights_app.command("path")
 def weights_path_cmd(name: Annotated[str, typer.Argument(help="ARCH:WEIGHTS, e.g. resnet50:sin_in.")]) -> None:
     """Print where the file for ARCH:WEIGHTS is expected, so it can be copied there on an offline machine.
 
     Example: medtricks weights path resnet50:imagenet
     """
-    from medtricks.models.weights import weights_path
+    from medtricks.models.weights import find_by_name, weights_path
 
     try:
-        spec = _weight_spec(name)
+        spec = find_by_name(name)
         console.print(f"{weights_path(spec, download=False)}\n  from {spec.url}\n  sha256 {spec.sha256}",
                       highlight=False)
     except MedtricksError as exc:
@@ -570,10 +541,10 @@ def weights_fetch(name: Annotated[str, typer.Argument(help="ARCH:WEIGHTS, e.g. r
 
     Example: medtricks weights fetch resnet50:sin_in
     """
-    from medtricks.models.weights import verify, weights_path
+    from medtricks.models.weights import find_by_name, verify, weights_path
 
     try:
-        spec = _weight_spec(name)
+        spec = find_by_name(name)
         path = weights_path(spec)
         digest = verify(path, spec)
     except MedtricksError as exc:

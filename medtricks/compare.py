@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from medtricks.errors import MedtricksError
 from medtricks.metrics import _weighted_auroc
+from medtricks.runs import Run, open_run
 from medtricks.stats import delong_test, mcnemar_test, paired_bootstrap
 
 
@@ -79,32 +79,25 @@ def compare_predictions(labels: Sequence[int], probs_a: np.ndarray, probs_b: np.
             "accuracy": {"mcnemar": mcnemar_test(correct_a, correct_b)}}
 
 
-def _scored(run: Path, source, split: str, classes: tuple[str, ...]):
+def _scored(run: Run, source, split: str):
     """(keys, labels, probs, patient ids or None) of a run's model on a split of `source`."""
-    from medtricks.data.pipeline import load_eval_data
-    from medtricks.finetune import load_recipe_from_dict, place_model, resolve_device
-    from medtricks.runs import load_run_model, read_run
-    from medtricks.train import predict_loader
-
-    model, _ = load_run_model(run)
-    recipe = load_recipe_from_dict(read_run(run)[1])
-    dataset, _ = load_eval_data(recipe.data, source, split, recipe.seed, classes)
+    dataset = run.dataset(source, split)
     records = [dataset.store.records[i] for i in dataset.indices]
-    device = resolve_device(recipe.train.device)
-    loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False, num_workers=0)
-    output = predict_loader(place_model(model, device), loader, device)
+    output = run.predict(dataset)
     has_ids = any(r["patient_id"] is not None for r in records)  # an image without an id is its own patient
     patients = [r["patient_id"] or r["key"] for r in records] if has_ids else None
     return [r["key"] for r in records], output.labels, output.probs, patients
 
 
-def compare(run_a: str | Path, run_b: str | Path, data: str | Path | None = None, split: str = "val") -> dict:
+def compare(run_a: str | Path, run_b: str | Path, data: str | Path | None = None, split: str = "val",
+            device: str | None = None) -> dict:
     """Score two runs' models on the same images and test whether their AUROC and accuracy differ (A - B).
 
     Args:
         run_a, run_b: run directories written by finetune; their classes must be the same.
         data: data source (default: the runs' own, which must then be the same source).
         split: val, test, train or all (every image of `data`; for an external set).
+        device: where both models run: auto, cpu, cuda or cuda:N (default: each recipe's train.device).
 
     Returns:
         compare_predictions' result plus "run_a", "run_b", "data", "split", "classes", "patients" (number of
@@ -113,19 +106,17 @@ def compare(run_a: str | Path, run_b: str | Path, data: str | Path | None = None
     Example:
         >>> result = compare("runs/ablate-demo/runs/reference/seed-0", "runs/ablate-demo/runs/without-warmup/seed-0")
     """
-    from medtricks.runs import read_run
-
-    (info_a, _), (info_b, _) = read_run(run_a), read_run(run_b)
-    classes = tuple(info_a["classes"])
-    if tuple(info_b["classes"]) != classes:
-        raise MedtricksError(f"{run_a} predicts {list(classes)} but {run_b} predicts {info_b['classes']}: only runs "
+    a, b = open_run(run_a, device), open_run(run_b, device)
+    classes = a.classes
+    if b.classes != classes:
+        raise MedtricksError(f"{run_a} predicts {list(classes)} but {run_b} predicts {list(b.classes)}: only runs "
                              f"with the same classes (in the same order) can be compared on the same images.")
-    if data is None and info_a["data"]["source"] != info_b["data"]["source"]:
-        raise MedtricksError(f"{run_a} was trained on {info_a['data']['source']} and {run_b} on "
-                             f"{info_b['data']['source']}; pass --data to choose the images both are scored on.")
-    source = data if data is not None else info_a["data"]["source"]
-    keys_a, labels, probs_a, patients = _scored(Path(run_a), source, split, classes)
-    keys_b, _, probs_b, _ = _scored(Path(run_b), source, split, classes)
+    if data is None and a.source != b.source:
+        raise MedtricksError(f"{run_a} was trained on {a.source} and {run_b} on {b.source}; pass --data to choose the "
+                             f"images both are scored on.")
+    source = data if data is not None else a.source
+    keys_a, labels, probs_a, patients = _scored(a, source, split)
+    keys_b, _, probs_b, _ = _scored(b, source, split)
     if sorted(keys_a) != sorted(keys_b):
         only = len(set(keys_a) ^ set(keys_b))
         raise MedtricksError(f"the {split} split of {source} holds different images for the two runs ({only} images "
@@ -133,8 +124,7 @@ def compare(run_a: str | Path, run_b: str | Path, data: str | Path | None = None
                              f"with the same seed, or score both on an external set with --split all --data DIR.")
     order = {key: i for i, key in enumerate(keys_b)}
     probs_b = probs_b[[order[key] for key in keys_a]]
-    result = compare_predictions(labels, probs_a, probs_b, info_a.get("threshold"), info_b.get("threshold"),
-                                 groups=patients)
+    result = compare_predictions(labels, probs_a, probs_b, a.threshold, b.threshold, groups=patients)
     return {"run_a": str(run_a), "run_b": str(run_b), "data": str(source), "split": split, "classes": list(classes),
-            "patients": None if patients is None else len(set(patients)), "threshold_a": info_a.get("threshold"),
-            "threshold_b": info_b.get("threshold"), **result}
+            "patients": None if patients is None else len(set(patients)), "threshold_a": a.threshold,
+            "threshold_b": b.threshold, **result}

@@ -16,3 +16,7 @@ class DataError(MedtricksError):
 
 class RecipeError(MedtricksError):
     """A recipe key or value is wrong."""
+
+
+class AttackError(MedtricksError):
+    """Bad attack settings (eps, steps, norm, target)."""

@@ -11,46 +11,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-import medtricks
-from medtricks import distributed, plots
+from medtricks import __version__, distributed, plots
 from medtricks.data.images import read_image
-from medtricks.data.pipeline import load_data, load_eval_data, resolve_source
+from medtricks.data.pipeline import DataBundle, create_loader, eval_loader, load_data, loader_workers, resolve_source
 from medtricks.data.sampling import SeededSampler
 from medtricks.data.sources import image_files
 from medtricks.data.synth import synthesize
 from medtricks.data.transforms import create_eval_transform
+from medtricks.devices import place_model, resolve_device
 from medtricks.errors import DataError, MedtricksError
 from medtricks.models.build import build_model, check_model_config
-from medtricks.recipe import Recipe, build_dataclass, load_recipe, recipe_differences
+from medtricks.models.weights import sha256_of
+from medtricks.recipe import Recipe, recipe_for_run
 from medtricks.runs import (
     METRICS_FILE,
     MODEL_FILE,
     MODEL_JSON,
-    RECIPE_FILE,
     REPORT_FILE,
     RESUME_FILE,
+    Run,
     RunError,
     append_jsonl,
     load_resume_state,
     load_run_model,
     new_run_dir,
-    read_run,
-    read_run_recipe,
+    open_run,
     save_recipe,
     save_resume_state,
     save_weights,
     write_json,
     write_text,
 )
-from medtricks.train import EvalOutput, evaluate_split, fit, predict_loader
+from medtricks.scoring import EvalOutput, evaluate_split, predict_loader, report_metrics
+from medtricks.train import Callbacks, create_loss, fit
 from medtricks.tricks.class_balance import balanced_sample_weights, class_weights
 from medtricks.tricks.linear_scaling import scaled_lr
-from medtricks.tricks.zero_gamma import apply_zero_gamma
 
 logger = logging.getLogger(__name__)
-REPORT_KEYS = ("n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece")
 
 
 def seed_everything(seed: int) -> None:
@@ -60,52 +58,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """The recipe's train.device as a torch device; CUDA: the current device (each torchrun process's own)."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise MedtricksError("train.device is cuda but no CUDA device is available; use auto or cpu.")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """`model` moved to `device` (in place) in the layout its convolutions run fastest in there.
-
-    CPU: channels-last, oneDNN's native layout: with bfloat16 autocast a training step of efficientnet_lite0 /
-    resnet18 at 224 px runs about 1.2x faster than with contiguous weights on a 2-core AVX-512 CPU
-    (benchmarks/train_speed.py). The values are the same; saved weights are written contiguous. CUDA keeps the
-    default layout (not measured here).
-    """
-    if device.type == "cpu":
-        return model.to(device, memory_format=torch.channels_last)
-    return model.to(device)
-
-
-def _report_metrics(metrics: dict) -> dict:
-    return {k: metrics[k] for k in REPORT_KEYS}
-
-
-def _loader(dataset, batch_size: int, workers: int, sampler, drop_last: bool = False) -> DataLoader:
-    """A loader whose sampler decides the order (SeededSampler for training, a shard for evaluation)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      persistent_workers=workers > 0)
-
-
-def _eval_loader(dataset, recipe: Recipe, workers: int) -> DataLoader:
-    """This rank's shard of `dataset` for predict_loader, which gathers all shards (all of it in one process)."""
-    return _loader(dataset, recipe.train.eval_batch_size, workers, sampler=distributed.shard(len(dataset)))
-
-
-def _workers(recipe: Recipe) -> int:
-    from medtricks.data.dataset import default_workers
-
-    return default_workers() if recipe.data.workers is None else recipe.data.workers
-
-
 def finetune(recipe: Recipe | str | Path | None, data: str | Path | None = None, out: str | Path | None = None,
              overrides: Sequence[str] = (), seed: int | None = None,
-             on_epoch: Callable[[dict], None] | None = None, resume: bool = False) -> Path:
+             on_epoch: Callable[[dict], None] | None = None, resume: bool = False,
+             on_start: Callable[[Recipe], None] | None = None) -> Path:
     """Fine-tune a pretrained backbone as the recipe says and write a run directory; return its path.
 
     Args:
@@ -118,67 +74,68 @@ def finetune(recipe: Recipe | str | Path | None, data: str | Path | None = None,
         on_epoch: called with each metrics.jsonl row (the CLI drives its progress bar with it).
         resume: continue the unfinished run in `out` after its last completed epoch (after a crash or a kill);
             the result is the same as if it had never stopped.
+        on_start: called once with the resolved recipe after it was checked, before any data is read (the CLI
+            sizes its progress bar with it).
+
+    The whole recipe (model section and stage names included) is checked before any image is read and before the
+    run directory exists.
 
     Under torchrun (`torchrun --nproc_per_node N -m medtricks finetune ...`) every process calls this and they
     train one model together (medtricks.distributed): train.batch_size is the global batch, rank 0 alone reads and
     writes the run directory and calls `on_epoch`, and every rank returns the run's path once it is complete.
     """
-    with distributed.process_group():
-        return _finetune(recipe, data, out, overrides, seed, on_epoch, resume)
-
-
-def _finetune(recipe: Recipe | str | Path | None, data: str | Path | None, out: str | Path | None,
-              overrides: Sequence[str], seed: int | None, on_epoch: Callable[[dict], None] | None,
-              resume: bool) -> Path:
-    resumed = distributed.on_main(lambda: _resume_point(out, recipe, data, overrides, seed)) if resume else None
-    if resumed is not None:
-        recipe, data = resumed["recipe"], resumed["data"]
-    elif recipe is None:
+    if recipe is None and not resume:
         raise MedtricksError("finetune needs a recipe (or resume=True with an existing run directory).")
-    else:
-        recipe = _as_recipe(recipe, overrides, seed)
-    check_model_config(recipe.model)
+    with distributed.process_group():
+        if resume:
+            resumed = distributed.on_main(lambda: _resume_point(out, recipe, data, overrides, seed))
+            recipe, data, state = resumed["recipe"], resumed["data"], resumed["state"]
+        else:
+            recipe, state = recipe_for_run(recipe, overrides, seed), None
+        check_model_config(recipe.model, recipe.tricks.zero_gamma)
+        if on_start is not None and distributed.is_main():
+            on_start(recipe)
+        return _finetune(recipe, data, out, on_epoch, state, resumed=resume)
+
+
+def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
+              on_epoch: Callable[[dict], None] | None, state: dict | None, resumed: bool) -> Path:
+    device = resolve_device(recipe.train.device)
+    teacher = _teacher(recipe, device)
     batch_size = distributed.local_batch_size(recipe.train.batch_size)
     seed_everything(recipe.seed)
     source = resolve_source(recipe.data, data)
     distributed.on_main(lambda: _synthesize_if_missing(recipe, source))
     bundle = load_data(recipe.data, source, recipe.seed)
     classes = bundle.classes
-    if "train" not in bundle.splits or len({r["label"] for r in _records(bundle, "train")}) < 2:
+    train_labels = [r["label"] for r in _records(bundle, "train")]
+    if len(set(train_labels)) < 2:
         raise DataError(f"{source}: the train split needs images of at least two classes; it has "
-                        f"{sorted({classes[r['label']] for r in _records(bundle, 'train')})}.")
-    device = resolve_device(recipe.train.device)
-    model = build_model(recipe.model, len(classes), recipe.data.channels)
-    if recipe.tricks.zero_gamma is not None:
-        apply_zero_gamma(model, recipe.tricks.zero_gamma.stages, recipe.tricks.zero_gamma.beta)
-    place_model(model, device)
-    teacher = _teacher(recipe, classes, device)
+                        f"{sorted({classes[label] for label in train_labels})}.")
+    if teacher is not None and teacher.classes != tuple(classes):
+        raise MedtricksError(f"tricks.distillation.teacher {teacher.path}: its classes {list(teacher.classes)} "
+                             f"differ from this run's {list(classes)}; use a teacher trained on the same classes.")
+    model = place_model(build_model(recipe.model, len(classes), recipe.data.channels, recipe.tricks.zero_gamma),
+                        device)
     base_lr = recipe.train.lr
     if recipe.tricks.linear_scaling is not None:
         base_lr = scaled_lr(recipe.train.lr, recipe.train.batch_size, recipe.tricks.linear_scaling.base_batch)
-    train_labels = [r["label"] for r in _records(bundle, "train")]
-    weights, sample_weights = None, None
-    if recipe.tricks.class_balance is not None:
-        if recipe.tricks.class_balance.mode == "loss":
-            weights = class_weights(train_labels, len(classes)).to(device)
-        else:
-            sample_weights = balanced_sample_weights(train_labels)
-    workers = _workers(recipe)
-    train_set = bundle.splits["train"]
-    sampler = SeededSampler(len(train_set), recipe.seed, weights=sample_weights,
-                            num_replicas=distributed.world_size(), rank=distributed.rank())
-    train_loader = _loader(train_set, batch_size, workers, sampler=sampler,
-                           drop_last=len(train_set) > recipe.train.batch_size)
-    val_loader = _eval_loader(bundle.splits["val"], recipe, workers) if "val" in bundle.splits else None
+    balance = recipe.tricks.class_balance
+    weights = class_weights(train_labels, len(classes)).to(device) if balance and balance.mode == "loss" else None
+    sampler = SeededSampler(len(train_labels), recipe.seed,
+                            weights=balanced_sample_weights(train_labels) if balance and balance.mode == "sampler"
+                            else None, num_replicas=distributed.world_size(), rank=distributed.rank())
+    train_loader = create_loader(bundle.splits["train"], batch_size, loader_workers(recipe.data), sampler,
+                                 drop_last=len(train_labels) > recipe.train.batch_size)
+    val_loader = _eval_loader(bundle, "val", recipe)
     if val_loader is None:
         logger.warning("no validation split: the last epoch is kept and no threshold is tuned")
 
-    state = resumed["state"] if resumed is not None else None
     rows: list[dict] = list(state["rows"]) if state is not None else []  # filled on rank 0
-    run = distributed.on_main(lambda: _open_run(recipe, out, resumed is not None, rows))
+    run = distributed.on_main(lambda: _open_run(recipe, out, resumed, rows))
     info = {**model.describe(), "classes": list(classes), "image_size": recipe.data.image_size,
             "channels": recipe.data.channels, "crop_fraction": recipe.data.crop_fraction,
-            "medtricks_version": medtricks.__version__, "tricks": recipe.tricks.enabled(),
+            "medtricks_version": __version__, "tricks": recipe.tricks.enabled(),
             "data": {"source": str(Path(source).resolve()), "split_origin": bundle.split_origin,
                      "skipped": [{"file": k, "reason": r} for k, r in bundle.skipped]}}
     if state is None:  # model.json records the data source from the start: resume reads it (_recorded_source)
@@ -194,26 +151,25 @@ def _finetune(recipe: Recipe | str | Path | None, data: str | Path | None, out: 
         if on_epoch is not None:
             on_epoch(row)
 
-    def save_state(fit_state: dict) -> None:
-        save_resume_state(run, {**fit_state, "rows": rows})
-
     result = fit(model, train_loader, val_loader, recipe.train, recipe.tricks, base_lr=base_lr,
                  lr_multipliers=recipe.model.lr_multipliers, device=device, seed=recipe.seed,
-                 num_classes=len(classes), class_weights=weights, teacher=teacher, on_epoch=epoch_done,
-                 save_best=save_best, save_state=save_state, state=state)
+                 loss_fn=create_loss(recipe.tricks, weights, teacher.model if teacher is not None else None),
+                 callbacks=Callbacks(save_best, epoch_done, lambda fit_state: save_resume_state(
+                     run, {**fit_state, "rows": rows})), state=state)
     # rank 0 reads the selected epoch's weights back from the run (checking they load); every rank predicts with
     # them (the run directory need not be on a filesystem the other nodes see)
     model.load_state_dict(distributed.on_main(lambda: load_run_model(run)[0].state_dict()))
-    outputs = {name: predict_loader(model, _eval_loader(bundle.splits[name], recipe, workers), device)
-               for name in ("val", "test") if name in bundle.splits}
+    outputs = {name: predict_loader(model, loader, device) for name in ("val", "test")
+               if (loader := _eval_loader(bundle, name, recipe)) is not None}
 
     def write_results() -> None:
         threshold = result.threshold
         full = {name: evaluate_split(output, threshold, recipe.seed) for name, output in outputs.items()}
-        splits = {name: _report_metrics(metrics) for name, metrics in full.items()}
         write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch, "threshold": threshold,
-                                      "select_metric": recipe.train.select_metric})
-        report = {"recipe": recipe.name, "seed": recipe.seed, "classes": list(classes), "splits": splits,
+                                      "select_metric": recipe.train.select_metric,
+                                      "sha256": sha256_of(run / MODEL_FILE)})
+        report = {"recipe": recipe.name, "seed": recipe.seed, "classes": list(classes),
+                  "splits": {name: report_metrics(metrics) for name, metrics in full.items()},
                   "train": {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
                             "seconds": round(result.seconds, 2),
                             "images_per_second": round(result.images_per_second, 2), "base_lr": base_lr,
@@ -224,6 +180,11 @@ def _finetune(recipe: Recipe | str | Path | None, data: str | Path | None, out: 
 
     distributed.on_main(write_results)
     return run
+
+
+def _eval_loader(bundle: DataBundle, split: str, recipe: Recipe):
+    dataset = bundle.splits.get(split)
+    return eval_loader(dataset, recipe.data, recipe.train.eval_batch_size) if dataset is not None else None
 
 
 def _synthesize_if_missing(recipe: Recipe, source: Path) -> None:
@@ -255,17 +216,7 @@ def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, da
     run = Path(out)
     if (run / REPORT_FILE).is_file():
         raise RunError(f"{run}: the run is finished (report.json exists); there is nothing to resume.")
-    if not (run / RECIPE_FILE).is_file():
-        raise RunError(f"{run}: no recipe.yaml, so this is not a medtricks run that can be resumed; choose a new "
-                       f"--out.")
-    raw = read_run_recipe(run)
-    saved = load_recipe_from_dict(raw)
-    if recipe is not None or overrides or seed is not None:
-        given = _as_recipe(recipe if recipe is not None else saved, overrides, seed)
-        if given.to_dict() != saved.to_dict():
-            changed = recipe_differences(given.to_dict(), saved.to_dict())
-            raise RunError(f"{run}: the given recipe differs from the run's recipe.yaml in {', '.join(changed)}; "
-                           f"resume without --recipe/--set/--seed (the run's own recipe is used), or start a new run.")
+    saved = recipe_for_run(recipe, overrides, seed, resume_from=run)
     state = load_resume_state(run)
     recorded = _recorded_source(run)
     if recorded is not None:
@@ -285,43 +236,22 @@ def _recorded_source(run: Path) -> str | None:
         return None
 
 
-def _as_recipe(recipe: Recipe | str | Path, overrides: Sequence[str], seed: int | None) -> Recipe:
-    if not isinstance(recipe, Recipe):
-        return load_recipe(recipe, overrides, seed)
-    return load_recipe_from_dict(recipe.to_dict(), overrides, seed) if overrides or seed is not None else recipe
-
-
-def load_recipe_from_dict(raw: dict, overrides: Sequence[str] = (), seed: int | None = None) -> Recipe:
-    """A Recipe from plain data (a run's recipe.yaml), with optional overrides."""
-    from medtricks.recipe import set_key
-
-    raw = dict(raw)
-    for assignment in overrides:
-        set_key(raw, assignment)
-    if seed is not None:
-        raw["seed"] = seed
-    return build_dataclass(Recipe, raw)
-
-
-def _records(bundle, split: str) -> list[dict]:
+def _records(bundle: DataBundle, split: str) -> list[dict]:
     dataset = bundle.splits.get(split)
     return [dataset.store.records[i] for i in dataset.indices] if dataset is not None else []
 
 
-def _teacher(recipe: Recipe, classes: tuple[str, ...], device: torch.device):
+def _teacher(recipe: Recipe, device: torch.device) -> Run | None:
+    """The distillation trick's teacher run, opened on the training device (checked before any data is read)."""
     if recipe.tricks.distillation is None:
         return None
-    teacher, info = load_run_model(recipe.tricks.distillation.teacher)
-    if tuple(info["classes"]) != tuple(classes):
-        raise MedtricksError(f"tricks.distillation.teacher {recipe.tricks.distillation.teacher}: its classes "
-                             f"{info['classes']} differ from this run's {list(classes)}; use a teacher trained on "
-                             f"the same classes.")
-    if info["in_chans"] != recipe.data.channels:
-        raise MedtricksError(f"tricks.distillation.teacher takes {info['in_chans']}-channel images; data.channels is "
-                             f"{recipe.data.channels}.")
-    for param in teacher.parameters():
+    teacher = open_run(recipe.tricks.distillation.teacher, device)
+    if teacher.info["in_chans"] != recipe.data.channels:
+        raise MedtricksError(f"tricks.distillation.teacher takes {teacher.info['in_chans']}-channel images; "
+                             f"data.channels is {recipe.data.channels}.")
+    for param in teacher.model.parameters():
         param.requires_grad_(False)
-    return place_model(teacher, device)
+    return teacher
 
 
 def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics: dict[str, dict], classes,
@@ -336,35 +266,32 @@ def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics:
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val",
-             json_path: str | Path | None = None) -> dict:
+             json_path: str | Path | None = None, device: str | None = None) -> dict:
     """Metrics M of a run's model on a split of its own data or on another source (`split="all"`).
 
     Reads only the run directory and the data: the same source, seed and split fractions reproduce the split,
     and the binary threshold is the one chosen on validation during training. Called on every rank of a process
     group (medtricks.distributed.process_group), each rank predicts a shard and all get the same metrics.
+    `device`: auto, cpu, cuda or cuda:N (default: the recipe's train.device).
     """
-    model, info = load_run_model(run)
-    _, raw = read_run(run)
-    recipe = load_recipe_from_dict(raw)
-    source = data if data is not None else info["data"]["source"]
-    dataset, origin = load_eval_data(recipe.data, source, split, recipe.seed, tuple(info["classes"]))
-    device = resolve_device(recipe.train.device)
-    output = predict_loader(place_model(model, device), _eval_loader(dataset, recipe, _workers(recipe)), device)
-    metrics = {**_report_metrics(evaluate_split(output, info.get("threshold"), recipe.seed)),
-               "split": split, "data": str(source)}
+    opened = open_run(run, device)
+    output = opened.predict(opened.dataset(data, split))
+    metrics = {**report_metrics(evaluate_split(output, opened.threshold, opened.recipe.seed)), "split": split,
+               "data": str(data if data is not None else opened.source)}
     if json_path is not None:
         distributed.on_main(lambda: write_json(Path(json_path), metrics))
     return metrics
 
 
-def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None) -> list[dict]:
+def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None,
+            device: str | None = None) -> list[dict]:
     """Class probabilities for image files or folders (recursively); rows also written to `out_csv`.
 
     Unreadable files are listed in the rows with their error instead of a prediction.
     """
-    model, info = load_run_model(run)
+    opened = open_run(run, device)
+    info, classes, threshold = opened.info, opened.classes, opened.threshold
     transform = create_eval_transform(info["image_size"], info["crop_fraction"])
-    classes, threshold = info["classes"], info.get("threshold")
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -381,7 +308,8 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
             except DataError as exc:
                 rows.append({"path": str(path), "prediction": "", "error": str(exc)})
                 continue
-            probs = model(transform(torch.from_numpy(pixels))[None]).softmax(-1)[0].tolist()
+            image = transform(torch.from_numpy(pixels))[None].to(opened.device)
+            probs = opened.model(image).float().softmax(-1)[0].tolist()
             if len(classes) == 2 and threshold is not None:
                 predicted = classes[int(probs[1] >= threshold)]
             else:

@@ -27,6 +27,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
+from medtricks.recipe import THRESHOLD_METHODS
+
 logger = logging.getLogger(__name__)
 
 _MIN_VALID_REPLICATES = 100
@@ -65,9 +67,6 @@ def _check(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def _missing_classes(labels: np.ndarray, n_classes: int) -> list[int]:
     return sorted(set(range(n_classes)) - set(labels.tolist()))
-
-
-THRESHOLD_METHODS = ("youden", "logistic")
 
 
 def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str = "youden") -> float:

@@ -4,12 +4,17 @@ A recipe is data, not code. An unknown key is an error naming the valid keys (na
 error naming the key, the value and the expected type, and the resolved recipe is what a run saves.
 
 Sections: `name`, `seed`, `data`, `model`, `train`, `tricks` (each trick by its own config class in
-medtricks/tricks/) and `attack` (the defaults of `medtricks attack`, medtricks.attacks.AttackSettings).
+medtricks/tricks/) and `attack` (the defaults of `medtricks attack`, AttackSettings).
+
+This module is the recipe's vocabulary (the valid values of every key: AUGMENT_PRESETS, THRESHOLD_METHODS, ...)
+and its only loader: data/, models/, metrics and the commands import it; it imports only the trick configs.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,9 +24,7 @@ from typing import Any
 
 import yaml
 
-from medtricks.attacks import AttackSettings
-from medtricks.errors import RecipeError
-from medtricks.metrics import THRESHOLD_METHODS
+from medtricks.errors import AttackError, RecipeError
 from medtricks.tricks.amp import AmpConfig
 from medtricks.tricks.class_balance import ClassBalanceConfig
 from medtricks.tricks.cosine import CosineConfig
@@ -35,8 +38,12 @@ from medtricks.tricks.step_decay import StepDecayConfig
 from medtricks.tricks.warmup import WarmupConfig
 from medtricks.tricks.zero_gamma import ZeroGammaConfig
 
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe inside a run directory (medtricks.runs)
 AUGMENT_PRESETS = ("bag_of_tricks", "cxr", "fundus", "dermoscopy", "none")
 CACHE_MODES = ("auto", "memory", "disk", "none")
+INPUT_MODES = ("sum", "repeat")
+# how medtricks.metrics.choose_threshold places the binary operating point on validation
+THRESHOLD_METHODS = ("youden", "logistic")
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class BNResetConfig:
-    """One entry of `model.bn_reset` (see medtricks.models.surgery.apply_bn_reset)."""
+    """One entry of `model.bn_reset` (see medtricks.models.surgery.apply_bn_reset, which checks the values; the
+    recipe check before any data is read calls it: medtricks.models.build.check_model_config)."""
 
     stages: tuple[str, ...]
     gamma: str = "zero"
@@ -146,6 +154,14 @@ class ModelConfig:
     bn_reset: tuple[BNResetConfig, ...] = ()
     freeze: tuple[str, ...] = ()
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.input_mode not in INPUT_MODES:
+            raise RecipeError(f"recipe key 'model.input_mode' = {self.input_mode!r}; choose one of "
+                              f"{list(INPUT_MODES)}.")
+        negative = {stage: m for stage, m in self.lr_multipliers.items() if not m >= 0}
+        if negative:
+            raise RecipeError(f"recipe key 'model.lr_multipliers' = {negative}: multipliers must be >= 0.")
 
 
 SELECT_METRICS = ("auroc", "balanced_accuracy", "accuracy", "f1", "loss")
@@ -242,6 +258,56 @@ class TricksConfig:
     def enabled(self) -> list[str]:
         """Names of the tricks that are on, in field order."""
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """The `attack:` section, the defaults of `medtricks attack` (medtricks.robustness.attack).
+
+    Attributes:
+        method: pgd or fgsm.
+        eps: budgets in [0, 1] intensity units (L-inf: per pixel; L2: per image).
+        steps: PGD steps.
+        step_size: per PGD step; None = 2.5 x eps / steps.
+        norm: linf or l2.
+        restarts: PGD random restarts.
+        random_start: PGD starts from a uniform point of the eps ball.
+        targeted: binary: towards the flipped label; multi-class: towards target_class.
+        target_class: class name of a targeted multi-class attack.
+        seed: seed of the random starts.
+    """
+
+    method: str = "pgd"
+    eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    steps: int = 10
+    step_size: float | None = None
+    norm: str = "linf"
+    restarts: int = 1
+    random_start: bool = True
+    targeted: bool = False
+    target_class: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ("pgd", "fgsm"):
+            raise AttackError(f"attack {self.method!r}: choose --pgd or --fgsm.")
+        if not self.eps:
+            raise AttackError("give at least one eps (e.g. --eps 1/255,2/255).")
+        for eps in self.eps:
+            upper = 1.0 if self.norm == "linf" else math.inf
+            if not (0 < eps <= upper and math.isfinite(eps)):
+                raise AttackError(f"eps {eps} (--eps / attack.eps): must be in (0, {upper:g}] (a fraction of the "
+                                  f"intensity range; 8/255 = 0.031).")
+        if self.steps < 1:
+            raise AttackError(f"--steps {self.steps}: must be >= 1.")
+        if self.restarts < 1:
+            raise AttackError(f"--restarts {self.restarts}: must be >= 1.")
+        if self.norm not in ("linf", "l2"):
+            raise AttackError(f"--norm {self.norm!r}: choose linf or l2.")
+        if self.step_size is not None and not (self.step_size > 0 and math.isfinite(self.step_size)):
+            raise AttackError(f"--step-size {self.step_size}: must be > 0.")
+        if self.method == "fgsm" and self.step_size is not None:
+            raise AttackError("--step-size does not apply to FGSM, which takes one step of size eps.")
 
 
 @dataclass(frozen=True)
@@ -388,11 +454,59 @@ def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = (), 
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {origin}: the top level must be a mapping with keys {_field_names(Recipe)}.")
     raw.setdefault("name", Path(str(name_or_path)).stem)
+    return load_recipe_from_dict(raw, overrides, seed)
+
+
+def load_recipe_from_dict(raw: dict, overrides: typing.Sequence[str] = (), seed: int | None = None) -> Recipe:
+    """A Recipe from plain data (Recipe.to_dict(), a parsed YAML file), with `--set` overrides and a seed."""
+    raw = copy.deepcopy(raw)
     for assignment in overrides:
         set_key(raw, assignment)
     if seed is not None:
         raw["seed"] = seed
     return build_dataclass(Recipe, raw)
+
+
+def resolve_recipe(recipe: Recipe | str | Path, overrides: typing.Sequence[str] = (),
+                   seed: int | None = None) -> Recipe:
+    """A Recipe from a Recipe, a bundled name or a YAML path, with overrides and a seed applied."""
+    if not isinstance(recipe, Recipe):
+        return load_recipe(recipe, overrides, seed)
+    return load_recipe_from_dict(recipe.to_dict(), overrides, seed) if overrides or seed is not None else recipe
+
+
+def recipe_for_run(recipe: Recipe | str | Path | None = None, overrides: typing.Sequence[str] = (),
+                   seed: int | None = None, resume_from: str | Path | None = None) -> Recipe:
+    """The recipe a fine-tune runs with.
+
+    Args:
+        recipe: a Recipe, bundled name or YAML path; None = the run's own when resuming, else the bundled demo.
+        overrides: `--set` strings.
+        seed: overrides the recipe seed.
+        resume_from: an unfinished run directory: its saved recipe.yaml is the recipe, and a recipe, overrides or
+            seed given again must leave it unchanged (resuming with other settings would mix two experiments).
+
+    Raises:
+        RecipeError: a bad recipe, or one that differs from the resumed run's (naming the keys).
+    """
+    if resume_from is None:
+        return resolve_recipe(recipe if recipe is not None else "demo", overrides, seed)
+    if not Path(resume_from).is_dir():
+        raise RecipeError(f"--resume needs an existing run directory as --out; {resume_from} is not one.")
+    saved_file = Path(resume_from) / RECIPE_FILE
+    if not saved_file.is_file():
+        raise RecipeError(f"{resume_from}: no {RECIPE_FILE}, so this is not a medtricks run that can be resumed; "
+                          f"choose a new --out.")
+    saved = load_recipe(saved_file)
+    if recipe is None and not overrides and seed is None:
+        return saved
+    given = resolve_recipe(recipe if recipe is not None else saved, overrides, seed)
+    changed = recipe_differences(given.to_dict(), saved.to_dict())
+    if changed:
+        raise RecipeError(f"{resume_from}: the given recipe differs from the run's {RECIPE_FILE} in "
+                          f"{', '.join(changed)}; resume without --recipe/--set/--seed (the run's own recipe is used), "
+                          f"or start a new run.")
+    return saved
 
 
 def recipe_differences(a: Any, b: Any, prefix: str = "") -> list[str]:

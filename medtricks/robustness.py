@@ -1,6 +1,7 @@
 """Robustness evaluation of a run: an eps sweep of FGSM or PGD, the attack report, plots, transfer attacks.
 
-`attack(run, ...)` reads only the run directory (+ data), like evaluate. Decisions follow the run: a binary model's
+`attack(run, ...)` reads only the run directory (+ data), like evaluate, and runs the model on the run's device
+(`device`, default CUDA when available). Decisions follow the run: a binary model's
 class-1 logit is shifted by the validation threshold (ThresholdShift) so "correct" means the same as in
 report.json, and the attack breaks that decision. With `source_run`, perturbations are crafted on another run's
 model and evaluated on this one (black-box transfer, Finlayson et al.'s setting).
@@ -8,6 +9,8 @@ model and evaluated on this one (black-box transfer, Finlayson et al.'s setting)
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -18,26 +21,55 @@ import torch
 from torch.utils.data import DataLoader
 
 from medtricks import plots
-from medtricks.attacks import (  # noqa: F401  (AttackSettings, FINLAYSON, parse_eps: public here too)
-    FINLAYSON,
-    AttackError,
-    AttackSettings,
-    ThresholdShift,
-    TwoLogits,
-    fgsm,
-    parse_eps,
-    pgd,
-)
-from medtricks.data.pipeline import load_eval_data
+from medtricks.attacks import ThresholdShift, TwoLogits, fgsm, pgd
+from medtricks.errors import AttackError
 from medtricks.metrics import compute_metrics
-from medtricks.runs import load_run_model, read_run, write_json
+from medtricks.recipe import AttackSettings
+from medtricks.runs import Run, newest_run, open_run, write_json
+
+# Finlayson et al.: eps 0.02 and step 0.01 on a [-1, 1] input scale, 20 iterations, targeted at the flipped label
+FINLAYSON = {"eps": (0.01,), "step_size": 0.005, "steps": 20, "targeted": True, "random_start": False}
+PRESETS = {"finlayson": FINLAYSON}
 
 
-def decision_model(model: torch.nn.Module, info: dict) -> torch.nn.Module:
+def parse_eps(text: str) -> tuple[float, ...]:
+    """'1/255,2/255,0.01' -> (0.0039, 0.0078, 0.01); each must be in (0, 1]."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            num, _, den = part.partition("/")
+            value = float(num) / (float(den) if den else 1.0)
+        except (ValueError, ZeroDivisionError) as exc:
+            raise AttackError(f"--eps {part!r}: not a number or fraction such as 2/255.") from exc
+        if not (value > 0 and math.isfinite(value)):
+            raise AttackError(f"--eps {part} = {value:g}: must be > 0 (L-inf: at most 1, a fraction of the intensity "
+                              f"range).")
+        values.append(value)
+    return tuple(values)
+
+
+def attack_settings(base: AttackSettings, preset: str | None = None, **given) -> AttackSettings:
+    """The settings of one attack: `base` (a run recipe's attack: section), replaced by a preset's when one is named,
+    then by every option in `given` that is not None (options given explicitly win over the preset).
+
+    Raises:
+        AttackError: an unknown preset, a preset combined with a method it is not, or invalid values.
+    """
+    if preset is not None:
+        if preset not in PRESETS:
+            raise AttackError(f"--preset {preset!r}: the only preset is {', '.join(PRESETS)}.")
+        if given.get("method") not in (None, "pgd"):
+            raise AttackError(f"--preset {preset} is a PGD attack; drop --{given['method']}.")
+        base = dataclasses.replace(base, **PRESETS[preset], method="pgd")
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def decision_model(run: Run) -> torch.nn.Module:
     """The run's model whose argmax is the run's decision (validation threshold for binary)."""
-    net = TwoLogits(model)
-    threshold = info.get("threshold")
-    net = ThresholdShift(net, threshold) if len(info["classes"]) == 2 and threshold is not None else net
+    net = TwoLogits(run.model)
+    if len(run.classes) == 2 and run.threshold is not None:
+        net = ThresholdShift(net, run.threshold)
     return net.eval()
 
 
@@ -55,33 +87,35 @@ def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[s
 
 def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSettings, classes: Sequence[str],
                source: torch.nn.Module | None = None, keep_examples: int = 0,
-               save_dir: str | Path | None = None) -> dict:
+               save_dir: str | Path | None = None, device: torch.device | None = None) -> dict:
     """Sweep eps over a loader: clean and robust accuracy/AUROC per eps, success rate, speed.
 
     Args:
-        model: the evaluated model (decisions by argmax; see decision_model).
-        loader: batches of {"image", "label"}.
+        model: the evaluated model (decisions by argmax; see decision_model), on `device`.
+        loader: batches of {"image", "label"}; the images are moved to `device`.
         settings: attack settings.
         classes: class names.
         source: craft perturbations on this model instead (transfer attack); evaluated on `model`.
         keep_examples: keep this many (clean, adversarial, predictions) examples of the largest eps for plots.
         save_dir: save every adversarial image of the largest eps there (16-bit PNG for grey images).
+        device: where the images go (default: the CPU); `model` and `source` must be there.
     """
+    device = device or torch.device("cpu")
     crafter = source if source is not None else model
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
     labels_all, clean_probs, clean_pred = [], [], []
     adv_probs = {eps: [] for eps in settings.eps}
     adv_pred = {eps: [] for eps in settings.eps}
     examples, attacked, started = [], 0, time.perf_counter()
     for batch in loader:
-        images, labels = batch["image"].float(), batch["label"]
+        images, labels = batch["image"].float().to(device), batch["label"].to(device)
         offset = sum(len(x) for x in labels_all)  # index of this batch's first image
         targets = _targets(labels, settings, classes)
         with torch.inference_mode():
             logits = model(images).float()
-        labels_all.append(labels.numpy())
-        clean_probs.append(logits.softmax(1).numpy())
-        clean_pred.append(logits.argmax(1).numpy())
+        labels_all.append(labels.cpu().numpy())
+        clean_probs.append(logits.softmax(1).cpu().numpy())
+        clean_pred.append(logits.argmax(1).cpu().numpy())
         for eps in settings.eps:
             if settings.method == "fgsm":
                 adv = fgsm(crafter, images, labels, eps, settings.norm, targets)
@@ -91,13 +125,13 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
             attacked += len(images)
             with torch.inference_mode():
                 adv_logits = model(adv).float()
-            adv_probs[eps].append(adv_logits.softmax(1).numpy())
-            adv_pred[eps].append(adv_logits.argmax(1).numpy())
+            adv_probs[eps].append(adv_logits.softmax(1).cpu().numpy())
+            adv_pred[eps].append(adv_logits.argmax(1).cpu().numpy())
             if eps == settings.eps[-1] and save_dir is not None:
                 _save_adversarial(adv, labels, adv_logits.argmax(1), classes, Path(save_dir), start=offset)
             if eps == settings.eps[-1] and len(examples) < keep_examples:
                 for k in range(min(len(images), keep_examples - len(examples))):
-                    examples.append((images[k], adv[k], int(labels[k]), int(logits[k].argmax()),
+                    examples.append((images[k].cpu(), adv[k].cpu(), int(labels[k]), int(logits[k].argmax()),
                                      int(adv_logits[k].argmax())))
     seconds = time.perf_counter() - started
     labels = np.concatenate(labels_all)
@@ -129,50 +163,56 @@ def _auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return compute_metrics(labels, probs, n_boot=0)["auroc"]
 
 
-def attack(run: str | Path, data: str | Path | None = None, settings: AttackSettings | None = None,
+def attack(run: str | Path | None = None, data: str | Path | None = None, settings: AttackSettings | None = None,
            split: str = "test", limit: int | None = None, source_run: str | Path | None = None,
-           json_path: str | Path | None = None, save_images: str | Path | None = None) -> dict:
+           json_path: str | Path | None = None, save_images: str | Path | None = None,
+           device: str | None = "auto", preset: str | None = None, options: dict | None = None) -> dict:
     """Attack a run's model on a split of its data (or another source); write the JSON report and plots.
 
-    `settings` default to the run recipe's `attack:` section.
+    Args:
+        run: a finished run directory; None = the newest finished run under runs/.
+        data: data source (default: the run's own).
+        settings: default: the run recipe's `attack:` section.
+        split: val, test, train or all.
+        limit: attack only the first `limit` images.
+        source_run: craft the perturbations on this run's model instead (black-box transfer).
+        json_path: also write the report here.
+        save_images: save the adversarial images of the largest eps into this folder.
+        device: auto (CUDA when available), cpu, cuda or cuda:N; None = the recipe's train.device. The model, the
+            source model and the images all go there.
+        preset, options: applied to `settings` by attack_settings (a preset replaces them; options not None
+            override both), e.g. preset="finlayson", options={"eps": (2 / 255,)}.
 
     Returns:
         The report (DESIGN.md's attack JSON plus where its files are).
     """
-    from medtricks.finetune import load_recipe_from_dict
-
-    run = Path(run)
-    model, info = load_run_model(run)
-    _, raw = read_run(run)
-    recipe = load_recipe_from_dict(raw)
-    settings = settings or recipe.attack
-    classes = tuple(info["classes"])
-    dataset, origin = load_eval_data(recipe.data, data if data is not None else info["data"]["source"], split,
-                                     recipe.seed, classes)
+    target = open_run(run if run is not None else newest_run(), device)
+    settings = attack_settings(settings or target.recipe.attack, preset, **(options or {}))
+    dataset = target.dataset(data, split)
     if limit is not None:
         if limit < 1:
             raise AttackError(f"--limit {limit}: must be >= 1.")
         dataset.indices = dataset.indices[:limit]
     source = None
     if source_run is not None:
-        source_model, source_info = load_run_model(source_run)
-        if tuple(source_info["classes"]) != classes or source_info["in_chans"] != info["in_chans"]:
-            raise AttackError(f"--source-run {source_run}: its classes {source_info['classes']} / channels "
-                              f"{source_info['in_chans']} differ from the target's {list(classes)} / "
-                              f"{info['in_chans']}.")
-        source = decision_model(source_model, source_info)
-    loader = DataLoader(dataset, batch_size=recipe.train.eval_batch_size, shuffle=False, num_workers=0)
-    report = run_attack(decision_model(model, info), loader, settings, classes, source, keep_examples=8,
-                        save_dir=save_images)
+        crafter = open_run(source_run, target.device)
+        if crafter.classes != target.classes or crafter.info["in_chans"] != target.info["in_chans"]:
+            raise AttackError(f"--source-run {source_run}: its classes {list(crafter.classes)} / channels "
+                              f"{crafter.info['in_chans']} differ from the target's {list(target.classes)} / "
+                              f"{target.info['in_chans']}.")
+        source = decision_model(crafter)
+    report = run_attack(decision_model(target), target.loader(dataset), settings, target.classes, source,
+                        keep_examples=8, save_dir=save_images, device=target.device)
     examples = report.pop("examples")
-    report.update({"split": split, "data": str(data if data is not None else info["data"]["source"]),
-                   "run": str(run), "source_run": str(source_run) if source_run else None})
+    report.update({"split": split, "data": str(data if data is not None else target.source),
+                   "run": str(target.path), "source_run": str(source_run) if source_run else None,
+                   "device": str(target.device)})
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     kind = f"{settings.method}-{settings.norm}{'-targeted' if settings.targeted else ''}"
-    out_dir = run / "attacks" / f"{kind}-{stamp}"
+    out_dir = target.path / "attacks" / f"{kind}-{stamp}"
     out_dir.mkdir(parents=True)
     plots.plot_robustness(report, out_dir / "robustness.png")
-    plots.plot_adversarial_examples(examples, classes, out_dir / "examples.png", eps=settings.eps[-1])
+    plots.plot_adversarial_examples(examples, target.classes, out_dir / "examples.png", eps=settings.eps[-1])
     write_json(out_dir / "attack.json", report)
     if json_path is not None:
         write_json(Path(json_path), report)
@@ -187,7 +227,7 @@ def _save_adversarial(adv: torch.Tensor, labels, preds, classes, folder: Path, s
 
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(len(adv)):
-        pixels = adv[k].clamp(0, 1).numpy()
+        pixels = adv[k].clamp(0, 1).cpu().numpy()
         name = folder / f"{start + k:05d}_true-{classes[int(labels[k])]}_pred-{classes[int(preds[k])]}.png"
         if pixels.shape[0] == 1:
             Image.fromarray((pixels[0] * 65535).round().astype(np.uint16)).save(name)

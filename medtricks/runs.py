@@ -12,6 +12,10 @@ runs/<recipe>-<YYYYmmdd-HHMMSS>/
 ```
 Every file is written atomically (temporary file in the same folder, then rename): a killed process leaves the
 old file or the new one, never half of one. An existing run directory is never overwritten.
+
+A run is *finished* when report.json exists (finetune writes it last). Everything that reads a finished run
+(evaluate, predict, attack, compare, ablate, a distillation teacher) opens it with `open_run`, which checks that,
+checks the weights against the sha256 model.json records, and puts the model on its device.
 """
 
 from __future__ import annotations
@@ -20,17 +24,27 @@ import errno
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
+from medtricks.data.dataset import ImageDataset
+from medtricks.data.pipeline import eval_loader, load_eval_data
+from medtricks.devices import place_model, resolve_device
 from medtricks.errors import MedtricksError
+from medtricks.models.backbones import MedModel, create_model
+from medtricks.models.weights import sha256_of
+from medtricks.recipe import RECIPE_FILE, Recipe, load_recipe_from_dict
+from medtricks.scoring import EvalOutput, predict_loader
 
-MODEL_FILE, MODEL_JSON, RECIPE_FILE, METRICS_FILE, REPORT_FILE = (
-    "model.safetensors", "model.json", "recipe.yaml", "metrics.jsonl", "report.json")
+MODEL_FILE, MODEL_JSON, METRICS_FILE, REPORT_FILE, RESUME_FILE = (
+    "model.safetensors", "model.json", "metrics.jsonl", "report.json", "resume.safetensors")
 
 
 class RunError(MedtricksError):
@@ -98,40 +112,50 @@ def save_recipe(run: Path, recipe_dict: dict) -> None:
 
 
 def newest_run(root: str | Path = "runs") -> Path:
-    """The most recently modified run directory under `root` that has a model (for `medtricks attack`)."""
-    runs = [p for p in Path(root).glob("*/") if (p / MODEL_FILE).is_file()] if Path(root).is_dir() else []
+    """The finished run directory under `root` (report.json present) whose model was written last (for
+    `medtricks attack` without RUN_DIR); unfinished runs are never picked."""
+    runs = [p for p in Path(root).glob("*/") if (p / REPORT_FILE).is_file() and (p / MODEL_FILE).is_file()] \
+        if Path(root).is_dir() else []
     if not runs:
         raise RunError(f"no finished run under {root}/; pass a RUN_DIR or run `medtricks finetune` first.")
     return max(runs, key=lambda p: (p / MODEL_FILE).stat().st_mtime)
 
 
 def read_run(run: str | Path) -> tuple[dict, dict]:
-    """(model.json, recipe.yaml as a dict) of a run; an error names what is missing."""
+    """(model.json, recipe.yaml as a dict) of a run directory that has a model; an error names what is missing."""
     run = Path(run)
     for name in (MODEL_JSON, MODEL_FILE, RECIPE_FILE):
         if not (run / name).is_file():
             raise RunError(f"{run}: not a finished medtricks run ({name} is missing). Pass the directory that "
                            f"`medtricks finetune` wrote.")
-    return json.loads((run / MODEL_JSON).read_text()), read_run_recipe(run)
+    try:
+        info = json.loads((run / MODEL_JSON).read_text())
+        recipe = yaml.safe_load((run / RECIPE_FILE).read_text())
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RunError(f"{run}: {MODEL_JSON} or {RECIPE_FILE} is damaged ({str(exc).splitlines()[0]}); the run "
+                       f"cannot be read. Train it again.") from exc
+    if not isinstance(info, dict) or not isinstance(recipe, dict):
+        raise RunError(f"{run}: {MODEL_JSON} or {RECIPE_FILE} does not hold a mapping; the run cannot be read.")
+    return info, recipe
 
 
-def read_run_recipe(run: str | Path) -> dict:
-    """A run's resolved recipe.yaml as plain data."""
-    return yaml.safe_load((Path(run) / RECIPE_FILE).read_text())
-
-
-def load_run_model(run: str | Path):
-    """Rebuild a run's model (architecture from model.json, no pretrained download), load its weights strictly.
+def load_run_model(run: str | Path) -> tuple[MedModel, dict]:
+    """Rebuild a run's model (architecture from model.json, no pretrained download) and load its weights strictly;
+    no check that the run is finished (finetune reads its best epoch back with it): use `open_run` otherwise.
 
     Returns:
-        (model in eval mode, model.json as a dict).
+        (model in eval mode on the CPU, model.json as a dict).
     """
-    from medtricks.models.backbones import create_model
-
     info, _ = read_run(run)
-    model = create_model(info["arch"], info["num_classes"], info["in_chans"], weights="none",
-                         input_mode=info["input_mode"])  # normalization buffers come with the state dict
-    state = load_file(str(Path(run) / MODEL_FILE))
+    try:
+        model = create_model(info["arch"], info["num_classes"], info["in_chans"], weights="none",
+                             input_mode=info["input_mode"])  # normalization buffers come with the state dict
+    except KeyError as exc:
+        raise RunError(f"{run}: {MODEL_JSON} lacks the key {exc}; the run cannot be rebuilt.") from exc
+    try:
+        state = load_file(str(Path(run) / MODEL_FILE))
+    except (SafetensorError, OSError) as exc:
+        raise RunError(f"{run}: {MODEL_FILE} is unreadable ({exc}); the run cannot be used. Train it again.") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -139,7 +163,67 @@ def load_run_model(run: str | Path):
     return model.eval(), info
 
 
-RESUME_FILE = "resume.safetensors"
+@dataclass
+class Run:
+    """A finished run opened for reading (`open_run`): its model in eval mode on `device`, model.json (`info`) and
+    the resolved recipe; `dataset`, `loader` and `predict` score data as finetune's report did."""
+
+    path: Path
+    model: MedModel
+    info: dict
+    recipe: Recipe
+    device: torch.device
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.info["classes"])
+
+    @property
+    def threshold(self) -> float | None:
+        """The binary operating threshold chosen on validation (None: multi-class, or no validation split)."""
+        return self.info.get("threshold")
+
+    @property
+    def source(self) -> str:
+        """The data source the run was trained on."""
+        return self.info["data"]["source"]
+
+    def dataset(self, data: str | Path | None = None, split: str = "val") -> ImageDataset:
+        """A split of the run's own data (the same seeded split as training), or of `data` (`split="all"` for an
+        external set), with the eval transform and the run's classes."""
+        dataset, _ = load_eval_data(self.recipe.data, data if data is not None else self.source, split,
+                                    self.recipe.seed, self.classes)
+        return dataset
+
+    def loader(self, dataset: ImageDataset) -> DataLoader:
+        """The evaluation loader (this rank's shard under torchrun) with the recipe's batch size and workers."""
+        return eval_loader(dataset, self.recipe.data, self.recipe.train.eval_batch_size)
+
+    def predict(self, dataset: ImageDataset) -> EvalOutput:
+        """Probabilities and loss of every image of `dataset`, in dataset order."""
+        return predict_loader(self.model, self.loader(dataset), self.device)
+
+
+def open_run(run: str | Path, device: str | torch.device | None = None) -> Run:
+    """Open a finished run: check report.json exists and the weights match model.json's sha256, rebuild the model
+    and put it in eval mode on `device` (None: the recipe's train.device; auto = CUDA when available).
+
+    Raises:
+        RunError: not a run, an unfinished run (killed during training), or damaged files, naming which.
+    """
+    run = Path(run)
+    info, raw = read_run(run)
+    if not (run / REPORT_FILE).is_file():
+        raise RunError(f"{run}: the run is not finished ({REPORT_FILE} is missing: training stopped before the end). "
+                       f"Continue it with `medtricks finetune --out {run} --resume`, or pass a finished run.")
+    recorded = info.get("sha256")
+    if recorded is not None and sha256_of(run / MODEL_FILE) != recorded:
+        raise RunError(f"{run}: {MODEL_FILE} does not match the sha256 in {MODEL_JSON} (the file was changed or "
+                       f"damaged after training); the run cannot be trusted. Train it again.")
+    recipe = load_recipe_from_dict(raw)
+    model, info = load_run_model(run)
+    target = resolve_device(device if device is not None else recipe.train.device)
+    return Run(run, place_model(model, target).eval(), info, recipe, target)
 
 
 def _split_tensors(value, tensors: dict[str, torch.Tensor], path: str):
@@ -177,8 +261,6 @@ def load_resume_state(run: Path) -> dict | None:
     path = Path(run) / RESUME_FILE
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             skeleton = json.loads((f.metadata() or {})["medtricks"])

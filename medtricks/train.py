@@ -1,6 +1,10 @@
-"""The one training loop. Each step-time trick is named once: mixup/cutmix (batch), AMP (autocast + scaler),
-distillation (loss). Schedule tricks live in `lr_factor` (a pure function of the step), optimizer tricks in the
-parameter groups, loss tricks in `create_loss`, model tricks at model build (medtricks.finetune).
+"""The one training loop. Each step-time trick is named once: mixup/cutmix (`mix_batch`), AMP (autocast + scaler in
+`train_epoch`), EMA (after each step). Schedule tricks live in `lr_factor` (a pure function of the step), optimizer
+tricks in the parameter groups (`create_optimizer`), loss tricks (label smoothing, class weights, distillation) in
+`create_loss`, model tricks at model build (medtricks.models.build).
+
+`fit` runs epochs: `train_epoch` (the optimizer steps), `validate` (metrics and threshold on the validation split),
+`Progress.select` (best epoch, early stopping), and the resume state (`Progress.state`, `Progress.restore`).
 
 Under torchrun the same loop runs on every process (medtricks.distributed): the forward/backward goes through
 DistributedDataParallel, everything else (EMA, evaluation, checkpoints) uses the plain model.
@@ -8,6 +12,7 @@ DistributedDataParallel, everything else (EMA, evaluation, checkpoints) uses the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -15,24 +20,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
 from medtricks import distributed
 from medtricks.data.sampling import epoch_seed
 from medtricks.errors import MedtricksError
-from medtricks.metrics import choose_threshold, compute_metrics
 from medtricks.models.backbones import MedModel
 from medtricks.models.surgery import stage_parameter_groups
 from medtricks.recipe import TrainConfig, TricksConfig
+from medtricks.scoring import evaluate_split, predict_loader, val_threshold
 from medtricks.tricks.amp import autocast, create_grad_scaler, resolve_amp_dtype
 from medtricks.tricks.cosine import cosine_factor
 from medtricks.tricks.distillation import distillation_loss
 from medtricks.tricks.ema import create_ema, ema_update
 from medtricks.tricks.label_smoothing import label_smoothing_loss
-from medtricks.tricks.mixup import cutmix_batch, mixup_batch, one_hot
+from medtricks.tricks.mixup import cutmix_batch, mix_probability_gate, mixup_batch, one_hot
 from medtricks.tricks.no_bias_decay import create_param_groups
 from medtricks.tricks.step_decay import step_factor
 from medtricks.tricks.warmup import warmup_factor
@@ -41,6 +45,7 @@ logger = logging.getLogger(__name__)
 # the wall-clock fields of report.json's `train` and of each metrics.jsonl row: everything else is a function of
 # the recipe, data and seed (compare runs without these)
 TIMING_KEYS = frozenset({"seconds", "images_per_second", "data_wait_seconds"})
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets, images) -> scalar
 
 
 class TrainingError(MedtricksError):
@@ -70,53 +75,106 @@ def create_optimizer(model: MedModel, config: TrainConfig, tricks: TricksConfig,
     return torch.optim.AdamW(groups, lr=base_lr, betas=(config.momentum, 0.999))
 
 
-def create_loss(tricks: TricksConfig, class_weights: torch.Tensor | None) -> Callable:
-    """Cross-entropy with the label_smoothing trick's smoothing and class-balance weights (indices or soft
-    targets, as torch's CrossEntropyLoss takes both)."""
+def create_loss(tricks: TricksConfig, class_weights: torch.Tensor | None = None,
+                teacher: nn.Module | None = None) -> Loss:
+    """The training loss of (logits, targets, images): cross-entropy with the label_smoothing trick's smoothing and
+    class_balance's weights (targets: class indices or mixup's soft targets, as torch's cross_entropy takes both).
+    With a teacher (distillation) Hinton et al.'s loss against the teacher's logits for the same images, whose
+    hard term carries the same smoothing and class weights."""
     smoothing = tricks.label_smoothing.smoothing if tricks.label_smoothing is not None else 0.0
-    return lambda logits, targets: label_smoothing_loss(logits, targets, smoothing, class_weights=class_weights)
+    if teacher is None:
+        return lambda logits, targets, images: label_smoothing_loss(logits, targets, smoothing, class_weights)
+    teacher.eval()
+    distill = tricks.distillation
+
+    def distilled(logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(images).float()
+        return distillation_loss(logits, teacher_logits, targets, distill.temperature, distill.weight, smoothing,
+                                 class_weights)
+
+    return distilled
+
+
+def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, tricks: TricksConfig,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, targets): the labels as they are, or mixed images and soft targets when mixup/cutmix fires (at most
+    one of them per batch; when both fire they alternate at random, as timm's Mixup with switch_prob 0.5)."""
+    use_mixup = tricks.mixup is not None and mix_probability_gate(tricks.mixup.prob, generator)
+    use_cutmix = tricks.cutmix is not None and mix_probability_gate(tricks.cutmix.prob, generator)
+    if not (use_mixup or use_cutmix):
+        return images, labels
+    soft = one_hot(labels, num_classes)
+    if use_mixup and use_cutmix:
+        use_mixup = mix_probability_gate(0.5, generator)
+    if use_mixup:
+        return mixup_batch(images, soft, tricks.mixup.alpha, generator)
+    return cutmix_batch(images, soft, tricks.cutmix.alpha, generator)
 
 
 @dataclass
-class EvalOutput:
-    labels: np.ndarray
-    probs: np.ndarray
-    patient_ids: list[str]
-    loss: float
+class Progress:
+    """Where training stands after an epoch: counters, the selected epoch and early-stopping state. With the model,
+    optimizer, scaler and EMA states it is the resume state (`state`), from which an epoch continues exactly."""
+
+    epoch: int = 0
+    step: int = 0
+    seen: int = 0  # images trained on, all ranks
+    seconds: float = 0.0
+    best_value: float | None = None
+    best_epoch: int = 0
+    threshold: float | None = None
+    stale: int = 0  # epochs since the selected metric last improved
+    stopped: bool = False  # early stopping fired
+
+    def select(self, metric: str, value: float | None, threshold: float | None, patience: int | None) -> bool:
+        """Record the epoch's selection metric; True when it is the best so far (then also keep its threshold)."""
+        if value is None:
+            improved = self.best_value is None
+        else:
+            improved = self.best_value is None or (value < self.best_value if metric == "loss"
+                                                   else value > self.best_value)
+        if improved:
+            self.best_value, self.best_epoch, self.threshold, self.stale = value, self.epoch, threshold, 0
+        else:
+            self.stale += 1
+        self.stopped = patience is not None and self.stale >= patience
+        return improved
+
+    def state(self, parts: _Parts) -> dict:
+        """The resume state: these counters plus the model, optimizer, scaler and EMA states."""
+        return {**dataclasses.asdict(self), "model": parts.model.state_dict(),
+                "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
+                "ema": parts.ema.state_dict() if parts.ema is not None else None}
+
+    @classmethod
+    def restore(cls, state: dict, parts: _Parts) -> Progress:
+        """Load a resume state into the objects fit built; return its counters."""
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            parts.scaler.load_state_dict(state["scaler"])
+        if (parts.ema is None) != (state["ema"] is None):
+            raise TrainingError("the resume state and the recipe disagree about tricks.ema; resume with the run's "
+                                "own recipe.")
+        if parts.ema is not None:
+            parts.ema.load_state_dict(state["ema"])
+        progress = cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+        logger.info("resuming after epoch %d (global step %d)", progress.epoch, progress.step)
+        return progress
 
 
-@torch.inference_mode()
-def predict_loader(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> EvalOutput:
-    """Class probabilities of every sample, in fp32 and eval mode (robustness and metrics are always fp32).
+@dataclass
+class _Parts:
+    """What the epochs share, built once per fit."""
 
-    The loader's sampler lists the dataset positions it visits: in a distributed run this rank's shard
-    (`sampler=distributed.shard(len(dataset))`), whose predictions are gathered from all ranks; the output is in
-    dataset order on every rank, and the same as one process's (the mean loss is summed in that order too).
-    """
-    model.eval()
-    rows = []  # (label, probs, patient id, loss) per sample
-    for batch in loader:
-        logits = model(batch["image"].to(device)).float()
-        losses = F.cross_entropy(logits, batch["label"].to(device), reduction="none")
-        rows.extend(zip(batch["label"].tolist(), logits.softmax(-1).cpu().numpy().astype(np.float64),
-                        batch["patient_id"], losses.cpu().numpy().astype(np.float64), strict=True))
-    rows = distributed.gather_by_position(rows, list(loader.sampler))
-    if not rows:
-        return EvalOutput(np.zeros(0, dtype=np.int64), np.zeros((0, 0)), [], 0.0)
-    labels, probs, ids, losses = zip(*rows, strict=True)
-    return EvalOutput(np.array(labels), np.stack(probs), list(ids), float(np.sum(losses)) / len(losses))
-
-
-def evaluate_split(output: EvalOutput, threshold: float | None, seed: int) -> dict:
-    """Report metrics M of one split plus its mean loss."""
-    metrics = compute_metrics(output.labels, output.probs, output.patient_ids, threshold=threshold, seed=seed)
-    metrics["loss"] = output.loss
-    return metrics
-
-
-def val_threshold(output: EvalOutput, num_classes: int, method: str = "youden") -> float | None:
-    """The binary operating threshold chosen on validation (choose_threshold's method); None for multi-class."""
-    return choose_threshold(output.labels, output.probs, method) if num_classes == 2 else None
+    model: MedModel  # EMA, evaluation and checkpoints use it (no `module.` prefix)
+    trained: nn.Module  # the forward/backward path: DistributedDataParallel around `model`, or `model`
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: nn.Module | None
+    amp_dtype: torch.dtype | None
+    mix_generator: torch.Generator
 
 
 @dataclass
@@ -129,26 +187,93 @@ class FitResult:
     epochs_run: int
 
 
-def _better(metric: str, value: float | None, best: float | None) -> bool:
-    if value is None:
-        return best is None
-    if best is None:
-        return True
-    return value < best if metric == "loss" else value > best
+@dataclass
+class Callbacks:
+    """What fit calls on rank 0 after each epoch, in this order (each optional): `save_best(model, row)` when the
+    selected metric improved (the EMA model when EMA is on), `on_epoch(row)` with the metrics.jsonl row, and
+    `save_state(state)` with the resume state."""
+
+    save_best: Callable[[nn.Module, dict], None] | None = None
+    on_epoch: Callable[[dict], None] | None = None
+    save_state: Callable[[dict], None] | None = None
+
+    def after_epoch(self, row: dict, improved_model: nn.Module | None, state: dict) -> None:
+        if improved_model is not None and self.save_best is not None:
+            self.save_best(improved_model, row)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+        if self.save_state is not None:
+            self.save_state(state)
+
+
+def train_epoch(parts: _Parts, loader: DataLoader, loss_fn: Loss, config: TrainConfig, tricks: TricksConfig,
+                progress: Progress, base_lr: float, total_steps: int, warmup_steps: int, steps: int,
+                device: torch.device) -> dict:
+    """One epoch of `steps` optimizer steps; advances progress.step and returns the metrics.jsonl row's training
+    fields (mean loss over the global batch, last lr, images, speed, time waiting for the loader).
+
+    Raises:
+        TrainingError: the loss (mean over all ranks, so every rank stops together) is NaN or infinite.
+    """
+    parts.model.train()
+    world = distributed.world_size()
+    loss_sum, images_seen, factor = 0.0, 0, 1.0
+    started = asked = time.perf_counter()
+    waited = 0.0  # seconds blocked on the loader: the input pipeline's share of the epoch
+    for i, batch in enumerate(loader):
+        waited += time.perf_counter() - asked
+        if i >= steps:
+            break
+        factor = lr_factor(progress.step, total_steps, warmup_steps, tricks)
+        for group in parts.optimizer.param_groups:
+            group["lr"] = base_lr * group["lr_mult"] * factor
+        images, labels = batch["image"].to(device), batch["label"].to(device)
+        images, targets = mix_batch(images, labels, parts.model.num_classes, tricks, parts.mix_generator)
+        with autocast(device, parts.amp_dtype):
+            loss = loss_fn(parts.trained(images).float(), targets, images)
+        global_loss = float(distributed.mean(loss.detach()))
+        if not math.isfinite(global_loss):
+            raise TrainingError(f"the training loss became {global_loss} at epoch {progress.epoch + 1}, step "
+                                f"{i + 1} (global step {progress.step + 1}); training stopped and the last saved "
+                                f"checkpoint is kept. Lower train.lr, set train.grad_clip, or turn off tricks.amp.")
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(loss).backward()
+        if config.grad_clip is not None:
+            parts.scaler.unscale_(parts.optimizer)
+            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), config.grad_clip)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        if parts.ema is not None:
+            ema_update(parts.ema, parts.model)
+        loss_sum += global_loss * len(images) * world
+        images_seen += len(images) * world  # images of the global batch
+        progress.step += 1
+        asked = time.perf_counter()
+    seconds = time.perf_counter() - started
+    return {"train_loss": loss_sum / max(images_seen, 1), "lr": base_lr * factor, "images": images_seen,
+            "images_per_second": images_seen / max(seconds, 1e-9), "seconds": seconds, "data_wait_seconds": waited}
+
+
+def validate(model: nn.Module, loader: DataLoader, device: torch.device, config: TrainConfig, seed: int,
+             num_classes: int) -> tuple[dict, float | None, float | None]:
+    """Score `model` on the validation loader: (the metrics.jsonl row's val_* fields, the value of
+    config.select_metric, the binary threshold chosen on these predictions with config.threshold)."""
+    out = predict_loader(model, loader, device)
+    threshold = val_threshold(out, num_classes, config.threshold)
+    metrics = evaluate_split(out, threshold, seed)
+    row = {f"val_{k}": metrics[k] for k in ("loss", "auroc", "accuracy", "balanced_accuracy", "f1")}
+    return row, metrics[config.select_metric], threshold
 
 
 def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None, config: TrainConfig,
-        tricks: TricksConfig, *, base_lr: float, lr_multipliers: dict[str, float], device: torch.device,
-        seed: int, num_classes: int, class_weights: torch.Tensor | None = None,
-        teacher: torch.nn.Module | None = None, on_epoch: Callable[[dict], None] | None = None,
-        save_best: Callable[[torch.nn.Module, dict], None] | None = None,
-        save_state: Callable[[dict], None] | None = None, state: dict | None = None) -> FitResult:
-    """Train `model`; after each epoch evaluate on validation, call `on_epoch(row)`, when the selected validation
-    metric improves `save_best(model_to_save, row)` (the EMA model when EMA is on), then `save_state(state)`.
+        tricks: TricksConfig, *, base_lr: float, lr_multipliers: dict[str, float], device: torch.device, seed: int,
+        loss_fn: Loss, callbacks: Callbacks | None = None, state: dict | None = None) -> FitResult:
+    """Train `model`; after each epoch validate, select the best epoch on config.select_metric (with its
+    validation threshold), stop early when asked, and call `callbacks` (see Callbacks) on rank 0.
 
     Every epoch is a function of the state at its start and (seed, epoch): the train loader's sampler must be a
-    SeededSampler, and the mixing and dropout RNGs are reseeded per epoch. So `fit(..., state=saved)` with a
-    state from `save_state` continues exactly as the uninterrupted run would have.
+    SeededSampler, and the mixing and dropout RNGs are reseeded per epoch. So `fit(..., state=saved)` with a state
+    from `save_state` continues exactly as the uninterrupted run would have.
 
     Distributed (inside medtricks.distributed.process_group): call it on every rank with the rank's share of the
     data (SeededSampler num_replicas/rank, batch_size / world; val_loader over distributed.shard). Gradients are
@@ -158,150 +283,45 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
     Raises:
         TrainingError: on a NaN or infinite loss (naming the epoch and step); what was saved stays.
     """
-    steps_per_epoch = len(train_loader) if config.limit_train_batches is None else min(
-        len(train_loader), config.limit_train_batches)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = round(tricks.warmup.epochs * steps_per_epoch) if tricks.warmup is not None else 0
+    callbacks = callbacks or Callbacks()
+    steps = len(train_loader) if config.limit_train_batches is None else min(len(train_loader),
+                                                                               config.limit_train_batches)
+    total_steps = steps * config.epochs
+    warmup_steps = round(tricks.warmup.epochs * steps) if tricks.warmup is not None else 0
     if config.sync_bn:
         model = distributed.convert_sync_batchnorm(model, device)
-    optimizer = create_optimizer(model, config, tricks, base_lr, lr_multipliers)
     amp_dtype = resolve_amp_dtype(device, tricks.amp.dtype) if tricks.amp is not None else None
-    scaler = create_grad_scaler(device, amp_dtype)
-    loss_fn = create_loss(tricks, class_weights)
-    ema = create_ema(model, tricks.ema.decay) if tricks.ema is not None else None
-    mix_gen = torch.Generator()
-    progress = {"epoch": 0, "step": 0, "seen": 0, "seconds": 0.0, "best_value": None, "best_epoch": 0,
-                "threshold": None, "stale": 0, "stopped": False}
-    if state is not None:
-        _restore(state, progress, model, optimizer, scaler, ema)
-    trained = distributed.wrap_model(model, device)  # the forward/backward path; `model` for all else
-    world, rank = distributed.world_size(), distributed.rank()
-    best_value, best_epoch, threshold, stale = (progress[k] for k in ("best_value", "best_epoch", "threshold",
-                                                                       "stale"))
-    step, seen, started = progress["step"], progress["seen"], time.perf_counter() - progress["seconds"]
-    if teacher is not None:
-        teacher.eval()
-    sampler = getattr(train_loader, "sampler", None)
-    first_epoch = config.epochs + 1 if progress["stopped"] else progress["epoch"] + 1
-    epoch = progress["epoch"]
-    for epoch in range(first_epoch, config.epochs + 1):
+    parts = _Parts(model, model, create_optimizer(model, config, tricks, base_lr, lr_multipliers),
+                   create_grad_scaler(device, amp_dtype),
+                   create_ema(model, tricks.ema.decay) if tricks.ema is not None else None, amp_dtype,
+                   torch.Generator())
+    progress = Progress.restore(state, parts) if state is not None else Progress()
+    parts.trained = distributed.wrap_model(model, device)
+    rank, sampler = distributed.rank(), getattr(train_loader, "sampler", None)
+    started = time.perf_counter() - progress.seconds
+    while not progress.stopped and progress.epoch < config.epochs:
+        epoch = progress.epoch + 1
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        mix_gen.manual_seed(epoch_seed(seed, epoch, stream=1))  # the same on every rank
+        parts.mix_generator.manual_seed(epoch_seed(seed, epoch, stream=1))  # the same on every rank
         torch.manual_seed(epoch_seed(seed, epoch, stream=2, rank=rank))  # dropout and drop-path: per rank's images
-        model.train()
-        loss_sum, n_epoch, epoch_start = 0.0, 0, time.perf_counter()
-        waited, asked = 0.0, epoch_start  # seconds blocked on the loader: the input pipeline's share of the epoch
-        for i, batch in enumerate(train_loader):
-            waited += time.perf_counter() - asked
-            if i >= steps_per_epoch:
-                break
-            factor = lr_factor(step, total_steps, warmup_steps, tricks)
-            for group in optimizer.param_groups:
-                group["lr"] = base_lr * group["lr_mult"] * factor
-            images, labels = batch["image"].to(device), batch["label"].to(device)
-            images, targets = _mixed_targets(images, labels, num_classes, tricks, mix_gen)
-            with autocast(device, amp_dtype):
-                logits = trained(images)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images)
-                    loss = distillation_loss(logits.float(), teacher_logits.float(), targets,
-                                             tricks.distillation.temperature, tricks.distillation.weight,
-                                             tricks.label_smoothing.smoothing if tricks.label_smoothing else 0.0)
-                else:
-                    loss = loss_fn(logits.float(), targets)
-            global_loss = float(distributed.mean(loss.detach()))  # all ranks' mean: every rank stops together
-            if not math.isfinite(global_loss):
-                raise TrainingError(f"the training loss became {global_loss} at epoch {epoch}, step {i + 1} "
-                                    f"(global step {step + 1}); training stopped and the last saved checkpoint is "
-                                    f"kept. Lower train.lr, set train.grad_clip, or turn off tricks.amp.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema_update(ema, model)
-            loss_sum += global_loss * len(images) * world
-            n_epoch += len(images) * world  # images of the global batch
-            step += 1
-            asked = time.perf_counter()
-        seen += n_epoch
-        train_seconds = time.perf_counter() - epoch_start
-        row = {"epoch": epoch, "train_loss": loss_sum / max(n_epoch, 1), "lr": base_lr * factor, "images": n_epoch,
-               "images_per_second": n_epoch / max(train_seconds, 1e-9), "seconds": train_seconds,
-               "data_wait_seconds": waited}
-        evaluated = ema.module if ema is not None else model
+        row = {"epoch": epoch, **train_epoch(parts, train_loader, loss_fn, config, tricks, progress, base_lr,
+                                             total_steps, warmup_steps, steps, device)}
+        progress.epoch, progress.seen = epoch, progress.seen + row["images"]
+        evaluated = parts.ema.module if parts.ema is not None else model
         distributed.broadcast_buffers(evaluated)  # rank 0's BN statistics everywhere: the model rank 0 saves
         if val_loader is not None:
-            out = predict_loader(evaluated, val_loader, device)
-            epoch_threshold = val_threshold(out, num_classes, config.threshold)
-            metrics = evaluate_split(out, epoch_threshold, seed)
-            row.update({f"val_{k}": metrics[k] for k in ("loss", "auroc", "accuracy", "balanced_accuracy", "f1")})
-            value = metrics[config.select_metric]
-        else:
-            epoch_threshold, value = None, -row["train_loss"] if config.select_metric != "loss" else row["train_loss"]
-        improved = _better(config.select_metric, value, best_value)
-        if improved:
-            best_value, best_epoch, threshold, stale = value, epoch, epoch_threshold, 0
-        else:
-            stale += 1
-        row["best"] = improved
-        stopped = config.early_stopping is not None and stale >= config.early_stopping
-        fit_state = {"epoch": epoch, "step": step, "seen": seen, "seconds": time.perf_counter() - started,
-                     "best_value": best_value, "best_epoch": best_epoch, "threshold": threshold, "stale": stale,
-                     "stopped": stopped, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None}
-        distributed.on_main(partial(_epoch_callbacks, row, evaluated if improved else None, fit_state, save_best,
-                                    on_epoch, save_state))  # files and progress on rank 0; its errors reach all
-        if stopped:
+            val_row, value, threshold = validate(evaluated, val_loader, device, config, seed, model.num_classes)
+            row.update(val_row)
+        else:  # no validation split: the last epoch is kept
+            value, threshold = row["train_loss"] if config.select_metric == "loss" else -row["train_loss"], None
+        row["best"] = progress.select(config.select_metric, value, threshold, config.early_stopping)
+        progress.seconds = time.perf_counter() - started
+        distributed.on_main(partial(callbacks.after_epoch, row, evaluated if row["best"] else None,
+                                    progress.state(parts)))  # files and progress on rank 0; its errors reach all
+        if progress.stopped:
             logger.info("early stopping after epoch %d: no better val %s for %d epochs", epoch,
-                        config.select_metric, stale)
-            break
+                        config.select_metric, progress.stale)
     seconds = time.perf_counter() - started
-    return FitResult(best_epoch, best_value if best_value is not None else math.nan, threshold, seconds,
-                     seen / max(seconds, 1e-9), epoch)
-
-
-def _epoch_callbacks(row: dict, improved_model: torch.nn.Module | None, fit_state: dict,
-                     save_best: Callable | None, on_epoch: Callable | None, save_state: Callable | None) -> None:
-    """fit's callbacks after an epoch, in order: save_best (when the model improved), on_epoch, save_state."""
-    if improved_model is not None and save_best is not None:
-        save_best(improved_model, row)
-    if on_epoch is not None:
-        on_epoch(row)
-    if save_state is not None:
-        save_state(fit_state)
-
-
-def _restore(state: dict, progress: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler, ema: torch.nn.Module | None) -> None:
-    """Load a saved training state into the objects fit() built, and its counters into `progress`."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    if (ema is None) != (state["ema"] is None):
-        raise TrainingError("the resume state and the recipe disagree about tricks.ema; resume with the run's own "
-                            "recipe.")
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    progress.update({k: state[k] for k in progress})
-    logger.info("resuming after epoch %d (global step %d)", progress["epoch"], progress["step"])
-
-
-def _mixed_targets(images, labels, num_classes, tricks: TricksConfig, generator: torch.Generator):
-    """(images, targets): class indices, or soft targets when mixup/cutmix is on (one picked per batch)."""
-    use_mixup = tricks.mixup is not None and float(torch.rand(1, generator=generator)) < tricks.mixup.prob
-    use_cutmix = tricks.cutmix is not None and float(torch.rand(1, generator=generator)) < tricks.cutmix.prob
-    if not (use_mixup or use_cutmix):
-        return images, labels
-    soft = one_hot(labels, num_classes)
-    if use_mixup and use_cutmix:  # both on: alternate at random, as timm's Mixup does with switch_prob 0.5
-        use_mixup = float(torch.rand(1, generator=generator)) < 0.5
-    if use_mixup:
-        return mixup_batch(images, soft, tricks.mixup.alpha, generator)
-    return cutmix_batch(images, soft, tricks.cutmix.alpha, generator)
+    return FitResult(progress.best_epoch, progress.best_value if progress.best_value is not None else math.nan,
+                     progress.threshold, seconds, progress.seen / max(seconds, 1e-9), progress.epoch)

@@ -2,7 +2,6 @@
 (finished runs reused, unfinished ones continued or set aside, foreign ones refused) and bad input."""
 
 import importlib
-import inspect
 import json
 import os
 import shutil
@@ -176,61 +175,38 @@ def _unfinish(run, tmp_path):
     return kept
 
 
-def test_unfinished_run_is_continued_or_set_aside(grid_copy, phantoms_train, tmp_path):
+def test_unfinished_run_is_continued_in_place(grid_copy, phantoms_train, tmp_path):
     run = grid_copy / "runs" / "reference" / "seed-1"
     _unfinish(run, tmp_path)
-    weights = (run / "model.safetensors").read_bytes()
     others = {p: t for p, t in mtimes(grid_copy).items() if p.parent != run}
     events = []
     ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY,
            on_run=events.append)
     assert [(e["variant"], e["seed"], e["status"]) for e in events if e["status"] in ("trained", "resumed")] == [
-        ("reference", 1, "resumed" if "resume" in inspect.signature(ablate_module.finetune).parameters
-         else "trained")]
-    assert (run / "report.json").is_file()
+        ("reference", 1, "resumed")]
+    assert (run / "report.json").is_file() and (run / "killed-here.txt").is_file()  # continued, not replaced
+    assert not run.with_name("seed-1.incomplete-1").exists()
     assert {p: t for p, t in mtimes(grid_copy).items() if p.parent != run} == others
-    aside = run.with_name("seed-1.incomplete-1")
-    if aside.exists():  # set aside, never deleted
-        assert (aside / "killed-here.txt").read_text() == "marker"
-        assert (aside / "model.safetensors").read_bytes() == weights
-    else:  # continued in place
-        assert (run / "killed-here.txt").is_file()
 
 
-def test_resume_is_used_when_finetune_offers_it(grid_copy, phantoms_train, tmp_path, monkeypatch):
+def test_unresumable_run_is_set_aside_never_overwritten(grid_copy, phantoms_train, tmp_path):
+    """finetune refuses to resume a run whose resume state is damaged: ablate moves it aside to the next free
+    .incomplete-N name, with every file it held, and trains the run afresh."""
     run = grid_copy / "runs" / "without-warmup" / "seed-0"
-    kept = _unfinish(run, tmp_path)
-    calls = []
-
-    def finetune_with_resume(recipe, data=None, out=None, overrides=(), seed=None, on_epoch=None, resume=False):
-        calls.append((out, resume, recipe.seed, recipe.tricks.warmup))
-        shutil.copy(kept, out / "report.json")
-        return out
-
-    monkeypatch.setattr(ablate_module, "finetune", finetune_with_resume)
-    ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY)
-    assert calls == [(run, True, 0, None)]
-    assert not run.with_name("seed-0.incomplete-1").exists() and (run / "killed-here.txt").is_file()
-
-
-def test_without_resume_the_run_is_set_aside_never_overwritten(grid_copy, phantoms_train, tmp_path, monkeypatch):
-    run = grid_copy / "runs" / "without-warmup" / "seed-0"
-    kept = _unfinish(run, tmp_path)
-    (run.with_name("seed-0.incomplete-1")).mkdir()  # an earlier one: the next number is taken
-    finished = tmp_path / "finished"
-    shutil.copytree(run, finished)
-    shutil.copy(kept, finished / "report.json")
-
-    def finetune_without_resume(recipe, data=None, out=None, overrides=(), seed=None, on_epoch=None):
-        assert not out.exists(), "finetune must get a fresh directory"
-        shutil.copytree(finished, out)
-        return out
-
-    monkeypatch.setattr(ablate_module, "finetune", finetune_without_resume)
-    ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY)
+    _unfinish(run, tmp_path)
+    (run / "resume.safetensors").write_bytes(b"not a safetensors file")
+    weights = (run / "model.safetensors").read_bytes()
+    run.with_name("seed-0.incomplete-1").mkdir()  # an earlier one: the next number is taken
+    events = []
+    ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY,
+           on_run=events.append)
+    assert [(e["variant"], e["seed"], e["status"]) for e in events if e["status"] in ("trained", "resumed")] == [
+        ("without-warmup", 0, "trained")]
     aside = run.with_name("seed-0.incomplete-2")
-    assert (aside / "killed-here.txt").is_file() and not (aside / "report.json").exists()
-    assert (run / "report.json").is_file()
+    assert (aside / "killed-here.txt").read_text() == "marker" and not (aside / "report.json").exists()
+    assert (aside / "model.safetensors").read_bytes() == weights
+    assert (aside / "resume.safetensors").read_bytes() == b"not a safetensors file"
+    assert (run / "report.json").is_file() and not (run / "killed-here.txt").exists()
 
 
 def test_cli_ablate_reuses_and_prints_the_table(grid, phantoms_train, monkeypatch):

@@ -10,12 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
+from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
+from medtricks.attacks import pgd
 from medtricks.cli import app
 from medtricks.finetune import finetune
+from medtricks.models.backbones import MedModel
+from medtricks.robustness import decision_model
+from medtricks.runs import open_run
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,10 +151,53 @@ def test_save_images_writes_16_bit_grey_pngs(run, tmp_path):
 
 
 def test_source_run_transfer_attack(run, other_run, tmp_path):
+    """Black-box transfer: the perturbations are PGD on the source run's model (the run's decision rule, the attack
+    seed), evaluated on the target: the saved adversarial images and the robust accuracy equal that computation."""
     report = attack_json(tmp_path, run, "--source-run", other_run, "--eps", "8/255", "--steps", "5", "--split",
-                         "val", "--limit", "8")
-    assert report["source_run"] == str(other_run) and report["run"] == str(run)
-    assert report["n"] == 8 and report["results"][0]["accuracy"] <= 1
+                         "val", "--limit", "8", "--save-images", tmp_path / "adv", "--device", "cpu")
+    assert report["source_run"] == str(other_run) and report["run"] == str(run) and report["n"] == 8
+
+    target, source = open_run(run, "cpu"), open_run(other_run, "cpu")
+    dataset = target.dataset(split="val")
+    batch = next(iter(DataLoader(torch.utils.data.Subset(dataset, range(8)), batch_size=8)))
+    images, labels = batch["image"], batch["label"]
+    generator = torch.Generator().manual_seed(0)
+    adv = pgd(decision_model(source), images, labels, 8 / 255, steps=5, generator=generator)
+    whitebox = pgd(decision_model(target), images, labels, 8 / 255, steps=5, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(adv, whitebox)  # crafting on the target instead would show
+    with torch.no_grad():
+        predicted = decision_model(target)(adv).argmax(1)
+    assert report["results"][0]["accuracy"] == pytest.approx(float((predicted == labels).float().mean()))
+    saved = sorted((tmp_path / "adv").glob("*.png"))
+    assert len(saved) == 8
+    for k, path in enumerate(saved):
+        with Image.open(path) as image:
+            np.testing.assert_array_equal(np.asarray(image), (adv[k, 0].numpy() * 65535).round().astype(np.uint16))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here: the same code path runs with --device cuda"))])
+def test_attack_runs_the_model_and_images_on_the_chosen_device(run, tmp_path, device):
+    seen = set()
+
+    def spy(module, inputs):
+        if isinstance(module, MedModel):
+            seen.add((next(module.parameters()).device.type, inputs[0].device.type))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(spy)
+    try:
+        report = attack_json(tmp_path, run, "--pgd", "--eps", "2/255", "--steps", "2", "--limit", "4", "--device",
+                             device)
+    finally:
+        handle.remove()
+    assert seen == {(device, device)} and report["device"].startswith(device)
+
+
+def test_attack_device_without_cuda_is_a_clear_error(run):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = attack(run, "--pgd", "--eps", "2/255", "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA device" in result.output and "auto or cpu" in result.output
 
 
 def test_no_run_argument_takes_the_newest_run(run, other_run, tmp_path, monkeypatch):
@@ -223,23 +272,18 @@ def test_data_with_other_classes(run, tmp_path):
         assert word in result.output, (word, result.output)
 
 
-@pytest.mark.parametrize("extra, what, wanted", [
-    (["--eps", "4/255"], lambda report: [round(row["eps"] * 255, 6) for row in report["results"]], [4.0]),
-    (["--fgsm"], lambda report: report["attack"], "fgsm"),
-])
-def test_preset_does_not_silently_override_explicit_options(run, tmp_path, extra, what, wanted):
-    out = tmp_path / "out.json"
-    result = attack(run, "--preset", "finlayson", *extra, "--limit", "2", "--json", out)
-    if result.exit_code != 2:  # refusing the combination is fine too
-        report = json.loads(out.read_text())
-        assert what(report) == wanted, report
+def test_preset_replaces_recipe_defaults_and_explicit_options_win(run, tmp_path):
+    report = attack_json(tmp_path, run, "--preset", "finlayson", "--eps", "4/255", "--limit", "2")
+    assert [round(row["eps"] * 255, 6) for row in report["results"]] == [4.0]  # explicit beats the preset's 0.01
+    assert report["steps"] == 20 and report["step_size"] == 0.005 and report["targeted"] is True  # the preset's
+    preset_only = attack_json(tmp_path, run, "--preset", "finlayson", "--steps", "3", "--limit", "2")
+    assert [row["eps"] for row in preset_only["results"]] == [0.01] and preset_only["steps"] == 3
 
 
-def test_fgsm_json_does_not_record_an_unused_step_size(run, tmp_path):
-    out = tmp_path / "out.json"
-    result = attack(run, "--fgsm", "--step-size", "0.1", "--eps", "2/255", "--limit", "2", "--json", out)
-    if result.exit_code != 2:
-        assert json.loads(out.read_text())["step_size"] in (None, pytest.approx(2 / 255))
+def test_fgsm_json_records_its_single_step(run, tmp_path):
+    report = attack_json(tmp_path, run, "--fgsm", "--eps", "2/255", "--limit", "2")
+    assert report["attack"] == "fgsm" and report["steps"] == 1 and report["restarts"] == 1
+    assert report["step_size"] is None and report["results"][0]["step_size"] == pytest.approx(2 / 255)
 
 
 # Not strict: the run's threshold is exactly one validation image's p1, and whether ThresholdShift's logit tie

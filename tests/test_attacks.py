@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtricks.attacks import AttackError, ThresholdShift, TwoLogits, attack_mode, fgsm, fold_batchnorm, pgd
-from medtricks.robustness import FINLAYSON, AttackSettings, parse_eps
+from medtricks.recipe import AttackSettings
+from medtricks.robustness import FINLAYSON, parse_eps
 
 SIDE = 16
 EPS_SWEEP = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)

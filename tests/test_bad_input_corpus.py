@@ -21,7 +21,8 @@ FAST = ["--set", "data.image_size=32", "--set", "data.workers=0", "--set", "trai
 
 
 def _fake_run(folder, classes, source):
-    """A finished-looking run directory (random weights) without training: enough for attack/distillation."""
+    """A finished-looking run directory (random weights, a report.json) without training: enough for attack and
+    distillation."""
     folder.mkdir(parents=True)
     model = create_model("efficientnet_lite0", len(classes), 1, weights="none")
     save_weights(folder / "model.safetensors", model)
@@ -30,6 +31,7 @@ def _fake_run(folder, classes, source):
     (folder / "model.json").write_text(json.dumps(info))
     (folder / "recipe.yaml").write_text(yaml.safe_dump(load_recipe("demo", ["data.image_size=32",
                                                                             "data.workers=0"]).to_dict()))
+    (folder / "report.json").write_text(json.dumps({"recipe": "demo", "classes": list(classes), "splits": {}}))
     return folder
 
 
@@ -207,7 +209,6 @@ def test_disk_full_keeps_what_was_written(phantoms_train, tmp_path, monkeypatch)
 
 def test_resume_bad_targets(phantoms_train, tmp_path):
     finished = _fake_run(tmp_path / "finished", ("normal", "opacity"), phantoms_train)
-    (finished / "report.json").write_text("{}")
     assert "nothing to resume" in _run(["finetune", "--out", str(finished), "--resume"], tmp_path)
     assert "existing run directory" in _run(["finetune", "--out", str(tmp_path / "nope"), "--resume"], tmp_path)
 

@@ -33,3 +33,41 @@ def test_bad_model_config(raw, words):
         build_model(build_dataclass(ModelConfig, raw, "model"), num_classes=2, in_chans=3)
     for word in words:
         assert word in str(info.value)
+
+
+STAGE_ERRORS = [
+    (["model.freeze=[blocks.9]"], ["model.freeze", "blocks.9", "blocks.6"]),
+    (["model.freeze=[stem, blocks.0, blocks.1, blocks.2, blocks.3, blocks.4, blocks.5, blocks.6, head]"],
+     ["model.freeze", "every stage", "nothing would train"]),
+    (["model.bn_reset=[{stages: [layer4]}]"], ["model.bn_reset[0].stages", "layer4", "blocks.6"]),
+    (["model.bn_reset=[{stages: [blocks.5], gamma: half}]"], ["model.bn_reset[].gamma", "half", "zero"]),
+    (["model.lr_multipliers={fc: 2.0}"], ["model.lr_multipliers", "fc", "head"]),
+    (["tricks.zero_gamma={stages: [layer3]}"], ["tricks.zero_gamma.stages", "layer3", "blocks.5"]),
+]
+
+
+@pytest.mark.parametrize("overrides, words", STAGE_ERRORS)
+def test_stage_errors_fail_the_recipe_check_before_any_data_or_file(overrides, words, phantoms_train, tmp_path,
+                                                                    monkeypatch):
+    """Unknown stages and freeze-all are caught by the recipe check: exit 2 naming the key, before the data source
+    is read, any image decoded, or the run directory (or anything else) written."""
+    import medtricks.data.dataset
+    import medtricks.data.pipeline
+    from typer.testing import CliRunner
+
+    from medtricks.cli import app
+
+    read = []
+    monkeypatch.setattr(medtricks.data.pipeline, "load_source", lambda *a, **k: read.append(a) or 1 / 0)
+    monkeypatch.setattr(medtricks.data.dataset, "decode", lambda *a, **k: read.append(a) or 1 / 0)
+    before = sorted(p.relative_to(phantoms_train) for p in phantoms_train.rglob("*"))
+    out = tmp_path / "run"
+    sets = [x for kv in ["data.workers=0", "data.image_size=32", *overrides] for x in ("--set", kv)]
+    result = CliRunner().invoke(app, ["finetune", "--recipe", "demo", "--data", str(phantoms_train), "--out", str(out),
+                                      *sets])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, (word, result.output)
+    assert read == [] and not out.exists() and list(tmp_path.iterdir()) == []
+    assert sorted(p.relative_to(phantoms_train) for p in phantoms_train.rglob("*")) == before

@@ -14,11 +14,13 @@ from typer.testing import CliRunner
 from medtricks.cli import app
 from medtricks.compare import _auroc, compare, compare_predictions
 from medtricks.data.pipeline import load_eval_data
+from medtricks.devices import place_model
 from medtricks.errors import MedtricksError
-from medtricks.finetune import finetune, load_recipe_from_dict, place_model
+from medtricks.finetune import finetune
+from medtricks.recipe import load_recipe_from_dict
 from medtricks.runs import load_run_model, read_run
+from medtricks.scoring import predict_loader
 from medtricks.stats import delong_test, mcnemar_test, paired_bootstrap
-from medtricks.train import predict_loader
 
 runner = CliRunner()
 TINY = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=1",

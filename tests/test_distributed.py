@@ -131,9 +131,10 @@ import json, sys
 from torch.utils.data import DataLoader
 from medtricks import distributed
 from medtricks.data.pipeline import load_eval_data
-from medtricks.finetune import evaluate, load_recipe_from_dict
+from medtricks.finetune import evaluate
+from medtricks.recipe import load_recipe_from_dict
 from medtricks.runs import load_run_model, read_run
-from medtricks.train import predict_loader
+from medtricks.scoring import predict_loader
 
 run, out = sys.argv[1], sys.argv[2]
 with distributed.process_group():

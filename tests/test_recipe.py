@@ -79,8 +79,8 @@ def test_model_section_strict():
 
 
 def test_attack_section_strict():
-    from medtricks.attacks import AttackSettings
     from medtricks.errors import MedtricksError
+    from medtricks.recipe import AttackSettings
 
     settings = build_dataclass(AttackSettings, {"eps": [0.01, 0.02], "steps": 5, "norm": "l2"}, "attack")
     assert settings.eps == (0.01, 0.02) and settings.steps == 5 and settings.method == "pgd"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from medtricks.data.sampling import SeededSampler
+from medtricks.errors import RecipeError
 from medtricks.finetune import finetune
 from medtricks.runs import RESUME_FILE, RunError, load_resume_state, save_resume_state
 from medtricks.train import TIMING_KEYS
@@ -86,7 +87,7 @@ def test_resume_refuses_other_settings_and_finished_runs(reference, tmp_path, ph
     out = tmp_path / "partial"
     out.mkdir()
     (out / "recipe.yaml").write_text((reference / "recipe.yaml").read_text())
-    with pytest.raises(RunError, match="train.lr"):
+    with pytest.raises(RecipeError, match=r"differs from the run's recipe.yaml in train\.lr;"):
         finetune("demo", out=out, overrides=[*RESUME, "train.lr=0.5"], resume=True)
 
 

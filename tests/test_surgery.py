@@ -16,13 +16,13 @@ from medtricks.models import (
     ARCHS,
     apply_bn_reset,
     apply_freeze,
-    apply_zero_gamma_init,
     create_model,
     residual_bns,
     stage_names,
     stage_of_parameter,
     stage_parameter_groups,
 )
+from medtricks.tricks.zero_gamma import apply_zero_gamma
 
 BN = nn.modules.batchnorm._BatchNorm
 RESNET_STAGES = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
@@ -164,10 +164,10 @@ def test_efficientnet_last_in_block_only_where_there_is_a_skip():
         apply_bn_reset(model, ["blocks.0"], which="last_in_block")
 
 
-def test_zero_gamma_init_resnet18_from_scratch():
+def test_zero_gamma_trick_on_every_residual_stage_of_resnet18():
     model = _pretrained_like("resnet18")
     before = _clone_state(model)
-    names = apply_zero_gamma_init(model)
+    names = apply_zero_gamma(model, None, beta="zero")  # the trick's defaults: every stage with residual blocks
     blocks = _residual_blocks(model)
     assert names == [f"{name}.bn2" for name, _ in blocks] and len(names) == 8
     for name, block in blocks:
@@ -176,9 +176,9 @@ def test_zero_gamma_init_resnet18_from_scratch():
     assert torch.equal(model.backbone.bn1.weight, before["backbone.bn1.weight"])
 
 
-def test_zero_gamma_init_efficientnet_skips_blocks_without_shortcut():
+def test_zero_gamma_trick_on_efficientnet_skips_blocks_without_shortcut():
     model = _pretrained_like("efficientnet_lite0")
-    names = apply_zero_gamma_init(model)
+    names = apply_zero_gamma(model)
     assert len(names) == 9  # blocks.1..5 have 1, 1, 2, 2, 3 blocks with a skip
     assert all(torch.all(model.backbone.get_submodule(n).weight == 0) for n in names)
 

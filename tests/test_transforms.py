@@ -60,3 +60,16 @@ def test_random_gamma_within_range():
     values = torch.stack([RandomGamma((0.8, 1.25))(image)[0, 0, 0] for _ in range(200)])
     assert float(values.min()) >= 0.5**1.25 - 1e-6 and float(values.max()) <= 0.5**0.8 + 1e-6
     assert float(values.max() - values.min()) > 0.05
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_bag_of_tricks_colour_jitter_is_the_papers(channels):
+    """He et al. 2019: brightness, contrast and saturation scaled by factors from [0.6, 1.4], no hue rotation (a
+    ColorJitter hue of 0.4 would turn hues by up to +-144 degrees); saturation only where there is colour."""
+    from torchvision.transforms import v2
+
+    (jitter,) = [t for t in create_train_transform("bag_of_tricks", 32, channels).transforms
+                 if isinstance(t, v2.ColorJitter)]
+    assert jitter.hue is None
+    assert jitter.brightness == pytest.approx((0.6, 1.4)) and jitter.contrast == pytest.approx((0.6, 1.4))
+    assert jitter.saturation == (pytest.approx((0.6, 1.4)) if channels == 3 else None)

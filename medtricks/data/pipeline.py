@@ -9,7 +9,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtricks.data.dataset import ImageDataset, ImageStore, prepare_images, report_problems, resolve_cache_mode
+from torch.utils.data import DataLoader, Sampler
+
+from medtricks import distributed
+from medtricks.data.dataset import (
+    ImageDataset,
+    ImageStore,
+    default_workers,
+    prepare_images,
+    report_problems,
+    resolve_cache_mode,
+)
 from medtricks.data.sources import SPLITS, Source, load_source
 from medtricks.data.splits import split_source
 from medtricks.data.transforms import cache_size, create_eval_transform, create_train_transform
@@ -106,3 +116,21 @@ def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed
             raise DataError(f"{source.root}: the {split} split is empty ({origin}); use --split all or another split.")
     store, ok, _ = _decoded(config, source, [source.records[i] for i in chosen], workers)
     return ImageDataset(store, ok, create_eval_transform(config.image_size, config.crop_fraction)), origin
+
+
+def loader_workers(config: DataConfig) -> int:
+    """DataLoader worker processes: data.workers, else min(4, CPUs)."""
+    return default_workers() if config.workers is None else config.workers
+
+
+def create_loader(dataset: ImageDataset, batch_size: int, workers: int, sampler: Sampler | list[int],
+                  drop_last: bool = False) -> DataLoader:
+    """A loader whose sampler decides the order (SeededSampler for training, a shard for evaluation)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      persistent_workers=workers > 0)
+
+
+def eval_loader(dataset: ImageDataset, config: DataConfig, batch_size: int) -> DataLoader:
+    """This rank's shard of `dataset` in dataset order (all of it in a single process), for
+    medtricks.scoring.predict_loader, which gathers the shards of all ranks."""
+    return create_loader(dataset, batch_size, loader_workers(config), sampler=distributed.shard(len(dataset)))

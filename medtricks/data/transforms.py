@@ -2,9 +2,11 @@
 
 Presets (`data.augment`):
 - `bag_of_tricks`: He et al. 2019 (arXiv 1812.01187) section 2: RandomResizedCrop scale 0.08-1, ratio 3/4-4/3;
-  horizontal flip p=0.5; brightness, saturation and hue jitter 0.4; AlexNet PCA lighting noise std 0.1 with the
-  ImageNet eigen-decomposition. Made for ImageNet photographs: on grey radiographs only the brightness jitter and
-  the geometry apply (saturation, hue and RGB lighting have no meaning on 1 channel).
+  horizontal flip p=0.5; brightness, contrast and saturation scaled by factors drawn from [0.6, 1.4]
+  (ColorJitter 0.4, as their GluonCV reference does; no hue jitter: ColorJitter's hue=0.4 would rotate hues by up
+  to +-144 degrees); AlexNet PCA lighting noise std 0.1 with the ImageNet eigen-decomposition. Made for ImageNet
+  photographs: on grey radiographs only the brightness/contrast jitter and the geometry apply (saturation and RGB
+  lighting have no meaning on 1 channel).
 - `cxr`: safe for radiographs: milder crops (scale 0.7-1, near-square), rotation <= 7 degrees, translation <= 5%,
   brightness/contrast 0.2 and gamma 0.8-1.25; no flips (left/right anatomy: heart, situs) and no hue.
 - `fundus`: crops 0.6-1, horizontal and vertical flips and any rotation (the fundus disc has no canonical
@@ -98,7 +100,7 @@ def create_train_transform(preset: str, image_size: int, channels: int, crop_fra
     if preset == "bag_of_tricks":
         steps = [v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
                  v2.RandomHorizontalFlip(0.5),
-                 *_colour(0.4, 0.0, 0.4, 0.4, channels)]
+                 *_colour(0.4, 0.4, 0.4, 0.0, channels)]
         if channels == 3:
             steps.append(Lighting(0.1))
     elif preset == "cxr":

@@ -4,7 +4,7 @@ from medtricks.models.backbones import ARCHS, MedModel, Normalize, adapt_input_c
 from medtricks.models.surgery import (
     apply_bn_reset,
     apply_freeze,
-    apply_zero_gamma_init,
+    check_stages,
     residual_bns,
     stage_names,
     stage_of_parameter,
@@ -21,7 +21,7 @@ __all__ = [
     "adapt_input_conv",
     "apply_bn_reset",
     "apply_freeze",
-    "apply_zero_gamma_init",
+    "check_stages",
     "create_model",
     "load_checkpoint",
     "residual_bns",

@@ -8,10 +8,11 @@ efficientnet_lite0 (timm `tf_efficientnet_lite0`, TF "SAME" padding, which the I
 
 One-channel inputs (`input_mode`):
 - `sum` (default): the first conv's RGB filters are folded into one (timm's adapt_input_conv idea), weighted by
-  the per-channel std so that grey * W' matches sum_c W_c * (grey - mean_c) / std_c up to a constant; the model
-  then normalizes with the mean of the channel means and stds. Exact when the channel statistics are equal
-  (EfficientNet-Lite0's 0.5/0.5); for ImageNet statistics the constant is absorbed by the next BatchNorm in
-  fine-tuning.
+  the per-channel std so that grey * W' matches sum_c W_c * (grey - mean_c) / std_c up to a per-channel constant;
+  the model then normalizes with the mean of the channel means and stds, and the constant (nonzero when the channel
+  statistics differ, as ImageNet's do) is folded into the running mean of the BatchNorm after the first conv. So
+  the stem sees exactly what the RGB network sees on the grey image repeated to 3 channels, except within the
+  first conv's reach of the border (its zero padding pads normalized values, which differ).
 - `repeat`: grey is repeated to 3 channels inside the model, then normalized per channel: the pretrained network
   sees exactly a grey RGB photo (3x the first-conv cost).
 """
@@ -19,12 +20,11 @@ One-channel inputs (`input_mode`):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
-import torchvision
 from torch import nn
 
 from medtricks.models.weights import (
@@ -52,11 +52,36 @@ class Arch:
         build: num_classes -> randomly initialized backbone.
         head: attribute path of the final Linear layer.
         stages: stage name -> module paths (every parameter belongs to exactly one stage).
+        stem_norm: attribute path of the BatchNorm that takes the first conv's output (see adapt_input_conv).
     """
 
-    build: object
+    build: Callable[[int], nn.Module]
     head: str
     stages: dict[str, tuple[str, ...]]
+    stem_norm: str
+
+
+def _torchvision(name: str):
+    """Builder of torchvision's `name` (random init). torchvision and timm are imported when a model is built, not
+    when this module is: checking a recipe's stage names should not wait the ~2 s they take to import."""
+
+    def build(num_classes: int) -> nn.Module:
+        import torchvision.models
+
+        return getattr(torchvision.models, name)(num_classes=num_classes)
+
+    return build
+
+
+def _timm(name: str):
+    """Builder of timm's `name` (random init); see _torchvision."""
+
+    def build(num_classes: int) -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+    return build
 
 
 def _resnet_stages(stem: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -69,15 +94,13 @@ _DENSENET_STAGES = {"stem": ("features.conv0", "features.norm0"),
                     "head": ("features.norm5", "classifier")}
 
 ARCHS: dict[str, Arch] = {
-    "resnet18": Arch(lambda n: torchvision.models.resnet18(num_classes=n), "fc", _resnet_stages(("conv1", "bn1"))),
-    "resnet50": Arch(lambda n: torchvision.models.resnet50(num_classes=n), "fc", _resnet_stages(("conv1", "bn1"))),
-    "resnet50d": Arch(lambda n: timm.create_model("resnet50d", pretrained=False, num_classes=n), "fc",
-                      _resnet_stages(("conv1", "bn1"))),
-    "densenet121": Arch(lambda n: torchvision.models.densenet121(num_classes=n), "classifier", _DENSENET_STAGES),
-    "efficientnet_lite0": Arch(lambda n: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=n),
-                               "classifier", {"stem": ("conv_stem", "bn1"),
-                                              **{f"blocks.{i}": (f"blocks.{i}",) for i in range(7)},
-                                              "head": ("conv_head", "bn2", "classifier")}),
+    "resnet18": Arch(_torchvision("resnet18"), "fc", _resnet_stages(("conv1", "bn1")), "bn1"),
+    "resnet50": Arch(_torchvision("resnet50"), "fc", _resnet_stages(("conv1", "bn1")), "bn1"),
+    "resnet50d": Arch(_timm("resnet50d"), "fc", _resnet_stages(("conv1", "bn1")), "conv1.1"),  # deep stem
+    "densenet121": Arch(_torchvision("densenet121"), "classifier", _DENSENET_STAGES, "features.norm0"),
+    "efficientnet_lite0": Arch(_timm("tf_efficientnet_lite0"), "classifier",
+                               {"stem": ("conv_stem", "bn1"), **{f"blocks.{i}": (f"blocks.{i}",) for i in range(7)},
+                                "head": ("conv_head", "bn2", "classifier")}, "bn1"),
 }
 
 
@@ -117,12 +140,15 @@ class MedModel(nn.Module):
     def train(self, mode: bool = True) -> MedModel:
         super().train(mode)
         if mode and self.frozen_stages:
-            from medtricks.models.surgery import stage_modules
-
-            for module in stage_modules(self, self.frozen_stages):
+            for module in self.stage_modules(self.frozen_stages):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
+
+    def stage_modules(self, stages: Iterable[str]) -> list[nn.Module]:
+        """All modules (recursively) of the named stages (ARCHS[arch].stages)."""
+        paths = [p for s in stages for p in ARCHS[self.arch].stages[s]]
+        return [m for p in paths for m in self.backbone.get_submodule(p).modules()]
 
     def describe(self) -> dict:
         """What model.json records: enough to rebuild the model without the recipe."""
@@ -144,16 +170,26 @@ def first_conv(backbone: nn.Module) -> nn.Conv2d:
     return next(m for m in backbone.modules() if isinstance(m, nn.Conv2d))
 
 
-def adapt_input_conv(conv: nn.Conv2d, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[tuple, tuple]:
+def adapt_input_conv(conv: nn.Conv2d, mean: tuple[float, ...], std: tuple[float, ...],
+                     norm: nn.modules.batchnorm._BatchNorm | None = None) -> tuple[tuple, tuple]:
     """Fold a 3-channel first conv into 1 channel in place; return the 1-channel (mean, std) to normalize with.
 
-    W' = sum_c W_c * std_bar / std_c, mean_bar = mean(mean_c), std_bar = mean(std_c) (see the module docstring).
+    W' = sum_c W_c * std_bar / std_c, mean_bar = mean(mean_c), std_bar = mean(std_c). On a grey image g the folded
+    conv gives conv_rgb((g - mean_c) / std_c) - k, with the per-output-channel constant
+    k = sum_c (mean_bar - mean_c) / std_c * sum(W_c) wherever the kernel lies inside the image. With `norm`, the
+    BatchNorm that takes the conv's output, k is folded into its running mean (mu - k), so in eval mode the norm's
+    output is exactly the RGB network's on the repeated grey image away from the border; in train mode the batch
+    mean absorbs k anyway, and the running mean then tracks the folded conv's output.
     """
     std_bar, mean_bar = sum(std) / len(std), sum(mean) / len(mean)
     with torch.no_grad():
-        scale = torch.tensor([std_bar / s for s in std], dtype=conv.weight.dtype).view(1, -1, 1, 1)
-        folded = (conv.weight * scale).sum(dim=1, keepdim=True)
-    conv.weight = nn.Parameter(folded)
+        weight = conv.weight.detach()
+        scale = torch.tensor([std_bar / s for s in std], dtype=weight.dtype).view(1, -1, 1, 1)
+        offset = torch.tensor([(mean_bar - m) / s for m, s in zip(mean, std, strict=True)], dtype=weight.dtype)
+        k = (weight.sum(dim=(2, 3)) * offset).sum(dim=1)  # (out_channels,)
+        if norm is not None:
+            norm.running_mean -= k.to(norm.running_mean.dtype)
+    conv.weight = nn.Parameter((weight * scale).sum(dim=1, keepdim=True))
     conv.in_channels = 1
     return (mean_bar,), (std_bar,)
 
@@ -179,6 +215,23 @@ def pretrained_state(arch: str, weights: str) -> tuple[dict, tuple, tuple, Path]
     state = remap_state_dict(checkpoint, spec.layout if spec is not None else detect_layout(checkpoint))
     mean, std = (spec.mean, spec.std) if spec is not None else (IMAGENET_MEAN, IMAGENET_STD)
     return state, mean, std, path
+
+
+def archs_fitting(file: str | Path) -> list[str]:
+    """The architectures whose keys a weights file fits exactly (after remapping): the registry's arch for a known
+    file, else every arch is tried. Loading verifies the registry hash and refuses unsafe pickles.
+
+    Raises:
+        WeightsError: missing, corrupt or unsafe file, or a registry hash mismatch.
+    """
+    spec = find_by_file(Path(file))
+    fits = []
+    for arch in [spec.arch] if spec is not None else list(ARCHS):
+        state, *_ = pretrained_state(arch, str(file))
+        head = state.get(f"{ARCHS[arch].head}.weight")
+        if set(ARCHS[arch].build(head.shape[0] if head is not None else 1000).state_dict()) == set(state):
+            fits.append(arch)
+    return fits
 
 
 def _strict_keys(backbone: nn.Module, state: dict) -> tuple[list[str], list[str]]:
@@ -236,7 +289,7 @@ def create_model(arch: str, num_classes: int, in_chans: int = 3, weights: str = 
     repeat_to = None
     if in_chans == 1:
         if input_mode == "sum":
-            mean, std = adapt_input_conv(first_conv(backbone), mean, std)
+            mean, std = adapt_input_conv(first_conv(backbone), mean, std, backbone.get_submodule(spec.stem_norm))
         else:
             repeat_to = 3
     return MedModel(backbone, arch, num_classes, in_chans, Normalize(mean, std, repeat_to), input_mode, weights)

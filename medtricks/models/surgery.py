@@ -1,5 +1,5 @@
-"""Surgery on a (pretrained) model, done once at model build: BatchNorm resets per stage, zero-gamma at init,
-freezing stages, and per-stage learning-rate multipliers.
+"""Surgery on a (pretrained) model, done once at model build: BatchNorm resets per stage, freezing stages, and
+per-stage learning-rate multipliers.
 
 Why here and not in timm/torchvision: their zero-init options (timm `zero_init_last`, torchvision
 `zero_init_residual`, GluonCV `last_gamma`) act at random initialization and are overwritten by loading weights.
@@ -24,24 +24,23 @@ logger = logging.getLogger(__name__)
 BN = nn.modules.batchnorm._BatchNorm
 
 
-def stage_names(model: MedModel) -> tuple[str, ...]:
-    """The stage names of the model's architecture, input to output."""
-    return tuple(ARCHS[model.arch].stages)
+def stage_names(model: MedModel | str) -> tuple[str, ...]:
+    """The stage names of a model's (or an architecture name's) architecture, input to output."""
+    return tuple(ARCHS[model if isinstance(model, str) else model.arch].stages)
 
 
-def _check_stages(model: MedModel, stages: Iterable[str], key: str) -> list[str]:
-    names = stage_names(model)
+def check_stages(arch: str, stages: Iterable[str] | str, key: str) -> list[str]:
+    """`stages` as a list ("all" = every stage), after checking each is a stage of `arch`.
+
+    Raises:
+        RecipeError: naming the recipe `key`, the unknown stages and the valid ones.
+    """
+    names = stage_names(arch)
     stages = list(names) if stages == "all" else list(stages)
     unknown = [s for s in stages if s not in names]
     if unknown:
-        raise RecipeError(f"{key}: unknown stage(s) {unknown} for {model.arch}; its stages are {', '.join(names)}.")
+        raise RecipeError(f"{key}: unknown stage(s) {unknown} for {arch}; its stages are {', '.join(names)}.")
     return stages
-
-
-def stage_modules(model: MedModel, stages: Iterable[str]) -> list[nn.Module]:
-    """All modules (recursively) of the named stages."""
-    paths = [p for s in stages for p in ARCHS[model.arch].stages[s]]
-    return [m for p in paths for m in model.backbone.get_submodule(p).modules()]
 
 
 def stage_of_parameter(model: MedModel) -> dict[str, str]:
@@ -68,6 +67,22 @@ def _closes_residual(block: nn.Module) -> str | None:
     return None
 
 
+BN_RESET_CHOICES = {"gamma": ("zero", "one"), "which": ("last_in_block", "all"), "beta": ("keep", "zero"),
+                    "running_stats": ("keep", "reset")}
+
+
+def check_bn_reset(**values: str) -> None:
+    """Check apply_bn_reset's settings (gamma, which, beta, running_stats) against BN_RESET_CHOICES.
+
+    Raises:
+        RecipeError: naming the `model.bn_reset` key, its value and the valid ones.
+    """
+    for key, value in values.items():
+        if value not in BN_RESET_CHOICES[key]:
+            raise RecipeError(f"recipe key 'model.bn_reset[].{key}' = {value!r}; choose one of "
+                              f"{list(BN_RESET_CHOICES[key])}.")
+
+
 def residual_bns(model: MedModel, stages: Sequence[str]) -> dict[str, list[str]]:
     """{stage: names of the BNs that close a residual branch}, the paper's zero-gamma targets."""
     out = {}
@@ -89,7 +104,8 @@ def apply_bn_reset(model: MedModel, stages: Sequence[str] | str, gamma: str = "z
     Args:
         model: a MedModel (weights already loaded).
         stages: stage names (see `stage_names`) or "all".
-        gamma: "zero" (the block starts as its shortcut) or "one" (unit scale).
+        gamma: "zero" or "one" (unit scale). With gamma zero a reset residual branch outputs its beta: the block
+            starts as its shortcut only with beta "zero" (with the pretrained beta kept it outputs shortcut + beta).
         which: "last_in_block" (the BN closing each residual branch: He et al.'s zero-gamma) or "all" (every BN
             in the stages). last_in_block on an architecture or stage without residual blocks is an error.
         beta: "keep" or "zero" (with gamma zero, beta zero makes each residual branch output exactly 0).
@@ -101,14 +117,8 @@ def apply_bn_reset(model: MedModel, stages: Sequence[str] | str, gamma: str = "z
     Example:
         >>> apply_bn_reset(model, ["layer3", "layer4"], gamma="zero", which="last_in_block", beta="zero")
     """
-    if gamma not in ("zero", "one"):
-        raise RecipeError(f"model.bn_reset gamma {gamma!r}: choose 'zero' or 'one'.")
-    if which not in ("last_in_block", "all"):
-        raise RecipeError(f"model.bn_reset which {which!r}: choose 'last_in_block' or 'all'.")
-    if beta not in ("keep", "zero") or running_stats not in ("keep", "reset"):
-        raise RecipeError(f"model.bn_reset beta {beta!r} / running_stats {running_stats!r}: use keep|zero and "
-                          f"keep|reset.")
-    stages = _check_stages(model, stages, "model.bn_reset stages")
+    check_bn_reset(gamma=gamma, which=which, beta=beta, running_stats=running_stats)
+    stages = check_stages(model.arch, stages, "model.bn_reset stages")
     if which == "all":
         names = [f"{p}.{n}".rstrip(".") for s in stages for p in ARCHS[model.arch].stages[s]
                  for n, m in model.backbone.get_submodule(p).named_modules() if isinstance(m, BN)]
@@ -138,17 +148,10 @@ def apply_bn_reset(model: MedModel, stages: Sequence[str] | str, gamma: str = "z
     return names
 
 
-def apply_zero_gamma_init(model: MedModel) -> list[str]:
-    """He et al. 2019 zero-gamma for a model trained from scratch: the BN closing every residual branch starts at
-    gamma = 0 (and beta = 0), so every residual block starts as its shortcut."""
-    stages = [s for s, found in residual_bns(model, stage_names(model)).items() if found]
-    return apply_bn_reset(model, stages, gamma="zero", which="last_in_block", beta="zero")
-
-
 def apply_freeze(model: MedModel, stages: Sequence[str]) -> int:
     """Freeze stages in place: their parameters stop requiring gradients and their BN layers stay in eval mode
     (running statistics frozen too) even when the model is put in train mode. Returns the number of tensors."""
-    stages = _check_stages(model, stages, "model.freeze")
+    stages = check_stages(model.arch, stages, "model.freeze")
     owner = stage_of_parameter(model)
     count = 0
     for name, param in model.named_parameters():
@@ -169,10 +172,10 @@ def stage_parameter_groups(model: MedModel, lr_multipliers: dict[str, float] | N
         out; stages missing from `lr_multipliers` get 1.0. The optimizer multiplies its lr by `lr_mult`.
     """
     lr_multipliers = lr_multipliers or {}
-    _check_stages(model, lr_multipliers, "model.lr_multipliers")
-    for stage, mult in lr_multipliers.items():
-        if not mult >= 0:
-            raise RecipeError(f"model.lr_multipliers.{stage} = {mult} must be >= 0.")
+    check_stages(model.arch, lr_multipliers, "model.lr_multipliers")
+    negative = {stage: m for stage, m in lr_multipliers.items() if not m >= 0}
+    if negative:
+        raise RecipeError(f"model.lr_multipliers = {negative}: multipliers must be >= 0.")
     owner = stage_of_parameter(model)
     groups = {stage: {"stage": stage, "params": [], "names": [], "lr_mult": float(lr_multipliers.get(stage, 1.0))}
               for stage in stage_names(model)}

@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from medtricks.errors import MedtricksError
 
@@ -200,8 +201,6 @@ def load_checkpoint(path: str | Path) -> dict:
         raise WeightsError(f"{path}: weights file not found. Check model.weights, or use a registry name "
                            f"(medtricks weights list).")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -272,3 +271,18 @@ def find_by_file(path: Path) -> WeightFile | None:
         if spec.filename == path.name:
             return spec
     return None
+
+
+def find_by_name(name: str) -> WeightFile:
+    """The registry entry for ARCH:WEIGHTS, or for a bare WEIGHTS name that only one architecture has (sin_in).
+
+    Raises:
+        WeightsError: no entry, or several, naming every known ARCH:WEIGHTS.
+    """
+    arch, _, weights = name.rpartition(":")
+    matches = [spec for (a, w), spec in REGISTRY.items() if w == weights and (a == arch or not arch)]
+    if len(matches) != 1:
+        known = ", ".join(f"{a}:{w}" for a, w in REGISTRY)
+        raise WeightsError(f"{name!r} names {'several' if matches else 'no'} known weights; give ARCH:WEIGHTS, one "
+                           f"of {known}.")
+    return matches[0]

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 from medtricks.errors import RecipeError
 
-# A pure function of the step rather than torch's CosineAnnealingLR: the trainer composes warmup x decay in one
-# LambdaLR, the schedule is testable at any step, and resuming needs only the step number.
+# A pure function of the step rather than torch's CosineAnnealingLR: before every optimizer step the trainer sets
+# each parameter group's lr to base_lr x lr_mult x train.lr_factor(step) (warmup x decay, no torch scheduler), so
+# the schedule is testable at any step and resuming needs only the step number.
 
 
 @dataclass(frozen=True)

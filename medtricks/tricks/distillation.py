@@ -4,8 +4,9 @@ Paper: Hinton et al. 2015 "Distilling the knowledge in a neural network" (arXiv 
     "Bag of Tricks" (arXiv 1812.01187) sec 5.3 (T = 20, hard-label weight 0.5).
 Hook: training step (the teacher's logits for the same, possibly mixed, batch) and loss (`distillation_loss`).
 Defaults: temperature 20.0, weight 0.5 (half hard-label cross-entropy, half soft term); teacher is required.
-Interactions: the teacher sees the same mixed batch as the student under mixup/cutmix; label smoothing acts on the
-    hard term only (`smoothing`), and a teacher trained with it distills worse; the teacher runs in eval mode
+Interactions: the teacher sees the same mixed batch as the student under mixup/cutmix; label smoothing and
+    class_balance's loss weights act on the hard term only (`smoothing`, `class_weights`), and a teacher trained with
+    label smoothing distills worse; the teacher runs in eval mode
     without gradients, and doubles the forward cost per step.
 Measured effect: not yet measured
 """
@@ -46,7 +47,8 @@ class DistillationConfig:
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                      temperature: float, weight: float, smoothing: float = 0.0) -> torch.Tensor:
+                      temperature: float, weight: float, smoothing: float = 0.0,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Hinton et al.'s loss: (1 - weight) * CE(student, targets) + weight * T^2 * KL(teacher_T || student_T).
 
     The T^2 factor keeps the soft term's gradient scale independent of T (Hinton et al. sec 2).
@@ -58,11 +60,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         temperature: T > 0.
         weight: in [0, 1], the weight of the soft term.
         smoothing: label smoothing in [0, 1) of the hard term.
+        class_weights: optional (C,) per-class weights of the hard term (class_balance mode loss).
 
     Returns:
         A scalar tensor; the KL is summed over classes and averaged over the batch ("batchmean").
     """
-    hard = F.cross_entropy(student_logits, targets, label_smoothing=smoothing)
+    hard = F.cross_entropy(student_logits, targets, weight=class_weights, label_smoothing=smoothing)
     soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
                     F.log_softmax(teacher_logits.detach() / temperature, dim=1), log_target=True,
                     reduction="batchmean")

@@ -94,9 +94,8 @@ def _check_batch(images: torch.Tensor, targets: torch.Tensor, alpha: float) -> N
 
 
 def mix_probability_gate(prob: float, generator: torch.Generator | None = None) -> bool:
-    """Whether to mix this batch: True with probability `prob` (always, without drawing, when prob >= 1)."""
-    if prob >= 1.0:
-        return True
+    """Whether to mix this batch: True with probability `prob`. Always draws one number from `generator`, so the
+    stream of later draws does not depend on `prob` (the trainer's mixup and cutmix gates share one generator)."""
     device = generator.device if generator is not None else "cpu"
     return bool(torch.rand((), generator=generator, device=device).item() < prob)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from medtricks.errors import RecipeError
 
-# A pure function of the step rather than torch's MultiStepLR, for the same reasons as cosine.py: one LambdaLR
-# composes warmup x decay, and resuming needs only the step number.
+# A pure function of the step rather than torch's MultiStepLR, for the same reasons as cosine.py: the trainer
+# multiplies it with the warmup factor in train.lr_factor before every step, and resuming needs only the step number.
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
-"""Zero gamma: the BatchNorm that closes each residual branch gets gamma = 0, so each block starts as its shortcut.
+"""Zero gamma: the BatchNorm that closes each residual branch gets gamma = 0, so the branch outputs only its beta.
+
+With `beta: zero` too, each reset block starts exactly as its shortcut (He et al.'s initialization); with the
+pretrained beta kept (the default) it starts as shortcut + beta, a per-channel constant that can be large (up to
+about 5 in efficientnet_lite0's blocks.1.1), so the pretrained features change more than "identity" suggests.
 
 Paper: He et al. 2019 "Bag of Tricks" (arXiv 1812.01187) sec 3.1 (at random initialization); Goyal et al. 2017
     (arXiv 1706.02677). Here applied to a *pretrained* model's chosen stages after its weights are loaded (see
     medtricks.models.surgery; Raghu et al. 2019 "Transfusion" on re-initializing BN in transfer).
 Hook: model build (once, after the pretrained weights are in; never inside the training loop).
-Defaults: stages None (every stage with residual blocks), beta keep. Resetting only later stages (e.g.
+Defaults: stages None (every stage with residual blocks), beta keep (see above). Resetting only later stages (e.g.
     [layer3, layer4]) is the variant that often helped on X-ray transfer (DESIGN.md).
 Interactions: the same as a `model.bn_reset` entry {gamma: zero, which: last_in_block}: don't list a stage in both;
     never on frozen stages (their blocks would stay switched off); DenseNet has no residual blocks (error); with
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from medtricks.errors import RecipeError
+from medtricks.models.surgery import apply_bn_reset, check_stages, residual_bns, stage_names
 
 logger = logging.getLogger(__name__)
 
@@ -63,22 +68,13 @@ def apply_zero_gamma(model: nn.Module, stages: Sequence[str] | None = None, beta
     Raises:
         RecipeError: an unknown stage, a stage without residual blocks, or an architecture without any.
     """
-    # Imported here, not at the top: recipe.py imports this module's config, and loading a recipe should not pull
-    # in timm and torchvision (nor risk an import cycle through medtricks.models.build, which imports recipe.py).
-    from medtricks.models.surgery import apply_bn_reset, residual_bns, stage_names
-
-    names = stage_names(model)
     if stages is None:
-        stages = [s for s, found in residual_bns(model, names).items() if found]
+        stages = [s for s, found in residual_bns(model, stage_names(model)).items() if found]
         if not stages:
             raise RecipeError(f"tricks.zero_gamma: {model.arch} has no residual blocks; remove tricks.zero_gamma or "
                               f"use model.bn_reset with which: all.")
     else:
-        stages = list(stages)
-        unknown = [s for s in stages if s not in names]
-        if unknown:
-            raise RecipeError(f"tricks.zero_gamma.stages: unknown stage(s) {unknown} for {model.arch}; its stages "
-                              f"are {', '.join(names)}.")
+        stages = check_stages(model.arch, stages, "tricks.zero_gamma.stages")
         empty = [s for s, found in residual_bns(model, stages).items() if not found]
         if empty:
             raise RecipeError(f"tricks.zero_gamma.stages: {empty} of {model.arch} have no residual blocks; remove "

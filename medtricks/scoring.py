@@ -1,0 +1,70 @@
+"""Scoring a model on a loader: class probabilities, the mean loss, report metrics and the validation threshold.
+
+Used by training (each epoch's validation), by finetune's final report and by every command that reads a run
+(medtricks.runs.Run.predict): one code path, so a re-evaluation reproduces report.json exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from medtricks import distributed
+from medtricks.metrics import choose_threshold, compute_metrics
+
+# the keys of a report.json split (DESIGN.md's M): what evaluate returns and what finetune reports
+REPORT_KEYS = ("n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece")
+
+
+@dataclass
+class EvalOutput:
+    """A model's predictions on a split, in dataset order: labels (N,), class probabilities (N, C), patient ids
+    (an image without one is its own patient) and the mean cross-entropy."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    patient_ids: list[str]
+    loss: float
+
+
+@torch.inference_mode()
+def predict_loader(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> EvalOutput:
+    """Class probabilities of every sample, in fp32 and eval mode (robustness and metrics are always fp32).
+
+    The loader's sampler lists the dataset positions it visits: in a distributed run this rank's shard
+    (`sampler=distributed.shard(len(dataset))`), whose predictions are gathered from all ranks; the output is in
+    dataset order on every rank, and the same as one process's (the mean loss is summed in that order too).
+    """
+    model.eval()
+    rows = []  # (label, probs, patient id, loss) per sample
+    for batch in loader:
+        logits = model(batch["image"].to(device)).float()
+        losses = F.cross_entropy(logits, batch["label"].to(device), reduction="none")
+        rows.extend(zip(batch["label"].tolist(), logits.softmax(-1).cpu().numpy().astype(np.float64),
+                        batch["patient_id"], losses.cpu().numpy().astype(np.float64), strict=True))
+    rows = distributed.gather_by_position(rows, list(loader.sampler))
+    if not rows:
+        return EvalOutput(np.zeros(0, dtype=np.int64), np.zeros((0, 0)), [], 0.0)
+    labels, probs, ids, losses = zip(*rows, strict=True)
+    return EvalOutput(np.array(labels), np.stack(probs), list(ids), float(np.sum(losses)) / len(losses))
+
+
+def evaluate_split(output: EvalOutput, threshold: float | None, seed: int) -> dict:
+    """Report metrics M of one split plus its mean loss."""
+    metrics = compute_metrics(output.labels, output.probs, output.patient_ids, threshold=threshold, seed=seed)
+    metrics["loss"] = output.loss
+    return metrics
+
+
+def report_metrics(metrics: dict) -> dict:
+    """The report.json keys (REPORT_KEYS) of evaluate_split's metrics."""
+    return {k: metrics[k] for k in REPORT_KEYS}
+
+
+def val_threshold(output: EvalOutput, num_classes: int, method: str = "youden") -> float | None:
+    """The binary operating threshold chosen on validation (choose_threshold's method); None for multi-class."""
+    return choose_threshold(output.labels, output.probs, method) if num_classes == 2 else None
