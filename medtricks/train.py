@@ -164,6 +164,22 @@ class Progress:
         return progress
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The optimizer steps of a fit: `steps` per epoch of `total_steps`, the first `warmup_steps` warming up."""
+
+    base_lr: float
+    steps: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def create(cls, base_lr: float, loader_steps: int, config: TrainConfig, tricks: TricksConfig) -> Schedule:
+        steps = loader_steps if config.limit_train_batches is None else min(loader_steps, config.limit_train_batches)
+        warmup = round(tricks.warmup.epochs * steps) if tricks.warmup is not None else 0
+        return cls(base_lr, steps, steps * config.epochs, warmup)
+
+
 @dataclass
 class _Parts:
     """What the epochs share, built once per fit."""
@@ -207,10 +223,9 @@ class Callbacks:
 
 
 def train_epoch(parts: _Parts, loader: DataLoader, loss_fn: Loss, config: TrainConfig, tricks: TricksConfig,
-                progress: Progress, base_lr: float, total_steps: int, warmup_steps: int, steps: int,
-                device: torch.device) -> dict:
-    """One epoch of `steps` optimizer steps; advances progress.step and returns the metrics.jsonl row's training
-    fields (mean loss over the global batch, last lr, images, speed, time waiting for the loader).
+                schedule: Schedule, progress: Progress, device: torch.device) -> dict:
+    """One epoch of schedule.steps optimizer steps; advances progress.step and returns the metrics.jsonl row's
+    training fields (mean loss over the global batch, last lr, images, speed, time waiting for the loader).
 
     Raises:
         TrainingError: the loss (mean over all ranks, so every rank stops together) is NaN or infinite.
@@ -222,11 +237,11 @@ def train_epoch(parts: _Parts, loader: DataLoader, loss_fn: Loss, config: TrainC
     waited = 0.0  # seconds blocked on the loader: the input pipeline's share of the epoch
     for i, batch in enumerate(loader):
         waited += time.perf_counter() - asked
-        if i >= steps:
+        if i >= schedule.steps:
             break
-        factor = lr_factor(progress.step, total_steps, warmup_steps, tricks)
+        factor = lr_factor(progress.step, schedule.total_steps, schedule.warmup_steps, tricks)
         for group in parts.optimizer.param_groups:
-            group["lr"] = base_lr * group["lr_mult"] * factor
+            group["lr"] = schedule.base_lr * group["lr_mult"] * factor
         images, labels = batch["image"].to(device), batch["label"].to(device)
         images, targets = mix_batch(images, labels, parts.model.num_classes, tricks, parts.mix_generator)
         with autocast(device, parts.amp_dtype):
@@ -250,7 +265,7 @@ def train_epoch(parts: _Parts, loader: DataLoader, loss_fn: Loss, config: TrainC
         progress.step += 1
         asked = time.perf_counter()
     seconds = time.perf_counter() - started
-    return {"train_loss": loss_sum / max(images_seen, 1), "lr": base_lr * factor, "images": images_seen,
+    return {"train_loss": loss_sum / max(images_seen, 1), "lr": schedule.base_lr * factor, "images": images_seen,
             "images_per_second": images_seen / max(seconds, 1e-9), "seconds": seconds, "data_wait_seconds": waited}
 
 
@@ -284,10 +299,7 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
         TrainingError: on a NaN or infinite loss (naming the epoch and step); what was saved stays.
     """
     callbacks = callbacks or Callbacks()
-    steps = len(train_loader) if config.limit_train_batches is None else min(len(train_loader),
-                                                                               config.limit_train_batches)
-    total_steps = steps * config.epochs
-    warmup_steps = round(tricks.warmup.epochs * steps) if tricks.warmup is not None else 0
+    schedule = Schedule.create(base_lr, len(train_loader), config, tricks)
     if config.sync_bn:
         model = distributed.convert_sync_batchnorm(model, device)
     amp_dtype = resolve_amp_dtype(device, tricks.amp.dtype) if tricks.amp is not None else None
@@ -305,8 +317,7 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
             sampler.set_epoch(epoch)
         parts.mix_generator.manual_seed(epoch_seed(seed, epoch, stream=1))  # the same on every rank
         torch.manual_seed(epoch_seed(seed, epoch, stream=2, rank=rank))  # dropout and drop-path: per rank's images
-        row = {"epoch": epoch, **train_epoch(parts, train_loader, loss_fn, config, tricks, progress, base_lr,
-                                             total_steps, warmup_steps, steps, device)}
+        row = {"epoch": epoch, **train_epoch(parts, train_loader, loss_fn, config, tricks, schedule, progress, device)}
         progress.epoch, progress.seen = epoch, progress.seen + row["images"]
         evaluated = parts.ema.module if parts.ema is not None else model
         distributed.broadcast_buffers(evaluated)  # rank 0's BN statistics everywhere: the model rank 0 saves

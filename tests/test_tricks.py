@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from medtricks.data.sampling import SeededSampler
 from medtricks.errors import RecipeError
 from medtricks.models import apply_freeze, create_model, stage_parameter_groups
 from medtricks.tricks import TRICKS
 from medtricks.tricks.amp import autocast, create_grad_scaler, resolve_amp_dtype
-from medtricks.tricks.class_balance import class_weights, create_balanced_sampler
+from medtricks.tricks.class_balance import balanced_sample_weights, class_weights
 from medtricks.tricks.cosine import cosine_factor
 from medtricks.tricks.distillation import distillation_loss
 from medtricks.tricks.ema import create_ema, ema_update
@@ -202,14 +203,21 @@ def test_class_weights_missing_class(caplog):
         class_weights([0, 3], 3)
 
 
-def test_balanced_sampler_draws_classes_equally():
+def test_balanced_sampling_draws_classes_equally():
+    """class_balance mode sampler as the trainer runs it: the seeded sampler draws with balanced_sample_weights."""
     labels = [0] * 90 + [1] * 10
-    sampler = create_balanced_sampler(labels, generator=torch.Generator().manual_seed(0))
-    drawn = [labels[i] for _ in range(20) for i in sampler]
-    assert len(drawn) == 2000 and len(list(sampler)) == len(labels)
+    torch.testing.assert_close(balanced_sample_weights(labels), torch.tensor([1 / 90] * 90 + [1 / 10] * 10,
+                                                                             dtype=torch.double))
+    sampler = SeededSampler(len(labels), seed=0, weights=balanced_sample_weights(labels))
+    drawn = []
+    for epoch in range(1, 21):
+        sampler.set_epoch(epoch)
+        drawn += [labels[i] for i, _ in sampler]
+    assert len(drawn) == 2000
     assert 0.45 < sum(drawn) / len(drawn) < 0.55  # class 1 is 10% of the images, ~50% of the draws
-    again = create_balanced_sampler(labels, generator=torch.Generator().manual_seed(0))
-    assert [labels[i] for _ in range(20) for i in again] == drawn
+    plain = SeededSampler(len(labels), seed=0)
+    plain.set_epoch(1)
+    assert sum(labels[i] for i, _ in plain) == 10  # without weights: each image once
 
 
 # --- training step -------------------------------------------------------------------------------------------------

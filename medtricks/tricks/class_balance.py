@@ -2,8 +2,8 @@
 
 Paper: beyond He et al. 2019; King & Zeng 2001 "Logistic regression in rare events data"; the weights are
     scikit-learn's compute_class_weight("balanced"); Buda et al. 2018 (arXiv 1710.05381) on oversampling for CNNs.
-Hook: loss (mode loss: `class_weights` as cross-entropy's weight) or training data (mode sampler: the loader's
-    sampler replaces shuffling).
+Hook: loss (mode loss: `class_weights` as cross-entropy's weight, also in distillation's hard-label term) or
+    training data (mode sampler: the seeded sampler draws with these weights instead of shuffling).
 Defaults: mode loss.
 Interactions: use one mode, not the loss weights and the sampler together (the imbalance would be corrected twice);
     works with label_smoothing and mixup's soft targets; it shifts predicted probabilities, which the
@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import WeightedRandomSampler
 
 from medtricks.errors import RecipeError
 
@@ -74,21 +73,8 @@ def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     return weights.float()
 
 
-def create_balanced_sampler(labels: Sequence[int], generator: torch.Generator | None = None) -> WeightedRandomSampler:
-    """A sampler that draws every class equally often in expectation (each image with weight 1 / its class count).
-
-    Args:
-        labels: the training labels, one class index (>= 0) per image.
-        generator: torch generator for reproducible draws.
-
-    Returns:
-        WeightedRandomSampler with num_samples = len(labels) and replacement, for DataLoader(sampler=...).
-    """
-    return WeightedRandomSampler(balanced_sample_weights(labels), num_samples=len(labels), replacement=True,
-                                 generator=generator)
-
-
 def balanced_sample_weights(labels: Sequence[int]) -> torch.Tensor:
-    """Per-image sampling weights 1 / (count of its class): every class is drawn equally often in expectation."""
+    """Per-image sampling weights 1 / (count of its class): every class is drawn equally often in expectation
+    (the trainer's medtricks.data.sampling.SeededSampler draws len(labels) images with replacement by them)."""
     counts = _counts(labels, max(labels, default=-1) + 1)
     return 1.0 / counts[torch.as_tensor(list(labels), dtype=torch.long)].double()
