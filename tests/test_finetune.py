@@ -1,4 +1,5 @@
-"""finetune / evaluate / predict end to end on tiny phantom sets, every trick for two steps, the schedule."""
+"""finetune / evaluate / predict end to end on tiny phantom sets, the schedule (what each trick changes in a run:
+test_trick_effects.py)."""
 
 import json
 import math
@@ -13,7 +14,6 @@ from medtricks.finetune import evaluate, finetune, predict
 from medtricks.recipe import TricksConfig, build_dataclass, load_recipe
 from medtricks.runs import RunError
 from medtricks.train import TrainingError, lr_factor
-from medtricks.tricks import TRICKS
 
 runner = CliRunner()
 FAST = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=2",
@@ -83,22 +83,6 @@ def test_existing_out_is_never_overwritten(tiny_run, phantoms_train):
     with pytest.raises(RunError, match="already exists"):
         finetune("demo", data=phantoms_train, out=tiny_run, overrides=FAST)
     assert (tiny_run / "report.json").read_text() == before
-
-
-def _tricks_for(name: str, teacher) -> list[str]:
-    value = {"distillation": f"{{teacher: '{teacher}', temperature: 4.0}}", "ema": "{decay: 0.9}",
-             "class_balance": "{mode: sampler}"}.get(name, "{}")
-    return [f"tricks={{{name}: {value}}}"]
-
-
-@pytest.mark.parametrize("name", list(TRICKS))
-def test_every_trick_alone_for_two_steps(name, phantoms_train, tiny_run, tmp_path):
-    overrides = [*FAST, "train.epochs=1", "train.limit_train_batches=2", *_tricks_for(name, tiny_run)]
-    run = finetune("demo", data=phantoms_train, out=tmp_path / name, overrides=overrides)
-    report = json.loads((run / "report.json").read_text())
-    assert report["train"]["tricks"] == [name]
-    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert math.isfinite(row["train_loss"])
 
 
 def test_schedule_warmup_cosine_and_step():
