@@ -51,10 +51,10 @@ def test_stage_errors_fail_the_recipe_check_before_any_data_or_file(overrides, w
                                                                     monkeypatch):
     """Unknown stages and freeze-all are caught by the recipe check: exit 2 naming the key, before the data source
     is read, any image decoded, or the run directory (or anything else) written."""
-    import medtricks.data.dataset
-    import medtricks.data.pipeline
     from typer.testing import CliRunner
 
+    import medtricks.data.dataset
+    import medtricks.data.pipeline
     from medtricks.cli import app
 
     read = []
