@@ -36,9 +36,9 @@ import numpy as np
 
 from medtricks import __version__, plots
 from medtricks.errors import MedtricksError
+from medtricks.files import RECIPE_FILE, REPORT_FILE, write_json, write_text
 from medtricks.finetune import finetune
 from medtricks.recipe import (
-    RECIPE_FILE,
     Recipe,
     build_dataclass,
     load_recipe,
@@ -47,7 +47,7 @@ from medtricks.recipe import (
     resolve_recipe,
 )
 from medtricks.robustness import decision_model, run_attack
-from medtricks.runs import REPORT_FILE, RunError, open_run, save_recipe, write_json, write_text
+from medtricks.runs import RunError, open_run, save_recipe
 from medtricks.stats import paired_difference
 from medtricks.tricks import TRICKS
 

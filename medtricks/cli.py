@@ -34,6 +34,8 @@ console = Console(soft_wrap=True, markup=False)  # soft wrap: long paths stay wh
 err_console = Console(stderr=True, soft_wrap=True, markup=False)
 _state = {"debug": False}
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Allow replacing an existing output file (never a "
+                                                                  "run's own files).")]
 
 
 @app.callback()
@@ -160,6 +162,7 @@ def evaluate_cmd(
     split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Evaluate a run's model on a split of its data or on another source.
 
@@ -171,7 +174,7 @@ def evaluate_cmd(
 
     try:
         with distributed.process_group():
-            metrics = evaluate(run, data=data, split=split, json_path=json_path, device=device)
+            metrics = evaluate(run, data=data, split=split, json_path=json_path, device=device, overwrite=overwrite)
     except MedtricksError as exc:
         _fail(exc)
     if distributed.is_main():
@@ -184,6 +187,7 @@ def predict_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     out: Annotated[Path | None, typer.Option("--out", help="Write predictions to this CSV.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Predict classes (and probabilities) for images with a run's model.
 
@@ -192,7 +196,7 @@ def predict_cmd(
     from medtricks.finetune import predict
 
     try:
-        rows = predict(run, inputs, out_csv=out, device=device)
+        rows = predict(run, inputs, out_csv=out, device=device, overwrite=overwrite)
     except MedtricksError as exc:
         _fail(exc)
     for row in rows if out is None else []:
@@ -225,6 +229,7 @@ def attack_cmd(
     save_images: Annotated[Path | None, typer.Option("--save-images", help="Save adversarial PNGs here.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random starts.")] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Attack a fine-tuned model with FGSM or PGD over a sweep of eps; writes JSON and plots under RUN/attacks/.
 
@@ -242,7 +247,8 @@ def attack_cmd(
                    "target_class": target_class, "seed": seed, "method": "fgsm" if fgsm else "pgd" if pgd else None,
                    "targeted": True if targeted else None, "eps": parse_eps(eps) if eps is not None else None}
         report = attack(run, data=data, preset=preset, options=options, split=split, limit=limit,
-                        source_run=source_run, json_path=json_path, save_images=save_images, device=device)
+                        source_run=source_run, json_path=json_path, save_images=save_images, device=device,
+                        overwrite=overwrite)
     except MedtricksError as exc:
         _fail(exc)
     clean = report["clean"]
@@ -324,6 +330,7 @@ def compare_cmd(
     split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Compare two runs' models on the same images: DeLong test and patient-level paired bootstrap for AUROC
     (macro AUROC bootstrap for multi-class), exact McNemar test for accuracy; differences are A - B.
@@ -331,14 +338,16 @@ def compare_cmd(
     Example: medtricks compare runs/ablate-demo/runs/reference/seed-0 runs/ablate-demo/runs/without-warmup/seed-0
     """
     from medtricks.compare import compare
-    from medtricks.runs import write_json
+    from medtricks.files import check_output, write_json
 
     try:
+        if json_path is not None:
+            check_output(json_path, overwrite, "--json")
         result = compare(run_a, run_b, data=data, split=split, device=device)
+        if json_path is not None:
+            write_json(json_path, result)
     except MedtricksError as exc:
         _fail(exc)
-    if json_path is not None:
-        write_json(json_path, result)
 
     def num(value: float | None, signed: bool = False) -> str:
         return "n/a" if value is None else f"{value:+.4f}" if signed else f"{value:.4f}"
@@ -452,6 +461,7 @@ def data_check(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the proposed split.")] = 0,
     classes: Annotated[str | None, typer.Option("--classes", help="Expected classes, comma separated.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Count images per class and split and patients, list unreadable files and patients in two splits.
 
@@ -459,16 +469,19 @@ def data_check(
     Example: medtricks data check ../shared/data/cxr-nih --json check.json
     """
     from medtricks.data.check import check_data
+    from medtricks.files import check_output, write_json
 
     try:
+        if json_path is not None:
+            check_output(json_path, overwrite, "--json")
         bar, progress = _progress("decoding")
         with bar:
             report = check_data(source, classes.split(",") if classes else None, seed=seed, progress=progress)
+        if json_path is not None:
+            write_json(json_path, report)
     except MedtricksError as exc:
         _fail(exc)
     _print_check(report)
-    if json_path is not None:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
     problems = len(report["unreadable"]) + len(report.get("patients_in_several_splits") or {})
     if problems:
         leaks = len(report.get("patients_in_several_splits") or {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -21,18 +22,23 @@ from medtricks.data.synth import synthesize
 from medtricks.data.transforms import create_eval_transform
 from medtricks.devices import place_model, resolve_device
 from medtricks.errors import DataError, MedtricksError
-from medtricks.models.build import build_model, check_model_config
-from medtricks.models.weights import sha256_of
-from medtricks.recipe import Recipe, recipe_for_run
-from medtricks.runs import (
+from medtricks.files import (
     METRICS_FILE,
     MODEL_FILE,
     MODEL_JSON,
     REPORT_FILE,
     RESUME_FILE,
+    append_jsonl,
+    check_output,
+    write_json,
+    write_text,
+)
+from medtricks.models.build import build_model, check_model_config
+from medtricks.models.weights import sha256_of
+from medtricks.recipe import Recipe, recipe_for_run
+from medtricks.runs import (
     Run,
     RunError,
-    append_jsonl,
     load_resume_state,
     load_run_model,
     new_run_dir,
@@ -40,8 +46,6 @@ from medtricks.runs import (
     save_recipe,
     save_resume_state,
     save_weights,
-    write_json,
-    write_text,
 )
 from medtricks.scoring import EvalOutput, evaluate_split, predict_loader, report_metrics
 from medtricks.train import Callbacks, create_loss, fit
@@ -266,14 +270,17 @@ def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics:
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val",
-             json_path: str | Path | None = None, device: str | None = None) -> dict:
+             json_path: str | Path | None = None, device: str | None = None, overwrite: bool = False) -> dict:
     """Metrics M of a run's model on a split of its own data or on another source (`split="all"`).
 
     Reads only the run directory and the data: the same source, seed and split fractions reproduce the split,
     and the binary threshold is the one chosen on validation during training. Called on every rank of a process
     group (medtricks.distributed.process_group), each rank predicts a shard and all get the same metrics.
-    `device`: auto, cpu, cuda or cuda:N (default: the recipe's train.device).
+    `device`: auto, cpu, cuda or cuda:N (default: the recipe's train.device). `json_path` must be a new file
+    (or `overwrite`), never one of a run's own files (medtricks.files.check_output).
     """
+    if json_path is not None:
+        check_output(json_path, overwrite, "--json")
     opened = open_run(run, device)
     output = opened.predict(opened.dataset(data, split))
     metrics = {**report_metrics(evaluate_split(output, opened.threshold, opened.recipe.seed)), "split": split,
@@ -284,11 +291,14 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val"
 
 
 def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None,
-            device: str | None = None) -> list[dict]:
-    """Class probabilities for image files or folders (recursively); rows also written to `out_csv`.
+            device: str | None = None, overwrite: bool = False) -> list[dict]:
+    """Class probabilities for image files or folders (recursively); rows also written to `out_csv` (a new file,
+    or `overwrite`; never a run's own file).
 
     Unreadable files are listed in the rows with their error instead of a prediction.
     """
+    if out_csv is not None:
+        check_output(out_csv, overwrite, "--out")
     opened = open_run(run, device)
     info, classes, threshold = opened.info, opened.classes, opened.threshold
     transform = create_eval_transform(info["image_size"], info["crop_fraction"])
@@ -317,9 +327,9 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
             rows.append({"path": str(path), "prediction": predicted,
                          **{f"p_{c}": round(p, 6) for c, p in zip(classes, probs, strict=True)}, "error": ""})
     if out_csv is not None:
-        fields = ["path", "prediction", *[f"p_{c}" for c in classes], "error"]
-        with open(out_csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=["path", "prediction", *[f"p_{c}" for c in classes], "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(Path(out_csv), text.getvalue())
     return rows

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from medtricks.errors import AttackError, RecipeError
+from medtricks.files import RECIPE_FILE
 from medtricks.tricks.amp import AmpConfig
 from medtricks.tricks.class_balance import ClassBalanceConfig
 from medtricks.tricks.cosine import CosineConfig
@@ -38,7 +39,6 @@ from medtricks.tricks.step_decay import StepDecayConfig
 from medtricks.tricks.warmup import WarmupConfig
 from medtricks.tricks.zero_gamma import ZeroGammaConfig
 
-RECIPE_FILE = "recipe.yaml"  # the resolved recipe inside a run directory (medtricks.runs)
 AUGMENT_PRESETS = ("bag_of_tricks", "cxr", "fundus", "dermoscopy", "none")
 CACHE_MODES = ("auto", "memory", "disk", "none")
 INPUT_MODES = ("sum", "repeat")

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from medtricks import plots
 from medtricks.attacks import ThresholdShift, TwoLogits, fgsm, pgd
 from medtricks.errors import AttackError
+from medtricks.files import atomic_write, check_output, write_json
 from medtricks.metrics import compute_metrics
 from medtricks.recipe import AttackSettings
-from medtricks.runs import Run, newest_run, open_run, write_json
+from medtricks.runs import Run, newest_run, open_run
 
 # Finlayson et al.: eps 0.02 and step 0.01 on a [-1, 1] input scale, 20 iterations, targeted at the flipped label
 FINLAYSON = {"eps": (0.01,), "step_size": 0.005, "steps": 20, "targeted": True, "random_start": False}
@@ -166,7 +170,8 @@ def _auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
 def attack(run: str | Path | None = None, data: str | Path | None = None, settings: AttackSettings | None = None,
            split: str = "test", limit: int | None = None, source_run: str | Path | None = None,
            json_path: str | Path | None = None, save_images: str | Path | None = None,
-           device: str | None = "auto", preset: str | None = None, options: dict | None = None) -> dict:
+           device: str | None = "auto", preset: str | None = None, options: dict | None = None,
+           overwrite: bool = False) -> dict:
     """Attack a run's model on a split of its data (or another source); write the JSON report and plots.
 
     Args:
@@ -182,10 +187,16 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
             source model and the images all go there.
         preset, options: applied to `settings` by attack_settings (a preset replaces them; options not None
             override both), e.g. preset="finlayson", options={"eps": (2 / 255,)}.
+        overwrite: allow `json_path` to replace an existing file and `save_images` to write into a non-empty folder
+            (never a run's own files: medtricks.files.check_output).
 
     Returns:
         The report (DESIGN.md's attack JSON plus where its files are).
     """
+    if json_path is not None:
+        check_output(json_path, overwrite, "--json")
+    if save_images is not None:
+        check_output(save_images, overwrite, "--save-images", folder=True)
     target = open_run(run if run is not None else newest_run(), device)
     settings = attack_settings(settings or target.recipe.attack, preset, **(options or {}))
     dataset = target.dataset(data, split)
@@ -222,14 +233,12 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
 
 def _save_adversarial(adv: torch.Tensor, labels, preds, classes, folder: Path, start: int) -> None:
     """Adversarial images as 16-bit grey PNGs or 8-bit RGB PNGs named by index, true and predicted class (no
-    metadata is written into the files)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
+    metadata is written into the files; characters other than letters, digits, - and _ in class names become _)."""
     for k in range(len(adv)):
         pixels = adv[k].clamp(0, 1).cpu().numpy()
-        name = folder / f"{start + k:05d}_true-{classes[int(labels[k])]}_pred-{classes[int(preds[k])]}.png"
+        true, pred = (re.sub(r"[^\w-]", "_", classes[int(c[k])]) for c in (labels, preds))
         if pixels.shape[0] == 1:
-            Image.fromarray((pixels[0] * 65535).round().astype(np.uint16)).save(name)
+            image = Image.fromarray((pixels[0] * 65535).round().astype(np.uint16))
         else:
-            Image.fromarray((np.moveaxis(pixels, 0, -1) * 255).round().astype(np.uint8)).save(name)
+            image = Image.fromarray((np.moveaxis(pixels, 0, -1) * 255).round().astype(np.uint8))
+        atomic_write(folder / f"{start + k:05d}_true-{true}_pred-{pred}.png", partial(image.save, format="PNG"))

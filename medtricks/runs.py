@@ -10,8 +10,8 @@ runs/<recipe>-<YYYYmmdd-HHMMSS>/
   plots/*.png        ROC, confusion matrix, reliability diagram, training curves
   resume.safetensors while training: the state after the last completed epoch (removed once report.json exists)
 ```
-Every file is written atomically (temporary file in the same folder, then rename): a killed process leaves the
-old file or the new one, never half of one. An existing run directory is never overwritten.
+Every file is written atomically (medtricks.files): a killed process leaves the old file or the new one, never half
+of one. An existing run directory is never overwritten, and no other command writes its own files.
 
 A run is *finished* when report.json exists (finetune writes it last). Everything that reads a finished run
 (evaluate, predict, attack, compare, ablate, a distillation teacher) opens it with `open_run`, which checks that,
@@ -20,10 +20,7 @@ checks the weights against the sha256 model.json records, and puts the model on 
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,56 +35,21 @@ from medtricks.data.dataset import ImageDataset
 from medtricks.data.pipeline import eval_loader, load_eval_data
 from medtricks.devices import place_model, resolve_device
 from medtricks.errors import MedtricksError
+from medtricks.files import MODEL_FILE, MODEL_JSON, RECIPE_FILE, REPORT_FILE, RESUME_FILE, atomic_write, write_text
 from medtricks.models.backbones import MedModel, create_model
 from medtricks.models.weights import sha256_of
-from medtricks.recipe import RECIPE_FILE, Recipe, load_recipe_from_dict
+from medtricks.recipe import Recipe, load_recipe_from_dict
 from medtricks.scoring import EvalOutput, predict_loader
-
-MODEL_FILE, MODEL_JSON, METRICS_FILE, REPORT_FILE, RESUME_FILE = (
-    "model.safetensors", "model.json", "metrics.jsonl", "report.json", "resume.safetensors")
 
 
 class RunError(MedtricksError):
     """A run directory is missing, incomplete, or would be overwritten."""
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RunError(f"{path}: the disk is full (or over quota) while writing it; the previous version of the "
-                           f"file, if any, is kept. Free some space, then continue with --resume.") from exc
-        if isinstance(exc, PermissionError):
-            raise RunError(f"{path}: no permission to write it ({exc.strerror}). Choose a writable --out.") from exc
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically."""
-    _atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically (indented, newline-terminated)."""
-    write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    """Append one JSON line (rewritten atomically so a crash never leaves a half line)."""
-    old = path.read_text() if path.is_file() else ""
-    write_text(path, old + json.dumps(row) + "\n")
-
-
 def save_weights(path: Path, model: torch.nn.Module) -> None:
     """Save a model's state dict as safetensors, atomically."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(path, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def new_run_dir(recipe_name: str, out: str | Path | None = None, root: str | Path = "runs") -> Path:
@@ -136,7 +98,30 @@ def read_run(run: str | Path) -> tuple[dict, dict]:
                        f"cannot be read. Train it again.") from exc
     if not isinstance(info, dict) or not isinstance(recipe, dict):
         raise RunError(f"{run}: {MODEL_JSON} or {RECIPE_FILE} does not hold a mapping; the run cannot be read.")
+    _check_info(run, info)
     return info, recipe
+
+
+# model.json keys every reader needs, with their types (finetune writes more: see its `info`)
+INFO_KEYS = {"arch": str, "num_classes": int, "in_chans": int, "input_mode": str, "classes": list, "image_size": int,
+             "channels": int, "crop_fraction": float, "data": dict}
+
+
+def _check_info(run: Path, info: dict) -> None:
+    """model.json holds what a reader needs, with sane types; else a RunError naming the keys."""
+    wrong = [key for key, kind in INFO_KEYS.items() if not isinstance(info.get(key), kind)
+             or (kind is int and isinstance(info.get(key), bool))]
+    if not wrong:
+        classes, threshold = info["classes"], info.get("threshold")
+        if len(classes) != info["num_classes"] or not all(isinstance(c, str) for c in classes):
+            wrong.append("classes")
+        if not isinstance(info["data"].get("source"), str):
+            wrong.append("data.source")
+        if threshold is not None and not (isinstance(threshold, float | int) and 0 <= threshold <= 1):
+            wrong.append("threshold")
+    if wrong:
+        raise RunError(f"{run}: {MODEL_JSON} is incomplete or damaged (keys {', '.join(wrong)} are missing or "
+                       f"wrong); the run cannot be rebuilt. Train it again.")
 
 
 def load_run_model(run: str | Path) -> tuple[MedModel, dict]:
@@ -150,8 +135,8 @@ def load_run_model(run: str | Path) -> tuple[MedModel, dict]:
     try:
         model = create_model(info["arch"], info["num_classes"], info["in_chans"], weights="none",
                              input_mode=info["input_mode"])  # normalization buffers come with the state dict
-    except KeyError as exc:
-        raise RunError(f"{run}: {MODEL_JSON} lacks the key {exc}; the run cannot be rebuilt.") from exc
+    except MedtricksError as exc:
+        raise RunError(f"{run}: {MODEL_JSON} describes a model that cannot be built ({exc}).") from exc
     try:
         state = load_file(str(Path(run) / MODEL_FILE))
     except (SafetensorError, OSError) as exc:
@@ -220,7 +205,10 @@ def open_run(run: str | Path, device: str | torch.device | None = None) -> Run:
     if recorded is not None and sha256_of(run / MODEL_FILE) != recorded:
         raise RunError(f"{run}: {MODEL_FILE} does not match the sha256 in {MODEL_JSON} (the file was changed or "
                        f"damaged after training); the run cannot be trusted. Train it again.")
-    recipe = load_recipe_from_dict(raw)
+    try:
+        recipe = load_recipe_from_dict(raw)
+    except MedtricksError as exc:
+        raise RunError(f"{run}: its {RECIPE_FILE} is not a valid recipe ({exc}); the run cannot be used.") from exc
     model, info = load_run_model(run)
     target = resolve_device(device if device is not None else recipe.train.device)
     return Run(run, place_model(model, target).eval(), info, recipe, target)
@@ -253,7 +241,7 @@ def save_resume_state(run: Path, state: dict) -> None:
     holds the JSON skeleton: a single atomic rename, so a kill leaves the previous epoch's state or this one."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_split_tensors(state, tensors, "state"))
-    _atomic(Path(run) / RESUME_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"medtricks": skeleton}))
+    atomic_write(Path(run) / RESUME_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"medtricks": skeleton}))
 
 
 def load_resume_state(run: Path) -> dict | None:

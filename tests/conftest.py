@@ -1,5 +1,6 @@
 """Shared fixtures: the real data sets beside the checkout (skipped when absent) and a small phantom set."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,22 @@ def _hermetic_weights(tmp_path_factory):
     patch.setenv("MEDTRICKS_CACHE", str(tmp_path_factory.mktemp("medtricks-cache")))
     yield
     patch.undo()
+
+
+def snapshot(*folders: Path) -> dict[str, str]:
+    """sha256 of every file under the folders (path -> digest), to show a command changed none of them."""
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for folder in folders
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@contextmanager
+def nothing_lost(*folders: Path):
+    """Assert that no file under `folders` (a data set, existing runs) was changed, removed or added by the block."""
+    before = snapshot(*folders)
+    yield
+    after = snapshot(*folders)
+    changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+    assert (changed, sorted(before.keys() - after.keys()), sorted(after.keys() - before.keys())) == ([], [], []), \
+        "files changed / removed / added"

@@ -1,0 +1,122 @@
+"""Writing files without losing any: atomic writes, the names of a run directory's own files, and the rule every
+option that writes a file follows (`--out`, `--json`, `--save-images`).
+
+- Atomic: each file is written to a temporary file in its folder and renamed over the target, so a killed process
+  leaves the old file or the new one, never half of one; a full disk or a missing permission is a clear error that
+  names the file and keeps the old version.
+- An option's target (`check_output`, checked before the command does its work): its folder exists and is writable;
+  an existing file is refused unless the user said `--overwrite`; a run directory's own files (RUN_FILES, and
+  anything under its plots/ and attacks/ folders) are refused always: only finetune writes them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from medtricks.errors import MedtricksError
+
+MODEL_FILE, MODEL_JSON, RECIPE_FILE, METRICS_FILE, REPORT_FILE, RESUME_FILE = (
+    "model.safetensors", "model.json", "recipe.yaml", "metrics.jsonl", "report.json", "resume.safetensors")
+RUN_FILES = (MODEL_FILE, MODEL_JSON, RECIPE_FILE, METRICS_FILE, REPORT_FILE, RESUME_FILE, "plots", "attacks")
+
+
+class OutputError(MedtricksError):
+    """A file cannot be written where asked: it exists, it belongs to a run, or its folder is missing or read-only."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path` (creating the folder).
+
+    Raises:
+        OutputError: the folder cannot be made or written (naming the file and the reason); the old file stays.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"{path}: the disk is full (or over quota) while writing it; the previous version of "
+                              f"the file, if any, is kept. Free some space and run the command again (a fine-tune "
+                              f"continues with --resume).") from exc
+        raise OutputError(f"{path}: cannot write it ({exc.strerror or exc}). Choose a writable place (a missing "
+                          f"folder, a file where a folder is expected, or a read-only disk cause this).") from exc
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically (indented, newline-terminated)."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one JSON line (rewritten atomically so a crash never leaves a half line)."""
+    old = path.read_text() if path.is_file() else ""
+    write_text(path, old + json.dumps(row) + "\n")
+
+
+def _is_run_dir(folder: Path) -> bool:
+    return (folder / RECIPE_FILE).is_file() or (folder / MODEL_JSON).is_file()
+
+
+def run_owning(path: Path) -> Path | None:
+    """The run directory whose own file or folder (RUN_FILES) `path` is or lies in, else None."""
+    path = Path(path).resolve()
+    for folder in path.parents:
+        if _is_run_dir(folder) and path.relative_to(folder).parts[0] in RUN_FILES:
+            return folder
+    return None
+
+
+def check_output(path: str | Path, overwrite: bool = False, option: str = "--json", folder: bool = False) -> Path:
+    """Check a file (or, with `folder`, a folder of files) that an option is about to write; return it as a Path.
+
+    A new folder is fine for `folder=True` (it is created when written); an existing one must be empty unless
+    `overwrite`. Symlinks are followed, so a link to a run's model.json is refused as the file itself.
+
+    Raises:
+        OutputError: naming the path, the option and what to do.
+    """
+    path = Path(path)
+    target = path.resolve()
+    run = run_owning(target)
+    if run is not None:
+        raise OutputError(f"{option} {path}: that is part of the run {run} ({target.relative_to(run)}), which only "
+                          f"`medtricks finetune` writes; choose a path outside the run's own files.")
+    parent = target.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: the folder {parent} does not exist (or is not a folder); create it "
+                          f"first or choose another path.")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{option} {path}: no permission to write in {parent}; choose a writable folder.")
+    if folder:
+        if target.exists() and not target.is_dir():
+            raise OutputError(f"{option} {path}: a file of that name exists; give a folder.")
+        if target.is_dir() and any(target.iterdir()) and not overwrite:
+            raise OutputError(f"{option} {path}: the folder is not empty and its files could be replaced; choose a "
+                              f"new folder, or add --overwrite.")
+        return path
+    if target.is_dir():
+        raise OutputError(f"{option} {path}: that is a folder; give a file name.")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{option} {path}: the file exists and medtricks never replaces a file you did not ask to "
+                          f"replace; choose another name, or add --overwrite.")
+    return path

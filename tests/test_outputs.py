@@ -1,0 +1,158 @@
+"""Nothing lost: options that write a file never replace one the user did not ask to replace, never a run's own
+files, and say so before any work; readers refuse unfinished or damaged runs. Every case runs through the CLI and
+checks exit 2, a message naming the path, no traceback, and (nothing_lost) that no file of the data set or of an
+existing run changed."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import nothing_lost
+from medtricks.cli import app
+from medtricks.finetune import finetune
+
+TINY = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=1",
+        "train.limit_train_batches=2", "train.batch_size=8", "train.eval_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def run(phantoms_train, tmp_path_factory) -> Path:
+    return finetune("demo", data=phantoms_train, out=tmp_path_factory.mktemp("runs") / "run", overrides=TINY)
+
+
+def refused(args: list, *words: str, folders=()) -> str:
+    """Run the CLI, expect exit 2 with `words` in the message and no traceback, and nothing changed in `folders`."""
+    with nothing_lost(*folders):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "error:" in result.output
+    for word in words:
+        assert str(word) in result.output, (word, result.output)
+    return result.output
+
+
+@pytest.mark.parametrize("name", ["model.json", "report.json", "recipe.yaml", "metrics.jsonl", "model.safetensors",
+                                  "plots/roc_val.png", "attacks/new.json"])
+@pytest.mark.parametrize("command", ["evaluate", "predict", "attack", "compare", "data-check"])
+def test_a_runs_own_files_are_never_an_output_even_with_overwrite(run, phantoms_train, command, name):
+    target = run / name
+    args = {"evaluate": ["evaluate", run, "--json", target],
+            "predict": ["predict", run, phantoms_train / "images", "--out", target],
+            "attack": ["attack", run, "--pgd", "--eps", "2/255", "--limit", "2", "--json", target],
+            "compare": ["compare", run, run, "--json", target],
+            "data-check": ["data", "check", phantoms_train, "--json", target]}[command]
+    refused([*args, "--overwrite"], "part of the run", name.split("/")[0], "finetune",
+            folders=[run, phantoms_train])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "attack", "compare", "data-check"])
+def test_an_existing_file_is_replaced_only_with_overwrite(run, phantoms_train, tmp_path, command):
+    data = tmp_path / "data"
+    shutil.copytree(phantoms_train, data)
+    victim = data / "labels.csv"  # the data set's own manifest: the worst file to lose
+    args = {"evaluate": ["evaluate", run, "--json", victim],
+            "predict": ["predict", run, data / "images" / "normal", "--out", victim],
+            "attack": ["attack", run, "--pgd", "--eps", "2/255", "--limit", "2", "--json", victim],
+            "compare": ["compare", run, run, "--json", victim],
+            "data-check": ["data", "check", data, "--json", victim]}[command]
+    refused(args, victim, "exists", "--overwrite", folders=[run, data])
+    other = tmp_path / "other.out"
+    other.write_text("old")
+    result = CliRunner().invoke(app, [str(a) for a in args[:-1]] + [str(other), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert other.read_text() != "old" and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("where, words", [
+    ("missing/out.json", ["does not exist"]),
+    ("a_file/out.json", ["does not exist (or is not a folder)"]),
+    ("folder", ["is a folder"]),
+])
+def test_a_missing_or_wrong_output_folder_is_a_clear_error(run, tmp_path, where, words):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    refused(["evaluate", run, "--json", tmp_path / where], *words, folders=[run, tmp_path])
+
+
+def test_a_symlink_to_a_runs_file_is_the_runs_file(run, tmp_path):
+    link = tmp_path / "innocent.json"
+    os.symlink(run / "model.json", link)
+    refused(["evaluate", run, "--json", link, "--overwrite"], "part of the run", folders=[run])
+
+
+def test_save_images_needs_a_new_or_empty_folder(run, tmp_path):
+    full = tmp_path / "adv"
+    full.mkdir()
+    (full / "keep.png").write_bytes(b"mine")
+    refused(["attack", run, "--pgd", "--eps", "2/255", "--limit", "2", "--save-images", full], "not empty",
+            "--overwrite", folders=[run, full])
+    refused(["attack", run, "--pgd", "--eps", "2/255", "--limit", "2", "--save-images", run / "plots"],
+            "part of the run", folders=[run])
+
+
+def _unfinished(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "unfinished"
+    shutil.copytree(run, copy)
+    (copy / "report.json").unlink()
+    return copy
+
+
+def _flipped(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "flipped"
+    shutil.copytree(run, copy)
+    weights = bytearray((copy / "model.safetensors").read_bytes())
+    weights[len(weights) // 2] ^= 0x01  # one bit of one weight: the file still loads
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    return copy
+
+
+def _truncated(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "truncated"
+    shutil.copytree(run, copy)
+    weights = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(weights[: len(weights) // 3])
+    return copy
+
+
+def _model_json(change):
+    def damage(run: Path, tmp_path: Path) -> Path:
+        copy = tmp_path / "damaged"
+        shutil.copytree(run, copy)
+        text = (copy / "model.json").read_text()
+        (copy / "model.json").write_text(change(text))
+        return copy
+    return damage
+
+
+def _drop(key):
+    return lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != key})
+
+
+def _bad_recipe(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "bad_recipe"
+    shutil.copytree(run, copy)
+    (copy / "recipe.yaml").write_text((copy / "recipe.yaml").read_text() + "surprise: 1\n")
+    return copy
+
+
+@pytest.mark.parametrize("damage, words", [
+    (_unfinished, ["not finished", "report.json", "--resume"]),
+    (_flipped, ["model.safetensors", "sha256"]),
+    (_truncated, ["model.safetensors"]),
+    (_model_json(lambda text: text[: len(text) // 2]), ["model.json", "damaged"]),
+    (_model_json(lambda text: ""), ["model.json", "damaged"]),
+    (_model_json(lambda text: "[1, 2]"), ["model.json", "mapping"]),
+    (_model_json(_drop("classes")), ["model.json", "classes"]),
+    (_model_json(_drop("data")), ["model.json", "data"]),
+    (_bad_recipe, ["recipe.yaml", "surprise"]),
+])
+@pytest.mark.parametrize("command", ["evaluate", "predict", "attack"])
+def test_unfinished_and_damaged_runs_are_refused(run, phantoms_train, tmp_path, damage, words, command):
+    bad = damage(run, tmp_path)
+    args = {"evaluate": ["evaluate", bad], "predict": ["predict", bad, phantoms_train / "images"],
+            "attack": ["attack", bad, "--pgd", "--eps", "2/255", "--limit", "2"]}[command]
+    refused(args, bad, *words, folders=[bad, run, phantoms_train])
