@@ -65,12 +65,15 @@ def _progress(what: str):
     return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
 
+def _num(value: float | None, signed: bool = False) -> str:
+    """A metric for the terminal: 4 decimals, "n/a" where it does not exist (a split without one of the classes)."""
+    return "n/a" if value is None else f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
 def _epoch_line(row: dict) -> str:
     parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}", f"lr {row['lr']:.2e}"]
-    if row.get("val_auroc") is not None:
-        parts.append(f"val AUROC {row['val_auroc']:.4f}")
-    if row.get("val_accuracy") is not None:
-        parts.append(f"val acc {row['val_accuracy']:.4f}")
+    if "val_auroc" in row:
+        parts += [f"val AUROC {_num(row['val_auroc'])}", f"val acc {_num(row['val_accuracy'])}"]
     speed = f"{row['images_per_second']:.1f} img/s"
     if row.get("data_wait_seconds") is not None and row["seconds"] > 0:  # > 10%: the input pipeline limits training
         speed += f" ({row['data_wait_seconds'] / row['seconds']:.0%} waiting for data)"
@@ -147,11 +150,11 @@ def finetune_cmd(
         return
     report = json.loads((run / "report.json").read_text())
     for split, m in report["splits"].items():
-        auroc = "n/a" if m["auroc"] is None else f"{m['auroc']:.4f}"
-        ci = "" if not m["auroc_ci95"] else f" [{m['auroc_ci95'][0]:.3f}, {m['auroc_ci95'][1]:.3f}]"
-        console.print(f"{split}: n={m['n']} AUROC {auroc}{ci}  accuracy {m['accuracy']:.4f}  balanced accuracy "
-                      f"{m['balanced_accuracy']:.4f}  sensitivity {m['sensitivity']:.4f}  specificity "
-                      f"{m['specificity']:.4f}", highlight=False)
+        ci = "" if not m["auroc_ci95"] or None in m["auroc_ci95"] else \
+            f" [{m['auroc_ci95'][0]:.3f}, {m['auroc_ci95'][1]:.3f}]"
+        console.print(f"{split}: n={m['n']} AUROC {_num(m['auroc'])}{ci}  accuracy {_num(m['accuracy'])}  balanced "
+                      f"accuracy {_num(m['balanced_accuracy'])}  sensitivity {_num(m['sensitivity'])}  specificity "
+                      f"{_num(m['specificity'])}", highlight=False)
     console.print(f"run directory: {run}")
 
 
@@ -203,9 +206,13 @@ def predict_cmd(
         console.print(f"{row['path']}\t{row['prediction'] or 'ERROR: ' + row['error']}", highlight=False)
     failed = [r for r in rows if r["error"]]
     if out is not None:
-        console.print(f"{len(rows) - len(failed)} predictions written to {out}; {len(failed)} unreadable")
+        console.print(f"{len(rows) - len(failed)} predictions written to {out}; {len(failed)} unreadable",
+                      highlight=False)
     for row in failed:
         err_console.print(Text("unreadable:", style="yellow"), row["error"], highlight=False)
+    if len(failed) == len(rows):
+        _fail(MedtricksError(f"none of the {len(rows)} image file(s) could be read (listed above); nothing was "
+                             f"predicted."))
 
 
 @app.command("attack")
@@ -253,12 +260,11 @@ def attack_cmd(
         _fail(exc)
     clean = report["clean"]
     console.print(f"{report['attack']} {report['norm']}{' targeted' if report['targeted'] else ''} on "
-                  f"{report['n']} images ({report['split']}): clean accuracy {clean['accuracy']:.4f}", highlight=False)
+                  f"{report['n']} images ({report['split']}): clean accuracy {_num(clean['accuracy'])}",
+                  highlight=False)
     for row in report["results"]:
-        auroc = "n/a" if row["auroc"] is None else f"{row['auroc']:.4f}"
-        success = "n/a" if row["success_rate"] is None else f"{row['success_rate']:.4f}"
-        console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {row['accuracy']:.4f}  AUROC {auroc}  "
-                      f"success rate {success}", highlight=False)
+        console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {_num(row['accuracy'])}  AUROC "
+                      f"{_num(row['auroc'])}  success rate {_num(row['success_rate'])}", highlight=False)
     console.print(f"{report['images_per_second']:.1f} images/s on {report['device']}; report and plots in "
                   f"{report['files']}", highlight=False)
 
@@ -299,7 +305,7 @@ def ablate_cmd(
         if event["status"] == "epoch":
             line = f"{where}: {_epoch_line(event['row'])}"
         elif event["status"] in ("trained", "resumed", "reused"):
-            scores = "  ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in event["values"].items())
+            scores = "  ".join(f"{k} {_num(v)}" for k, v in event["values"].items())
             line = f"{where}: {event['status']}  {scores}"
             if not quiet:
                 bar.console.print(line, highlight=False)
@@ -349,26 +355,23 @@ def compare_cmd(
     except MedtricksError as exc:
         _fail(exc)
 
-    def num(value: float | None, signed: bool = False) -> str:
-        return "n/a" if value is None else f"{value:+.4f}" if signed else f"{value:.4f}"
-
     a, b, auroc, mcnemar = result["a"], result["b"], result["auroc"], result["accuracy"]["mcnemar"]
     console.print(f"{result['n']} images ({result['split']} of {result['data']}), patients: "
                   f"{result['patients'] or 'no ids, images resampled'}", highlight=False)
-    console.print(f"A {run_a}: AUROC {num(a['auroc'])}  accuracy {num(a['accuracy'])}", highlight=False)
-    console.print(f"B {run_b}: AUROC {num(b['auroc'])}  accuracy {num(b['accuracy'])}", highlight=False)
+    console.print(f"A {run_a}: AUROC {_num(a['auroc'])}  accuracy {_num(a['accuracy'])}", highlight=False)
+    console.print(f"B {run_b}: AUROC {_num(b['auroc'])}  accuracy {_num(b['accuracy'])}", highlight=False)
     if auroc["delong"] is not None:
         d = auroc["delong"]
-        console.print(f"AUROC A - B {num(d['difference'], True)}  DeLong 95% CI [{num(d['ci95'][0], True)}, "
-                      f"{num(d['ci95'][1], True)}]  p = {d['p_value']:.4g}", highlight=False)
+        console.print(f"AUROC A - B {_num(d['difference'], True)}  DeLong 95% CI [{_num(d['ci95'][0], True)}, "
+                      f"{_num(d['ci95'][1], True)}]  p = {d['p_value']:.4g}", highlight=False)
     if auroc["bootstrap"] is not None:
         boot = auroc["bootstrap"]
-        console.print(f"AUROC A - B {num(boot['difference'], True)}  paired bootstrap 95% CI "
-                      f"[{num(boot['ci95'][0], True)}, {num(boot['ci95'][1], True)}] ({boot['replicates']} "
+        console.print(f"AUROC A - B {_num(boot['difference'], True)}  paired bootstrap 95% CI "
+                      f"[{_num(boot['ci95'][0], True)}, {_num(boot['ci95'][1], True)}] ({boot['replicates']} "
                       f"replicates)", highlight=False)
     if auroc["note"]:
         console.print(f"AUROC: {auroc['note']}", highlight=False)
-    console.print(f"accuracy A - B {num(mcnemar['accuracy_difference'], True)}  exact McNemar p = "
+    console.print(f"accuracy A - B {_num(mcnemar['accuracy_difference'], True)}  exact McNemar p = "
                   f"{mcnemar['p_value']:.4g} (A right / B wrong: {mcnemar['a_only']}, B right / A wrong: "
                   f"{mcnemar['b_only']})", highlight=False)
 

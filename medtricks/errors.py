@@ -20,3 +20,9 @@ class RecipeError(MedtricksError):
 
 class AttackError(MedtricksError):
     """Bad attack settings (eps, steps, norm, target)."""
+
+
+def short(value, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, for error messages about user input (a value can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]} ...{text[-1]}"

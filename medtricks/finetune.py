@@ -295,7 +295,11 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
     """Class probabilities for image files or folders (recursively); rows also written to `out_csv` (a new file,
     or `overwrite`; never a run's own file).
 
-    Unreadable files are listed in the rows with their error instead of a prediction.
+    A file that cannot be read or scored (unreadable, too large, non-finite pixels or probabilities) gets a row with
+    its error instead of a prediction; the other files are predicted.
+
+    Raises:
+        DataError: an input that does not exist, or inputs that hold no image file at all.
     """
     if out_csv is not None:
         check_output(out_csv, overwrite, "--out")
@@ -310,16 +314,22 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
             files.append(item)
         else:
             raise DataError(f"{item}: no such file or folder.")
+    if not files:
+        raise DataError(f"{', '.join(map(str, inputs))}: no image files there (PNG, JPEG, TIFF, BMP or DICOM); "
+                        f"nothing to predict.")
     rows = []
     with torch.inference_mode():
         for path in files:
             try:
                 pixels, _ = read_image(path, info["channels"])
+                image = transform(torch.from_numpy(pixels))[None].to(opened.device)
+                probs = opened.model(image).float().softmax(-1)[0].tolist()
+                if not np.all(np.isfinite(probs)):
+                    raise DataError(f"{path}: the model gives non-finite probabilities for this image; check it "
+                                    f"for NaN or infinite pixel values.")
             except DataError as exc:
                 rows.append({"path": str(path), "prediction": "", "error": str(exc)})
                 continue
-            image = transform(torch.from_numpy(pixels))[None].to(opened.device)
-            probs = opened.model(image).float().softmax(-1)[0].tolist()
             if len(classes) == 2 and threshold is not None:
                 predicted = classes[int(probs[1] >= threshold)]
             else:

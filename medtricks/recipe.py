@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from medtricks.errors import AttackError, RecipeError
+from medtricks.errors import AttackError, RecipeError, short
 from medtricks.files import RECIPE_FILE
 from medtricks.tricks.amp import AmpConfig
 from medtricks.tricks.class_balance import ClassBalanceConfig
@@ -109,13 +110,14 @@ class DataConfig:
         if not 8 <= self.image_size <= 4096:
             raise RecipeError(f"recipe key 'data.image_size' = {self.image_size} must lie in [8, 4096] pixels.")
         if self.augment not in AUGMENT_PRESETS:
-            raise RecipeError(f"recipe key 'data.augment' = {self.augment!r}; choose one of {list(AUGMENT_PRESETS)}.")
+            raise RecipeError(f"recipe key 'data.augment' = {short(self.augment)}; choose one of "
+                              f"{list(AUGMENT_PRESETS)}.")
         if not 0.1 <= self.crop_fraction <= 1.0:
             raise RecipeError(f"recipe key 'data.crop_fraction' = {self.crop_fraction} must lie in [0.1, 1].")
         if self.cache not in CACHE_MODES:
-            raise RecipeError(f"recipe key 'data.cache' = {self.cache!r}; choose one of {list(CACHE_MODES)}.")
+            raise RecipeError(f"recipe key 'data.cache' = {short(self.cache)}; choose one of {list(CACHE_MODES)}.")
         if self.on_error not in ("raise", "skip"):
-            raise RecipeError(f"recipe key 'data.on_error' = {self.on_error!r}; choose 'raise' or 'skip'.")
+            raise RecipeError(f"recipe key 'data.on_error' = {short(self.on_error)}; choose 'raise' or 'skip'.")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise RecipeError(f"recipe key 'data.classes' = {list(self.classes)} has duplicate names.")
         if self.workers is not None and self.workers < 0:
@@ -157,7 +159,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.input_mode not in INPUT_MODES:
-            raise RecipeError(f"recipe key 'model.input_mode' = {self.input_mode!r}; choose one of "
+            raise RecipeError(f"recipe key 'model.input_mode' = {short(self.input_mode)}; choose one of "
                               f"{list(INPUT_MODES)}.")
         negative = {stage: m for stage, m in self.lr_multipliers.items() if not m >= 0}
         if negative:
@@ -221,15 +223,15 @@ class TrainConfig:
             if not ok:
                 raise RecipeError(f"recipe key 'train.{key}' = {getattr(self, key)} must be {rule}.")
         if self.optimizer not in ("sgd", "adamw"):
-            raise RecipeError(f"recipe key 'train.optimizer' = {self.optimizer!r}; choose 'sgd' or 'adamw'.")
+            raise RecipeError(f"recipe key 'train.optimizer' = {short(self.optimizer)}; choose 'sgd' or 'adamw'.")
         if self.select_metric not in SELECT_METRICS:
-            raise RecipeError(f"recipe key 'train.select_metric' = {self.select_metric!r}; choose one of "
+            raise RecipeError(f"recipe key 'train.select_metric' = {short(self.select_metric)}; choose one of "
                               f"{list(SELECT_METRICS)}.")
         if self.threshold not in THRESHOLD_METHODS:
-            raise RecipeError(f"recipe key 'train.threshold' = {self.threshold!r}; choose one of "
+            raise RecipeError(f"recipe key 'train.threshold' = {short(self.threshold)}; choose one of "
                               f"{list(THRESHOLD_METHODS)}.")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise RecipeError(f"recipe key 'train.device' = {self.device!r}; choose auto, cpu or cuda.")
+            raise RecipeError(f"recipe key 'train.device' = {short(self.device)}; choose auto, cpu or cuda.")
 
 
 @dataclass(frozen=True)
@@ -290,7 +292,7 @@ class AttackSettings:
 
     def __post_init__(self):
         if self.method not in ("pgd", "fgsm"):
-            raise AttackError(f"attack {self.method!r}: choose --pgd or --fgsm.")
+            raise AttackError(f"attack {short(self.method)}: choose --pgd or --fgsm.")
         if not self.eps:
             raise AttackError("give at least one eps (e.g. --eps 1/255,2/255).")
         for eps in self.eps:
@@ -303,7 +305,7 @@ class AttackSettings:
         if self.restarts < 1:
             raise AttackError(f"--restarts {self.restarts}: must be >= 1.")
         if self.norm not in ("linf", "l2"):
-            raise AttackError(f"--norm {self.norm!r}: choose linf or l2.")
+            raise AttackError(f"--norm {short(self.norm)}: choose linf or l2.")
         if self.step_size is not None and not (self.step_size > 0 and math.isfinite(self.step_size)):
             raise AttackError(f"--step-size {self.step_size}: must be > 0.")
         if self.method == "fgsm" and self.step_size is not None:
@@ -319,6 +321,10 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     tricks: TricksConfig = field(default_factory=TricksConfig)
     attack: AttackSettings = field(default_factory=AttackSettings)
+
+    def __post_init__(self):
+        if not 0 <= self.seed < 2**32:
+            raise RecipeError(f"recipe key 'seed' = {self.seed} must lie in [0, 2^32) (NumPy's seed range).")
 
     def to_dict(self) -> dict:
         """Plain data for YAML/JSON (tuples become lists)."""
@@ -337,6 +343,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` (int, float, str, bool, dict, tuple[str, ...], X | None,
     a nested dataclass) and return it in that type; raise RecipeError naming the key otherwise."""
@@ -349,29 +358,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise RecipeError(f"recipe key '{key}' must be a mapping of {_field_names(tp)}, got {value!r}.")
+            raise RecipeError(f"recipe key '{key}' must be a mapping of {_field_names(tp)}, got {short(value)}.")
         return build_dataclass(tp, value, key)
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise RecipeError(f"recipe key '{key}' must be a list, got {value!r}.")
+            raise RecipeError(f"recipe key '{key}' must be a list, got {short(value)}.")
         (inner, _) = typing.get_args(tp)
         return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)  # class names such as 0..4 for DR grades
     if tp is dict or origin is dict:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise RecipeError(f"recipe key '{key}' must be a mapping, got {value!r}.")
+            raise RecipeError(f"recipe key '{key}' must be a mapping, got {short(value)}.")
         if origin is dict:
             _, inner = typing.get_args(tp)
             return {str(k): _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
         return value
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise RecipeError(f"recipe key '{key}' = {value!r} has the wrong type: expected {_type_name(tp)}.")
+    raise RecipeError(f"recipe key '{key}' = {short(value)} has the wrong type: expected {_type_name(tp)}.")
 
 
 def _field_names(cls) -> list[str]:
@@ -397,22 +408,36 @@ def build_dataclass(cls, raw: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def parse_yaml(text: str, where: str):
+    """YAML text as plain data (safe_load), refusing aliases (`*name`): a few lines of nested aliases expand to
+    billions of items ("billion laughs") once printed or walked, and a recipe never needs them.
+
+    Raises:
+        RecipeError: invalid YAML or an alias, naming `where`.
+    """
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise RecipeError(f"{where}: uses the YAML alias *{event.anchor}; write the value out instead "
+                                  f"(aliases can expand without bound).")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where}: not valid YAML ({short(str(exc), 300)}).") from exc
+
+
 def set_key(raw: dict, assignment: str) -> None:
     """Apply one `--set a.b.c=value` override in place; the value is parsed as YAML (`null` turns a trick off)."""
     if "=" not in assignment:
-        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set data.image_size=128.")
+        raise RecipeError(f"--set {short(assignment)}: expected KEY=VALUE, e.g. --set data.image_size=128.")
     key, text = assignment.split("=", 1)
     parts = key.strip().split(".")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {assignment!r}: the value is not valid YAML ({exc}).") from exc
+    value = parse_yaml(text, f"--set {short(assignment)}")
     node = raw
     for part in parts[:-1]:
         if node.get(part) is None:
             node[part] = {}
         if not isinstance(node[part], dict):
-            raise RecipeError(f"--set {assignment!r}: '{part}' is not a section.")
+            raise RecipeError(f"--set {short(assignment)}: '{part}' is not a section.")
         node = node[part]
     if value is None and parts[0] == "tricks":
         node.pop(parts[-1], None)  # a trick is on when present: null removes it
@@ -432,7 +457,12 @@ def recipe_text(name_or_path: str | Path) -> tuple[str, str]:
         if not path.is_file():
             raise RecipeError(f"recipe file {path} not found. Give a recipe name ({', '.join(bundled_recipes())}) "
                               f"or an existing YAML file.")
-        return path.read_text(), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"recipe file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from exc
+        except OSError as exc:
+            raise RecipeError(f"recipe file {path} cannot be read ({exc.strerror or exc}).") from exc
     bundled = resources.files("medtricks.recipes") / f"{name_or_path}.yaml"
     if not bundled.is_file():
         raise RecipeError(f"unknown recipe {str(name_or_path)!r}; bundled recipes: {', '.join(bundled_recipes())}; "
@@ -447,10 +477,10 @@ def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = (), 
         >>> recipe = load_recipe("demo", ["data.image_size=128"])
     """
     text, origin = recipe_text(name_or_path)
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {origin}: not valid YAML ({exc}).") from exc
+    raw = parse_yaml(text, f"recipe {origin}")
+    if raw is None:
+        raise RecipeError(f"recipe {origin} is empty; a recipe needs at least its sections (see `medtricks recipes "
+                          f"show demo`).")
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {origin}: the top level must be a mapping with keys {_field_names(Recipe)}.")
     raw.setdefault("name", Path(str(name_or_path)).stem)

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 # the wall-clock fields of report.json's `train` and of each metrics.jsonl row: everything else is a function of
 # the recipe, data and seed (compare runs without these)
 TIMING_KEYS = frozenset({"seconds", "images_per_second", "data_wait_seconds"})
+EXPLODING = 1000.0  # a loss this many times its epoch's first (finite) value gets a warning: the run is diverging
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets, images) -> scalar
 
 
@@ -232,7 +233,7 @@ def train_epoch(parts: _Parts, loader: DataLoader, loss_fn: Loss, config: TrainC
     """
     parts.model.train()
     world = distributed.world_size()
-    loss_sum, images_seen, factor = 0.0, 0, 1.0
+    loss_sum, images_seen, factor, first_loss, warned = 0.0, 0, 1.0, None, False
     started = asked = time.perf_counter()
     waited = 0.0  # seconds blocked on the loader: the input pipeline's share of the epoch
     for i, batch in enumerate(loader):
@@ -251,6 +252,12 @@ def train_epoch(parts: _Parts, loader: DataLoader, loss_fn: Loss, config: TrainC
             raise TrainingError(f"the training loss became {global_loss} at epoch {progress.epoch + 1}, step "
                                 f"{i + 1} (global step {progress.step + 1}); training stopped and the last saved "
                                 f"checkpoint is kept. Lower train.lr, set train.grad_clip, or turn off tricks.amp.")
+        first_loss = global_loss if first_loss is None else first_loss
+        if not warned and global_loss > EXPLODING * max(first_loss, 1.0):
+            logger.warning("the training loss grew from %.3g to %.3g within epoch %d (step %d): training is "
+                           "diverging; lower train.lr or set train.grad_clip.", first_loss, global_loss,
+                           progress.epoch + 1, i + 1)
+            warned = True
         parts.optimizer.zero_grad(set_to_none=True)
         parts.scaler.scale(loss).backward()
         if config.grad_clip is not None:

@@ -151,3 +151,52 @@ def test_amp_trick_runs_bf16_on_this_cpu():
     if dtype is None:
         pytest.skip("this CPU has no fast bfloat16; amp falls back to fp32")
     assert dtype == torch.bfloat16
+
+
+def test_a_split_without_one_class_finishes_with_exit_0(phantoms_train, tmp_path):
+    """Small medical sets split by patient can leave a class out of a split: sensitivity or specificity do not
+    exist there; the run still finishes, report.json says null and the CLI says n/a."""
+    import csv
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantoms_train, data)
+    with open(data / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    patients = sorted({row["patient_id"] for row in rows})
+    normal_only = {p for p in patients if all(r["label"] == "normal" for r in rows if r["patient_id"] == p)}
+    for row in rows:  # test: a few patients with normal images only
+        k = patients.index(row["patient_id"])
+        row["split"] = "test" if row["patient_id"] in normal_only and k % 3 == 0 else "val" if k % 5 == 1 else "train"
+    with open(data / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0]])
+        writer.writeheader()
+        writer.writerows(rows)
+    sets = [x for kv in [*FAST, "train.epochs=1", "train.limit_train_batches=2"] for x in ("--set", kv)]
+    result = runner.invoke(app, ["finetune", "--recipe", "demo", "--data", str(data), "--out", str(tmp_path / "run"),
+                                 *sets])
+    assert result.exit_code == 0, result.output
+    test = json.loads((tmp_path / "run" / "report.json").read_text())["splits"]["test"]
+    assert test["n"] > 0 and test["sensitivity"] is None and test["auroc"] is None
+    line = next(line for line in result.output.splitlines() if line.startswith("test:"))
+    assert "AUROC n/a" in line and "sensitivity n/a" in line
+
+
+def test_a_diverging_loss_gets_a_warning(phantoms_train, tmp_path, monkeypatch, caplog):
+    """A finite loss that grows by orders of magnitude within an epoch is named in a warning (NaN stops the run)."""
+    import logging
+
+    import medtricks.train as train
+
+    calls = []
+    real = train.label_smoothing_loss
+
+    def growing(logits, *args, **kwargs):
+        calls.append(1)
+        return real(logits, *args, **kwargs) * (1.0 if len(calls) == 1 else 1e6)
+
+    monkeypatch.setattr(train, "label_smoothing_loss", growing)
+    with caplog.at_level(logging.WARNING, logger="medtricks.train"):
+        finetune("demo", data=phantoms_train, out=tmp_path / "run",
+                 overrides=[*FAST, "train.epochs=1", "train.limit_train_batches=2", "train.lr=1e-9"])
+    assert "grew from" in caplog.text and "epoch 1 (step 2)" in caplog.text and "train.grad_clip" in caplog.text

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from medtricks.data.images import read_image, to_channels
+from medtricks.data.images import check_pixels, read_image, to_channels
+from medtricks.data.sources import NPZ_SCALES
 from medtricks.errors import DataError, MedtricksError
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,12 @@ def decode(record: dict, channels: int | None, max_side: int) -> tuple[torch.Ten
     """Decode one record to a quantized (C, h, w) uint8/uint16 tensor whose short side is <= max_side
     (channels None keeps the file's own)."""
     image = record["image"]
-    if isinstance(image, np.ndarray):  # MedMNIST arrays: uint8 (H, W) or (H, W, 3)
-        pixels = image.astype(np.float32) / 255.0
+    if isinstance(image, np.ndarray):  # array sources (MedMNIST): (H, W) or (H, W, 3), dtypes per NPZ_SCALES
+        scale = NPZ_SCALES.get(image.dtype, 1.0)  # floats were checked to lie in [0, 1]
+        pixels = image.astype(np.float32) / scale
         pixels = pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
-        meta = {"format": "npz", "bit_depth": 8, "size": list(image.shape[:2]),
+        check_pixels(pixels, record["key"])
+        meta = {"format": "npz", "bit_depth": 8 if scale == 255.0 else 16, "size": list(image.shape[:2]),
                 "photometric": "RGB" if pixels.shape[0] == 3 else "MONOCHROME2"}
         pixels = to_channels(pixels, channels) if channels else pixels
     else:

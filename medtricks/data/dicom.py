@@ -178,9 +178,21 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
         return np.clip(pixels, 0.0, 1.0), meta
     if arr.ndim != 2:
         raise DataError(f"{path}: expected a 2-D grey image, got pixel array shape {arr.shape}. {_FIX}")
+    if meta["photometric"] == "PALETTE COLOR":  # indices into the file's colour LUT, not intensities
+        try:
+            rgb = pydicom.pixels.apply_color_lut(arr, ds)
+        except Exception as exc:  # pydicom raises ValueError, KeyError, ... for a missing or damaged LUT
+            raise DataError(f"{path}: PALETTE COLOR image whose colour lookup table is missing or damaged "
+                            f"({type(exc).__name__}: {exc}). {_FIX}") from exc
+        scale = 255.0 if rgb.dtype == np.uint8 else 65535.0
+        meta["bit_depth"] = 8 if rgb.dtype == np.uint8 else 16
+        return np.moveaxis(rgb.astype(np.float32) / scale, -1, 0), meta
 
     bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
     values = pydicom.pixels.apply_modality_lut(arr, ds)
+    if not np.all(np.isfinite(values)):  # a VOI window would clip inf to white or black: a silently wrong image
+        raise DataError(f"{path}: the modality mapping (rescale slope/intercept or modality LUT) gives NaN or "
+                        f"infinite values; the header is damaged. {_FIX}")
     display = _voi(values, ds)
     if meta["photometric"] == "MONOCHROME1":
         display = 1.0 - display

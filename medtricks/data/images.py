@@ -20,6 +20,9 @@ from medtricks.errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _FIX = "Re-export the file, or set data.on_error: skip to leave unreadable images out (they are always listed)."
+# the eval transform resizes the short side to ~256 px: a 1 x 100,000 strip (a small file under Pillow's pixel limit)
+# would become 256 x 25.6 M pixels; no medical image is this elongated
+MAX_ASPECT = 50
 
 
 def _pil_to_array(img: Image.Image, path: Path) -> tuple[np.ndarray, int, str]:
@@ -83,6 +86,24 @@ def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot convert {have} channels to {channels}")
 
 
+def check_pixels(pixels: np.ndarray, path: Path | str) -> None:
+    """Refuse decoded (C, H, W) intensities that would train or predict silently wrong, or allocate without bound:
+    no pixels, an aspect ratio over MAX_ASPECT, or NaN / infinite values (e.g. a DICOM rescale slope of NaN).
+
+    Raises:
+        DataError: naming the file and the reason.
+    """
+    height, width = pixels.shape[-2:]
+    if min(height, width) < 1:
+        raise DataError(f"{path}: the image has no pixels ({height} x {width}). {_FIX}")
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise DataError(f"{path}: {height} x {width} pixels is more than {MAX_ASPECT} times longer than wide; "
+                        f"resizing its short side for the model would need a huge image. Crop it first. {_FIX}")
+    if not np.isfinite(pixels).all():
+        raise DataError(f"{path}: {int((~np.isfinite(pixels)).sum())} pixel(s) are NaN or infinite after the "
+                        f"intensity mapping (a damaged rescale slope/intercept or VOI LUT in a DICOM). {_FIX}")
+
+
 def read_image(path: str | Path, channels: int | None = None) -> tuple[np.ndarray, dict]:
     """Read any supported image file as display intensities.
 
@@ -95,7 +116,8 @@ def read_image(path: str | Path, channels: int | None = None) -> tuple[np.ndarra
         for DICOM also modality and view). Never patient identifiers.
 
     Raises:
-        DataError: naming the file, when it is missing, empty, corrupt, truncated or of an unknown type.
+        DataError: naming the file, when it is missing, empty, corrupt, truncated or of an unknown type, or its
+            pixels fail `check_pixels`.
     """
     path = Path(path)
     if not path.is_file():
@@ -106,6 +128,7 @@ def read_image(path: str | Path, channels: int | None = None) -> tuple[np.ndarra
         pixels, meta = read_dicom(path)
     else:
         pixels, meta = read_picture(path)
+    check_pixels(pixels, path)
     if channels is not None:
         pixels = to_channels(pixels, channels)
     return pixels, meta

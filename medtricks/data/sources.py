@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,16 +128,21 @@ def _from_csv(csv_path: Path, classes) -> Source:
             raise DataError(f"{csv_path}: column {need!r} is missing; found {sorted(columns)}. Expected columns "
                             f"path,label[,patient_id][,split].")
     where = [f"{csv_path.name} line {i + 2} ({row['path']})" for i, row in enumerate(rows)]
-    seen: dict[str, str] = {}
+    seen: dict[Path, str] = {}
+    resolved = []
     for w, row in zip(where, rows, strict=True):
         if not (row["path"] or "").strip():
             raise DataError(f"{w}: empty path.")
         if (row["label"] or "").strip() == "":
             raise DataError(f"{w}: empty label. Every row needs a label from data.classes.")
-        if row["path"] in seen:
-            raise DataError(f"{w}: duplicate path, already listed at {seen[row['path']]}. Each image must appear "
-                            f"once; remove the repeated row.")
-        seen[row["path"]] = w
+        # the file itself, however it is written (./a.dcm, a//b.dcm, a/../a.dcm, a symlink): one image, one row
+        path = (root / row["path"].strip()).resolve()
+        if path in seen:
+            raise DataError(f"{w}: duplicate path, already listed at {seen[path]} (both name the file {path}). Each "
+                            f"image must appear once (else it can land in train and test, with two labels); remove "
+                            f"one row.")
+        seen[path] = w
+        resolved.append(path)
     classes, labels = _class_index(classes, [row["label"].strip() for row in rows], where)
     has_patient = "patient_id" in columns and all((row["patient_id"] or "").strip() for row in rows)
     if "patient_id" in columns and not has_patient:
@@ -148,8 +154,7 @@ def _from_csv(csv_path: Path, classes) -> Source:
         raise DataError(f"{csv_path}: the split column is filled for some rows only; fill it for every row "
                         f"(train, val, test) or remove the column to let medtricks split.")
     records, missing = [], []
-    for i, (w, row) in enumerate(zip(where, rows, strict=True)):
-        path = (root / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
+    for i, (w, row, path) in enumerate(zip(where, rows, resolved, strict=True)):
         if not path.is_file():
             missing.append((row["path"], f"{w}: file not found ({path})"))
             continue
@@ -159,11 +164,63 @@ def _from_csv(csv_path: Path, classes) -> Source:
     return Source(root, "csv", classes, records, bool(has_patient or "patient_id" in columns), has_splits, missing)
 
 
+# what an array source's pixels may be: integer types scaled by their full range, floats already in [0, 1]
+NPZ_SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def _npz_array(data, npz_path: Path, key: str) -> np.ndarray:
+    """One array of an .npz archive; a truncated archive or an object array (which needs pickle) is a DataError."""
+    try:
+        return data[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        reason = "it holds Python objects, which medtricks never unpickles" if "pickle" in str(exc) else str(exc)
+        raise DataError(f"{npz_path}: array '{key}' cannot be read ({reason}). Save images as uint8, uint16 or float "
+                        f"arrays and labels as integers.") from exc
+
+
+def _check_npz_images(images: np.ndarray, npz_path: Path, key: str) -> np.ndarray:
+    """(N, H, W) or (N, H, W, 1|3) pixels of a known dtype (NPZ_SCALES, or float within [0, 1]); else a DataError."""
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
+        raise DataError(f"{npz_path}: '{key}' has shape {images.shape}; expected (N, H, W) or (N, H, W, 3).")
+    if 0 in images.shape:
+        raise DataError(f"{npz_path}: '{key}' has shape {images.shape}: no images, or images without pixels.")
+    if images.dtype in NPZ_SCALES:
+        return images
+    if images.dtype.kind != "f":
+        raise DataError(f"{npz_path}: '{key}' has dtype {images.dtype}; medtricks reads uint8 (0..255), uint16 "
+                        f"(0..65535) or float in [0, 1]. Convert the array first.")
+    finite = np.isfinite(images)
+    if not finite.all():
+        raise DataError(f"{npz_path}: '{key}' holds {int((~finite).sum())} NaN or infinite value(s); fix or drop "
+                        f"those images.")
+    if images.min() < 0 or images.max() > 1:
+        raise DataError(f"{npz_path}: '{key}' is float with values in [{images.min():.4g}, {images.max():.4g}]; "
+                        f"float pixels must lie in [0, 1] (or store uint8/uint16).")
+    return images
+
+
+def _check_npz_labels(labels: np.ndarray, npz_path: Path, key: str) -> np.ndarray:
+    """One integral class index >= 0 per image; else a DataError."""
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise DataError(f"{npz_path}: '{key}' has shape {labels.shape}: multi-label sets are not supported; give one "
+                        f"class index per image.")
+    labels = labels.reshape(-1)
+    if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(np.isfinite(labels))):
+        raise DataError(f"{npz_path}: '{key}' has dtype {labels.dtype}; labels must be integer class indices.")
+    if labels.size and (np.any(labels != np.round(labels)) or labels.min() < 0):
+        bad = labels[(labels != np.round(labels)) | (labels < 0)][:3].tolist()
+        raise DataError(f"{npz_path}: '{key}' holds values such as {bad}; labels must be integer class indices "
+                        f">= 0.")
+    return labels.astype(np.int64)
+
+
 def _from_npz(npz_path: Path, classes) -> Source:
     try:
         data = np.load(npz_path, allow_pickle=False)
         keys = set(data.files)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{npz_path}: not a readable .npz file ({exc}).") from exc
     present = [s for s in SPLITS if f"{s}_images" in keys]
     if not present:
@@ -173,14 +230,11 @@ def _from_npz(npz_path: Path, classes) -> Source:
     for split in present:
         if f"{split}_labels" not in keys:
             raise DataError(f"{npz_path}: '{split}_images' has no matching '{split}_labels' array.")
-        images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-        if labels.ndim == 2 and labels.shape[1] > 1:
-            raise DataError(f"{npz_path}: '{split}_labels' has shape {labels.shape}: multi-label sets are not "
-                            f"supported; give one class index per image.")
-        labels = labels.reshape(-1).astype(np.int64)
-        if images.ndim not in (3, 4) or len(images) != len(labels):
-            raise DataError(f"{npz_path}: '{split}_images' shape {images.shape} does not match "
-                            f"{len(labels)} labels; expected (N, H, W) or (N, H, W, 3).")
+        images = _check_npz_images(_npz_array(data, npz_path, f"{split}_images"), npz_path, f"{split}_images")
+        labels = _check_npz_labels(_npz_array(data, npz_path, f"{split}_labels"), npz_path, f"{split}_labels")
+        if len(images) != len(labels):
+            raise DataError(f"{npz_path}: '{split}_images' holds {len(images)} images but '{split}_labels' "
+                            f"{len(labels)} labels.")
         for i in range(len(labels)):
             records.append({"image": images[i], "label": int(labels[i]), "patient_id": None, "split": split,
                             "key": f"{split}[{i}]"})

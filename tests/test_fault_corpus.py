@@ -1,0 +1,213 @@
+"""Hostile but realistic input, class by class (duplicate manifest rows, array sources, DICOM display mapping,
+resource bombs, predict over mixed files, recipe edge cases): through the CLI, each bad case exits 2 with a message
+naming the file or key and no traceback, and changes no file of the data (nothing_lost); each good edge case works."""
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import nothing_lost
+from medtricks.cli import app
+from medtricks.data.synth import synthesize
+from medtricks.finetune import finetune
+from medtricks.recipe import load_recipe
+
+runner = CliRunner()
+TINY = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=1",
+        "train.limit_train_batches=2", "train.batch_size=8", "train.eval_batch_size=16"]
+
+
+def invoke(args, *folders):
+    with nothing_lost(*folders):
+        result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def refused(args, words, *folders):
+    result = invoke(args, *folders)
+    assert result.exit_code == 2, result.output
+    for word in words:
+        assert str(word) in result.output, (word, result.output)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return synthesize(tmp_path / "data", n=12, seed=0, size=32).parent
+
+
+# --- duplicate rows: one file, however its path is written ----------------------------------------------------------
+
+@pytest.mark.parametrize("spelling", ["./{p}", "{d}//{f}", "{d}/../{last}/{f}", "{abs}"])
+@pytest.mark.parametrize("label", ["same", "other"])
+def test_the_same_file_twice_in_a_manifest(data, spelling, label):
+    lines = (data / "labels.csv").read_text().splitlines()
+    path, first_label, *rest = lines[1].split(",")
+    folder, name = path.rsplit("/", 1)
+    again = spelling.format(p=path, d=folder, f=name, last=folder.rsplit("/", 1)[-1], abs=data / path)
+    other = "normal" if first_label == "opacity" else "opacity"
+    manifest = data / "labels.csv"
+    manifest.write_text("\n".join([*lines, ",".join([again, first_label if label == "same" else other, *rest])])
+                        + "\n")
+    refused(["data", "check", data], ["labels.csv line 2", "duplicate path", "remove one row"], data)
+
+
+# --- array sources --------------------------------------------------------------------------------------------------
+
+def _npz(folder: Path, images, labels, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"train_images": images, "train_labels": labels, **extra}
+    np.savez(folder / "set.npz", **arrays)
+    return folder / "set.npz"
+
+
+GOOD_LABELS = np.array([0, 1] * 4)
+
+
+@pytest.mark.parametrize("images, words", [
+    (np.random.default_rng(0).random((8, 16, 16)) * 2, ["train_images", "float", "[0, 1]"]),
+    (np.full((8, 16, 16), np.nan), ["train_images", "NaN"]),
+    (np.zeros((8, 16, 16), bool), ["train_images", "bool"]),
+    (np.zeros((8, 16, 16), np.int32), ["train_images", "int32"]),
+    (np.zeros((8, 0, 16), np.uint8), ["train_images", "without pixels"]),
+    (np.zeros((8, 16), np.uint8), ["train_images", "shape"]),
+])
+def test_array_images_of_unknown_meaning_are_refused(tmp_path, images, words):
+    npz = _npz(tmp_path / "set", images, GOOD_LABELS)
+    refused(["data", "check", npz], [npz, *words], tmp_path)
+
+
+@pytest.mark.parametrize("labels, words", [
+    (np.array([0.0, 1.5] * 4), ["train_labels", "1.5", "integer"]),
+    (np.array(["a", "b"] * 4), ["train_labels", "integer class indices"]),
+    (np.array([0, -1] * 4), ["train_labels", "-1"]),
+    (np.array([0, 1, 0]), ["8 images", "3 labels"]),
+])
+def test_array_labels_must_be_class_indices(tmp_path, labels, words):
+    npz = _npz(tmp_path / "set", np.zeros((8, 16, 16), np.uint8), labels)
+    refused(["data", "check", npz], [npz, *words], tmp_path)
+
+
+def test_object_arrays_and_truncated_archives_are_refused(tmp_path):
+    folder = tmp_path / "objects"
+    folder.mkdir()
+    np.savez(folder / "set.npz", train_images=np.array([np.zeros((4, 4)), "x"], dtype=object),
+             train_labels=np.array([0, 1]))
+    refused(["data", "check", folder / "set.npz"], ["train_images", "Python objects"], tmp_path)
+    good = _npz(tmp_path / "cut", np.zeros((8, 16, 16), np.uint8), GOOD_LABELS)
+    good.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    refused(["data", "check", good], [good, "readable"], tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with zipfile.ZipFile(empty / "set.npz", "w"):
+        pass
+    refused(["data", "check", empty / "set.npz"], ["set.npz", "train_images"], tmp_path)
+
+
+@pytest.mark.parametrize("images, scale", [
+    ((np.arange(8 * 16 * 16).reshape(8, 16, 16) % 65536).astype(np.uint16), 65535),
+    (np.random.default_rng(1).random((8, 16, 16)).astype(np.float32), 1),
+    (np.random.default_rng(2).integers(0, 256, (8, 16, 16, 1)).astype(np.uint8), 255),
+])
+def test_array_dtypes_are_scaled_by_their_range(tmp_path, images, scale):
+    """uint16 by 65535 (not 255: that would saturate), floats in [0, 1] as they are, a channel axis of 1 dropped."""
+    from medtricks.data.dataset import decode
+    from medtricks.data.sources import load_source
+
+    source = load_source(_npz(tmp_path / "set", images, GOOD_LABELS))
+    decoded, _ = decode(source.records[3], 1, 64)
+    expected = images[3].reshape(16, 16).astype(np.float64) / scale
+    step = 1 / 65535 if decoded.dtype.itemsize == 2 else 1 / 255
+    np.testing.assert_allclose(decoded[0].numpy() * step, expected, atol=step)
+
+
+# --- DICOM display mapping and bombs --------------------------------------------------------------------------------
+
+def _first_dicom(data: Path) -> Path:
+    return sorted((data / "images").rglob("*.dcm"))[0]
+
+
+@pytest.mark.parametrize("slope, intercept", [("NaN", "0"), ("1", "inf")])
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+def test_non_finite_display_mapping_makes_the_image_unreadable(data, slope, intercept):
+    victim = _first_dicom(data)
+    ds = pydicom.dcmread(victim)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.save_as(victim)
+    refused(["data", "check", data], [victim.name, "NaN or infinite"], data)
+
+
+def test_an_extremely_elongated_image_is_refused_before_any_resize(tmp_path):
+    for name in ("normal", "opacity"):
+        (tmp_path / "set" / name).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "set" / name / f"{k}.png")
+    Image.fromarray(np.zeros((2, 20_000), np.uint8)).save(tmp_path / "set" / "normal" / "strip.png")
+    refused(["data", "check", tmp_path / "set"], ["strip.png", "longer than wide"], tmp_path)
+
+
+def test_yaml_aliases_in_a_recipe_are_refused(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("name: bomb\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\ntrain: {epochs: [*c, *c, *c, *c, *c, *c]}\n")
+    refused(["finetune", "--recipe", bomb, "--out", tmp_path / "run"], ["bomb.yaml", "alias"], tmp_path)
+    refused(["finetune", "--set", "train={lr: &x [1], epochs: *x}", "--out", tmp_path / "run"], ["--set", "alias"],
+            tmp_path)
+
+
+def test_a_huge_value_is_cut_in_the_message(tmp_path):
+    result = invoke(["finetune", "--set", f"data.augment={'x' * 100_000}", "--out", tmp_path / "run"], tmp_path)
+    assert result.exit_code == 2 and "data.augment" in result.output and len(result.output) < 2_000
+
+
+# --- predict over mixed files ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run(phantoms_train, tmp_path_factory) -> Path:
+    return finetune("demo", data=phantoms_train, out=tmp_path_factory.mktemp("runs") / "run", overrides=TINY)
+
+
+def test_predict_lists_bad_files_and_predicts_the_rest(run, phantoms_train, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = sorted((phantoms_train / "images" / "normal").glob("*.dcm"))[:2]
+    for path in good:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_text("not a picture")
+    Image.fromarray(np.zeros((2, 20_000), np.uint8)).save(folder / "strip.png")
+    result = invoke(["predict", run, folder, "--out", tmp_path / "p.csv"], run, folder)
+    assert result.exit_code == 0, result.output
+    assert "2 predictions written" in result.output and "broken.png" in result.output and "strip.png" in result.output
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(lines) == 5 and sum(",," not in line for line in lines[1:]) == 2  # 2 predicted, 2 listed with errors
+
+
+def test_predict_without_any_readable_image_exits_2(run, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(["predict", run, empty], ["no image files", "empty"], run)
+    (empty / "broken.png").write_text("not a picture")
+    refused(["predict", run, empty], ["none of the 1 image file(s)", "broken.png"], run)
+
+
+# --- recipe edge cases ----------------------------------------------------------------------------------------------
+
+def test_recipe_files_that_are_empty_or_not_utf8(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    refused(["finetune", "--recipe", empty, "--out", tmp_path / "run"], ["empty.yaml", "empty"], tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: r\xe9sum\xe9\n".encode("latin-1"))
+    refused(["finetune", "--recipe", latin, "--out", tmp_path / "run"], ["latin.yaml", "UTF-8"], tmp_path)
+
+
+def test_seed_range_and_numbers_written_without_a_dot(tmp_path):
+    refused(["finetune", "--seed", "-1", "--out", tmp_path / "run"], ["seed", "-1"], tmp_path)
+    refused(["finetune", "--seed", str(2**40), "--out", tmp_path / "run"], ["seed"], tmp_path)
+    assert load_recipe("demo", ["train.lr=1e-3", "train.weight_decay=5E-5"]).train.lr == 0.001
+    refused(["finetune", "--set", "train.lr=fast", "--out", tmp_path / "run"], ["train.lr", "float"], tmp_path)
