@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import nothing_lost
 from medtricks.cli import app
 from medtricks.models.backbones import create_model
 from medtricks.recipe import load_recipe
@@ -147,10 +148,13 @@ SET_CASES = [
 ]
 
 
-def _run(args, tmp_path):
+def _run(args, tmp_path, watch=None):
+    """The bad command through the CLI: exit 2, no traceback, and no file under `watch` (default tmp_path: the case's
+    data, runs and outputs) changed, removed or added."""
     out = [] if "--out" in args or args[0] != "finetune" else ["--out", str(tmp_path / "new_run")]
     extra = FAST if args[0] == "finetune" else []
-    result = CliRunner().invoke(app, [args[0], *extra, *args[1:], *out])  # the case's own --set wins
+    with nothing_lost(watch or tmp_path):
+        result = CliRunner().invoke(app, [args[0], *extra, *args[1:], *out])  # the case's own --set wins
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     return result.output
@@ -181,7 +185,7 @@ def test_nan_loss_via_cli(phantoms_train, tmp_path, monkeypatch):
     import medtricks.train as train
 
     monkeypatch.setattr(train, "label_smoothing_loss", lambda logits, *a, **k: logits.sum() * float("nan"))
-    output = _run(["finetune", "--data", str(phantoms_train)], tmp_path)
+    output = _run(["finetune", "--data", str(phantoms_train)], tmp_path, watch=phantoms_train)  # the run stays
     assert "nan" in output and "epoch 1, step 1" in output and "train.lr" in output
 
 
@@ -201,7 +205,8 @@ def test_disk_full_keeps_what_was_written(phantoms_train, tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(runs, "save_file", full)  # the first weights file of epoch 1 meets a full disk
-    output = _run(["finetune", "--data", str(phantoms_train), "--out", str(tmp_path / "run")], tmp_path)
+    output = _run(["finetune", "--data", str(phantoms_train), "--out", str(tmp_path / "run")], tmp_path,
+                  watch=phantoms_train)
     assert "disk is full" in output and "model.safetensors" in output and "--resume" in output
     assert (tmp_path / "run" / "recipe.yaml").is_file()  # what was written before stays
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]  # no half files left behind

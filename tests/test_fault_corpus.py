@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -211,3 +212,25 @@ def test_seed_range_and_numbers_written_without_a_dot(tmp_path):
     refused(["finetune", "--seed", str(2**40), "--out", tmp_path / "run"], ["seed"], tmp_path)
     assert load_recipe("demo", ["train.lr=1e-3", "train.weight_decay=5E-5"]).train.lr == 0.001
     refused(["finetune", "--set", "train.lr=fast", "--out", tmp_path / "run"], ["train.lr", "float"], tmp_path)
+
+
+# --- write failures -------------------------------------------------------------------------------------------------
+
+def test_a_disk_cache_that_cannot_be_written_is_named_before_decoding(phantoms_train, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    sets = [x for kv in [*TINY, "data.cache=disk", f"data.cache_dir={blocker / 'cache'}"] for x in ("--set", kv)]
+    refused(["finetune", "--data", phantoms_train, "--out", tmp_path / "run", *sets],
+            ["data.cache_dir", "not_a_folder", "data.cache: memory"], phantoms_train, tmp_path)
+
+
+def test_a_damaged_disk_cache_file_is_decoded_again(phantoms, tmp_path):
+    from medtricks.data.dataset import ImageStore, prepare_images
+    from medtricks.data.sources import load_source
+
+    records = load_source(phantoms).records[:3]
+    store = ImageStore(records, 1, 32, "disk", tmp_path / "cache")
+    prepare_images(store, workers=0)
+    reference = store.load(1).clone()
+    store.cache_file(1).write_bytes(b"\x93NUMPY damaged")
+    torch.testing.assert_close(ImageStore(records, 1, 32, "disk", tmp_path / "cache").load(1), reference)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,19 @@ class ImageStore:
         self.records, self.channels, self.max_side, self.mode = records, channels, max_side, mode
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.memory: list[torch.Tensor | None] = [None] * len(records)
+        if mode == "disk":
+            self._check_cache_dir()
+
+    def _check_cache_dir(self) -> None:
+        """The disk cache folder exists (or is made) and takes a file; else a DataError before any decoding."""
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.cache_dir, prefix=".medtricks-write-test-"):
+                pass
+        except OSError as exc:
+            raise DataError(f"data.cache_dir {self.cache_dir}: the disk cache cannot be written there "
+                            f"({exc.strerror or exc}). Set data.cache_dir to a writable folder, or data.cache: "
+                            f"memory or none.") from exc
 
     def cache_file(self, index: int) -> Path | None:
         """The .npy file of a record in disk mode (None for other modes and in-memory arrays)."""
@@ -116,7 +130,11 @@ class ImageStore:
             return cached
         file = self.cache_file(index)
         if file is not None and file.is_file():
-            return torch.from_numpy(np.load(file, allow_pickle=False))
+            try:
+                return torch.from_numpy(np.load(file, allow_pickle=False))
+            except (OSError, ValueError, EOFError) as exc:  # a damaged cache file: decode the image again
+                logger.warning("%s: damaged cache file %s (%s); decoding the image again", self.records[index]["key"],
+                               file, exc)
         image, _ = decode(self.records[index], self.channels, self.max_side)
         self.put(index, image)
         return image
@@ -129,10 +147,16 @@ class ImageStore:
             if self.mode != "none" or isinstance(self.records[index]["image"], np.ndarray):
                 self.memory[index] = image
             return
-        file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, image.numpy(), allow_pickle=False)
-        os.replace(tmp, file)
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            np.save(tmp, image.numpy(), allow_pickle=False)
+            os.replace(tmp, file)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"data.cache_dir {self.cache_dir}: writing the disk cache failed ({exc.strerror or exc}); "
+                            f"free space there, set data.cache_dir to another folder, or use data.cache: memory or "
+                            f"none.") from exc
 
 
 class _Decode(Dataset):
