@@ -143,6 +143,25 @@ def test_non_finite_display_mapping_makes_the_image_unreadable(data, slope, inte
     refused(["data", "check", data], [victim.name, "NaN or infinite"], data)
 
 
+def _empty_voi_lut(ds):
+    item = pydicom.Dataset()
+    item.LUTDescriptor, item.LUTData = [0, 0, 16], b""
+    ds.VOILUTSequence = pydicom.Sequence([item])
+
+
+def _zero_width_sigmoid(ds):
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 100, 0, "SIGMOID"
+
+
+@pytest.mark.parametrize("damage", [_empty_voi_lut, _zero_width_sigmoid])
+def test_a_damaged_voi_lut_or_window_makes_the_image_unreadable(data, damage):
+    victim = _first_dicom(data)
+    ds = pydicom.dcmread(victim)
+    damage(ds)
+    ds.save_as(victim)
+    refused(["data", "check", data], [victim.name, "VOI LUT or window"], data)
+
+
 def test_an_extremely_elongated_image_is_refused_before_any_resize(tmp_path):
     for name in ("normal", "opacity"):
         (tmp_path / "set" / name).mkdir(parents=True)

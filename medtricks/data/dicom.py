@@ -57,6 +57,8 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
         function: VOILUTFunction: LINEAR (the default, with DICOM's half-unit offsets), LINEAR_EXACT or SIGMOID.
     """
     values = values.astype(np.float64)
+    if not (np.isfinite(center) and np.isfinite(width)) or (function != "LINEAR" and width <= 0):
+        raise ValueError(f"invalid VOI window: center {center}, width {width}")
     if function == "SIGMOID":
         out = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     elif function == "LINEAR_EXACT":
@@ -85,12 +87,16 @@ def voi_lut(values: np.ndarray, item: pydicom.Dataset) -> np.ndarray:
     entries = entries or 65536  # 0 means 2**16 entries
     if first > 32767 and values.min() < 0:
         first -= 65536  # first mapped value stored as US although the modality values are signed
-    data = item.LUTData
+    data = item.get("LUTData")
+    if data is None or len(data) == 0:
+        raise ValueError("the VOI LUT has no data")
     if isinstance(data, bytes):
         lut = np.frombuffer(data, dtype="<u2" if len(data) >= 2 * entries else np.uint8)
     else:
         lut = np.atleast_1d(np.asarray(data, dtype=np.float64))
     lut = lut[:entries].astype(np.float64)
+    if len(lut) == 0 or not 1 <= bits <= 16:
+        raise ValueError(f"the VOI LUT is empty or its descriptor is invalid ({entries}, {first}, {bits})")
     index = np.clip(np.rint(values).astype(np.int64) - first, 0, len(lut) - 1)
     return np.clip(lut[index] / float(2**bits - 1), 0.0, 1.0).astype(np.float32)
 
@@ -193,7 +199,10 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
     if not np.all(np.isfinite(values)):  # a VOI window would clip inf to white or black: a silently wrong image
         raise DataError(f"{path}: the modality mapping (rescale slope/intercept or modality LUT) gives NaN or "
                         f"infinite values; the header is damaged. {_FIX}")
-    display = _voi(values, ds)
+    try:
+        display = _voi(values, ds)
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise DataError(f"{path}: the VOI LUT or window in the header is damaged ({exc}). {_FIX}") from exc
     if meta["photometric"] == "MONOCHROME1":
         display = 1.0 - display
     meta["bit_depth"] = 8 if bits_stored <= 8 else 16
