@@ -116,6 +116,9 @@ def check_output(path: str | Path, overwrite: bool = False, option: str = "--jso
         return path
     if target.is_dir():
         raise OutputError(f"{option} {path}: that is a folder; give a file name.")
+    if target.exists() and not target.is_file():
+        raise OutputError(f"{option} {path}: that is not a regular file (a device, a pipe or a socket); give a file "
+                          f"name.")
     if target.exists() and not overwrite:
         raise OutputError(f"{option} {path}: the file exists and medtricks never replaces a file you did not ask to "
                           f"replace; choose another name, or add --overwrite.")

@@ -323,6 +323,9 @@ class Recipe:
     attack: AttackSettings = field(default_factory=AttackSettings)
 
     def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", self.name):
+            raise RecipeError(f"recipe key 'name' = {short(self.name)}: use letters, digits, '.', '-' and '_' (at most "
+                              f"100; it names the run folder runs/<name>-<time>).")
         if not 0 <= self.seed < 2**32:
             raise RecipeError(f"recipe key 'seed' = {self.seed} must lie in [0, 2^32) (NumPy's seed range).")
 
@@ -483,7 +486,7 @@ def load_recipe(name_or_path: str | Path, overrides: typing.Sequence[str] = (), 
                           f"show demo`).")
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {origin}: the top level must be a mapping with keys {_field_names(Recipe)}.")
-    raw.setdefault("name", Path(str(name_or_path)).stem)
+    raw.setdefault("name", re.sub(r"[^A-Za-z0-9_.-]", "_", Path(str(name_or_path)).stem).lstrip("._-") or "recipe")
     return load_recipe_from_dict(raw, overrides, seed)
 
 

@@ -253,3 +253,12 @@ def test_a_damaged_disk_cache_file_is_decoded_again(phantoms, tmp_path):
     reference = store.load(1).clone()
     store.cache_file(1).write_bytes(b"\x93NUMPY damaged")
     torch.testing.assert_close(ImageStore(records, 1, 32, "disk", tmp_path / "cache").load(1), reference)
+
+
+def test_a_recipe_name_cannot_leave_the_runs_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(["finetune", "--set", "name=../../evil"], ["name", "../../evil", "letters, digits"], tmp_path)
+    assert not (tmp_path.parent / "evil").exists()
+    spaced = tmp_path / "my recipe (v2).yaml"
+    spaced.write_text("train: {epochs: 1}\n")
+    assert load_recipe(spaced).name == "my_recipe__v2_"  # a file name becomes a safe run-folder name

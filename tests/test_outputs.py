@@ -156,3 +156,9 @@ def test_unfinished_and_damaged_runs_are_refused(run, phantoms_train, tmp_path, 
     args = {"evaluate": ["evaluate", bad], "predict": ["predict", bad, phantoms_train / "images"],
             "attack": ["attack", bad, "--pgd", "--eps", "2/255", "--limit", "2"]}[command]
     refused(args, bad, *words, folders=[bad, run, phantoms_train])
+
+
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="no /dev/null here")
+def test_a_device_is_never_replaced_by_an_output(run):
+    refused(["evaluate", run, "--json", "/dev/null", "--overwrite"], "not a regular file", folders=[run])
+    assert Path("/dev/null").is_char_device()
