@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from medtricks import __version__, plots
-from medtricks.errors import MedtricksError
+from medtricks.errors import MedtricksError, short
 from medtricks.files import RECIPE_FILE, REPORT_FILE, write_json, write_text
 from medtricks.finetune import finetune
 from medtricks.recipe import (
@@ -72,7 +72,7 @@ def variants(recipe: Recipe, tricks: Sequence[str] | None = None, mode: str = "l
         mode: leave-one-out, add-one or each (see the module docstring).
     """
     if mode not in MODES:
-        raise AblationError(f"--mode {mode!r}: choose one of {', '.join(MODES)}.")
+        raise AblationError(f"--mode {short(mode)}: choose one of {', '.join(MODES)}.")
     enabled = recipe.tricks.enabled()
     names = list(dict.fromkeys(tricks)) if tricks is not None else enabled
     unknown = [name for name in names if name not in TRICKS]
@@ -80,10 +80,10 @@ def variants(recipe: Recipe, tricks: Sequence[str] | None = None, mode: str = "l
         raise AblationError(f"--tricks: unknown trick {', '.join(map(repr, unknown))}; valid names: "
                             f"{', '.join(TRICKS)}.")
     if not names:
-        raise AblationError(f"recipe {recipe.name!r} enables no tricks and --tricks names none: nothing to ablate. "
-                            f"Name some with --tricks (valid: {', '.join(TRICKS)}).")
+        raise AblationError(f"recipe {short(recipe.name)} enables no tricks and --tricks names none: nothing to "
+                            f"ablate. Name some with --tricks (valid: {', '.join(TRICKS)}).")
     if mode == "leave-one-out" and (off := [name for name in names if name not in enabled]):
-        raise AblationError(f"--mode leave-one-out: recipe {recipe.name!r} does not enable {', '.join(off)} (it "
+        raise AblationError(f"--mode leave-one-out: recipe {short(recipe.name)} does not enable {', '.join(off)} (it "
                             f"enables {', '.join(enabled) or 'no tricks'}); use --mode add-one to measure adding it.")
     raw = recipe.to_dict()
     own = raw["tricks"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medtricks.errors import MedtricksError
+from medtricks.errors import MedtricksError, short
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
@@ -26,14 +26,15 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise MedtricksError(f"device {name!r}: no CUDA device is available here; use auto or cpu.")
+            raise MedtricksError(f"device {short(name)}: no CUDA device is available here; use auto or cpu.")
         if name == "cuda":
             return torch.device("cuda", torch.cuda.current_device())
         index = name.partition(":")[2]
         if not index.isdigit() or int(index) >= torch.cuda.device_count():
-            raise MedtricksError(f"device {name!r}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}.")
+            raise MedtricksError(f"device {short(name)}: this machine has CUDA devices "
+                                 f"0..{torch.cuda.device_count() - 1}.")
         return torch.device("cuda", int(index))
-    raise MedtricksError(f"device {name!r}: choose {DEVICE_CHOICES}.")
+    raise MedtricksError(f"device {short(name)}: choose {DEVICE_CHOICES}.")
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from medtricks import plots
 from medtricks.attacks import ThresholdShift, TwoLogits, fgsm, pgd
-from medtricks.errors import AttackError
+from medtricks.errors import AttackError, short
 from medtricks.files import atomic_write, check_output, write_json
 from medtricks.metrics import compute_metrics
 from medtricks.recipe import AttackSettings
@@ -45,7 +45,7 @@ def parse_eps(text: str) -> tuple[float, ...]:
             num, _, den = part.partition("/")
             value = float(num) / (float(den) if den else 1.0)
         except (ValueError, ZeroDivisionError) as exc:
-            raise AttackError(f"--eps {part!r}: not a number or fraction such as 2/255.") from exc
+            raise AttackError(f"--eps {short(part)}: not a number or fraction such as 2/255.") from exc
         if not (value > 0 and math.isfinite(value)):
             raise AttackError(f"--eps {part} = {value:g}: must be > 0 (L-inf: at most 1, a fraction of the intensity "
                               f"range).")
@@ -62,7 +62,7 @@ def attack_settings(base: AttackSettings, preset: str | None = None, **given) ->
     """
     if preset is not None:
         if preset not in PRESETS:
-            raise AttackError(f"--preset {preset!r}: the only preset is {', '.join(PRESETS)}.")
+            raise AttackError(f"--preset {short(preset)}: the only preset is {', '.join(PRESETS)}.")
         if given.get("method") not in (None, "pgd"):
             raise AttackError(f"--preset {preset} is a PGD attack; drop --{given['method']}.")
         base = dataclasses.replace(base, **PRESETS[preset], method="pgd")
@@ -85,7 +85,7 @@ def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[s
     if settings.target_class is None:
         raise AttackError(f"a targeted attack on {len(classes)} classes needs --target-class, one of {list(classes)}.")
     if settings.target_class not in classes:
-        raise AttackError(f"--target-class {settings.target_class!r} is not one of {list(classes)}.")
+        raise AttackError(f"--target-class {short(settings.target_class)} is not one of {list(classes)}.")
     return torch.full_like(labels, list(classes).index(settings.target_class))
 
 

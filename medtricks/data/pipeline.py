@@ -23,7 +23,7 @@ from medtricks.data.dataset import (
 from medtricks.data.sources import SPLITS, Source, load_source
 from medtricks.data.splits import split_source
 from medtricks.data.transforms import cache_size, create_eval_transform, create_train_transform
-from medtricks.errors import DataError
+from medtricks.errors import DataError, short
 from medtricks.recipe import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed
     images); `all` takes every image (an external test set).
     """
     if split not in (*SPLITS, "all"):
-        raise DataError(f"--split {split!r}: choose val, test, train or all.")
+        raise DataError(f"--split {short(split)}: choose val, test, train or all.")
     source = load_source(resolve_source(config, data), classes)
     if not source.labelled:
         raise DataError(f"{source.root}: the images have no labels; `medtricks predict` scores unlabelled images.")

@@ -27,7 +27,7 @@ import numpy as np
 
 from medtricks.data.dicom import is_dicom, read_dicom_header
 from medtricks.data.images import IMAGE_SUFFIXES
-from medtricks.errors import DataError
+from medtricks.errors import DataError, short
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _class_index(classes: tuple[str, ...] | None, labels: list[str], where: list
     index = {name: i for i, name in enumerate(classes)}
     unknown = [(w, lab) for w, lab in zip(where, labels, strict=True) if lab not in index]
     if unknown:
-        shown = "; ".join(f"{w}: label {lab!r}" for w, lab in unknown[:5])
+        shown = "; ".join(f"{w}: label {short(lab)}" for w, lab in unknown[:5])
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise DataError(f"labels outside the recipe's classes {list(classes)}: {shown}{more}. Add the class to "
                         f"data.classes, or fix or remove those rows/files.")
@@ -92,7 +92,7 @@ def _class_index(classes: tuple[str, ...] | None, labels: list[str], where: list
 def _normalize_split(value: str, where: str) -> str:
     split = _SPLIT_ALIASES.get(value.strip().lower())
     if split is None:
-        raise DataError(f"{where}: split {value!r} is not one of train, val, test.")
+        raise DataError(f"{where}: split {short(value)} is not one of train, val, test.")
     return split
 
 
@@ -125,7 +125,7 @@ def _from_csv(csv_path: Path, classes) -> Source:
         raise DataError(f"{csv_path}: the manifest has no rows. Expected columns path,label[,patient_id][,split].")
     for need in ("path", "label"):
         if need not in columns:
-            raise DataError(f"{csv_path}: column {need!r} is missing; found {sorted(columns)}. Expected columns "
+            raise DataError(f"{csv_path}: column {short(need)} is missing; found {sorted(columns)}. Expected columns "
                             f"path,label[,patient_id][,split].")
     where = [f"{csv_path.name} line {i + 2} ({row['path']})" for i, row in enumerate(rows)]
     seen: dict[Path, str] = {}

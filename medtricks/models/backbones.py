@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medtricks.errors import short
 from medtricks.models.weights import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -261,11 +262,11 @@ def create_model(arch: str, num_classes: int, in_chans: int = 3, weights: str = 
             mismatched.
     """
     if arch not in ARCHS:
-        raise WeightsError(f"unknown model.arch {arch!r}; choose one of {', '.join(ARCHS)}.")
+        raise WeightsError(f"unknown model.arch {short(arch)}; choose one of {', '.join(ARCHS)}.")
     if in_chans not in (1, 3):
         raise WeightsError(f"in_chans {in_chans}: models take 1 (grey) or 3 (colour) channels.")
     if input_mode not in ("sum", "repeat"):
-        raise WeightsError(f"model.input_mode {input_mode!r}: choose 'sum' or 'repeat'.")
+        raise WeightsError(f"model.input_mode {short(input_mode)}: choose 'sum' or 'repeat'.")
     if num_classes < 1:
         raise WeightsError(f"num_classes {num_classes}: need at least one output.")
     spec = ARCHS[arch]

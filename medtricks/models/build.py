@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medtricks.errors import RecipeError
+from medtricks.errors import RecipeError, short
 from medtricks.models.backbones import ARCHS, MedModel, create_model
 from medtricks.models.surgery import (
     apply_bn_reset,
@@ -34,7 +34,7 @@ def check_model_config(config: ModelConfig, zero_gamma: ZeroGammaConfig | None =
         MedtricksError: naming the recipe key, the value and the valid choices.
     """
     if config.arch not in ARCHS:
-        raise WeightsError(f"unknown model.arch {config.arch!r}; choose one of {', '.join(ARCHS)}.")
+        raise WeightsError(f"unknown model.arch {short(config.arch)}; choose one of {', '.join(ARCHS)}.")
     if config.weights != "none" and (config.arch, config.weights) not in REGISTRY:
         path = Path(config.weights).expanduser()
         if not (path.suffix or "/" in config.weights):

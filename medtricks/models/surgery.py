@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from medtricks.errors import RecipeError
+from medtricks.errors import RecipeError, short
 from medtricks.models.backbones import ARCHS, MedModel
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def check_bn_reset(**values: str) -> None:
     """
     for key, value in values.items():
         if value not in BN_RESET_CHOICES[key]:
-            raise RecipeError(f"recipe key 'model.bn_reset[].{key}' = {value!r}; choose one of "
+            raise RecipeError(f"recipe key 'model.bn_reset[].{key}' = {short(value)}; choose one of "
                               f"{list(BN_RESET_CHOICES[key])}.")
 
 

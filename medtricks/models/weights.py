@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from medtricks.errors import MedtricksError
+from medtricks.errors import MedtricksError, short
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def sha256_of(path: Path) -> str:
 def lookup_message(arch: str, name: str) -> str:
     """The error for unknown weights: what exists for this arch, and the alternatives."""
     have = sorted(n for a, n in REGISTRY if a == arch)
-    return (f"model.weights {name!r}: no such weights for {arch}; known: {', '.join(have) or 'none'}, or 'none' "
+    return (f"model.weights {short(name)}: no such weights for {arch}; known: {', '.join(have) or 'none'}, or 'none' "
             f"(random init), or the path of a local file.")
 
 
@@ -283,6 +283,6 @@ def find_by_name(name: str) -> WeightFile:
     matches = [spec for (a, w), spec in REGISTRY.items() if w == weights and (a == arch or not arch)]
     if len(matches) != 1:
         known = ", ".join(f"{a}:{w}" for a, w in REGISTRY)
-        raise WeightsError(f"{name!r} names {'several' if matches else 'no'} known weights; give ARCH:WEIGHTS, one "
-                           f"of {known}.")
+        raise WeightsError(f"{short(name)} names {'several' if matches else 'no'} known weights; give ARCH:WEIGHTS, "
+                           f"one of {known}.")
     return matches[0]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medtricks.errors import RecipeError
+from medtricks.errors import RecipeError, short
 
 logger = logging.getLogger(__name__)
 AMP_DTYPES = ("auto", "bfloat16", "float16")
@@ -40,7 +40,7 @@ class AmpConfig:
 
 def _check_dtype(dtype: str) -> None:
     if dtype not in AMP_DTYPES:
-        raise RecipeError(f"tricks.amp.dtype = {dtype!r} must be one of {', '.join(AMP_DTYPES)}.")
+        raise RecipeError(f"tricks.amp.dtype = {short(dtype)} must be one of {', '.join(AMP_DTYPES)}.")
 
 
 def _cpu_has_bf16() -> bool:

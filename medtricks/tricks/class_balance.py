@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medtricks.errors import RecipeError
+from medtricks.errors import RecipeError, short
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ClassBalanceConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("loss", "sampler"):
-            raise RecipeError(f"tricks.class_balance.mode = {self.mode!r} must be 'loss' or 'sampler'.")
+            raise RecipeError(f"tricks.class_balance.mode = {short(self.mode)} must be 'loss' or 'sampler'.")
 
 
 def _counts(labels: Sequence[int], num_classes: int) -> torch.Tensor:

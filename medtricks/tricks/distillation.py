@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medtricks.errors import RecipeError
+from medtricks.errors import RecipeError, short
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class DistillationConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.teacher, str) or not self.teacher.strip():
-            raise RecipeError(f"tricks.distillation.teacher = {self.teacher!r} must be the path of an earlier run "
+            raise RecipeError(f"tricks.distillation.teacher = {short(self.teacher)} must be the path of an earlier run "
                               f"directory (the teacher model).")
         if not self.temperature > 0:
             raise RecipeError(f"tricks.distillation.temperature = {self.temperature} must be > 0 (the paper: 20).")

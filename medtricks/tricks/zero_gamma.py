@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from medtricks.errors import RecipeError
+from medtricks.errors import RecipeError, short
 from medtricks.models.surgery import apply_bn_reset, check_stages, residual_bns, stage_names
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class ZeroGammaConfig:
                 raise RecipeError("tricks.zero_gamma.stages = [] is empty; name stages such as [layer3, layer4], or "
                                   "leave the key out for every stage with residual blocks.")
         if self.beta not in ("keep", "zero"):
-            raise RecipeError(f"tricks.zero_gamma.beta = {self.beta!r} must be 'keep' or 'zero'.")
+            raise RecipeError(f"tricks.zero_gamma.beta = {short(self.beta)} must be 'keep' or 'zero'.")
 
 
 def apply_zero_gamma(model: nn.Module, stages: Sequence[str] | None = None, beta: str = "keep") -> list[str]:
