@@ -204,9 +204,12 @@ def test_no_run_argument_takes_the_newest_run(run, other_run, tmp_path, monkeypa
     ignore = shutil.ignore_patterns("attacks")
     shutil.copytree(run, tmp_path / "runs" / "first", ignore=ignore)
     shutil.copytree(other_run, tmp_path / "runs" / "second", ignore=ignore)
-    (tmp_path / "runs" / "unfinished").mkdir()  # no model: never picked
+    (tmp_path / "runs" / "empty").mkdir()  # no model: never picked
+    shutil.copytree(other_run, tmp_path / "runs" / "killed", ignore=ignore)
+    (tmp_path / "runs" / "killed" / "report.json").unlink()  # killed during training: never picked, though newest
     newest = os.stat(tmp_path / "runs" / "second" / "model.safetensors").st_mtime + 60
     os.utime(tmp_path / "runs" / "first" / "model.safetensors", (newest, newest))
+    os.utime(tmp_path / "runs" / "killed" / "model.safetensors", (newest + 60, newest + 60))
     monkeypatch.chdir(tmp_path)
     result = attack("--pgd", "--eps", "2/255", "--limit", "4", "--json", "out.json")
     assert result.exit_code == 0, result.output
