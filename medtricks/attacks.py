@@ -9,10 +9,16 @@ and through a copy with each conv's BatchNorm folded into it, see fold_batchnorm
 [0, 1]. Binary models with a single logit are wrapped into two logits ([0, z]) so one cross-entropy serves every
 head.
 
-Early exit: an example whose current iterate is already misclassified (targeted: already the target) is broken;
-its first successful iterate is kept and it takes no more steps. Because each example's steps depend only on its
-own gradient (eval mode: no batch statistics), this gives exactly the robust accuracy of attacking every example
-to the end and keeping, per example, the first successful iterate.
+What an attack returns, and which number may use what:
+- The adversarial image of an example is its final iterate: every step run (of the restart whose final iterate has
+  the highest attack loss). Probability-based metrics (AUROC, every probability a report shows) are computed on it,
+  as torchattacks' PGD does; an iterate that just crossed the decision boundary would understate them.
+- An example is *broken* when the decision was wrong (targeted: the target) at any iterate of any restart, the clean
+  image included (`return_broken=True`). Robust accuracy and success rate use this per-image worst case: PGD's
+  iterates can cross back, so the final iterate alone would overstate robustness.
+- `early_exit=True` stops stepping an example once it is broken and returns its first successful iterate: the
+  broken mask, hence accuracy and success rate, is exactly the same (each example's steps depend only on its own
+  gradient in eval mode), but its images must not be used for scores.
 """
 
 from __future__ import annotations
@@ -206,8 +212,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, atol: float = 1e-4) 
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int = 10,
         step_size: float | None = None, norm: str = "linf", random_start: bool = True, restarts: int = 1,
-        targets: torch.Tensor | None = None, early_exit: bool = True,
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        targets: torch.Tensor | None = None, early_exit: bool = False, generator: torch.Generator | None = None,
+        return_broken: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Projected gradient descent (Madry et al. 2018) on [0, 1] images.
 
     Args:
@@ -221,12 +227,15 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
         random_start: start from a uniform point of the eps ball (Madry et al.).
         restarts: independent random starts; an example counts as broken if any restart breaks it.
         targets: target classes for a targeted attack (None = untargeted).
-        early_exit: stop stepping examples already broken (same result, less work; see the module docstring).
-        generator: torch generator for the random starts (reproducible attacks).
+        early_exit: stop stepping examples once broken (the same broken mask, less work; the returned images of
+            broken examples are then their first successful iterates: not for scores, see the module docstring).
+        generator: torch generator for the random starts (reproducible attacks), on the images' device.
+        return_broken: also return the per-image worst case.
 
     Returns:
-        Adversarial images (N, C, H, W) in [0, 1] with ||adv - images|| <= eps: the first successful iterate
-        where the attack succeeded, else the last iterate of the last restart.
+        Adversarial images (N, C, H, W) in [0, 1] with ||adv - images|| <= eps: each example's final iterate (of the
+        restart with the highest final attack loss); with return_broken also a bool (N,) mask: the decision was
+        wrong (targeted: the target) at some iterate of some restart, the clean image included.
     """
     if norm not in ("linf", "l2"):
         raise AttackError(f"norm {norm!r}: choose linf or l2.")
@@ -240,6 +249,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
         raise AttackError(f"step_size {step_size} must be a finite number >= 0.")
     images, labels = images.detach().float(), labels.detach()
     goal = targets.detach() if targets is not None else labels
+    sign = -1.0 if targets is not None else 1.0  # the attack ascends sign * cross-entropy towards `goal`
 
     def broken(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         pred = logits.argmax(1)
@@ -249,13 +259,14 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
     with attack_mode(model), torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
         net = TwoLogits(fold_batchnorm(model, images[:2]))
         adv = images.clone()
+        everyone = torch.arange(len(images), device=images.device)
         with torch.no_grad():
-            done = broken(net(images), torch.arange(len(images), device=images.device))
+            done = broken(net(images), everyone)
+        best = torch.full((len(images),), -math.inf, device=images.device)  # final attack loss of adv
         if eps == 0:
-            return adv
+            return (adv, done) if return_broken else adv
         for _ in range(restarts):
-            active = torch.nonzero(~done).flatten() if early_exit else torch.arange(len(images),
-                                                                                     device=images.device)
+            active = torch.nonzero(~done).flatten() if early_exit else everyone
             if len(active) == 0:
                 break
             x0 = images[active]
@@ -268,31 +279,37 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
                 last = k == steps
                 delta.requires_grad_(not last)
                 logits = net(x0 + delta)
+                losses = sign * F.cross_entropy(logits, goal[active], reduction="none")
                 with torch.no_grad():
                     current = (x0 + delta).detach()
-                    success = broken(logits, active) & ~done[active]
-                    adv[active[success]] = current[success]
-                    if last or not early_exit:  # examples that resist so far: their latest iterate
-                        still = ~done[active] & ~success
-                        adv[active[still]] = current[still]
+                    success = broken(logits, active)
+                    if early_exit:  # first successful iterates of the newly broken
+                        first = success & ~done[active]
+                        adv[active[first]] = current[first]
                     done[active[success]] = True
-                if last:
+                    if last:  # the final iterate replaces an earlier restart's when its loss is higher
+                        keep = losses.detach() > best[active]
+                        if early_exit:
+                            keep &= ~success
+                        adv[active[keep]] = current[keep]
+                        best[active[keep]] = losses.detach()[keep]
+                        break
+                step = ~success if early_exit else torch.ones_like(success)
+                if not step.any():
                     break
-                keep = ~success if early_exit else torch.ones_like(success)
-                if not keep.any():
-                    break
-                loss = F.cross_entropy(logits[keep], goal[active[keep]], reduction="sum")
-                (grad,) = torch.autograd.grad(-loss if targets is not None else loss, delta)
+                (grad,) = torch.autograd.grad(losses[step].sum(), delta)
                 with torch.no_grad():
-                    active, x0 = active[keep], x0[keep]
-                    stepped = _project(delta.detach()[keep] + _step(grad[keep], step_size, norm), eps, norm)
+                    active, x0 = active[step], x0[step]
+                    stepped = _project(delta.detach()[step] + _step(grad[step], step_size, norm), eps, norm)
                     delta = (x0 + stepped).clamp(0, 1) - x0
-    return adv.detach()
+    adv = adv.detach()
+    return (adv, done) if return_broken else adv
 
 
 def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, norm: str = "linf",
-         targets: torch.Tensor | None = None) -> torch.Tensor:
+         targets: torch.Tensor | None = None,
+         return_broken: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps from the clean image
-    (PGD with one step, no random start, step = eps)."""
+    (PGD with one step, no random start, step = eps; `return_broken` as there)."""
     return pgd(model, images, labels, eps, steps=1, step_size=eps, norm=norm, random_start=False, targets=targets,
-               early_exit=False)
+               return_broken=return_broken)

@@ -94,6 +94,11 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
                save_dir: str | Path | None = None, device: torch.device | None = None) -> dict:
     """Sweep eps over a loader: clean and robust accuracy/AUROC per eps, success rate, speed.
 
+    Every attack runs every step (medtricks.attacks: the final iterate). AUROC and the probabilities come from the
+    final iterates; robust accuracy and success rate are the per-image worst case: white-box, an image counts as
+    broken if the decision was wrong at any iterate; transfer (`source`), only the target's decision on the final
+    perturbation of the surrogate's full run counts.
+
     Args:
         model: the evaluated model (decisions by argmax; see decision_model), on `device`.
         loader: batches of {"image", "label"}; the images are moved to `device`.
@@ -109,7 +114,8 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     labels_all, clean_probs, clean_pred = [], [], []
     adv_probs = {eps: [] for eps in settings.eps}
-    adv_pred = {eps: [] for eps in settings.eps}
+    adv_wrong = {eps: [] for eps in settings.eps}  # the decision was wrong at some iterate (white-box) or at the end
+    adv_hit = {eps: [] for eps in settings.eps}  # the attack reached its goal (the target, or any wrong class)
     examples, attacked, started = [], 0, time.perf_counter()
     for batch in loader:
         images, labels = batch["image"].float().to(device), batch["label"].to(device)
@@ -120,17 +126,25 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
         labels_all.append(labels.cpu().numpy())
         clean_probs.append(logits.softmax(1).cpu().numpy())
         clean_pred.append(logits.argmax(1).cpu().numpy())
+        goal = targets if targets is not None else labels
         for eps in settings.eps:
             if settings.method == "fgsm":
-                adv = fgsm(crafter, images, labels, eps, settings.norm, targets)
+                adv, broken = fgsm(crafter, images, labels, eps, settings.norm, targets, return_broken=True)
             else:
-                adv = pgd(crafter, images, labels, eps, settings.steps, settings.step_size, settings.norm,
-                          settings.random_start, settings.restarts, targets, generator=generator)
+                adv, broken = pgd(crafter, images, labels, eps, settings.steps, settings.step_size, settings.norm,
+                                  settings.random_start, settings.restarts, targets, generator=generator,
+                                  return_broken=True)
+            if source is not None:  # transfer: only what the final perturbation does to the target counts
+                broken = torch.zeros_like(broken)
             attacked += len(images)
             with torch.inference_mode():
                 adv_logits = model(adv).float()
+            final = adv_logits.argmax(1)
+            hit = (final == goal if targets is not None else final != labels) | broken
+            wrong = (final != labels) | (broken & (goal != labels) if targets is not None else broken)
             adv_probs[eps].append(adv_logits.softmax(1).cpu().numpy())
-            adv_pred[eps].append(adv_logits.argmax(1).cpu().numpy())
+            adv_wrong[eps].append(wrong.cpu().numpy())
+            adv_hit[eps].append(hit.cpu().numpy())
             if eps == settings.eps[-1] and save_dir is not None:
                 _save_adversarial(adv, labels, adv_logits.argmax(1), classes, Path(save_dir), start=offset)
             if eps == settings.eps[-1] and len(examples) < keep_examples:
@@ -143,14 +157,9 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     clean_ok = clean_hat == labels
     results = []
     for eps in settings.eps:
-        probs, pred = np.concatenate(adv_probs[eps]), np.concatenate(adv_pred[eps])
-        if settings.targeted:
-            goal = 1 - labels if len(classes) == 2 else np.full_like(labels,
-                                                                       list(classes).index(settings.target_class))
-            success = float(np.mean(pred[clean_ok] == goal[clean_ok])) if clean_ok.any() else None
-        else:
-            success = float(np.mean(pred[clean_ok] != labels[clean_ok])) if clean_ok.any() else None
-        results.append({"eps": eps, "accuracy": float(np.mean(pred == labels)), "auroc": _auroc(labels, probs),
+        probs, wrong, hit = (np.concatenate(found[eps]) for found in (adv_probs, adv_wrong, adv_hit))
+        success = float(np.mean(hit[clean_ok])) if clean_ok.any() else None
+        results.append({"eps": eps, "accuracy": float(np.mean(~wrong)), "auroc": _auroc(labels, probs),
                         "success_rate": success,
                         "step_size": (settings.step_size if settings.step_size is not None
                                       else 2.5 * eps / settings.steps) if settings.method == "pgd" else eps})

@@ -130,15 +130,16 @@ def fgsm_reference(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 @pytest.mark.parametrize("eps", [2 / 255, 8 / 255, 16 / 255])
 def test_one_step_pgd_equals_fgsm_equals_the_reference(task, eps):
     images, labels = task.x[:128], task.y[:128].clone()
-    labels[:10] = 1 - labels[:10]  # mislabelled: misclassified on the clean image, so returned unchanged
+    labels[:10] = 1 - labels[:10]  # mislabelled: misclassified on the clean image, so broken from the start
     correct = predict(task.model, images) == labels
     assert 0 < int((~correct).sum()) < len(labels) // 2
     one_step = pgd(task.model, images, labels, eps, steps=1, step_size=eps, random_start=False)
-    fast = fgsm(task.model, images, labels, eps)
+    fast, broken = fgsm(task.model, images, labels, eps, return_broken=True)
     reference = fgsm_reference(task.model, images, labels, eps)
     torch.testing.assert_close(one_step, fast)
-    torch.testing.assert_close(fast[correct], reference[correct])
-    torch.testing.assert_close(fast[~correct], images[~correct], rtol=0, atol=0)
+    torch.testing.assert_close(fast, reference)  # every image takes its step (as torchattacks' FGSM)
+    assert broken[~correct].all()
+    assert torch.equal(broken[correct], predict(task.model, fast)[correct] != labels[correct])
     assert accuracy(task.model, fast, labels) < accuracy(task.model, images, labels)
 
 
@@ -156,11 +157,17 @@ def test_eps_zero_returns_the_clean_images(task):
         assert accuracy(task.model, adv, task.y) == accuracy(task.model, task.x, task.y)
 
 
+def robust(broken: torch.Tensor) -> float:
+    """Robust accuracy from an attack's per-image worst case (return_broken)."""
+    return 1.0 - float(broken.float().mean())
+
+
 def test_robust_accuracy_does_not_increase_with_eps(task):
     accuracies = []
     for eps in EPS_SWEEP:
-        adv = pgd(task.model, task.x, task.y, eps, steps=10, generator=torch.Generator().manual_seed(0))
-        accuracies.append(accuracy(task.model, adv, task.y))
+        _, broken = pgd(task.model, task.x, task.y, eps, steps=10, generator=torch.Generator().manual_seed(0),
+                        return_broken=True)
+        accuracies.append(robust(broken))
     assert accuracies[0] == accuracy(task.model, task.x, task.y)
     assert all(b <= a for a, b in zip(accuracies, accuracies[1:], strict=False)), accuracies
     assert accuracies[-1] <= accuracies[0] - 0.3, accuracies
@@ -172,29 +179,43 @@ def test_pgd_is_at_least_as_strong_as_fgsm(task, norm, eps, random_start):
     # L2 without random start: on this nearly linear model one L2 step of size eps along the gradient is already the
     # optimal L2 attack, and a start on the surface of the L2 ball (where uniform points in 256-d lie) costs 10-step
     # PGD a few of 400 examples (torchattacks' PGDL2 likewise); from the clean image PGD must match or beat FGSM.
-    strong = pgd(task.model, task.x, task.y, eps, steps=10, norm=norm, random_start=random_start,
-                 generator=torch.Generator().manual_seed(0))
-    weak = fgsm(task.model, task.x, task.y, eps, norm=norm)
-    pgd_accuracy, fgsm_accuracy = accuracy(task.model, strong, task.y), accuracy(task.model, weak, task.y)
+    _, strong = pgd(task.model, task.x, task.y, eps, steps=10, norm=norm, random_start=random_start,
+                    generator=torch.Generator().manual_seed(0), return_broken=True)
+    _, weak = fgsm(task.model, task.x, task.y, eps, norm=norm, return_broken=True)
+    pgd_accuracy, fgsm_accuracy = robust(strong), robust(weak)
     assert pgd_accuracy <= fgsm_accuracy, (pgd_accuracy, fgsm_accuracy)
     assert fgsm_accuracy < accuracy(task.model, task.x, task.y)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("norm, eps", [("linf", 16 / 255), ("l2", 0.8)])
-def test_early_exit_does_not_change_the_result(task, seed, norm, eps):
+def test_early_exit_changes_neither_the_worst_case_nor_the_unbroken_images(task, seed, norm, eps):
     images, labels = task.x[:200], task.y[:200]
     runs = {}
     for early_exit in (True, False):
         runs[early_exit] = pgd(task.model, images, labels, eps, steps=10, norm=norm, random_start=True, restarts=2,
-                               early_exit=early_exit, generator=torch.Generator().manual_seed(seed))
-    right = {k: predict(task.model, adv) == labels for k, adv in runs.items()}
-    assert 0 < int(right[True].sum()) < len(labels)  # some broken, some not: the comparison means something
-    assert torch.equal(right[True], right[False])
-    never_broken = right[True]
-    torch.testing.assert_close(runs[True][never_broken], runs[False][never_broken], rtol=0, atol=0)
-    # and the first successful iterate is kept for the broken ones (module docstring)
-    torch.testing.assert_close(runs[True][~never_broken], runs[False][~never_broken], rtol=0, atol=0)
+                               early_exit=early_exit, generator=torch.Generator().manual_seed(seed),
+                               return_broken=True)
+    (fast, broken), (full, broken_full) = runs[True], runs[False]
+    assert 0 < int(broken.sum()) < len(labels)  # some broken, some not: the comparison means something
+    assert torch.equal(broken, broken_full)  # accuracy and success rate are the same
+    torch.testing.assert_close(fast[~broken], full[~broken], rtol=0, atol=0)
+    assert (predict(task.model, fast)[broken] != labels[broken]).all()  # early exit keeps first successes
+    assert not torch.equal(fast[broken], full[broken])  # without it, the broken go on to their final iterate
+
+
+def test_final_iterates_score_lower_than_first_successes(task):
+    """The point of running every step: at the end of the attack the true class's probability is lower than at the
+    first iterate that crossed the boundary, so a score-based metric on first successes would overstate
+    robustness (issue 16: AUROC 0.701 vs 0.470 at 16/255)."""
+    images, labels = task.x, task.y
+    kwargs = {"steps": 10, "random_start": False, "return_broken": True}
+    first, broken = pgd(task.model, images, labels, 16 / 255, early_exit=True, **kwargs)
+    final, _ = pgd(task.model, images, labels, 16 / 255, **kwargs)
+    with torch.no_grad():
+        true_first = task.model(first).softmax(1).gather(1, labels[:, None])[broken]
+        true_final = task.model(final).softmax(1).gather(1, labels[:, None])[broken]
+    assert float(true_final.mean()) < float(true_first.mean()) - 0.05
 
 
 def test_targeted_attack_moves_predictions_to_the_target(task):
@@ -476,6 +497,23 @@ def test_pgd_matches_torchattacks(task, torchattacks, norm, eps, random_start):
     assert abs(ours_accuracy - theirs_accuracy) <= 0.01, message
 
 
+@pytest.mark.parametrize("eps", [6 / 255, 10 / 255, 16 / 255])
+def test_auroc_under_pgd_matches_torchattacks(task, torchattacks, eps):
+    """Scores under attack come from the final iterates (every step run), as torchattacks' PGD returns them: the
+    AUROC of the attacked model agrees within 0.01 where the model is partly robust."""
+    from sklearn.metrics import roc_auc_score
+
+    steps, step_size = 10, 2.5 * eps / 10
+    ours, broken = pgd(task.model, task.x, task.y, eps, steps=steps, step_size=step_size, random_start=False,
+                       return_broken=True)
+    theirs = torchattacks.PGD(task.model, eps=eps, alpha=step_size, steps=steps, random_start=False)(task.x, task.y)
+    with torch.no_grad():
+        scores = {name: task.model(adv).softmax(1)[:, 1].numpy() for name, adv in (("ours", ours), ("theirs", theirs))}
+    auroc = {name: roc_auc_score(task.y.numpy(), p) for name, p in scores.items()}
+    assert 0.1 <= robust(broken) <= 0.9, robust(broken)  # partly robust: the AUROC can tell a difference
+    assert abs(auroc["ours"] - auroc["theirs"]) <= 0.01, auroc
+
+
 def test_fgsm_matches_torchattacks(task, torchattacks):
     eps = 16 / 255
     ours = accuracy(task.model, fgsm(task.model, task.x, task.y, eps), task.y)
@@ -483,3 +521,53 @@ def test_fgsm_matches_torchattacks(task, torchattacks):
     message = f"FGSM eps {eps:.4f}: medtricks {ours:.4f} vs torchattacks {theirs:.4f}"
     assert 0.3 <= theirs <= 0.7, message
     assert abs(ours - theirs) <= 0.01, message
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_attack_report_takes_accuracy_from_the_worst_case_and_auroc_from_the_final_iterates(task, targeted):
+    """run_attack's numbers are what the attacks module says they mean: robust accuracy and success rate from the
+    per-image worst case over the iterates, AUROC from the final iterates (both computed here directly)."""
+    from sklearn.metrics import roc_auc_score
+
+    from medtricks.robustness import run_attack
+
+    eps = 12 / 255
+    settings = AttackSettings(eps=(eps,), steps=5, targeted=targeted, seed=3)
+    images, labels = task.x[:300], task.y[:300]
+    report = run_attack(task.model, [{"image": images, "label": labels}], settings, ("dark", "bright"))
+    targets = 1 - labels if targeted else None
+    final, broken = pgd(task.model, images, labels, eps, steps=5, targets=targets, return_broken=True,
+                        generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        probs = task.model(final).softmax(1)
+    wrong = (probs.argmax(1) != labels) | broken  # binary: the target is the only wrong class
+    clean_right = predict(task.model, images) == labels
+    row = report["results"][0]
+    assert 0.1 < row["accuracy"] < 0.9  # partly robust: the numbers can tell a difference
+    assert row["accuracy"] == pytest.approx(1 - float(wrong.float().mean()))
+    assert row["success_rate"] == pytest.approx(float(wrong[clean_right].float().mean()))
+    assert row["auroc"] == pytest.approx(roc_auc_score(labels.numpy(), probs[:, 1].numpy()))
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_an_image_broken_at_some_iterate_is_broken_even_if_its_final_iterate_is_not(task, monkeypatch, targeted):
+    """PGD's iterates can cross the boundary and come back: the report counts such an image as broken (accuracy,
+    success rate) while its scores are those of the final iterate. The attack is replaced by one whose final
+    iterates are the clean images and whose worst case says 30 of them were broken on the way."""
+    from sklearn.metrics import roc_auc_score
+
+    import medtricks.robustness as robustness
+
+    images, labels = task.x[:100], task.y[:100]
+    crossed = torch.zeros(len(labels), dtype=torch.bool)
+    crossed[::3] = True
+    monkeypatch.setattr(robustness, "pgd", lambda model, images, *args, **kwargs: (images.clone(), crossed.clone()))
+    settings = AttackSettings(eps=(0.05,), targeted=targeted)
+    report = robustness.run_attack(task.model, [{"image": images, "label": labels}], settings, ("dark", "bright"))
+    right = predict(task.model, images) == labels
+    row = report["results"][0]
+    assert row["accuracy"] == pytest.approx(float((right & ~crossed).float().mean()))
+    assert row["success_rate"] == pytest.approx(float(crossed[right].float().mean()))
+    with torch.no_grad():
+        clean_auroc = roc_auc_score(labels.numpy(), task.model(images).softmax(1)[:, 1].numpy())
+    assert row["auroc"] == pytest.approx(clean_auroc) == report["clean"]["auroc"]
