@@ -17,8 +17,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+from medtricks.files import atomic_write  # noqa: E402
 from medtricks.metrics import _calibration_bins, _check  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -28,9 +30,8 @@ _DPI = 120
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(path, dpi=_DPI, bbox_inches="tight", format="png")
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=_DPI, bbox_inches="tight", format="png"))
     finally:
         plt.close(fig)
     return path
@@ -202,20 +203,29 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> Path:
 
 
 def plot_robustness(report: dict, path: str | Path) -> Path:
-    """Accuracy and AUROC versus eps (eps 0 = clean) for an attack report."""
-    eps = [0.0] + [r["eps"] for r in report["results"]]
-    acc = [report["clean"]["accuracy"]] + [r["accuracy"] for r in report["results"]]
-    auroc = [report["clean"]["auroc"]] + [r["auroc"] for r in report["results"]]
+    """Accuracy and AUROC versus eps on a log axis (sweeps span 0.1/255 to 8/255 and most of the change is below
+    1/255), with the clean values as dotted lines."""
+    linf = report["norm"] == "linf"
+    eps = [r["eps"] * (255 if linf else 1) for r in report["results"]]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot([e * 255 for e in eps], acc, "o-", label="accuracy")
-    if all(a is not None for a in auroc):
-        ax.plot([e * 255 for e in eps], auroc, "s--", label="AUROC")
-    ax.set_xlabel("eps (x 1/255 of the intensity range)")
+    series = [("accuracy", "o-", "C0"), ("auroc", "s--", "C1")]
+    for key, style, color in series:
+        values, clean = [r[key] for r in report["results"]], report["clean"][key]
+        if clean is None or None in values:
+            continue
+        name = "AUROC" if key == "auroc" else key
+        ax.plot(eps, values, style, color=color, label=f"{name} under attack")
+        ax.axhline(clean, color=color, linestyle=":", linewidth=1.2, label=f"{name} clean ({clean:.3f})")
+    ax.set_xscale("log")
+    ax.set_xticks(eps, [f"{e:.2g}" for e in eps])  # the sweep's own eps, not log decades
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("eps (x 1/255 of the intensity range, log scale)" if linf else
+                  "eps (L2 norm of the perturbation in [0, 1] units, log scale)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{report['attack'].upper()} {report['norm']}"
                  f"{', targeted' if report['targeted'] else ''}, n={report['n']}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
     return _save(fig, path)
 
 
@@ -224,7 +234,7 @@ def plot_adversarial_examples(examples: list, classes, path: str | Path, eps: fl
 
     `examples` holds (clean (C,H,W), adversarial (C,H,W), label, clean prediction, adversarial prediction)."""
     rows = max(len(examples), 1)
-    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.3 * rows + 0.4), squeeze=False, layout="constrained")
     for row, (clean, adv, label, pred, adv_pred) in enumerate(examples):
         delta = (adv - clean).numpy()
         scale = max(float(np.abs(delta).max()), 1e-12)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medtricks import plots
 from medtricks.metrics import compute_metrics
 from medtricks.plots import plot_confusion, plot_forest, plot_reliability, plot_roc, plot_training_curves
 
@@ -86,3 +87,18 @@ def test_plot_forest_with_and_without_intervals(tmp_path):
     for name, panels in {"two": effects, "empty": {}}.items():
         path = tmp_path / f"{name}.png"
         assert_png(path, plot_forest(panels, path, title="demo"))
+
+
+def test_robustness_plot_has_a_log_eps_axis_with_the_sweep_as_ticks_and_clean_lines(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    report = {"attack": "pgd", "norm": "linf", "targeted": False, "n": 10,
+              "clean": {"accuracy": 0.9, "auroc": 0.95},
+              "results": [{"eps": e / 255, "accuracy": a, "auroc": u} for e, a, u in
+                          [(0.1, 0.8, 0.9), (0.5, 0.4, 0.6), (2, 0.1, 0.2), (8, 0.0, 0.0)]]}
+    plots.plot_robustness(report, tmp_path / "r.png")
+    (ax,) = figures[0].axes
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.1", "0.5", "2", "8"]
+    clean_lines = [line for line in ax.get_lines() if list(line.get_ydata()) in ([0.9, 0.9], [0.95, 0.95])]
+    assert len(clean_lines) == 2  # the clean accuracy and AUROC, marked across the whole axis
