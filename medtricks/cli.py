@@ -237,6 +237,8 @@ def attack_cmd(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random starts.")] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     overwrite: OverwriteOption = False,
+    checks: Annotated[bool, typer.Option("--checks/--no-checks", help="Gradient-masking checks (Carlini et al. "
+                                         "2019; about doubles the time).")] = True,
 ) -> None:
     """Attack a fine-tuned model with FGSM or PGD over a sweep of eps; writes JSON and plots under RUN/attacks/.
 
@@ -255,7 +257,7 @@ def attack_cmd(
                    "targeted": True if targeted else None, "eps": parse_eps(eps) if eps is not None else None}
         report = attack(run, data=data, preset=preset, options=options, split=split, limit=limit,
                         source_run=source_run, json_path=json_path, save_images=save_images, device=device,
-                        overwrite=overwrite)
+                        overwrite=overwrite, checks=checks)
     except MedtricksError as exc:
         _fail(exc)
     clean = report["clean"]
@@ -265,6 +267,12 @@ def attack_cmd(
     for row in report["results"]:
         console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {_num(row['accuracy'])}  AUROC "
                       f"{_num(row['auroc'])}  success rate {_num(row['success_rate'])}", highlight=False)
+    for check in report["checks"]:
+        style = {"PASS": "green", "WARN": "bold yellow"}.get(check["status"], "")
+        console.print(Text(f"  check {check['check']}: {check['status']}", style=style), f"({check['detail']})",
+                      highlight=False)
+        if check["status"] == "WARN":
+            console.print(f"    {check['meaning']}", highlight=False)
     console.print(f"{report['images_per_second']:.1f} images/s on {report['device']}; report and plots in "
                   f"{report['files']}", highlight=False)
 

@@ -180,7 +180,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
            split: str = "test", limit: int | None = None, source_run: str | Path | None = None,
            json_path: str | Path | None = None, save_images: str | Path | None = None,
            device: str | None = "auto", preset: str | None = None, options: dict | None = None,
-           overwrite: bool = False) -> dict:
+           overwrite: bool = False, checks: bool = True) -> dict:
     """Attack a run's model on a split of its data (or another source); write the JSON report and plots.
 
     Args:
@@ -198,6 +198,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
             override both), e.g. preset="finlayson", options={"eps": (2 / 255,)}.
         overwrite: allow `json_path` to replace an existing file and `save_images` to write into a non-empty folder
             (never a run's own files: medtricks.files.check_output).
+        checks: add the gradient-masking checks (masking_checks; about twice the attack's time) as "checks".
 
     Returns:
         The report (DESIGN.md's attack JSON plus where its files are).
@@ -221,9 +222,12 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
                               f"{crafter.info['in_chans']} differ from the target's {list(target.classes)} / "
                               f"{target.info['in_chans']}.")
         source = decision_model(crafter)
-    report = run_attack(decision_model(target), target.loader(dataset), settings, target.classes, source,
-                        keep_examples=8, save_dir=save_images, device=target.device)
+    loader = target.loader(dataset)
+    report = run_attack(decision_model(target), loader, settings, target.classes, source, keep_examples=8,
+                        save_dir=save_images, device=target.device)
     examples = report.pop("examples")
+    report["checks"] = masking_checks(decision_model(target), loader, settings, target.classes, report, source,
+                                      target.device) if checks else [_check("all", None, "skipped (checks=False)", "")]
     report.update({"split": split, "data": str(data if data is not None else target.source),
                    "run": str(target.path), "source_run": str(source_run) if source_run else None,
                    "device": str(target.device)})
@@ -238,6 +242,72 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
         write_json(Path(json_path), report)
     report["files"] = str(out_dir)
     return report
+
+
+# a budget that can turn almost any image into almost any other: an honest attack breaks (nearly) every image there
+LARGE_EPS = {"linf": 64 / 255, "l2_factor": 16.0}
+
+
+def _check(name: str, passed: bool | None, detail: str, warning: str) -> dict:
+    status = "SKIP" if passed is None else "PASS" if passed else "WARN"
+    return {"check": name, "status": status, "detail": detail, **({"meaning": warning} if status == "WARN" else {})}
+
+
+def masking_checks(model: torch.nn.Module, loader, settings: AttackSettings, classes: Sequence[str], report: dict,
+                   source: torch.nn.Module | None = None, device: torch.device | None = None) -> list[dict]:
+    """Carlini et al. 2019's signs of gradient masking ("On evaluating adversarial robustness", sec. 5), each
+    PASS, WARN (with what it may mean) or SKIP, from extra attacks at the sweep's largest eps on the same images:
+
+    - large_eps: PGD at a budget that can change the image almost arbitrarily (L-inf 64/255, or 8x the largest eps;
+      L2 16x) breaks >= 95% of the correctly classified images;
+    - iterative_vs_one_step: PGD's success rate is at least FGSM's (within one image);
+    - more_steps_restarts: PGD with twice the steps and one more restart is not weaker (within one image and 2%);
+    - transfer_vs_white_box (transfer attacks): the transfer attack is not stronger than white-box PGD on the target.
+    """
+    top = max(settings.eps)
+    rows = {row["eps"]: row for row in report["results"]}
+    large = min(1.0, max(LARGE_EPS["linf"], 8 * top)) if settings.norm == "linf" else LARGE_EPS["l2_factor"] * top
+    pgd_settings = dataclasses.replace(settings, method="pgd", step_size=None, eps=(top,))
+
+    def success(changes: dict, crafted_on_source: bool = False) -> float | None:
+        run = run_attack(model, loader, dataclasses.replace(pgd_settings, **changes), classes,
+                         source if crafted_on_source else None, device=device)
+        return run["results"][0]["success_rate"]
+
+    clean_right = round(report["clean"]["accuracy"] * report["n"])
+    if clean_right == 0:
+        return [_check("all", None, "no image is classified correctly on the clean data: nothing to check", "")]
+    one = 1 / clean_right
+    main = rows[top]["success_rate"] if source is None else success({})  # white-box at the largest eps
+    checks = []
+    at_large = success({"eps": (large,)})
+    checks.append(_check("large_eps", at_large >= 0.95, f"success rate {at_large:.3f} at eps {large:.4g} (white-box "
+                         f"PGD, {settings.steps} steps)", "an attack with a budget this large should break nearly "
+                         "every image; a model that resists it likely masks its gradients (a non-differentiable or "
+                         "saturating input step, randomness): the sweep's robust accuracy is then an overestimate."))
+    if settings.method == "pgd":
+        fgsm_success = run_attack(model, loader, dataclasses.replace(settings, method="fgsm", eps=(top,), steps=1,
+                                                                     step_size=None, restarts=1), classes,
+                                  device=device)["results"][0]["success_rate"]
+        checks.append(_check("iterative_vs_one_step", main + one >= fgsm_success,
+                             f"PGD {main:.3f} vs FGSM {fgsm_success:.3f} at eps {top:.4g}",
+                             "one step beats the iterative attack: its step size or number of steps may be wrong, "
+                             "or the loss surface is masked near the data."))
+        stronger = success({"steps": 2 * settings.steps, "restarts": settings.restarts + 1})
+        checks.append(_check("more_steps_restarts", stronger + one + 0.02 >= main,
+                             f"{2 * settings.steps} steps, {settings.restarts + 1} restarts: {stronger:.3f} vs "
+                             f"{settings.steps} steps, {settings.restarts} restart(s): {main:.3f}",
+                             "more attack effort found fewer adversarial examples: the attack is not converging, "
+                             "a sign of masked or noisy gradients."))
+    else:
+        checks.append(_check("iterative_vs_one_step", None, "FGSM report: run --pgd for the iterative checks", ""))
+    if source is not None:
+        transfer = rows[top]["success_rate"]
+        checks.append(_check("transfer_vs_white_box", transfer <= main + one,
+                             f"transfer {transfer:.3f} vs white-box {main:.3f} at eps {top:.4g}",
+                             "the black-box attack beats the white-box one on the target: the target's own gradients "
+                             "are likely masked."))
+    return checks
 
 
 def _save_adversarial(adv: torch.Tensor, labels, preds, classes, folder: Path, start: int) -> None:

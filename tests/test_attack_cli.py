@@ -47,7 +47,10 @@ def other_run(phantoms_train, tmp_path_factory) -> Path:
 
 
 def attack(*args: str):
-    result = runner.invoke(app, ["attack", *map(str, args)])
+    """`medtricks attack ARGS`; without the gradient-masking checks (they double the time) unless ARGS say --checks:
+    the report contract test runs them."""
+    args = [*map(str, args)]
+    result = runner.invoke(app, ["attack", *args, *([] if "--checks" in args else ["--no-checks"])])
     assert "Traceback" not in result.output, result.output
     return result
 
@@ -62,7 +65,7 @@ def attack_json(tmp_path: Path, *args: str) -> dict:
 @pytest.fixture(scope="module")
 def pgd_report(run, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("pgd") / "out.json"
-    result = attack(run, "--pgd", "--eps", "8/255", "--steps", "10", "--split", "val", "--json", out)
+    result = attack(run, "--pgd", "--eps", "8/255", "--steps", "10", "--split", "val", "--json", out, "--checks")
     assert result.exit_code == 0, result.output
     return {"report": json.loads(out.read_text()), "output": result.output}
 
@@ -84,6 +87,14 @@ def test_pgd_report_follows_the_design_contract(run, pgd_report):
     assert row["success_rate"] >= 0.7, report
     assert report["seconds"] > 0 and report["images_per_second"] > 0
     assert "clean accuracy" in pgd_report["output"]
+    checks = {c["check"]: c["status"] for c in report["checks"]}  # gradient-masking checks in every report
+    assert checks == {"large_eps": "PASS", "iterative_vs_one_step": "PASS", "more_steps_restarts": "PASS"}, checks
+    assert "check large_eps: PASS" in pgd_report["output"]
+
+
+def test_checks_can_be_skipped(run, tmp_path):
+    report = attack_json(tmp_path, run, "--eps", "2/255", "--limit", "2", "--no-checks")
+    assert [c["status"] for c in report["checks"]] == ["SKIP"]
 
 
 def test_pgd_report_and_plots_are_written_in_the_run(run, pgd_report):

@@ -571,3 +571,49 @@ def test_an_image_broken_at_some_iterate_is_broken_even_if_its_final_iterate_is_
     with torch.no_grad():
         clean_auroc = roc_auc_score(labels.numpy(), task.model(images).softmax(1)[:, 1].numpy())
     assert row["auroc"] == pytest.approx(clean_auroc) == report["clean"]["auroc"]
+
+
+class Quantized(nn.Module):
+    """A deliberately masked model: its input is rounded to 8 grey levels first, so every input gradient is zero
+    (a "defence" that only hides the gradient, Athalye et al. 2018)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.round(x * 8) / 8)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradient_masking_checks_warn_on_a_masked_model_and_pass_on_a_normal_one(task, masked):
+    from medtricks.robustness import masking_checks, run_attack
+
+    model = Quantized(task.model) if masked else task.model
+    images, labels = task.x[:200], task.y[:200]
+    right = predict(model, images) == labels
+    images, labels = images[right], labels[right]  # what the check measures: images the model gets right
+    loader = [{"image": images, "label": labels}]
+    settings = AttackSettings(eps=(4 / 255, 16 / 255), steps=10, random_start=False)
+    report = run_attack(model, loader, settings, ("dark", "bright"))
+    checks = {c["check"]: c for c in masking_checks(model, loader, settings, ("dark", "bright"), report)}
+    assert set(checks) == {"large_eps", "iterative_vs_one_step", "more_steps_restarts"}
+    if masked:
+        assert report["results"][-1]["accuracy"] == 1.0  # the sweep alone says "perfectly robust"
+        assert checks["large_eps"]["status"] == "WARN" and "mask" in checks["large_eps"]["meaning"]
+    else:
+        assert {c["status"] for c in checks.values()} == {"PASS"}, checks
+
+
+def test_a_transfer_attack_stronger_than_white_box_is_flagged(task):
+    from medtricks.robustness import masking_checks, run_attack
+
+    masked = Quantized(task.model)
+    images, labels = task.x[:200], task.y[:200]
+    right = predict(masked, images) == labels
+    loader = [{"image": images[right], "label": labels[right]}]
+    settings = AttackSettings(eps=(16 / 255,), steps=10, random_start=False)
+    report = run_attack(masked, loader, settings, ("dark", "bright"), source=task.model)  # crafted on the clear model
+    checks = {c["check"]: c for c in masking_checks(masked, loader, settings, ("dark", "bright"), report,
+                                                    source=task.model)}
+    assert checks["transfer_vs_white_box"]["status"] == "WARN", checks["transfer_vs_white_box"]
