@@ -222,12 +222,12 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
                               f"{crafter.info['in_chans']} differ from the target's {list(target.classes)} / "
                               f"{target.info['in_chans']}.")
         source = decision_model(crafter)
-    loader = target.loader(dataset)
-    report = run_attack(decision_model(target), loader, settings, target.classes, source, keep_examples=8,
-                        save_dir=save_images, device=target.device)
+    loader, model = target.loader(dataset), decision_model(target)
+    report = run_attack(model, loader, settings, target.classes, source, keep_examples=8, save_dir=save_images,
+                        device=target.device)
     examples = report.pop("examples")
-    report["checks"] = masking_checks(decision_model(target), loader, settings, target.classes, report, source,
-                                      target.device) if checks else [_check("all", None, "skipped (checks=False)", "")]
+    report["checks"] = masking_checks(model, loader, settings, target.classes, report, source, target.device) \
+        if checks else [_check("all", None, "skipped (checks=False)", "")]
     report.update({"split": split, "data": str(data if data is not None else target.source),
                    "run": str(target.path), "source_run": str(source_run) if source_run else None,
                    "device": str(target.device)})

@@ -20,6 +20,7 @@ checks the weights against the sha256 model.json records, and puts the model on 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -37,7 +39,6 @@ from medtricks.devices import place_model, resolve_device
 from medtricks.errors import MedtricksError
 from medtricks.files import MODEL_FILE, MODEL_JSON, RECIPE_FILE, REPORT_FILE, RESUME_FILE, atomic_write, write_text
 from medtricks.models.backbones import MedModel, create_model
-from medtricks.models.weights import sha256_of
 from medtricks.recipe import Recipe, load_recipe_from_dict
 from medtricks.scoring import EvalOutput, predict_loader
 
@@ -132,20 +133,33 @@ def load_run_model(run: str | Path) -> tuple[MedModel, dict]:
         (model in eval mode on the CPU, model.json as a dict).
     """
     info, _ = read_run(run)
+    return _rebuild(Path(run), info, _read_weights(Path(run))), info
+
+
+def _read_weights(run: Path) -> bytes:
+    try:
+        return (run / MODEL_FILE).read_bytes()
+    except OSError as exc:
+        raise RunError(f"{run}: {MODEL_FILE} cannot be read ({exc.strerror or exc}).") from exc
+
+
+def _rebuild(run: Path, info: dict, weights: bytes) -> MedModel:
+    """The model model.json describes (no pretrained download) with `weights` (model.safetensors' bytes) loaded
+    strictly, in eval mode on the CPU."""
     try:
         model = create_model(info["arch"], info["num_classes"], info["in_chans"], weights="none",
                              input_mode=info["input_mode"])  # normalization buffers come with the state dict
     except MedtricksError as exc:
         raise RunError(f"{run}: {MODEL_JSON} describes a model that cannot be built ({exc}).") from exc
     try:
-        state = load_file(str(Path(run) / MODEL_FILE))
-    except (SafetensorError, OSError) as exc:
+        state = load_safetensors(weights)
+    except SafetensorError as exc:
         raise RunError(f"{run}: {MODEL_FILE} is unreadable ({exc}); the run cannot be used. Train it again.") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise RunError(f"{run}: {MODEL_FILE} does not fit {info['arch']} ({str(exc).splitlines()[0]}).") from exc
-    return model.eval(), info
+    return model.eval()
 
 
 @dataclass
@@ -201,17 +215,17 @@ def open_run(run: str | Path, device: str | torch.device | None = None) -> Run:
     if not (run / REPORT_FILE).is_file():
         raise RunError(f"{run}: the run is not finished ({REPORT_FILE} is missing: training stopped before the end). "
                        f"Continue it with `medtricks finetune --out {run} --resume`, or pass a finished run.")
+    weights = _read_weights(run)  # read once: hashed, then loaded
     recorded = info.get("sha256")
-    if recorded is not None and sha256_of(run / MODEL_FILE) != recorded:
+    if recorded is not None and hashlib.sha256(weights).hexdigest() != recorded:
         raise RunError(f"{run}: {MODEL_FILE} does not match the sha256 in {MODEL_JSON} (the file was changed or "
                        f"damaged after training); the run cannot be trusted. Train it again.")
     try:
         recipe = load_recipe_from_dict(raw)
     except MedtricksError as exc:
         raise RunError(f"{run}: its {RECIPE_FILE} is not a valid recipe ({exc}); the run cannot be used.") from exc
-    model, info = load_run_model(run)
     target = resolve_device(device if device is not None else recipe.train.device)
-    return Run(run, place_model(model, target).eval(), info, recipe, target)
+    return Run(run, place_model(_rebuild(run, info, weights), target).eval(), info, recipe, target)
 
 
 def _split_tensors(value, tensors: dict[str, torch.Tensor], path: str):
