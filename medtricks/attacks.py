@@ -78,21 +78,25 @@ def check_eps(eps: float, norm: str = "linf") -> float:
     return float(eps)
 
 
-def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """The nearest perturbation inside the eps ball (L-inf: clamp each pixel; L2: shrink the whole image's)."""
     if norm == "linf":
         return delta.clamp(-eps, eps)
     norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (delta.ndim - 1))
     return delta * torch.clamp(eps / norms, max=1.0)
 
 
-def _step(grad: torch.Tensor, step_size: float, norm: str) -> torch.Tensor:
+def ascent_step(grad: torch.Tensor, step_size: float | torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent step of the norm: step_size * sign(grad) (L-inf) or along grad / ||grad|| (L2);
+    `step_size` is a number or a per-image tensor (N, 1, 1, 1)."""
     if norm == "linf":
         return step_size * grad.sign()
     norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
     return step_size * grad / norms
 
 
-def _random_start(images: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+def uniform_start(images: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    """A random perturbation, uniform in the eps ball, such that images + perturbation stays in [0, 1]."""
     if norm == "linf":
         delta = (torch.rand(images.shape, generator=generator, device=images.device) * 2 - 1) * eps
     else:  # uniform in the L2 ball: random direction, radius eps * u^(1/d)
@@ -271,7 +275,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
                 break
             x0 = images[active]
             # drawn for every example, then indexed: an example's start does not depend on which others are done
-            start = _random_start(images, eps, norm, generator) if random_start else torch.zeros_like(images)
+            start = uniform_start(images, eps, norm, generator) if random_start else torch.zeros_like(images)
             delta = start[active]
             # iterate k = the start plus k steps; one forward per iterate both checks it and gives the gradient
             # of the next step (steps + 1 forwards and `steps` backwards in all)
@@ -300,7 +304,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
                 (grad,) = torch.autograd.grad(losses[step].sum(), delta)
                 with torch.no_grad():
                     active, x0 = active[step], x0[step]
-                    stepped = _project(delta.detach()[step] + _step(grad[step], step_size, norm), eps, norm)
+                    stepped = project(delta.detach()[step] + ascent_step(grad[step], step_size, norm), eps, norm)
                     delta = (x0 + stepped).clamp(0, 1) - x0
     adv = adv.detach()
     return (adv, done) if return_broken else adv

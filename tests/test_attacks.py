@@ -9,61 +9,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from attack_tasks import SIDE, blob_task, tiny_cnn, train
 from torch import nn
 
+from medtricks.apgd import apgd, autoattack
 from medtricks.attacks import AttackError, ThresholdShift, TwoLogits, attack_mode, fgsm, fold_batchnorm, pgd
 from medtricks.recipe import AttackSettings
 from medtricks.robustness import FINLAYSON, parse_eps
 
-SIDE = 16
 EPS_SWEEP = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
-
-
-def blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grey images in [0, 1]: a noisy mid-grey background with a broad Gaussian blob, brighter (class 1) or darker
-    (class 0) by a random amplitude, so margins vary and robust accuracy falls gradually with eps."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    yy, xx = torch.meshgrid(torch.arange(SIDE, dtype=torch.float32), torch.arange(SIDE, dtype=torch.float32),
-                            indexing="ij")
-    cy, cx = torch.rand(n, 1, 1, generator=g) * 6 + 5, torch.rand(n, 1, 1, generator=g) * 6 + 5
-    blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 32)
-    amplitude = (torch.rand(n, 1, 1, generator=g) * 0.3 + 0.02) * (labels * 2 - 1).view(-1, 1, 1)
-    background = 0.5 + 0.05 * torch.randn(n, SIDE, SIDE, generator=g)
-    return (background + amplitude * blob).clamp(0, 1)[:, None], labels
-
-
-def tiny_cnn(outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, outputs))
-
-
-def _train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, single_logit: bool) -> nn.Module:
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(150):
-        idx = torch.randint(0, len(images), (128,))
-        out = model(images[idx])
-        if single_logit:
-            loss = F.binary_cross_entropy_with_logits(out[:, 0], labels[idx].float())
-        else:
-            loss = F.cross_entropy(out, labels[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def task() -> SimpleNamespace:
-    """A two-logit and a single-logit CNN trained on 1024 blobs; 400 held-out blobs to attack."""
-    train_x, train_y = blobs(1024, seed=0)
-    torch.manual_seed(0)
-    model = _train(tiny_cnn(2), train_x, train_y, single_logit=False)
-    torch.manual_seed(1)
-    single = _train(tiny_cnn(1), train_x, train_y, single_logit=True)
-    x, y = blobs(400, seed=1)
-    return SimpleNamespace(model=model, single=single, x=x, y=y)
+    return blob_task()
 
 
 def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -262,7 +221,7 @@ def _bn_model() -> nn.Module:
 
 
 @pytest.mark.parametrize("mode", ["train", "eval", "mixed"])
-@pytest.mark.parametrize("method", ["pgd", "fgsm"])
+@pytest.mark.parametrize("method", ["pgd", "fgsm", "apgd", "autoattack"])
 def test_model_mode_and_requires_grad_are_restored_and_no_weight_grads(mode, method):
     model = _bn_model()
     model.train(mode != "eval")
@@ -280,6 +239,10 @@ def test_model_mode_and_requires_grad_are_restored_and_no_weight_grads(mode, met
     assert _state(model) == before
     if method == "pgd":
         adv = pgd(model, images, labels, 8 / 255, steps=3, generator=torch.Generator().manual_seed(0))
+    elif method == "apgd":
+        adv = apgd(model, images, labels, 8 / 255, steps=3, generator=torch.Generator().manual_seed(0))
+    elif method == "autoattack":
+        adv = autoattack(model, images, labels, 8 / 255, steps=3, generator=torch.Generator().manual_seed(0))[0]
     else:
         adv = fgsm(model, images, labels, 8 / 255)
     assert _state(model) == before
@@ -360,7 +323,7 @@ def test_fold_batchnorm_returns_the_model_when_folding_would_change_it(task):
 
 
 def test_pgd_through_folded_batchnorm_matches_pgd_on_the_model(task, monkeypatch):
-    model = _train(_conv_bn_model().train(), task.x, task.y, single_logit=False).eval()
+    model = train(_conv_bn_model().train(), task.x, task.y, single_logit=False).eval()
     images, labels = task.x, predict(model, task.x)  # its own predictions: clean accuracy 100%
     runs = {}
     for name in ("folded", "plain"):
