@@ -220,8 +220,13 @@ def attack_cmd(
     run: Annotated[Path | None, typer.Argument(help="Run directory (default: the newest under runs/).")] = None,
     pgd: Annotated[bool, typer.Option("--pgd", help="Projected gradient descent (default).")] = False,
     fgsm: Annotated[bool, typer.Option("--fgsm", help="Fast gradient sign method.")] = False,
+    apgd: Annotated[bool, typer.Option("--apgd", help="Auto-PGD (Croce & Hein 2020): no step size to tune.")] = False,
+    autoattack: Annotated[bool, typer.Option("--autoattack", help="APGD-CE + targeted APGD ensemble, per-image "
+                                             "worst case (works on binary models).")] = False,
+    loss: Annotated[str | None, typer.Option("--loss", help="APGD loss: ce or margin.")] = None,
     eps: Annotated[str | None, typer.Option("--eps", help="Budgets in [0, 1] units: 1/255,2/255,...")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="PGD steps (recipe default: 10).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="PGD/APGD steps (recipe default: 10; "
+                                              "AutoAttack's standard is 100).")] = None,
     step_size: Annotated[float | None, typer.Option("--step-size", help="Default 2.5 x eps / steps.")] = None,
     restarts: Annotated[int | None, typer.Option("--restarts", help="PGD random restarts.")] = None,
     norm: Annotated[str | None, typer.Option("--norm", help="linf or l2.")] = None,
@@ -240,7 +245,8 @@ def attack_cmd(
     checks: Annotated[bool, typer.Option("--checks/--no-checks", help="Gradient-masking checks (Carlini et al. "
                                          "2019; about doubles the time).")] = True,
 ) -> None:
-    """Attack a fine-tuned model with FGSM or PGD over a sweep of eps; writes JSON and plots under RUN/attacks/.
+    """Attack a fine-tuned model with FGSM, PGD, APGD or the AutoAttack-style ensemble over a sweep of eps; writes
+    JSON and plots under RUN/attacks/.
 
     Defaults come from the run recipe's `attack:` section; a --preset replaces them, and options given here
     override both.
@@ -250,10 +256,12 @@ def attack_cmd(
     from medtricks.robustness import attack, parse_eps
 
     try:
-        if pgd and fgsm:
-            raise MedtricksError("choose one of --pgd and --fgsm.")
-        options = {"steps": steps, "step_size": step_size, "restarts": restarts, "norm": norm,
-                   "target_class": target_class, "seed": seed, "method": "fgsm" if fgsm else "pgd" if pgd else None,
+        chosen = [name for name, on in (("pgd", pgd), ("fgsm", fgsm), ("apgd", apgd), ("autoattack", autoattack))
+                  if on]
+        if len(chosen) > 1:
+            raise MedtricksError(f"choose one of --pgd, --fgsm, --apgd and --autoattack (got --{', --'.join(chosen)}).")
+        options = {"steps": steps, "step_size": step_size, "restarts": restarts, "norm": norm, "loss": loss,
+                   "target_class": target_class, "seed": seed, "method": chosen[0] if chosen else None,
                    "targeted": True if targeted else None, "eps": parse_eps(eps) if eps is not None else None}
         report = attack(run, data=data, preset=preset, options=options, split=split, limit=limit,
                         source_run=source_run, json_path=json_path, save_images=save_images, device=device,
@@ -267,6 +275,9 @@ def attack_cmd(
     for row in report["results"]:
         console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {_num(row['accuracy'])}  AUROC "
                       f"{_num(row['auroc'])}  success rate {_num(row['success_rate'])}", highlight=False)
+        if "members" in row:
+            console.print("    alone: " + ", ".join(f"{name} {_num(m['accuracy'])}" for name, m in
+                                                   row["members"].items()), highlight=False)
     for check in report["checks"]:
         style = {"PASS": "green", "WARN": "bold yellow"}.get(check["status"], "")
         console.print(Text(f"  check {check['check']}: {check['status']}", style=style), f"({check['detail']})",

@@ -40,6 +40,7 @@ from medtricks.tricks.step_decay import StepDecayConfig
 from medtricks.tricks.warmup import WarmupConfig
 from medtricks.tricks.zero_gamma import ZeroGammaConfig
 
+ATTACK_METHODS = ("pgd", "fgsm", "apgd", "autoattack")
 AUGMENT_PRESETS = ("bag_of_tricks", "cxr", "fundus", "dermoscopy", "none")
 CACHE_MODES = ("auto", "memory", "disk", "none")
 INPUT_MODES = ("sum", "repeat")
@@ -267,13 +268,15 @@ class AttackSettings:
     """The `attack:` section, the defaults of `medtricks attack` (medtricks.robustness.attack).
 
     Attributes:
-        method: pgd or fgsm.
+        method: one of ATTACK_METHODS: pgd, fgsm, apgd (Croce & Hein 2020, no step size to tune) or autoattack
+            (APGD-CE + APGD-T, per-image worst case; medtricks.apgd).
         eps: budgets in [0, 1] intensity units (L-inf: per pixel; L2: per image).
-        steps: PGD steps.
-        step_size: per PGD step; None = 2.5 x eps / steps.
+        steps: PGD / APGD steps (for each ensemble member).
+        step_size: per PGD step; None = 2.5 x eps / steps (APGD sets its own).
         norm: linf or l2.
-        restarts: PGD random restarts.
-        random_start: PGD starts from a uniform point of the eps ball.
+        restarts: PGD / APGD random restarts.
+        random_start: PGD starts from a uniform point of the eps ball (APGD always does).
+        loss: what APGD ascends, ce or margin (medtricks.apgd.margin_loss; defined for two classes too).
         targeted: binary: towards the flipped label; multi-class: towards target_class.
         target_class: class name of a targeted multi-class attack.
         seed: seed of the random starts.
@@ -286,13 +289,20 @@ class AttackSettings:
     norm: str = "linf"
     restarts: int = 1
     random_start: bool = True
+    loss: str = "ce"
     targeted: bool = False
     target_class: str | None = None
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in ("pgd", "fgsm"):
-            raise AttackError(f"attack {short(self.method)}: choose --pgd or --fgsm.")
+        if self.method not in ATTACK_METHODS:
+            raise AttackError(f"attack {short(self.method)} (attack.method): choose one of "
+                              f"{', '.join(ATTACK_METHODS)} (--pgd, --fgsm, --apgd, --autoattack).")
+        if self.loss not in ("ce", "margin"):
+            raise AttackError(f"attack loss {short(self.loss)} (--loss / attack.loss): choose ce or margin.")
+        if self.method == "autoattack" and self.targeted:
+            raise AttackError("--autoattack is untargeted: its APGD-T members pick their own targets (the most likely "
+                              "wrong classes); drop --targeted, or use --apgd --targeted.")
         if not self.eps:
             raise AttackError("give at least one eps (e.g. --eps 1/255,2/255).")
         for eps in self.eps:
@@ -310,6 +320,9 @@ class AttackSettings:
             raise AttackError(f"--step-size {self.step_size}: must be > 0.")
         if self.method == "fgsm" and self.step_size is not None:
             raise AttackError("--step-size does not apply to FGSM, which takes one step of size eps.")
+        if self.method in ("apgd", "autoattack") and self.step_size is not None:
+            raise AttackError(f"--step-size does not apply to {self.method}: APGD starts at 2 eps and halves the step "
+                              f"where the loss stops rising.")
 
 
 @dataclass(frozen=True)

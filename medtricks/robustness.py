@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from medtricks import plots
+from medtricks.apgd import apgd, autoattack, ensemble_members
 from medtricks.attacks import ThresholdShift, TwoLogits, fgsm, pgd
 from medtricks.errors import AttackError, short
 from medtricks.files import atomic_write, check_output, write_json
@@ -94,9 +95,11 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
                save_dir: str | Path | None = None, device: torch.device | None = None) -> dict:
     """Sweep eps over a loader: clean and robust accuracy/AUROC per eps, success rate, speed.
 
-    Every attack runs every step (medtricks.attacks: the final iterate). AUROC and the probabilities come from the
-    final iterates; robust accuracy and success rate are the per-image worst case: white-box, an image counts as
-    broken if the decision was wrong at any iterate; transfer (`source`), only the target's decision on the final
+    Every attack runs every step. AUROC and the probabilities come from the images the attack returns after its
+    full run (PGD/FGSM: the final iterate; APGD: the highest-loss iterate; the ensemble: of its members' images, the
+    one with the lowest true-class probability); robust accuracy and success rate are the per-image worst case:
+    white-box, an image counts as broken if the decision was wrong at any iterate (of any ensemble member, whose
+    results alone are in the row's "members"); transfer (`source`), only the target's decision on the final
     perturbation of the surrogate's full run counts.
 
     Args:
@@ -116,6 +119,7 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     adv_probs = {eps: [] for eps in settings.eps}
     adv_wrong = {eps: [] for eps in settings.eps}  # the decision was wrong at some iterate (white-box) or at the end
     adv_hit = {eps: [] for eps in settings.eps}  # the attack reached its goal (the target, or any wrong class)
+    member_wrong = {eps: {} for eps in settings.eps}  # white-box ensembles: what each member alone broke
     examples, attacked, started = [], 0, time.perf_counter()
     for batch in loader:
         images, labels = batch["image"].float().to(device), batch["label"].to(device)
@@ -128,12 +132,7 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
         clean_pred.append(logits.argmax(1).cpu().numpy())
         goal = targets if targets is not None else labels
         for eps in settings.eps:
-            if settings.method == "fgsm":
-                adv, broken = fgsm(crafter, images, labels, eps, settings.norm, targets, return_broken=True)
-            else:
-                adv, broken = pgd(crafter, images, labels, eps, settings.steps, settings.step_size, settings.norm,
-                                  settings.random_start, settings.restarts, targets, generator=generator,
-                                  return_broken=True)
+            adv, broken, by_member = craft(crafter, images, labels, targets, eps, settings, generator)
             if source is not None:  # transfer: only what the final perturbation does to the target counts
                 broken = torch.zeros_like(broken)
             attacked += len(images)
@@ -145,6 +144,8 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
             adv_probs[eps].append(adv_logits.softmax(1).cpu().numpy())
             adv_wrong[eps].append(wrong.cpu().numpy())
             adv_hit[eps].append(hit.cpu().numpy())
+            for name, member_broken in by_member.items() if source is None else ():  # transfer: no per-member
+                member_wrong[eps].setdefault(name, []).append(member_broken.cpu().numpy())
             if eps == settings.eps[-1] and save_dir is not None:
                 _save_adversarial(adv, labels, adv_logits.argmax(1), classes, Path(save_dir), start=offset)
             if eps == settings.eps[-1] and len(examples) < keep_examples:
@@ -159,17 +160,47 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     for eps in settings.eps:
         probs, wrong, hit = (np.concatenate(found[eps]) for found in (adv_probs, adv_wrong, adv_hit))
         success = float(np.mean(hit[clean_ok])) if clean_ok.any() else None
-        results.append({"eps": eps, "accuracy": float(np.mean(~wrong)), "auroc": _auroc(labels, probs),
-                        "success_rate": success,
-                        "step_size": (settings.step_size if settings.step_size is not None
-                                      else 2.5 * eps / settings.steps) if settings.method == "pgd" else eps})
-    return {"attack": settings.method, "norm": settings.norm,
-            "steps": settings.steps if settings.method == "pgd" else 1,
-            "step_size": settings.step_size, "restarts": settings.restarts if settings.method == "pgd" else 1,
+        row = {"eps": eps, "accuracy": float(np.mean(~wrong)), "auroc": _auroc(labels, probs),
+               "success_rate": success, "step_size": _step_size(settings, eps)}
+        if member_wrong[eps]:  # each member alone (the row's accuracy is the worst case over all of them)
+            row["members"] = {name: {"accuracy": float(np.mean(~(np.concatenate(found) | ~clean_ok))),
+                                     "success_rate": float(np.mean(np.concatenate(found)[clean_ok]))
+                                     if clean_ok.any() else None}
+                              for name, found in member_wrong[eps].items()}
+        results.append(row)
+    iterative = settings.method != "fgsm"
+    return {"attack": settings.method, "norm": settings.norm, "steps": settings.steps if iterative else 1,
+            "step_size": settings.step_size, "restarts": settings.restarts if iterative else 1,
+            **({"loss": settings.loss} if settings.method == "apgd" else {}),
+            **({"members": [m.name for m in ensemble_members(len(classes))]} if settings.method == "autoattack"
+               else {}),
             "targeted": settings.targeted, "target_class": settings.target_class, "n": int(len(labels)),
             "clean": {"accuracy": float(np.mean(clean_ok)), "auroc": _auroc(labels, clean_p)},
             "results": results, "seconds": round(seconds, 3),
             "images_per_second": round(attacked / max(seconds, 1e-9), 2), "examples": examples}
+
+
+def craft(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None,
+          eps: float, settings: AttackSettings, generator: torch.Generator | None,
+          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One attack of `settings.method` at one eps: (adversarial images, per-image worst case, and for the ensemble
+    what each member alone broke; {} otherwise)."""
+    if settings.method == "fgsm":
+        return *fgsm(model, images, labels, eps, settings.norm, targets, return_broken=True), {}
+    if settings.method == "apgd":
+        return *apgd(model, images, labels, eps, settings.steps, settings.norm, settings.loss, targets,
+                     settings.restarts, generator, return_broken=True), {}
+    if settings.method == "autoattack":
+        return autoattack(model, images, labels, eps, settings.steps, settings.norm, settings.restarts, generator)
+    return *pgd(model, images, labels, eps, settings.steps, settings.step_size, settings.norm, settings.random_start,
+                settings.restarts, targets, generator=generator, return_broken=True), {}
+
+
+def _step_size(settings: AttackSettings, eps: float) -> float:
+    """The step of the report's rows: PGD's, FGSM's eps, APGD's first (2 eps, then halved where the loss stalls)."""
+    if settings.method == "pgd":
+        return settings.step_size if settings.step_size is not None else 2.5 * eps / settings.steps
+    return eps if settings.method == "fgsm" else 2 * eps
 
 
 def _auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
@@ -260,8 +291,10 @@ def masking_checks(model: torch.nn.Module, loader, settings: AttackSettings, cla
 
     - large_eps: PGD at a budget that can change the image almost arbitrarily (L-inf 64/255, or 8x the largest eps;
       L2 16x) breaks >= 95% of the correctly classified images;
-    - iterative_vs_one_step: PGD's success rate is at least FGSM's (within one image);
-    - more_steps_restarts: PGD with twice the steps and one more restart is not weaker (within one image and 2%);
+    - iterative_vs_one_step: the iterative attack's (PGD, APGD, the ensemble) success rate is at least FGSM's
+      (within one image);
+    - more_steps_restarts: the same attack with twice the steps and one more restart is not weaker (within one
+      image and 2%);
     - transfer_vs_white_box (transfer attacks): the transfer attack is not stronger than white-box PGD on the target.
     """
     top = max(settings.eps)
@@ -285,18 +318,22 @@ def masking_checks(model: torch.nn.Module, loader, settings: AttackSettings, cla
                          f"PGD, {settings.steps} steps)", "an attack with a budget this large should break nearly "
                          "every image; a model that resists it likely masks its gradients (a non-differentiable or "
                          "saturating input step, randomness): the sweep's robust accuracy is then an overestimate."))
-    if settings.method == "pgd":
+    if settings.method != "fgsm":
+        name = settings.method.upper() if settings.method != "autoattack" else "the ensemble"
         fgsm_success = run_attack(model, loader, dataclasses.replace(settings, method="fgsm", eps=(top,), steps=1,
                                                                      step_size=None, restarts=1), classes,
                                   device=device)["results"][0]["success_rate"]
         checks.append(_check("iterative_vs_one_step", main + one >= fgsm_success,
-                             f"PGD {main:.3f} vs FGSM {fgsm_success:.3f} at eps {top:.4g}",
+                             f"{name} {main:.3f} vs FGSM {fgsm_success:.3f} at eps {top:.4g}",
                              "one step beats the iterative attack: its step size or number of steps may be wrong, "
                              "or the loss surface is masked near the data."))
-        stronger = success({"steps": 2 * settings.steps, "restarts": settings.restarts + 1})
+        more = {"steps": 2 * settings.steps, "restarts": settings.restarts + 1}
+        stronger = success(more) if settings.method == "pgd" else run_attack(
+            model, loader, dataclasses.replace(settings, eps=(top,), **more), classes,
+            device=device)["results"][0]["success_rate"]
         checks.append(_check("more_steps_restarts", stronger + one + 0.02 >= main,
-                             f"{2 * settings.steps} steps, {settings.restarts + 1} restarts: {stronger:.3f} vs "
-                             f"{settings.steps} steps, {settings.restarts} restart(s): {main:.3f}",
+                             f"{name}, {2 * settings.steps} steps, {settings.restarts + 1} restarts: {stronger:.3f} "
+                             f"vs {settings.steps} steps, {settings.restarts} restart(s): {main:.3f}",
                              "more attack effort found fewer adversarial examples: the attack is not converging, "
                              "a sign of masked or noisy gradients."))
     else:

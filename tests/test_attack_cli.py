@@ -252,6 +252,10 @@ def test_no_run_argument_in_an_empty_folder(tmp_path, monkeypatch):
     (["--split", "validation"], ["--split", "validation"]),
     (["--pgd", "--fgsm"], ["--pgd", "--fgsm"]),
     (["--preset", "madry"], ["madry", "finlayson"]),
+    (["--pgd", "--apgd"], ["--pgd", "--apgd"]),
+    (["--autoattack", "--targeted"], ["--autoattack", "untargeted"]),
+    (["--apgd", "--step-size", "0.01"], ["--step-size", "apgd"]),
+    (["--apgd", "--loss", "dlr"], ["--loss", "dlr", "margin"]),
 ])
 def test_bad_options_exit_2_with_a_message(run, args, words):
     result = attack(run, *args)
@@ -303,6 +307,42 @@ def test_fgsm_json_records_its_single_step(run, tmp_path):
 # Not strict: the run's threshold is exactly one validation image's p1, and whether ThresholdShift's logit tie
 # rounds to class 0 or 1 for that image depends on floating point (on this machine it rounds to 0: clean 0.73 vs
 # report 0.80). The deterministic strict test is tests/test_attacks.py::test_threshold_shift_breaks_ties_like_...
+@pytest.mark.parametrize("threshold", [None, 0.2])
+def test_autoattack_reports_its_members_and_their_worst_case(run, tmp_path, threshold):
+    """On the binary demo model (at its own threshold and at a moved one): APGD-CE and the margin member, each alone
+    in the rows, and the row's accuracy the per-image worst case: at most every member's own."""
+    target = run
+    if threshold is not None:  # the same model deciding at another threshold
+        target = tmp_path / "moved"
+        shutil.copytree(run, target)
+        info_path = target / "model.json"
+        info = json.loads(info_path.read_text())
+        assert info["threshold"] != threshold
+        info["threshold"] = threshold
+        info_path.write_text(json.dumps(info))
+    report = attack_json(tmp_path, target, "--autoattack", "--eps", "0.2/255,1/255", "--steps", "5", "--split", "val")
+    pgd10 = attack_json(tmp_path, target, "--pgd", "--eps", "0.2/255,1/255", "--steps", "10", "--split", "val")
+    assert set(report) >= ATTACK_KEYS and report["attack"] == "autoattack"
+    assert report["members"] == ["apgd-ce", "apgd-margin"]
+    for row, pgd_row in zip(report["results"], pgd10["results"], strict=True):
+        assert set(row["members"]) == {"apgd-ce", "apgd-margin"}
+        assert row["accuracy"] <= min(m["accuracy"] for m in row["members"].values())
+        assert row["accuracy"] <= pgd_row["accuracy"]
+        assert set(row) >= RESULT_KEYS
+
+
+def test_apgd_from_the_recipe_attack_section(run, tmp_path):
+    recipe_path = run / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_path.read_text())
+    moved = tmp_path / "apgd_run"
+    shutil.copytree(run, moved)
+    recipe["attack"].update({"method": "apgd", "loss": "margin", "steps": 4, "eps": [1 / 255]})
+    (moved / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    report = attack_json(tmp_path, moved, "--split", "val")
+    assert report["attack"] == "apgd" and report["loss"] == "margin" and report["steps"] == 4
+    assert report["results"][0]["step_size"] == pytest.approx(2 / 255)  # APGD's first step, 2 eps
+
+
 def test_clean_accuracy_matches_the_run_report(run, pgd_report):
     report = json.loads((run / "report.json").read_text())
     assert pgd_report["report"]["clean"]["accuracy"] == pytest.approx(report["splits"]["val"]["accuracy"])
