@@ -1,4 +1,4 @@
-"""Attack speed: medtricks PGD vs torchattacks PGD on the same model, batch and settings.
+"""Attack speed: medtricks PGD (or APGD) vs torchattacks PGD (or APGD) on the same model, batch and settings.
 
 Builds an ImageNet-pretrained backbone with a new 2-class head (offline weights: efficientnet_lite0), writes N
 synthetic phantom radiographs to a temporary folder and labels each with the model's own clean prediction, so clean
@@ -10,7 +10,11 @@ their ratio, and for each the robust accuracy on the final iterates (both take e
 accuracy: <= the final-iterate figure). The labels are the model's own predictions, often one class on phantoms, so
 no AUROC here: tests/test_attacks.py compares AUROC under attack with torchattacks on a two-class task.
 
-Usage: python benchmarks/attack_speed.py [--n 64] [--size 128] [--steps 10] [--eps 2/255]
+With `--attack apgd`: `medtricks.apgd.apgd` (cross-entropy) against `torchattacks.APGD` (loss "ce", same eps,
+steps, one restart); both report robust accuracy as the per-image worst case over the iterates (torchattacks'
+APGD returns each example's first successful iterate), so the two figures are directly comparable.
+
+Usage: python benchmarks/attack_speed.py [--attack pgd|apgd] [--n 64] [--size 128] [--steps 10] [--eps 2/255]
        [--arch efficientnet_lite0] [--channels 3] [--repeats 3]
 """
 
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from medtricks.apgd import apgd
 from medtricks.attacks import pgd
 from medtricks.data.images import read_image
 from medtricks.data.sources import image_files
@@ -53,6 +58,7 @@ def robust_accuracy(model: torch.nn.Module, adv: torch.Tensor, labels: torch.Ten
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attack", default="pgd", choices=["pgd", "apgd"], help="which attack to compare")
     parser.add_argument("--n", type=int, default=64, help="images in the batch")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=10, help="PGD steps")
@@ -73,12 +79,18 @@ def main() -> None:
     clean = robust_accuracy(model, images, labels)
 
     def run_medtricks(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if args.attack == "apgd":
+            return apgd(model, images, labels, eps, steps=args.steps, generator=torch.Generator().manual_seed(seed),
+                        return_broken=True)
         return pgd(model, images, labels, eps, steps=args.steps, step_size=step_size, random_start=True,
                    generator=torch.Generator().manual_seed(seed), return_broken=True)
 
     def run_torchattacks(seed: int) -> tuple[torch.Tensor, None]:
         torch.manual_seed(seed)  # torchattacks draws its random start from the global generator
-        attack = torchattacks.PGD(model, eps=eps, alpha=step_size, steps=args.steps, random_start=True)
+        if args.attack == "apgd":
+            attack = torchattacks.APGD(model, eps=eps, steps=args.steps, n_restarts=1, seed=seed, loss="ce")
+        else:
+            attack = torchattacks.PGD(model, eps=eps, alpha=step_size, steps=args.steps, random_start=True)
         return attack(images, labels), None
 
     attacks = {"medtricks": run_medtricks, "torchattacks": run_torchattacks}
@@ -106,9 +118,11 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "torchattacks": torchattacks.__version__, "device": "cpu"},
-        "settings": {"n": args.n, "size": args.size, "channels": args.channels, "arch": args.arch,
+        "settings": {"attack": args.attack, "n": args.n, "size": args.size, "channels": args.channels,
+                     "arch": args.arch,
                      "weights": "imagenet", "norm": "linf", "eps": eps, "eps_text": args.eps, "steps": args.steps,
-                     "step_size": step_size, "random_start": True, "repeats": args.repeats,
+                     "step_size": step_size if args.attack == "pgd" else "apgd: 2 eps, halved at checkpoints",
+                     "random_start": True, "repeats": args.repeats,
                      "labels": "the model's own clean predictions"},
         "clean_accuracy": clean,
         **summary,

@@ -165,8 +165,9 @@ def _apgd(model, images, labels, eps, steps, norm, loss, targets, restarts, gene
     """apgd, plus the per-image 'wrong at some iterate' mask (what an untargeted ensemble counts); `net` is the
     model already wrapped and folded (the ensemble prepares it once)."""
     eps = _check(eps, steps, norm, loss, restarts)
-    images, labels = images.detach().float(), labels.detach()
-    targets = targets.detach() if targets is not None else None
+    # clones: tensors made under inference_mode (e.g. labels predicted there) cannot enter autograd
+    images, labels = images.detach().float().clone(), labels.detach().clone()
+    targets = targets.detach().clone() if targets is not None else None
     with attack_mode(model), torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
         net = net if net is not None else TwoLogits(fold_batchnorm(model, images[:2]))
         with torch.no_grad():
@@ -219,7 +220,7 @@ def autoattack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps
         is the member's highest-loss iterate with the lowest probability of the true class (the worst case for
         scores such as AUROC); per-member masks say which member broke what.
     """
-    images, labels = images.detach().float(), labels.detach()
+    images, labels = images.detach().float().clone(), labels.detach().clone()
     with attack_mode(model), torch.autocast(images.device.type, enabled=False):
         net = TwoLogits(fold_batchnorm(model, images[:2]))
         with torch.no_grad():

@@ -184,3 +184,11 @@ def test_ensemble_members():
     assert [m.name for m in ensemble_members(2)] == ["apgd-ce", "apgd-margin"]
     assert [m.name for m in ensemble_members(3)] == ["apgd-ce", "apgd-t1", "apgd-t2"]
     assert len(ensemble_members(20)) == 1 + 9  # AutoAttack's standard: the 9 most likely wrong classes
+
+
+def test_inputs_made_in_inference_mode_can_be_attacked(blob):
+    with torch.inference_mode():
+        images, labels = blob.x[:16].clone(), TwoLogits(blob.model)(blob.x[:16]).argmax(1)
+    adv = apgd(blob.model, images, labels, 8 / 255, steps=2)
+    adv_ensemble = autoattack(blob.model, images, labels, 8 / 255, steps=2)[0]
+    assert adv.shape == adv_ensemble.shape == images.shape

@@ -349,13 +349,16 @@ def test_clean_accuracy_matches_the_run_report(run, pgd_report):
 
 
 @pytest.mark.slow
-def test_attack_speed_benchmark_prints_json():
+@pytest.mark.parametrize("method", ["pgd", "apgd"])
+def test_attack_speed_benchmark_prints_json(method):
     pytest.importorskip("torchattacks", reason="the benchmark compares with torchattacks")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attack_speed.py"), "--n", "4", "--size", "32",
-                          "--steps", "2", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attack_speed.py"), "--attack", method, "--n", "4",
+                          "--size", "32", "--steps", "2", "--repeats", "1"], capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["benchmark"] == "attack_speed" and report["settings"]["n"] == 4
+    assert report["settings"]["attack"] == method
     for name in ("medtricks", "torchattacks"):
         assert report[name]["images_per_second"] > 0 and 0 <= report[name]["robust_accuracy"] <= 1
     assert report["speed_ratio"] > 0 and abs(report["robust_accuracy_difference"]) <= 1
