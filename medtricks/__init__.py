@@ -36,6 +36,7 @@ _EXPORTS = {
     "attack": "medtricks.robustness",
     "check_data": "medtricks.data.check",
     "compare": "medtricks.compare",
+    "corruption_report": "medtricks.corruption_report",
     "create_model": "medtricks.models.backbones",
     "evaluate": "medtricks.finetune",
     "finetune": "medtricks.finetune",

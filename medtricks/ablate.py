@@ -13,7 +13,9 @@ Design:
   that plus X alone.
 - Metrics of the validation split (the test split stays untouched for the final model): AUROC and balanced accuracy
   from each run's report.json; with `attack=True` also robust accuracy under the recipe's `attack:` settings at
-  their largest eps (`--set attack.eps=[0.0078]` chooses it), saved beside the run as robust.json.
+  their largest eps (`--set attack.eps=[0.0078]` chooses it; `--set attack.method=autoattack` the ensemble), saved
+  beside the run as robust.json; with `corruptions=True` also the mean accuracy over the corruptions of the
+  recipe's preset (attack.corruptions, else the modality's) and severities, saved as corruption.json.
 - Resuming: OUT/runs/<variant>/seed-<k>/ is an ordinary run directory. Calling again with the same OUT reuses every
   finished run (report.json present) once its recipe.yaml is checked to be the recipe that would run now (else an
   error: use another OUT). An unfinished run (killed during training) is continued with finetune's `resume` where
@@ -54,8 +56,9 @@ from medtricks.tricks import TRICKS
 logger = logging.getLogger(__name__)
 MODES = {"leave-one-out": "without", "add-one": "with", "each": "only"}  # mode -> prefix of the variant names
 REFERENCE = "reference"
-METRICS = {"auroc": "AUROC", "balanced_accuracy": "bal. acc.", "robust_accuracy": "robust acc."}
-ROBUST_FILE = "robust.json"
+METRICS = {"auroc": "AUROC", "balanced_accuracy": "bal. acc.", "robust_accuracy": "robust acc.",
+           "corruption_accuracy": "corr. acc."}
+ROBUST_FILE, CORRUPTION_FILE = "robust.json", "corruption.json"
 ATTACK_KEYS = ("attack", "norm", "eps", "steps", "restarts", "targeted")  # robust.json keys that describe the attack
 
 
@@ -149,6 +152,23 @@ def _robust_accuracy(run: Path, recipe: Recipe) -> dict:
     return result
 
 
+def _corruption_accuracy(run: Path, recipe: Recipe) -> dict:
+    """Mean accuracy over the recipe's corruptions and severities on the validation split (cached:
+    corruption.json)."""
+    from medtricks.corruption_report import corruption_names, evaluate_run
+
+    if (run / CORRUPTION_FILE).is_file():
+        return json.loads((run / CORRUPTION_FILE).read_text())
+    opened = open_run(run, "auto")
+    preset, names = corruption_names(opened, None, None)
+    report = evaluate_run(opened, None, "val", None, names, recipe.attack.severities, 0)
+    result = {"split": "val", "preset": preset, "severities": list(recipe.attack.severities), "n": report["n"],
+              "clean_accuracy": report["clean"]["accuracy"], "mce": report["mce"],
+              "accuracy": float(np.mean([row["accuracy"] for row in report["results"]]))}
+    write_json(run / CORRUPTION_FILE, result)
+    return result
+
+
 def _summary(values: list) -> dict:
     present = [v for v in values if v is not None]
     return {"mean": float(np.mean(present)) if present else None,
@@ -162,16 +182,18 @@ def _versus(values: list, reference: list) -> dict:
                                   for v, r in zip(values, reference, strict=True)]}
 
 
-def _command(recipe, data, out, seeds, names, mode, attack, overrides) -> str:
+def _command(recipe, data, out, seeds, names, mode, attack, corruptions, overrides) -> str:
     args = ["medtricks", "ablate", "--recipe", str(recipe), *(["--data", str(data)] if data is not None else []),
             "--out", str(out), "--seeds", str(seeds), "--tricks", ",".join(names), "--mode", mode,
-            *(["--attack"] if attack else []), *[x for kv in overrides for x in ("--set", kv)]]
+            *(["--attack"] if attack else []), *(["--corruptions"] if corruptions else []),
+            *[x for kv in overrides for x in ("--set", kv)]]
     return shlex.join(args)
 
 
 def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str | Path | None = None,
            seeds: int = 3, tricks: Sequence[str] | None = None, mode: str = "leave-one-out", attack: bool = False,
-           overrides: Sequence[str] = (), on_run: Callable[[dict], None] | None = None) -> dict:
+           overrides: Sequence[str] = (), on_run: Callable[[dict], None] | None = None,
+           corruptions: bool = False) -> dict:
     """Train the reference and one variant per trick over seeds 0..seeds-1, compare them pairwise, write the report.
 
     Args:
@@ -182,10 +204,11 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         tricks: trick names; None = the tricks the recipe enables.
         mode: leave-one-out, add-one or each.
         attack: also measure robust accuracy (the recipe's attack at its largest eps, validation split).
+        corruptions: also measure the mean accuracy under the recipe's corruptions (validation split).
         overrides: `key=value` strings as for `--set`, applied to the reference and every variant.
         on_run: called with {"variant", "seed", "run", "done", "total", "status"}; status is training, resuming,
-            epoch (with "row", a metrics.jsonl line), attacking, trained, resumed or reused (the last three with
-            "values", the run's metrics).
+            epoch (with "row", a metrics.jsonl line), attacking, corrupting, trained, resumed or reused (the last
+            three with "values", the run's metrics).
 
     Returns:
         The content of OUT/ablation.json, plus "files" (where the three outputs are).
@@ -209,8 +232,9 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
     if isinstance(recipe, Recipe):  # saved, so that the recorded command can be run again
         given = out / "recipe.yaml"
         save_recipe(out, recipe.to_dict())
-    values = {variant: {m: [None] * seeds for m in METRICS if attack or m != "robust_accuracy"} for variant in grid}
-    robust, done, notify = {}, 0, on_run or (lambda _: None)
+    wanted = [m for m in METRICS if (attack or m != "robust_accuracy") and (corruptions or m != "corruption_accuracy")]
+    values = {variant: {m: [None] * seeds for m in wanted} for variant in grid}
+    robust, corrupted, done, notify = {}, {}, 0, on_run or (lambda _: None)
     for variant, seed, run_recipe, run in plan:
         event = {"variant": variant, "seed": seed, "run": str(run), "done": done, "total": len(plan)}
         if (run / REPORT_FILE).is_file():
@@ -228,14 +252,19 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
             notify({**event, "status": "attacking"})
             robust = _robust_accuracy(run, run_recipe)
             values[variant]["robust_accuracy"][seed] = robust["accuracy"]
+        if corruptions:
+            notify({**event, "status": "corrupting"})
+            corrupted = _corruption_accuracy(run, run_recipe)
+            values[variant]["corruption_accuracy"][seed] = corrupted["accuracy"]
         done += 1
         notify({**event, "done": done, "status": status,
                 "values": {m: v[seed] for m, v in values[variant].items()}})
     result = {
         "recipe": base.name, "data": str(data) if data is not None else base.data.source, "mode": mode,
         "tricks": names, "seeds": list(range(seeds)), "split": "val", "overrides": list(overrides),
-        "command": _command(given, data, out, seeds, names, mode, attack, overrides),
+        "command": _command(given, data, out, seeds, names, mode, attack, corruptions, overrides),
         "attack": {k: robust[k] for k in ATTACK_KEYS if k in robust} or None,
+        "corruptions": {k: corrupted[k] for k in ("preset", "severities") if k in corrupted} or None,
         "medtricks_version": __version__,
         "variants": {variant: {
             "runs": [str(run) for v, _, _, run in plan if v == variant],
@@ -283,5 +312,9 @@ def markdown_table(result: dict) -> str:
         a = result["attack"]
         lines += ["", f"Robust accuracy: {a['attack']} {a['norm']}, eps {a['eps']:.4g} ({a['eps'] * 255:.2g}/255), "
                       f"{a['steps']} steps, validation split."]
+    if result.get("corruptions"):
+        c = result["corruptions"]
+        lines += ["", f"Corruption accuracy: mean over the {c['preset']} corruptions at severities "
+                      f"{', '.join(map(str, c['severities']))}, validation split."]
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)

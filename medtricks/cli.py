@@ -288,6 +288,59 @@ def attack_cmd(
                   f"{report['files']}", highlight=False)
 
 
+@app.command("corrupt")
+def corrupt_cmd(
+    run: Annotated[Path | None, typer.Argument(help="Run directory (default: the newest under runs/).")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="radiograph, fundus or dermoscopy (default: the "
+                                               "run's data.augment).")] = None,
+    corruptions: Annotated[str | None, typer.Option("--corruptions", help="Names a,b instead of a preset.")] = None,
+    severities: Annotated[str | None, typer.Option("--severities", help="Among 1-5 (recipe default: "
+                                                   "1,2,3,4,5).")] = None,
+    against: Annotated[Path | None, typer.Option("--against", help="Compare with this run (same images).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the run's own).")] = None,
+    split: Annotated[str, typer.Option("--split", help="val, test, train or all.")] = "test",
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N images.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random corruptions.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Evaluate a fine-tuned model under natural corruptions (noise, blur, contrast, gamma, JPEG, ...) at five
+    severities; writes corruptions.json, corruptions.png and gallery.png under RUN/corruptions/.
+
+    Example: medtricks corrupt runs/sin --against runs/imagenet --limit 500
+    """
+    from medtricks.corruption_report import corruption_report, parse_severities
+
+    try:
+        names = [n.strip() for n in corruptions.split(",") if n.strip()] if corruptions is not None else None
+        bar, progress = _progress("corrupting")
+        with bar:
+            report = corruption_report(run, data=data, split=split, preset=preset, corruptions=names,
+                                       severities=parse_severities(severities) if severities else None,
+                                       seed=seed, limit=limit,
+                                       against=against, json_path=json_path, device=device, overwrite=overwrite,
+                                       progress=progress)
+    except MedtricksError as exc:
+        _fail(exc)
+    clean = report["clean"]
+    console.print(f"{report['preset']} corruptions on {report['n']} images ({report['split']}): clean accuracy "
+                  f"{_num(clean['accuracy'])}, AUROC {_num(clean['auroc'])}", highlight=False)
+    versus = {r["corruption"]: r for r in report["versus"]["corruptions"]} if "versus" in report else {}
+    for row in report["corruptions"]:
+        extra = f"  CE vs --against {_num(versus[row['corruption']]['ce'])}" if versus else ""
+        console.print(f"  {row['corruption']:<18} accuracy {_num(row['accuracy'])}  AUROC {_num(row['auroc'])}"
+                      f"{extra}", highlight=False)
+    console.print(f"mean corruption error {_num(report['mce'])} (relative to clean "
+                  f"{_num(report['relative_mce'], True)})", highlight=False)
+    if versus:
+        console.print(f"against {report['against']['run']}: its mean corruption error "
+                      f"{_num(report['against']['mce'])}; mCE normalised by it {_num(report['versus']['mce'])} "
+                      f"(< 1: this run is more robust), relative mCE {_num(report['versus']['relative_mce'])}",
+                      highlight=False)
+    console.print(f"report and plots in {report['files']}", highlight=False)
+
+
 @app.command("ablate")
 def ablate_cmd(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Bundled recipe name or YAML path.")] = "demo",
@@ -297,6 +350,8 @@ def ablate_cmd(
     tricks: Annotated[str | None, typer.Option("--tricks", help="Tricks a,b (default: the recipe's).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="leave-one-out, add-one or each.")] = "leave-one-out",
     attack: Annotated[bool, typer.Option("--attack", help="Add robust accuracy (recipe attack, max eps).")] = False,
+    corruptions: Annotated[bool, typer.Option("--corruptions", help="Add mean accuracy under the recipe's "
+                                              "corruptions.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in every run: key=value.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the output folder.")] = False,
 ) -> None:
@@ -305,8 +360,10 @@ def ablate_cmd(
     Modes: leave-one-out (the recipe vs the recipe without X), add-one (the recipe without the listed tricks vs
     that plus X), each (no tricks vs only X). Every variant uses seeds 0..N-1, so seed k of each has the same
     patient-level split and the differences are paired. Metrics on the validation split (--attack adds robust
-    accuracy under the recipe's attack: settings at their largest eps). Writes OUT/ablation.json,
-    OUT/ablation.md (the table printed at the end), OUT/forest.png and one run per variant and seed under OUT/runs/.
+    accuracy under the recipe's attack: settings at their largest eps, --set attack.method=autoattack for the
+    ensemble; --corruptions adds the mean accuracy under the recipe's corruption preset and severities). Writes
+    OUT/ablation.json, OUT/ablation.md (the table printed at the end), OUT/forest.png and one run per variant and
+    seed under OUT/runs/.
     Default OUT: runs/ablate-<recipe>-<time>. Run the same command with the same --out again to resume: finished
     runs are reused (after checking their recipe), unfinished ones continued or set aside, none overwritten.
 
@@ -334,7 +391,8 @@ def ablate_cmd(
 
     try:
         with bar:
-            result = ablate(recipe, data=data, out=out, seeds=seeds, mode=mode, attack=attack, overrides=set_ or (),
+            result = ablate(recipe, data=data, out=out, seeds=seeds, mode=mode, attack=attack, corruptions=corruptions,
+                            overrides=set_ or (),
                             tricks=[t.strip() for t in tricks.split(",") if t.strip()] if tricks is not None else None,
                             on_run=on_run)
     except MedtricksError as exc:

@@ -6,7 +6,7 @@ option that writes a file follows (`--out`, `--json`, `--save-images`).
   names the file and keeps the old version.
 - An option's target (`check_output`, checked before the command does its work): its folder exists and is writable;
   an existing file is refused unless the user said `--overwrite`; a run directory's own files (RUN_FILES, and
-  anything under its plots/ and attacks/ folders) are refused always: only finetune writes them.
+  anything under its plots/, attacks/ and corruptions/ folders) are refused always: only finetune writes them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from medtricks.errors import MedtricksError
 
 MODEL_FILE, MODEL_JSON, RECIPE_FILE, METRICS_FILE, REPORT_FILE, RESUME_FILE = (
     "model.safetensors", "model.json", "recipe.yaml", "metrics.jsonl", "report.json", "resume.safetensors")
-RUN_FILES = (MODEL_FILE, MODEL_JSON, RECIPE_FILE, METRICS_FILE, REPORT_FILE, RESUME_FILE, "plots", "attacks")
+RUN_FILES = (MODEL_FILE, MODEL_JSON, RECIPE_FILE, METRICS_FILE, REPORT_FILE, RESUME_FILE, "plots", "attacks",
+             "corruptions")
 
 
 class OutputError(MedtricksError):

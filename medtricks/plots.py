@@ -287,3 +287,72 @@ def plot_forest(effects: dict[str, Sequence[dict]], path: str | Path, title: str
     fig.suptitle(title or "Effect vs reference (95% interval)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_corruptions(report: dict, path: str | Path, against: dict | None = None) -> Path:
+    """Accuracy versus corruption severity (0 = clean), one thin line per corruption and their mean as a thick line.
+
+    Args:
+        report: a medtricks.corruptions.evaluate_corruptions result ("clean", "results", "n", "mce"; "run" optional).
+        path: the PNG to write.
+        against: another such report (e.g. the baseline run): its mean is drawn dashed, labelled with its "run".
+
+    Returns:
+        path.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+
+    def curves(rep: dict) -> tuple[list[int], dict[str, list[float]]]:
+        severities = sorted({r["severity"] for r in rep["results"]})
+        by_name: dict[str, list[float]] = {}
+        for r in sorted(rep["results"], key=lambda r: r["severity"]):
+            by_name.setdefault(r["corruption"], [rep["clean"]["accuracy"]]).append(r["accuracy"])
+        return [0, *severities], by_name
+
+    x, by_name = curves(report)
+    for name, accuracy in by_name.items():
+        ax.plot(x, accuracy, marker="o", markersize=3, linewidth=1, alpha=0.7, label=name)
+    ax.plot(x, np.mean(list(by_name.values()), axis=0), color="black", linewidth=3,
+            label=f"mean ({report.get('run') or 'this run'})")
+    if against is not None:
+        x_other, other = curves(against)
+        ax.plot(x_other, np.mean(list(other.values()), axis=0), color="black", linewidth=2, linestyle="--",
+                label=f"mean ({against.get('run') or 'other run'})")
+    ax.set_xticks(x, ["clean" if s == 0 else str(s) for s in x])
+    ax.set(xlabel="severity", ylabel="accuracy", ylim=(-0.02, 1.02),
+           title=f"Accuracy under corruptions (n = {report['n']}, mCE = {report['mce']:.3f})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)
+    return _save(fig, path)
+
+
+def plot_corruption_gallery(gallery: dict, path: str | Path) -> Path:
+    """One image under every corruption: rows = corruptions, columns = clean then each severity.
+
+    Args:
+        gallery: evaluate_corruptions()["gallery"]: {"clean": (C, H, W), "images": {name: [(C, H, W) per severity]},
+            "severities" (optional, default 1, 2, ...)} of tensors or arrays in [0, 1].
+        path: the PNG to write.
+
+    Returns:
+        path. Grey images are drawn with a grey colour map on a fixed [0, 1] range, so brightness changes show.
+    """
+    rows = list(gallery["images"].items())
+    n_cols = 1 + max((len(images) for _, images in rows), default=0)
+    severities = gallery.get("severities") or list(range(1, n_cols))
+    fig, axes = plt.subplots(max(len(rows), 1), n_cols, figsize=(1.6 * n_cols, 1.6 * max(len(rows), 1) + 0.3),
+                             squeeze=False, layout="constrained")
+    for row, (name, images) in enumerate(rows):
+        for col, image in enumerate([gallery["clean"], *images]):
+            image = np.asarray(image)
+            shown = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+            ax = axes[row, col]
+            ax.imshow(np.clip(shown, 0, 1), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title("clean" if col == 0 else f"severity {severities[col - 1]}", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle("Corruptions of one image", fontsize=10)
+    return _save(fig, path)

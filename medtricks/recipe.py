@@ -41,6 +41,7 @@ from medtricks.tricks.warmup import WarmupConfig
 from medtricks.tricks.zero_gamma import ZeroGammaConfig
 
 ATTACK_METHODS = ("pgd", "fgsm", "apgd", "autoattack")
+CORRUPTION_PRESETS = ("radiograph", "fundus", "dermoscopy")  # medtricks.corruptions.PRESETS (a test keeps them equal)
 AUGMENT_PRESETS = ("bag_of_tricks", "cxr", "fundus", "dermoscopy", "none")
 CACHE_MODES = ("auto", "memory", "disk", "none")
 INPUT_MODES = ("sum", "repeat")
@@ -277,6 +278,9 @@ class AttackSettings:
         restarts: PGD / APGD random restarts.
         random_start: PGD starts from a uniform point of the eps ball (APGD always does).
         loss: what APGD ascends, ce or margin (medtricks.apgd.margin_loss; defined for two classes too).
+        corruptions: preset of `medtricks corrupt` and `ablate --corruptions` (one of CORRUPTION_PRESETS); None =
+            the modality of data.augment (medtricks.corruptions.default_preset).
+        severities: corruption severities among 1-5.
         targeted: binary: towards the flipped label; multi-class: towards target_class.
         target_class: class name of a targeted multi-class attack.
         seed: seed of the random starts.
@@ -290,6 +294,8 @@ class AttackSettings:
     restarts: int = 1
     random_start: bool = True
     loss: str = "ce"
+    corruptions: str | None = None
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     targeted: bool = False
     target_class: str | None = None
     seed: int = 0
@@ -300,6 +306,12 @@ class AttackSettings:
                               f"{', '.join(ATTACK_METHODS)} (--pgd, --fgsm, --apgd, --autoattack).")
         if self.loss not in ("ce", "margin"):
             raise AttackError(f"attack loss {short(self.loss)} (--loss / attack.loss): choose ce or margin.")
+        if self.corruptions is not None and self.corruptions not in CORRUPTION_PRESETS:
+            raise AttackError(f"attack.corruptions {short(self.corruptions)}: choose one of "
+                              f"{', '.join(CORRUPTION_PRESETS)}, or null for the preset of data.augment.")
+        if not self.severities or any(isinstance(s, bool) or s not in (1, 2, 3, 4, 5) for s in self.severities):
+            raise AttackError(f"attack.severities {short(self.severities)}: give severities among 1-5, e.g. "
+                              f"[1, 2, 3, 4, 5].")
         if self.method == "autoattack" and self.targeted:
             raise AttackError("--autoattack is untargeted: its APGD-T members pick their own targets (the most likely "
                               "wrong classes); drop --targeted, or use --apgd --targeted.")

@@ -148,6 +148,27 @@ def test_rerun_reuses_finished_runs_and_adds_robust_accuracy(grid, grid_copy, ph
     assert again["variants"] == result["variants"]
 
 
+def test_corruption_accuracy_is_a_metric_too(grid, grid_copy, phantoms_train, monkeypatch):
+    monkeypatch.setattr(ablate_module, "finetune", no_training)
+    events = []
+    result = ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY,
+                    corruptions=True, on_run=events.append)
+    assert {e["status"] for e in events} == {"reused", "corrupting"}
+    assert result["corruptions"] == {"preset": "radiograph", "severities": [1, 2, 3, 4, 5]}
+    assert "--corruptions" in result["command"] and "robust_accuracy" not in result["variants"]["reference"]["values"]
+    for variant, entry in result["variants"].items():
+        for seed in (0, 1):
+            saved = json.loads((grid_copy / "runs" / variant / f"seed-{seed}" / "corruption.json").read_text())
+            assert saved["split"] == "val" and 0 <= saved["accuracy"] <= 1
+            assert entry["values"]["corruption_accuracy"][seed] == saved["accuracy"]
+    assert "corr. acc." in (grid_copy / "ablation.md").read_text()
+    cached = {p: p.stat().st_mtime_ns for p in grid_copy.glob("runs/*/seed-*/corruption.json")}
+    again = ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY,
+                   corruptions=True)
+    assert {p: p.stat().st_mtime_ns for p in grid_copy.glob("runs/*/seed-*/corruption.json")} == cached
+    assert again["variants"] == result["variants"]
+
+
 def test_one_seed_has_no_interval(grid_copy, phantoms_train, monkeypatch):
     monkeypatch.setattr(ablate_module, "finetune", no_training)  # seed 0 exists already
     result = ablate("demo", data=phantoms_train, out=grid_copy, seeds=1, tricks=["warmup"], overrides=TINY)

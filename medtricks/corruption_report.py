@@ -1,0 +1,169 @@
+"""`medtricks corrupt`: a run's accuracy and AUROC under natural corruptions, and how it compares with another run.
+
+Reads only the run directory (+ data), like attack. The images go through the run's own evaluation transform, then
+each corruption of the preset (medtricks.corruptions) at each severity, at the model's input resolution; decisions
+are the run's (robustness.decision_model: the validation threshold for binary models). The random draws depend only
+on (seed, corruption, severity, image index), so two runs evaluated on the same data, split and seed see the same
+corrupted images when they share an input size: `against` uses this to compare two runs, e.g. Geirhos et al.'s
+Stylized-ImageNet claim (ICLR 2019) that shape-biased pretraining resists corruptions better.
+
+Mean corruption error (Hendrycks & Dietterich, ICLR 2019): for run f and corruption c, E_{s,c} = 1 - accuracy at
+severity s. The report's `mce` is the unnormalised mean over corruptions and severities and `relative_mce` the mean
+of E_{s,c} - E_clean (what the corruption costs). With a reference run g (`against`), Hendrycks' normalised figures
+take g as the baseline (they used AlexNet): CE_c = sum_s E^f_{s,c} / sum_s E^g_{s,c}, mCE = mean_c CE_c, relative
+CE_c = sum_s (E^f_{s,c} - E^f_clean) / sum_s (E^g_{s,c} - E^g_clean); below 1 means f is more robust than g.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from medtricks import plots
+from medtricks.errors import MedtricksError, short
+from medtricks.files import check_output, write_json
+from medtricks.robustness import decision_model
+from medtricks.runs import Run, newest_run, open_run
+
+REPORT_NAME = "corruptions.json"
+
+
+class CorruptionError(MedtricksError):
+    """Bad corruption settings (preset, corruption names, severities)."""
+
+
+def parse_severities(text: str) -> tuple[int, ...]:
+    """'1,3,5' -> (1, 3, 5); each in 1..5."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or not 1 <= int(part) <= 5:
+            raise CorruptionError(f"--severities {short(part)}: give severities among 1,2,3,4,5 (e.g. 1,3,5).")
+        values.append(int(part))
+    return tuple(sorted(set(values)))
+
+
+def corruption_names(run: Run, preset: str | None, names: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
+    """(preset, corruption names): the named ones, else the preset's, else the run recipe's attack.corruptions, else
+    its modality preset (data.augment: cxr -> radiograph, fundus, dermoscopy; others: radiograph), checked against
+    the run's channels."""
+    from medtricks.corruptions import CORRUPTIONS, PRESETS, check_corruptions, check_preset, default_preset
+
+    channels = run.info["in_chans"]
+    try:
+        preset = preset or run.recipe.attack.corruptions
+        if preset is None:
+            preset = default_preset(run.recipe.data.augment, channels)
+        elif preset not in PRESETS:
+            raise CorruptionError(f"--preset {short(preset)}: choose one of {', '.join(PRESETS)}.")
+        if names:
+            unknown = [n for n in names if n not in CORRUPTIONS]
+            if unknown:
+                raise CorruptionError(f"--corruptions {', '.join(map(short, unknown))}: unknown; choose among "
+                                      f"{', '.join(CORRUPTIONS)}.")
+            return "custom", check_corruptions(tuple(names), channels)
+        return preset, check_preset(preset, channels)
+    except CorruptionError:
+        raise
+    except ValueError as exc:  # the library's checks (e.g. a colour corruption on a grey model)
+        raise CorruptionError(str(exc)) from exc
+
+
+def evaluate_run(run: Run, data, split: str, limit: int | None, names, severities, seed: int,
+                 progress=None) -> dict:
+    """evaluate_corruptions on a split of the run's data (its first `limit` images), with the run's decisions."""
+    from medtricks.corruptions import evaluate_corruptions
+
+    dataset = run.dataset(data, split)
+    if limit is not None:
+        if limit < 1:
+            raise CorruptionError(f"--limit {limit}: must be >= 1.")
+        dataset.indices = dataset.indices[:limit]
+    return evaluate_corruptions(decision_model(run), run.loader(dataset), names, severities, seed, run.device,
+                                progress)
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator > 0 else None
+
+
+def compare_reports(report: dict, reference: dict) -> dict:
+    """Hendrycks & Dietterich's normalised CE of `report` with `reference` as the baseline (module docstring):
+    per corruption and their means; None where the reference has no error to divide by."""
+    theirs = {row["corruption"]: row for row in reference["corruptions"]}
+    rows = []
+    for row in report["corruptions"]:
+        other = theirs[row["corruption"]]
+        rows.append({"corruption": row["corruption"], "ce": _ratio(row["error_sum"], other["error_sum"]),
+                     "relative_ce": _ratio(row["relative_error_sum"], other["relative_error_sum"]),
+                     "accuracy_difference": row["accuracy"] - other["accuracy"]})
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows]
+        return None if None in values else sum(values) / len(values)
+
+    return {"corruptions": rows, "mce": mean("ce"), "relative_mce": mean("relative_ce"),
+            "mean_accuracy_difference": mean("accuracy_difference")}
+
+
+def corruption_report(run: str | Path | None = None, data: str | Path | None = None, split: str = "test",
+                      preset: str | None = None, corruptions: Sequence[str] | None = None,
+                      severities: Sequence[int] | None = None, seed: int = 0, limit: int | None = None,
+                      against: str | Path | None = None, json_path: str | Path | None = None,
+                      device: str | None = "auto", overwrite: bool = False,
+                      progress: Callable[[int, int | None], None] | None = None) -> dict:
+    """Evaluate a run under natural corruptions; write corruptions.json and plots under RUN/corruptions/.
+
+    Args:
+        run: a finished run directory; None = the newest finished run under runs/.
+        data: data source (default: the run's own).
+        split: val, test, train or all.
+        preset: radiograph, fundus or dermoscopy (default: the recipe's attack.corruptions, else the run's
+            modality; corruption_names).
+        corruptions: these corruption names instead of a preset.
+        severities: among 1-5 (default: the recipe's attack.severities, 1-5).
+        seed: of every random draw.
+        limit: only the first `limit` images.
+        against: another finished run with the same classes and channels, evaluated on the same images and
+            corruptions; the report gains "against" (its figures) and "versus" (compare_reports).
+        json_path: also write the report here (never over an existing file unless `overwrite`).
+        device: auto (CUDA when available), cpu, cuda or cuda:N; None = the recipe's train.device.
+        progress: called as progress(done, total) while evaluating.
+
+    Returns:
+        The report: {"preset", "corruptions" (per corruption), "results" (per corruption and severity), "clean",
+        "mce", "relative_mce", "n", "seed", "severities", "split", "data", "run", "device", ...} plus "files".
+    """
+    if json_path is not None:
+        check_output(json_path, overwrite, "--json")
+    target = open_run(run if run is not None else newest_run(), device)
+    preset, names = corruption_names(target, preset, corruptions)
+    severities = tuple(severities) if severities is not None else target.recipe.attack.severities
+    source = data if data is not None else target.source
+    report = evaluate_run(target, source, split, limit, names, severities, seed, progress)
+    gallery = report.pop("gallery")
+    report = {"preset": preset, "names": list(names), **report, "split": split, "data": str(source),
+              "run": str(target.path), "device": str(target.device)}
+    reference = None
+    if against is not None:
+        other = open_run(against, target.device)
+        if other.classes != target.classes or other.info["in_chans"] != target.info["in_chans"]:
+            raise CorruptionError(f"--against {against}: its classes {list(other.classes)} / channels "
+                                  f"{other.info['in_chans']} differ from {list(target.classes)} / "
+                                  f"{target.info['in_chans']}; compare runs of the same task.")
+        reference = evaluate_run(other, source, split, limit, names, severities, seed, progress)
+        reference.pop("gallery")
+        reference["run"] = str(other.path)
+        report["against"] = reference
+        report["versus"] = compare_reports(report, reference)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    out_dir = target.path / "corruptions" / f"{preset}-{stamp}"
+    out_dir.mkdir(parents=True)
+    plots.plot_corruptions(report, out_dir / "corruptions.png", against=reference)
+    plots.plot_corruption_gallery(gallery, out_dir / "gallery.png")
+    write_json(out_dir / REPORT_NAME, report)
+    if json_path is not None:
+        write_json(Path(json_path), report)
+    report["files"] = str(out_dir)
+    return report
