@@ -75,11 +75,7 @@ def evaluate_run(run: Run, data, split: str, limit: int | None, names, severitie
     """evaluate_corruptions on a split of the run's data (its first `limit` images), with the run's decisions."""
     from medtricks.corruptions import evaluate_corruptions
 
-    dataset = run.dataset(data, split)
-    if limit is not None:
-        if limit < 1:
-            raise CorruptionError(f"--limit {limit}: must be >= 1.")
-        dataset.indices = dataset.indices[:limit]
+    dataset = run.dataset(data, split, limit)
     return evaluate_corruptions(decision_model(run), run.loader(dataset), names, severities, seed, run.device,
                                 progress)
 
@@ -147,11 +143,7 @@ def corruption_report(run: str | Path | None = None, data: str | Path | None = N
               "run": str(target.path), "device": str(target.device)}
     reference = None
     if against is not None:
-        other = open_run(against, target.device)
-        if other.classes != target.classes or other.info["in_chans"] != target.info["in_chans"]:
-            raise CorruptionError(f"--against {against}: its classes {list(other.classes)} / channels "
-                                  f"{other.info['in_chans']} differ from {list(target.classes)} / "
-                                  f"{target.info['in_chans']}; compare runs of the same task.")
+        other = target.open_same_task(against, "--against")
         reference = evaluate_run(other, source, split, limit, names, severities, seed, progress)
         reference.pop("gallery")
         reference["run"] = str(other.path)

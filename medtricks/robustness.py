@@ -240,19 +240,8 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
         check_output(save_images, overwrite, "--save-images", folder=True)
     target = open_run(run if run is not None else newest_run(), device)
     settings = attack_settings(settings or target.recipe.attack, preset, **(options or {}))
-    dataset = target.dataset(data, split)
-    if limit is not None:
-        if limit < 1:
-            raise AttackError(f"--limit {limit}: must be >= 1.")
-        dataset.indices = dataset.indices[:limit]
-    source = None
-    if source_run is not None:
-        crafter = open_run(source_run, target.device)
-        if crafter.classes != target.classes or crafter.info["in_chans"] != target.info["in_chans"]:
-            raise AttackError(f"--source-run {source_run}: its classes {list(crafter.classes)} / channels "
-                              f"{crafter.info['in_chans']} differ from the target's {list(target.classes)} / "
-                              f"{target.info['in_chans']}.")
-        source = decision_model(crafter)
+    dataset = target.dataset(data, split, limit)
+    source = decision_model(target.open_same_task(source_run, "--source-run")) if source_run is not None else None
     loader, model = target.loader(dataset), decision_model(target)
     report = run_attack(model, loader, settings, target.classes, source, keep_examples=8, save_dir=save_images,
                         device=target.device)

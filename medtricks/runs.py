@@ -187,12 +187,26 @@ class Run:
         """The data source the run was trained on."""
         return self.info["data"]["source"]
 
-    def dataset(self, data: str | Path | None = None, split: str = "val") -> ImageDataset:
+    def dataset(self, data: str | Path | None = None, split: str = "val", limit: int | None = None) -> ImageDataset:
         """A split of the run's own data (the same seeded split as training), or of `data` (`split="all"` for an
-        external set), with the eval transform and the run's classes."""
+        external set), with the eval transform and the run's classes; only its first `limit` images if given."""
+        if limit is not None and limit < 1:
+            raise RunError(f"--limit {limit}: must be >= 1.")
         dataset, _ = load_eval_data(self.recipe.data, data if data is not None else self.source, split,
                                     self.recipe.seed, self.classes)
+        if limit is not None:
+            dataset.indices = dataset.indices[:limit]
         return dataset
+
+    def open_same_task(self, path: str | Path, option: str) -> Run:
+        """Another finished run on this run's device that must solve the same task (the same classes and input
+        channels), e.g. a transfer attack's surrogate or a comparison's baseline; `option` names it in errors."""
+        other = open_run(path, self.device)
+        if other.classes != self.classes or other.info["in_chans"] != self.info["in_chans"]:
+            raise RunError(f"{option} {path}: its classes {list(other.classes)} / channels {other.info['in_chans']} "
+                           f"differ from {list(self.classes)} / {self.info['in_chans']} of {self.path}; use a run of "
+                           f"the same task.")
+        return other
 
     def loader(self, dataset: ImageDataset) -> DataLoader:
         """The evaluation loader (this rank's shard under torchrun) with the recipe's batch size and workers."""

@@ -148,6 +148,18 @@ def test_rerun_reuses_finished_runs_and_adds_robust_accuracy(grid, grid_copy, ph
     assert again["variants"] == result["variants"]
 
 
+def test_robust_accuracy_under_the_autoattack_ensemble(grid, tmp_path):
+    """`--set attack.method=autoattack` makes the ensemble ablate's robust metric (called directly on a copy of one
+    finished run: a changed recipe would need another OUT)."""
+    run = tmp_path / "run"
+    shutil.copytree(grid[0] / "runs" / "reference" / "seed-0", run)
+    recipe = load_recipe("demo", overrides=[*TINY, "attack.method=autoattack"])
+    robust = ablate_module._robust_accuracy(run, recipe)
+    assert robust["attack"] == "autoattack" and robust["steps"] == 2
+    assert 0 <= robust["accuracy"] <= robust["clean_accuracy"]
+    assert json.loads((run / "robust.json").read_text()) == robust
+
+
 def test_corruption_accuracy_is_a_metric_too(grid, grid_copy, phantoms_train, monkeypatch):
     monkeypatch.setattr(ablate_module, "finetune", no_training)
     events = []
