@@ -580,3 +580,29 @@ def test_a_transfer_attack_stronger_than_white_box_is_flagged(task):
     checks = {c["check"]: c for c in masking_checks(masked, loader, settings, ("dark", "bright"), report,
                                                     source=task.model)}
     assert checks["transfer_vs_white_box"]["status"] == "WARN", checks["transfer_vs_white_box"]
+
+
+def test_large_eps_check_counts_the_sweep_and_uses_apgd(task, monkeypatch):
+    """An adversarial image of a smaller ball lies in the large one: a sweep that already broke >= 95% passes the
+    check without another attack; otherwise the check runs APGD (PGD's fixed step overshoots at 64/255)."""
+    import medtricks.robustness as robustness
+
+    calls = []
+    real = robustness.run_attack
+
+    def recording(model, loader, settings, *args, **kwargs):
+        calls.append((settings.method, settings.eps))
+        return real(model, loader, settings, *args, **kwargs)
+
+    monkeypatch.setattr(robustness, "run_attack", recording)
+    loader = [{"image": task.x[:64], "label": task.y[:64]}]
+    settings = AttackSettings(eps=(4 / 255, 16 / 255), steps=5)
+    broken_all = {"n": 64, "clean": {"accuracy": 1.0}, "results": [
+        {"eps": 4 / 255, "success_rate": 0.5}, {"eps": 16 / 255, "success_rate": 0.97}]}
+    checks = {c["check"]: c for c in robustness.masking_checks(task.model, loader, settings, ("a", "b"), broken_all)}
+    assert checks["large_eps"]["status"] == "PASS" and "already" in checks["large_eps"]["detail"]
+    assert all(eps[0] <= 16 / 255 for _, eps in calls)  # no large-eps attack ran
+    calls.clear()
+    partly = {**broken_all, "results": [{"eps": 4 / 255, "success_rate": 0.2}, {"eps": 16 / 255, "success_rate": 0.5}]}
+    robustness.masking_checks(task.model, loader, settings, ("a", "b"), partly)
+    assert ("apgd", (8 * 16 / 255,)) in calls  # the large budget: max(64/255, 8 x the largest eps)
