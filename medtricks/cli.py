@@ -317,7 +317,7 @@ def corrupt_cmd(
         bar, progress = _progress("corrupting")
         with bar:
             report = corruption_report(run, data=data, split=split, preset=preset, corruptions=names,
-                                       severities=parse_severities(severities) if severities else None,
+                                       severities=parse_severities(severities) if severities is not None else None,
                                        seed=seed, limit=limit,
                                        against=against, json_path=json_path, device=device, overwrite=overwrite,
                                        progress=progress)

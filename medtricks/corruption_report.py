@@ -57,7 +57,10 @@ def corruption_names(run: Run, preset: str | None, names: Sequence[str] | None) 
             preset = default_preset(run.recipe.data.augment, channels)
         elif preset not in PRESETS:
             raise CorruptionError(f"--preset {short(preset)}: choose one of {', '.join(PRESETS)}.")
-        if names:
+        if names is not None:
+            if not names:
+                raise CorruptionError("--corruptions is empty: name at least one corruption, e.g. gaussian_noise, or "
+                                      "leave it out for the preset.")
             unknown = [n for n in names if n not in CORRUPTIONS]
             if unknown:
                 raise CorruptionError(f"--corruptions {', '.join(map(short, unknown))}: unknown; choose among "

@@ -143,6 +143,8 @@ def test_nothing_of_the_run_is_touched_and_existing_json_is_kept(run, tmp_path):
     (["--severities", "0"], ["--severities", "1,2,3,4,5"]),
     (["--severities", "6"], ["--severities"]),
     (["--severities", "two"], ["--severities", "two"]),
+    (["--severities", ""], ["--severities"]),
+    (["--corruptions", ","], ["--corruptions", "empty"]),
     (["--preset", "dermoscopy"], ["colour"]),  # hue shifts need colour: the demo model is grey
     (["--limit", "0"], ["--limit"]),
     (["--split", "validation"], ["validation"]),
