@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shlex
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -66,25 +67,65 @@ class AblationError(MedtricksError):
     """Bad ablation settings, or an output folder made by a different ablation."""
 
 
-def variants(recipe: Recipe, tricks: Sequence[str] | None = None, mode: str = "leave-one-out") -> dict[str, Recipe]:
-    """The reference and one variant per trick as recipes (seeds not yet set), reference first.
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def split_assignments(text: str) -> list[str]:
+    """'a.b=1,c=[1, 2],d={x: 1}' -> ['a.b=1', 'c=[1, 2]', 'd={x: 1}']: commas inside brackets, braces or quotes
+    belong to a value (a hand-written splitter: the values are YAML flow text, which no parser splits at the top)."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts]
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """'NAME:key=value[,key=value...]' -> (NAME, ['key=value', ...]), e.g. 'frozen-stem:model.freeze=[stem]'."""
+    name, colon, body = spec.partition(":")
+    name = name.strip()
+    assignments = split_assignments(body) if colon else []
+    if not VARIANT_NAME.fullmatch(name) or name == REFERENCE or not assignments or not all(
+            "=" in a and a.split("=", 1)[0].strip() for a in assignments):
+        raise AblationError(f"--variant {short(spec)}: write NAME:key=value[,key=value...] with NAME of letters, "
+                            f"digits, '.', '_' or '-' (not {REFERENCE!r}), e.g. "
+                            f"--variant 64px:data.image_size=64 or --variant one-gamma:'model.bn_reset=[...]'.")
+    return name, assignments
+
+
+def variants(recipe: Recipe, tricks: Sequence[str] | None = None, mode: str = "leave-one-out",
+             custom: Sequence[str] = ()) -> dict[str, Recipe]:
+    """The reference and one variant per trick and per `custom` spec as recipes (seeds not yet set), reference
+    first.
 
     Args:
         recipe: the resolved recipe (overrides applied).
-        tricks: trick names (medtricks.tricks.TRICKS); None = the tricks the recipe enables.
+        tricks: trick names (medtricks.tricks.TRICKS); None = the tricks the recipe enables, or none when `custom`
+            variants are given.
         mode: leave-one-out, add-one or each (see the module docstring).
+        custom: 'NAME:key=value[,key=value...]' specs (parse_variant): the reference with exactly those keys set.
     """
     if mode not in MODES:
         raise AblationError(f"--mode {short(mode)}: choose one of {', '.join(MODES)}.")
     enabled = recipe.tricks.enabled()
-    names = list(dict.fromkeys(tricks)) if tricks is not None else enabled
+    names = list(dict.fromkeys(tricks)) if tricks is not None else [] if custom else enabled
     unknown = [name for name in names if name not in TRICKS]
     if unknown:
         raise AblationError(f"--tricks: unknown trick {', '.join(map(repr, unknown))}; valid names: "
                             f"{', '.join(TRICKS)}.")
-    if not names:
+    if not names and not custom:
         raise AblationError(f"recipe {short(recipe.name)} enables no tricks and --tricks names none: nothing to "
-                            f"ablate. Name some with --tricks (valid: {', '.join(TRICKS)}).")
+                            f"ablate. Name some with --tricks (valid: {', '.join(TRICKS)}) or give a --variant.")
     if mode == "leave-one-out" and (off := [name for name in names if name not in enabled]):
         raise AblationError(f"--mode leave-one-out: recipe {short(recipe.name)} does not enable {', '.join(off)} (it "
                             f"enables {', '.join(enabled) or 'no tricks'}); use --mode add-one to measure adding it.")
@@ -96,7 +137,16 @@ def variants(recipe: Recipe, tricks: Sequence[str] | None = None, mode: str = "l
     for name in names:
         change = None if mode == "leave-one-out" else own[name] if own[name] is not None else {}
         grid[f"{MODES[mode]}-{name}"] = {**reference, name: change}
-    return {variant: build_dataclass(Recipe, {**raw, "tricks": tricks_}) for variant, tricks_ in grid.items()}
+    recipes = {variant: build_dataclass(Recipe, {**raw, "tricks": tricks_}) for variant, tricks_ in grid.items()}
+    for spec in custom:
+        name, assignments = parse_variant(spec)
+        if name in recipes:
+            raise AblationError(f"--variant {short(spec)}: the name {name!r} is taken; give each variant its own name.")
+        recipes[name] = load_recipe_from_dict(recipes[REFERENCE].to_dict(), assignments)
+        if not recipe_differences(recipes[REFERENCE].to_dict(), recipes[name].to_dict()):
+            raise AblationError(f"--variant {short(spec)}: sets nothing the reference does not already have; the "
+                                f"variant would be the reference.")
+    return recipes
 
 
 def _check_same_recipe(run: Path, recipe: Recipe) -> bool:
@@ -182,9 +232,10 @@ def _versus(values: list, reference: list) -> dict:
                                   for v, r in zip(values, reference, strict=True)]}
 
 
-def _command(recipe, data, out, seeds, names, mode, attack, corruptions, overrides) -> str:
+def _command(recipe, data, out, seeds, names, mode, attack, corruptions, overrides, custom=()) -> str:
     args = ["medtricks", "ablate", "--recipe", str(recipe), *(["--data", str(data)] if data is not None else []),
-            "--out", str(out), "--seeds", str(seeds), "--tricks", ",".join(names), "--mode", mode,
+            "--out", str(out), "--seeds", str(seeds), *(["--tricks", ",".join(names)] if names else []),
+            "--mode", mode, *[x for spec in custom for x in ("--variant", spec)],
             *(["--attack"] if attack else []), *(["--corruptions"] if corruptions else []),
             *[x for kv in overrides for x in ("--set", kv)]]
     return shlex.join(args)
@@ -193,7 +244,7 @@ def _command(recipe, data, out, seeds, names, mode, attack, corruptions, overrid
 def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str | Path | None = None,
            seeds: int = 3, tricks: Sequence[str] | None = None, mode: str = "leave-one-out", attack: bool = False,
            overrides: Sequence[str] = (), on_run: Callable[[dict], None] | None = None,
-           corruptions: bool = False) -> dict:
+           corruptions: bool = False, custom: Sequence[str] = ()) -> dict:
     """Train the reference and one variant per trick over seeds 0..seeds-1, compare them pairwise, write the report.
 
     Args:
@@ -205,6 +256,8 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         mode: leave-one-out, add-one or each.
         attack: also measure robust accuracy (the recipe's attack at its largest eps, validation split).
         corruptions: also measure the mean accuracy under the recipe's corruptions (validation split).
+        custom: variants over any recipe keys, 'NAME:key=value[,key=value...]' (`--variant`): the reference with
+            exactly those keys changed (with custom variants and no `tricks`, no trick variants).
         overrides: `key=value` strings as for `--set`, applied to the reference and every variant.
         on_run: called with {"variant", "seed", "run", "done", "total", "status"}; status is training, resuming,
             epoch (with "row", a metrics.jsonl line), attacking, corrupting, trained, resumed or reused (the last
@@ -221,8 +274,9 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         raise AblationError(f"--seeds {seeds}: must be >= 1 (>= 2 for an interval; 3-5 are usual).")
     if data is not None:
         base = load_recipe_from_dict(base.to_dict(), [f"data.source={json.dumps(str(Path(data).resolve()))}"])
-    grid = variants(base, tricks, mode)
-    names = [name.split("-", 1)[1] for name in list(grid)[1:]]
+    grid = variants(base, tricks, mode, custom)
+    custom_names = {parse_variant(spec)[0] for spec in custom}
+    names = [name.split("-", 1)[1] for name in list(grid)[1:] if name not in custom_names]
     out = Path(out) if out is not None else Path("runs") / f"ablate-{base.name}-{datetime.now():%Y%m%d-%H%M%S}"
     plan = [(variant, seed, load_recipe_from_dict(grid[variant].to_dict(), seed=seed),
              out / "runs" / variant / f"seed-{seed}") for seed in range(seeds) for variant in grid]
@@ -262,13 +316,15 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
     result = {
         "recipe": base.name, "data": str(data) if data is not None else base.data.source, "mode": mode,
         "tricks": names, "seeds": list(range(seeds)), "split": "val", "overrides": list(overrides),
-        "command": _command(given, data, out, seeds, names, mode, attack, corruptions, overrides),
+        "variant_specs": list(custom),
+        "command": _command(given, data, out, seeds, names, mode, attack, corruptions, overrides, custom),
         "attack": {k: robust[k] for k in ATTACK_KEYS if k in robust} or None,
         "corruptions": {k: corrupted[k] for k in ("preset", "severities") if k in corrupted} or None,
         "medtricks_version": __version__,
         "variants": {variant: {
             "runs": [str(run) for v, _, _, run in plan if v == variant],
             "tricks": grid[variant].tricks.enabled(),
+            "changes": recipe_differences(grid[REFERENCE].to_dict(), grid[variant].to_dict()),
             "values": values[variant],
             "summary": {m: _summary(v) for m, v in values[variant].items()},
             "vs_reference": None if variant == REFERENCE else {

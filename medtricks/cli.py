@@ -352,6 +352,8 @@ def ablate_cmd(
     attack: Annotated[bool, typer.Option("--attack", help="Add robust accuracy (recipe attack, max eps).")] = False,
     corruptions: Annotated[bool, typer.Option("--corruptions", help="Add mean accuracy under the recipe's "
                                               "corruptions.")] = False,
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="NAME:key=value[,key=value] (repeatable): "
+                                                      "the reference with those recipe keys changed.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in every run: key=value.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print only the output folder.")] = False,
 ) -> None:
@@ -366,6 +368,8 @@ def ablate_cmd(
     seed under OUT/runs/.
     Default OUT: runs/ablate-<recipe>-<time>. Run the same command with the same --out again to resume: finished
     runs are reused (after checking their recipe), unfinished ones continued or set aside, none overwritten.
+
+    Variants over any recipe key: --variant 64px:data.image_size=64 (repeatable; without --tricks only these).
 
     Example: medtricks ablate --recipe demo --seeds 3 --tricks warmup,label_smoothing --out runs/ablate-demo
     """
@@ -392,7 +396,7 @@ def ablate_cmd(
     try:
         with bar:
             result = ablate(recipe, data=data, out=out, seeds=seeds, mode=mode, attack=attack, corruptions=corruptions,
-                            overrides=set_ or (),
+                            overrides=set_ or (), custom=variant or (),
                             tricks=[t.strip() for t in tricks.split(",") if t.strip()] if tricks is not None else None,
                             on_run=on_run)
     except MedtricksError as exc:

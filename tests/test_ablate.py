@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from medtricks.ablate import AblationError, ablate, variants
+from medtricks.ablate import AblationError, ablate, split_assignments, variants
 from medtricks.cli import app
-from medtricks.recipe import load_recipe
+from medtricks.recipe import load_recipe, recipe_differences
 from medtricks.stats import paired_difference
 from medtricks.tricks import TRICKS
 
@@ -287,3 +287,65 @@ def test_issue_command_survives_sigkill_and_reuses_finished_runs(tmp_path):
     assert list(result["variants"]) == ["reference", "without-warmup", "without-label_smoothing"]
     assert all(None not in entry["values"]["balanced_accuracy"] for entry in result["variants"].values())
     assert len(list(out.glob("runs/*/seed-*/report.json"))) == 9
+
+
+CUSTOM = ["64px:data.image_size=64",
+          "cold:train.lr=0.01,train.epochs=2",
+          "one-gamma:model.bn_reset=[{stages: [blocks.5, blocks.6], gamma: one}],model.freeze=[stem]"]
+
+
+def test_variant_changes_exactly_the_named_keys():
+    demo = load_recipe("demo")
+    grid = variants(demo, custom=CUSTOM)
+    assert list(grid) == ["reference", "64px", "cold", "one-gamma"]  # with --variant and no --tricks: only these
+    reference = grid["reference"].to_dict()
+    assert reference == demo.to_dict()
+    expected = {"64px": ["data.image_size"], "cold": ["train.epochs", "train.lr"],
+                "one-gamma": ["model.bn_reset", "model.freeze"]}
+    for name, keys in expected.items():
+        assert sorted(recipe_differences(reference, grid[name].to_dict())) == keys
+    assert grid["one-gamma"].model.bn_reset[0].stages == ("blocks.5", "blocks.6")
+    assert grid["one-gamma"].model.bn_reset[0].gamma == "one"
+    both = variants(demo, tricks=["warmup"], custom=CUSTOM[:1])
+    assert list(both) == ["reference", "without-warmup", "64px"]
+
+
+def test_split_assignments_keeps_commas_inside_values():
+    assert split_assignments("a.b=1,c=[1, 2],d={x: 1, y: [3, 4]},e='p,q'") == [
+        "a.b=1", "c=[1, 2]", "d={x: 1, y: [3, 4]}", "e='p,q'"]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("nocolon", ["NAME:key=value"]),
+    ("x:", ["NAME:key=value"]),
+    ("reference:train.lr=0.1", ["reference"]),
+    ("bad name:train.lr=0.1", ["NAME"]),
+    ("x:train.lr", ["NAME:key=value"]),
+    ("x:train.learning_rate=0.1", ["train.learning_rate"]),
+    ("same:train.lr=0.05", ["reference"]),  # the demo's own lr: the variant would be the reference
+])
+def test_bad_variants_are_refused_with_the_reason(spec, words):
+    from medtricks.errors import MedtricksError
+
+    with pytest.raises(MedtricksError) as error:
+        variants(load_recipe("demo", overrides=["train.lr=0.05"]), custom=[spec])
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+
+
+def test_two_variants_with_one_name_are_refused():
+    with pytest.raises(AblationError, match="taken"):
+        variants(load_recipe("demo"), custom=["a:train.lr=0.2", "a:train.lr=0.3"])
+
+
+def test_ablate_with_a_custom_variant_reuses_the_reference_and_records_the_spec(grid_copy, phantoms_train):
+    result = ablate("demo", data=phantoms_train, out=grid_copy, seeds=1, overrides=TINY,
+                    custom=["fast-lr:train.lr=0.2"])
+    assert list(result["variants"]) == ["reference", "fast-lr"] and result["tricks"] == []
+    assert result["variants"]["fast-lr"]["changes"] == ["train.lr"]
+    assert result["variant_specs"] == ["fast-lr:train.lr=0.2"] and "--variant fast-lr:train.lr=0.2" in \
+        result["command"] and "--tricks" not in result["command"]
+    saved = {name: load_recipe(grid_copy / "runs" / name / "seed-0" / "recipe.yaml").to_dict()
+             for name in ("reference", "fast-lr")}
+    assert recipe_differences(saved["reference"], saved["fast-lr"]) == ["train.lr"]
+    assert "fast-lr" in (grid_copy / "ablation.md").read_text()
