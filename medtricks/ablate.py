@@ -51,7 +51,7 @@ from medtricks.recipe import (
 )
 from medtricks.robustness import decision_model, run_attack
 from medtricks.runs import RunError, open_run, save_recipe
-from medtricks.stats import paired_difference
+from medtricks.stats import detectable_difference, paired_difference
 from medtricks.tricks import TRICKS
 
 logger = logging.getLogger(__name__)
@@ -228,8 +228,24 @@ def _summary(values: list) -> dict:
 def _versus(values: list, reference: list) -> dict:
     pairs = [(v, r) for v, r in zip(values, reference, strict=True) if v is not None and r is not None]
     stats = paired_difference([v for v, _ in pairs], [r for _, r in pairs])
-    return {**stats, "per_seed": [None if v is None or r is None else v - r
-                                  for v, r in zip(values, reference, strict=True)]}
+    differences = [v - r for v, r in pairs]
+    sd = float(np.std(differences, ddof=1)) if len(differences) >= 2 else None
+    return {**stats, "sd": sd, "detectable": detectable_difference(sd, len(differences)),
+            "per_seed": [None if v is None or r is None else v - r for v, r in zip(values, reference, strict=True)]}
+
+
+def _power(variants_: dict, metrics: Sequence[str]) -> dict:
+    """Per metric, the design's smallest detectable difference (80% power, two-sided 5%): from the sd of the paired
+    differences pooled over the variants (root mean variance) and the number of pairs."""
+    power = {}
+    for m in metrics:
+        rows = [entry["vs_reference"][m] for entry in variants_.values() if entry["vs_reference"] is not None]
+        sds = [row["sd"] for row in rows if row["sd"] is not None]
+        n = min((row["n"] for row in rows), default=0)
+        pooled = float(np.sqrt(np.mean(np.square(sds)))) if sds else None
+        power[m] = {"sd": pooled, "n": n, "detectable": detectable_difference(pooled, n), "power": 0.8,
+                    "alpha": 0.05}
+    return power
 
 
 def _command(recipe, data, out, seeds, names, mode, attack, corruptions, overrides, custom=()) -> str:
@@ -331,6 +347,7 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
                 m: _versus(v, values[REFERENCE][m]) for m, v in values[variant].items()},
         } for variant in grid},
     }
+    result["power"] = _power(result["variants"], list(values[REFERENCE]))
     write_json(out / "ablation.json", result)
     write_text(out / "ablation.md", markdown_table(result))
     effects = {f"Δ val {label}": [{"label": variant, **entry["vs_reference"][m]}
@@ -364,6 +381,14 @@ def markdown_table(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if len(result["seeds"]) < 2:
         lines += ["", "One seed: no interval, so every verdict is \"no detectable effect\". Use --seeds 3 or more."]
+    detectable = {m: p["detectable"] for m, p in result.get("power", {}).items() if p["detectable"] is not None}
+    if detectable:
+        n = next(iter(result["power"].values()))["n"]
+        lines += ["", "Power: with " + f"{n} paired differences per variant and their observed spread (sd pooled over "
+                  "the variants), this design detects differences of at least "
+                  + ", ".join(f"±{v:.4f} in {METRICS[m]}" for m, v in detectable.items())
+                  + " with 80% probability (two-sided 5%); \"no detectable effect\" rules out larger effects, not "
+                    "smaller ones."]
     if result.get("attack"):
         a = result["attack"]
         lines += ["", f"Robust accuracy: {a['attack']} {a['norm']}, eps {a['eps']:.4g} ({a['eps'] * 255:.2g}/255), "

@@ -116,3 +116,15 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float]) -> d
     lo, hi = mean - half, mean + half
     verdict = "helps" if lo > 0 else "hurts" if hi < 0 else "no detectable effect"
     return {"difference": mean, "ci95": [lo, hi], "n": len(d), "verdict": verdict}
+
+
+
+def detectable_difference(sd: float | None, n: int, power: float = 0.8, alpha: float = 0.05) -> float | None:
+    """The smallest true mean difference that paired_difference's two-sided 95% t interval excludes 0 for with
+    probability `power`, when n paired differences spread with standard deviation `sd`:
+    (t_{1-alpha/2} + t_{power}) x sd / sqrt(n), n - 1 degrees of freedom (the usual approximation of the
+    noncentral t power with t quantiles). None with fewer than 2 pairs or no sd. A "no detectable effect" verdict
+    rules out effects larger than this, not smaller ones."""
+    if n < 2 or sd is None or not np.isfinite(sd):
+        return None
+    return float((sps.t.ppf(1 - alpha / 2, n - 1) + sps.t.ppf(power, n - 1)) * sd / np.sqrt(n))

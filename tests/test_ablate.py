@@ -349,3 +349,18 @@ def test_ablate_with_a_custom_variant_reuses_the_reference_and_records_the_spec(
              for name in ("reference", "fast-lr")}
     assert recipe_differences(saved["reference"], saved["fast-lr"]) == ["train.lr"]
     assert "fast-lr" in (grid_copy / "ablation.md").read_text()
+
+
+def test_power_line_states_the_smallest_detectable_difference(grid):
+    from medtricks.stats import detectable_difference
+
+    out, result, _ = grid
+    saved = json.loads((out / "ablation.json").read_text())
+    versus = saved["variants"]["without-warmup"]["vs_reference"]["auroc"]
+    per_seed = [d for d in versus["per_seed"] if d is not None]
+    assert versus["sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    power = saved["power"]["auroc"]
+    assert power["n"] == 2 and power["sd"] == pytest.approx(versus["sd"])  # one variant: its own sd
+    assert power["detectable"] == pytest.approx(detectable_difference(versus["sd"], 2))
+    table = (out / "ablation.md").read_text()
+    assert "Power: with 2 paired differences" in table and f"±{power['detectable']:.4f} in AUROC" in table
