@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from medtricks.metrics import compute_metrics
+from medtricks.metrics import auroc, missing_class_warning
 from medtricks.recipe import AUGMENT_PRESETS
 
 logger = logging.getLogger(__name__)
@@ -432,10 +432,6 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0, index
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
-def _auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
-    return compute_metrics(labels, probs, n_boot=0)["auroc"]
-
-
 def _mean(values: Sequence[float | None]) -> float | None:
     return None if any(v is None for v in values) else float(np.mean(values))
 
@@ -517,15 +513,16 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
         raise ValueError("the loader yielded no images to evaluate.")
     y = np.concatenate(labels).astype(np.int64)
     clean_probs = np.concatenate(clean)
+    missing_class_warning(y, clean_probs.shape[1], "corruption report")
     clean_accuracy = float((clean_probs.argmax(1) == y).mean())
     results = []
     for (name, severity), parts in probs.items():
         p = np.concatenate(parts)
         results.append({"corruption": name, "severity": severity, "accuracy": float((p.argmax(1) == y).mean()),
-                        "auroc": _auroc(y, p)})
+                        "auroc": auroc(y, p)})
     rows, mce, relative_mce = _summarise(results, 1.0 - clean_accuracy, names)
     seconds = time.perf_counter() - started
-    return {"clean": {"accuracy": clean_accuracy, "auroc": _auroc(y, clean_probs)}, "results": results,
+    return {"clean": {"accuracy": clean_accuracy, "auroc": auroc(y, clean_probs)}, "results": results,
             "corruptions": rows, "mce": mce, "relative_mce": relative_mce, "n": len(y), "seed": seed,
             "severities": list(severities),
             "parameters": {name: [CORRUPTIONS[name].severities[s - 1] for s in severities] for name in names},

@@ -229,6 +229,24 @@ def bootstrap_auroc_ci(labels: np.ndarray, probs: np.ndarray, groups: Sequence[s
     return float(lo), float(hi)
 
 
+def auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """compute_metrics' AUROC (binary, or macro one-vs-rest) without its interval, None where a class is absent
+    from the labels, and without a warning: callers that score many perturbed copies of one set (attacks,
+    corruptions) say it once (missing_class_warning)."""
+    labels, probs = _check(labels, probs)
+    if _missing_classes(labels, probs.shape[1]):
+        return None
+    return compute_metrics(labels, probs, n_boot=0)["auroc"]
+
+
+def missing_class_warning(labels: np.ndarray, n_classes: int, what: str) -> None:
+    """One warning that every AUROC of `what` is null because a class is absent from the labels."""
+    missing = _missing_classes(np.asarray(labels), n_classes)
+    if missing:
+        logger.warning("AUROC undefined: class(es) %s absent from the %d labels; every AUROC of the %s is null.",
+                       missing, len(labels), what)
+
+
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence[str] | None = None,
                     threshold: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
     """The metrics `M` of report.json, plus the threshold used and the confusion matrix.

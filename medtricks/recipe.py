@@ -306,6 +306,9 @@ class AttackSettings:
                               f"{', '.join(ATTACK_METHODS)} (--pgd, --fgsm, --apgd, --autoattack).")
         if self.loss not in ("ce", "margin"):
             raise AttackError(f"attack loss {short(self.loss)} (--loss / attack.loss): choose ce or margin.")
+        if self.loss != "ce" and self.method != "apgd":
+            raise AttackError(f"--loss {short(self.loss)} (attack.loss) applies to --apgd only ({self.method} ascends "
+                              f"the cross-entropy; the --autoattack ensemble has its own losses).")
         if self.corruptions is not None and self.corruptions not in CORRUPTION_PRESETS:
             raise AttackError(f"attack.corruptions {short(self.corruptions)}: choose one of "
                               f"{', '.join(CORRUPTION_PRESETS)}, or null for the preset of data.augment.")

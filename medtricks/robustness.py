@@ -28,7 +28,7 @@ from medtricks.apgd import apgd, autoattack, ensemble_members
 from medtricks.attacks import ThresholdShift, TwoLogits, fgsm, pgd
 from medtricks.errors import AttackError, short
 from medtricks.files import atomic_write, check_output, write_json
-from medtricks.metrics import compute_metrics
+from medtricks.metrics import auroc, missing_class_warning
 from medtricks.recipe import AttackSettings
 from medtricks.runs import Run, newest_run, open_run
 
@@ -156,11 +156,12 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     labels = np.concatenate(labels_all)
     clean_p, clean_hat = np.concatenate(clean_probs), np.concatenate(clean_pred)
     clean_ok = clean_hat == labels
+    missing_class_warning(labels, clean_p.shape[1], "attack report")
     results = []
     for eps in settings.eps:
         probs, wrong, hit = (np.concatenate(found[eps]) for found in (adv_probs, adv_wrong, adv_hit))
         success = float(np.mean(hit[clean_ok])) if clean_ok.any() else None
-        row = {"eps": eps, "accuracy": float(np.mean(~wrong)), "auroc": _auroc(labels, probs),
+        row = {"eps": eps, "accuracy": float(np.mean(~wrong)), "auroc": auroc(labels, probs),
                "success_rate": success, "step_size": _step_size(settings, eps)}
         if member_wrong[eps]:  # each member alone (the row's accuracy is the worst case over all of them)
             row["members"] = {name: {"accuracy": float(np.mean(~(np.concatenate(found) | ~clean_ok))),
@@ -175,7 +176,7 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
             **({"members": [m.name for m in ensemble_members(len(classes))]} if settings.method == "autoattack"
                else {}),
             "targeted": settings.targeted, "target_class": settings.target_class, "n": int(len(labels)),
-            "clean": {"accuracy": float(np.mean(clean_ok)), "auroc": _auroc(labels, clean_p)},
+            "clean": {"accuracy": float(np.mean(clean_ok)), "auroc": auroc(labels, clean_p)},
             "results": results, "seconds": round(seconds, 3),
             "images_per_second": round(attacked / max(seconds, 1e-9), 2), "examples": examples}
 
@@ -201,10 +202,6 @@ def _step_size(settings: AttackSettings, eps: float) -> float:
     if settings.method == "pgd":
         return settings.step_size if settings.step_size is not None else 2.5 * eps / settings.steps
     return eps if settings.method == "fgsm" else 2 * eps
-
-
-def _auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
-    return compute_metrics(labels, probs, n_boot=0)["auroc"]
 
 
 def attack(run: str | Path | None = None, data: str | Path | None = None, settings: AttackSettings | None = None,
@@ -290,7 +287,7 @@ def masking_checks(model: torch.nn.Module, loader, settings: AttackSettings, cla
     top = max(settings.eps)
     rows = {row["eps"]: row for row in report["results"]}
     large = min(1.0, max(LARGE_EPS["linf"], 8 * top)) if settings.norm == "linf" else LARGE_EPS["l2_factor"] * top
-    pgd_settings = dataclasses.replace(settings, method="pgd", step_size=None, eps=(top,))
+    pgd_settings = dataclasses.replace(settings, method="pgd", step_size=None, eps=(top,), loss="ce")
 
     def success(changes: dict, crafted_on_source: bool = False) -> float | None:
         run = run_attack(model, loader, dataclasses.replace(pgd_settings, **changes), classes,
@@ -318,7 +315,7 @@ def masking_checks(model: torch.nn.Module, loader, settings: AttackSettings, cla
     if settings.method != "fgsm":
         name = settings.method.upper() if settings.method != "autoattack" else "the ensemble"
         fgsm_success = run_attack(model, loader, dataclasses.replace(settings, method="fgsm", eps=(top,), steps=1,
-                                                                     step_size=None, restarts=1), classes,
+                                                                     step_size=None, restarts=1, loss="ce"), classes,
                                   device=device)["results"][0]["success_rate"]
         checks.append(_check("iterative_vs_one_step", main + one >= fgsm_success,
                              f"{name} {main:.3f} vs FGSM {fgsm_success:.3f} at eps {top:.4g}",

@@ -256,6 +256,7 @@ def test_no_run_argument_in_an_empty_folder(tmp_path, monkeypatch):
     (["--autoattack", "--targeted"], ["--autoattack", "untargeted"]),
     (["--apgd", "--step-size", "0.01"], ["--step-size", "apgd"]),
     (["--apgd", "--loss", "dlr"], ["--loss", "dlr", "margin"]),
+    (["--pgd", "--loss", "margin"], ["--loss", "--apgd only"]),
 ])
 def test_bad_options_exit_2_with_a_message(run, args, words):
     result = attack(run, *args)
@@ -338,8 +339,9 @@ def test_apgd_from_the_recipe_attack_section(run, tmp_path):
     shutil.copytree(run, moved)
     recipe["attack"].update({"method": "apgd", "loss": "margin", "steps": 4, "eps": [1 / 255]})
     (moved / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    report = attack_json(tmp_path, moved, "--split", "val")
+    report = attack_json(tmp_path, moved, "--split", "val", "--limit", 8, "--checks")
     assert report["attack"] == "apgd" and report["loss"] == "margin" and report["steps"] == 4
+    assert {c["check"] for c in report["checks"]} == {"large_eps", "iterative_vs_one_step", "more_steps_restarts"}
     assert report["results"][0]["step_size"] == pytest.approx(2 / 255)  # APGD's first step, 2 eps
 
 

@@ -289,3 +289,14 @@ def test_corruption_plots_write_pngs(tmp_path):
     grey = evaluate_corruptions(MeanIntensity(), loader(phantom(n=2), torch.tensor([0, 1]), 2), ["gamma"], (2, 4))
     assert plot_corruption_gallery(grey["gallery"], tmp_path / "grey.png").read_bytes()[:8] == PNG_MAGIC
 
+
+
+def test_one_class_in_the_labels_gives_null_aurocs_and_one_warning(caplog):
+    images = phantom(n=6, channels=1, size=32, seed=3)
+    labels = torch.zeros(6, dtype=torch.long)
+    with caplog.at_level("WARNING"):
+        report = evaluate_corruptions(MeanIntensity().eval(), loader(images, labels, 2), ["contrast", "gamma"],
+                                      (1, 5))
+    assert report["clean"]["auroc"] is None and all(r["auroc"] is None for r in report["results"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "AUROC undefined" in messages[0], messages  # once, not once per corruption
