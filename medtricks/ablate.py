@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from medtricks import __version__, plots
+from medtricks.crossval import fold_record, pooled_comparison
 from medtricks.errors import MedtricksError, short
 from medtricks.files import RECIPE_FILE, REPORT_FILE, write_json, write_text
 from medtricks.finetune import finetune
@@ -186,15 +187,27 @@ def _train(recipe: Recipe, run: Path, on_epoch: Callable[[dict], None]) -> str:
     return "trained"
 
 
-def _robust_accuracy(run: Path, recipe: Recipe) -> dict:
-    """Robust accuracy on the validation split under the recipe's attack at its largest eps (cached: robust.json)."""
+def _unit_recipe(recipe: Recipe, seed: int, fold: int | None, folds: int) -> Recipe:
+    """A variant's recipe for one seed (and cross-validation fold)."""
+    extra = [f"data.split.folds={folds}", f"data.split.fold={fold}"] if fold is not None else []
+    return load_recipe_from_dict(recipe.to_dict(), extra, seed=seed)
+
+
+def _unit_dir(out: Path, variant: str, seed: int, fold: int | None) -> Path:
+    run = out / "runs" / variant / f"seed-{seed}"
+    return run / f"fold-{fold}" if fold is not None else run
+
+
+def _robust_accuracy(run: Path, recipe: Recipe, split: str = "val") -> dict:
+    """Robust accuracy on a split (val; cross-validation: the held-out fold) under the recipe's attack at its largest
+    eps (cached: robust.json)."""
     if (run / ROBUST_FILE).is_file():
         return json.loads((run / ROBUST_FILE).read_text())
     settings = dataclasses.replace(recipe.attack, eps=(max(recipe.attack.eps),))
     opened = open_run(run, "auto")
-    report = run_attack(decision_model(opened), opened.loader(opened.dataset(split="val")), settings, opened.classes,
+    report = run_attack(decision_model(opened), opened.loader(opened.dataset(split=split)), settings, opened.classes,
                         device=opened.device)
-    result = {"split": "val", "attack": settings.method, "norm": settings.norm, "eps": settings.eps[0],
+    result = {"split": split, "attack": settings.method, "norm": settings.norm, "eps": settings.eps[0],
               "steps": report["steps"], "restarts": report["restarts"], "targeted": settings.targeted,
               "n": report["n"], "clean_accuracy": report["clean"]["accuracy"],
               "accuracy": report["results"][0]["accuracy"]}
@@ -202,17 +215,17 @@ def _robust_accuracy(run: Path, recipe: Recipe) -> dict:
     return result
 
 
-def _corruption_accuracy(run: Path, recipe: Recipe) -> dict:
-    """Mean accuracy over the recipe's corruptions and severities on the validation split (cached:
-    corruption.json)."""
+def _corruption_accuracy(run: Path, recipe: Recipe, split: str = "val") -> dict:
+    """Mean accuracy over the recipe's corruptions and severities on a split (val; cross-validation: the held-out
+    fold) (cached: corruption.json)."""
     from medtricks.corruption_report import corruption_names, evaluate_run
 
     if (run / CORRUPTION_FILE).is_file():
         return json.loads((run / CORRUPTION_FILE).read_text())
     opened = open_run(run, "auto")
     preset, names = corruption_names(opened, None, None)
-    report = evaluate_run(opened, None, "val", None, names, recipe.attack.severities, 0)
-    result = {"split": "val", "preset": preset, "severities": list(recipe.attack.severities), "n": report["n"],
+    report = evaluate_run(opened, None, split, None, names, recipe.attack.severities, 0)
+    result = {"split": split, "preset": preset, "severities": list(recipe.attack.severities), "n": report["n"],
               "clean_accuracy": report["clean"]["accuracy"], "mce": report["mce"],
               "accuracy": float(np.mean([row["accuracy"] for row in report["results"]]))}
     write_json(run / CORRUPTION_FILE, result)
@@ -248,9 +261,10 @@ def _power(variants_: dict, metrics: Sequence[str]) -> dict:
     return power
 
 
-def _command(recipe, data, out, seeds, names, mode, attack, corruptions, overrides, custom=()) -> str:
+def _command(recipe, data, out, seeds, names, mode, attack, corruptions, overrides, custom=(), folds=0) -> str:
     args = ["medtricks", "ablate", "--recipe", str(recipe), *(["--data", str(data)] if data is not None else []),
-            "--out", str(out), "--seeds", str(seeds), *(["--tricks", ",".join(names)] if names else []),
+            "--out", str(out), "--seeds", str(seeds), *(["--folds", str(folds)] if folds else []),
+            *(["--tricks", ",".join(names)] if names else []),
             "--mode", mode, *[x for spec in custom for x in ("--variant", spec)],
             *(["--attack"] if attack else []), *(["--corruptions"] if corruptions else []),
             *[x for kv in overrides for x in ("--set", kv)]]
@@ -260,7 +274,7 @@ def _command(recipe, data, out, seeds, names, mode, attack, corruptions, overrid
 def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str | Path | None = None,
            seeds: int = 3, tricks: Sequence[str] | None = None, mode: str = "leave-one-out", attack: bool = False,
            overrides: Sequence[str] = (), on_run: Callable[[dict], None] | None = None,
-           corruptions: bool = False, custom: Sequence[str] = ()) -> dict:
+           corruptions: bool = False, custom: Sequence[str] = (), folds: int = 0) -> dict:
     """Train the reference and one variant per trick over seeds 0..seeds-1, compare them pairwise, write the report.
 
     Args:
@@ -272,6 +286,10 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         mode: leave-one-out, add-one or each.
         attack: also measure robust accuracy (the recipe's attack at its largest eps, validation split).
         corruptions: also measure the mean accuracy under the recipe's corruptions (validation split).
+        folds: K >= 2 for a K-fold cross-validated ablation (medtricks.crossval): every run trains on K-1 folds of
+            the source's non-test patients, selects its epoch and threshold on a validation split of them, and is
+            scored once on the held-out fold; metrics are those of the held-out folds, paired per (seed, fold),
+            plus pooled metrics with DeLong and McNemar tests. 0 = validation metrics of the recipe's split.
         custom: variants over any recipe keys, 'NAME:key=value[,key=value...]' (`--variant`): the reference with
             exactly those keys changed (with custom variants and no `tricks`, no trick variants).
         overrides: `key=value` strings as for `--set`, applied to the reference and every variant.
@@ -294,8 +312,11 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
     custom_names = {parse_variant(spec)[0] for spec in custom}
     names = [name.split("-", 1)[1] for name in list(grid)[1:] if name not in custom_names]
     out = Path(out) if out is not None else Path("runs") / f"ablate-{base.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    plan = [(variant, seed, load_recipe_from_dict(grid[variant].to_dict(), seed=seed),
-             out / "runs" / variant / f"seed-{seed}") for seed in range(seeds) for variant in grid]
+    if folds and not 2 <= folds <= 100:
+        raise AblationError(f"--folds {folds}: give 2-100 folds (5 is usual), or leave it out for validation metrics.")
+    units = [(seed, fold) for seed in range(seeds) for fold in (range(folds) if folds else [None])]
+    plan = [(variant, unit, _unit_recipe(grid[variant], *unit, folds), _unit_dir(out, variant, *unit))
+            for unit in units for variant in grid]
     for _, _, run_recipe, run in plan:  # before any training: a foreign run in OUT must stop us at once
         _check_same_recipe(run, run_recipe)
     given = recipe
@@ -303,42 +324,48 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         given = out / "recipe.yaml"
         save_recipe(out, recipe.to_dict())
     wanted = [m for m in METRICS if (attack or m != "robust_accuracy") and (corruptions or m != "corruption_accuracy")]
-    values = {variant: {m: [None] * seeds for m in wanted} for variant in grid}
+    values = {variant: {m: [None] * len(units) for m in wanted} for variant in grid}
+    split = "test" if folds else "val"  # cross-validation: the held-out fold, scored once
     robust, corrupted, done, notify = {}, {}, 0, on_run or (lambda _: None)
-    for variant, seed, run_recipe, run in plan:
-        event = {"variant": variant, "seed": seed, "run": str(run), "done": done, "total": len(plan)}
+    for variant, unit, run_recipe, run in plan:
+        seed, fold = unit
+        k = units.index(unit)
+        event = {"variant": variant, "seed": seed, **({"fold": fold} if folds else {}), "run": str(run), "done": done,
+                 "total": len(plan)}
         if (run / REPORT_FILE).is_file():
             status = "reused"
         else:
             notify({**event, "status": "resuming" if run.exists() else "training"})
             status = _train(run_recipe, run, lambda row, e=event: notify({**e, "status": "epoch", "row": row}))
-        val = json.loads((run / REPORT_FILE).read_text())["splits"].get("val")
-        if val is None:
-            raise AblationError(f"{run}: the run has no validation split; an ablation compares validation metrics. "
-                                f"Give the data a val split (data.split.val > 0).")
-        values[variant]["auroc"][seed] = val["auroc"]
-        values[variant]["balanced_accuracy"][seed] = val["balanced_accuracy"]
+        scored = json.loads((run / REPORT_FILE).read_text())["splits"].get(split)
+        if scored is None:
+            raise AblationError(f"{run}: the run has no {split} split; an ablation compares {split} metrics. "
+                                f"Give the data a {split} split (data.split.{split} > 0).")
+        values[variant]["auroc"][k] = scored["auroc"]
+        values[variant]["balanced_accuracy"][k] = scored["balanced_accuracy"]
         if attack:
             notify({**event, "status": "attacking"})
-            robust = _robust_accuracy(run, run_recipe)
-            values[variant]["robust_accuracy"][seed] = robust["accuracy"]
+            robust = _robust_accuracy(run, run_recipe, split)
+            values[variant]["robust_accuracy"][k] = robust["accuracy"]
         if corruptions:
             notify({**event, "status": "corrupting"})
-            corrupted = _corruption_accuracy(run, run_recipe)
-            values[variant]["corruption_accuracy"][seed] = corrupted["accuracy"]
+            corrupted = _corruption_accuracy(run, run_recipe, split)
+            values[variant]["corruption_accuracy"][k] = corrupted["accuracy"]
         done += 1
         notify({**event, "done": done, "status": status,
-                "values": {m: v[seed] for m, v in values[variant].items()}})
+                "values": {m: v[k] for m, v in values[variant].items()}})
     result = {
         "recipe": base.name, "data": str(data) if data is not None else base.data.source, "mode": mode,
-        "tricks": names, "seeds": list(range(seeds)), "split": "val", "overrides": list(overrides),
+        "tricks": names, "seeds": list(range(seeds)), "folds": folds or None,
+        "units": [{"seed": seed, **({"fold": fold} if folds else {})} for seed, fold in units],
+        "split": "held-out folds" if folds else "val", "overrides": list(overrides),
         "variant_specs": list(custom),
-        "command": _command(given, data, out, seeds, names, mode, attack, corruptions, overrides, custom),
+        "command": _command(given, data, out, seeds, names, mode, attack, corruptions, overrides, custom, folds),
         "attack": {k: robust[k] for k in ATTACK_KEYS if k in robust} or None,
         "corruptions": {k: corrupted[k] for k in ("preset", "severities") if k in corrupted} or None,
         "medtricks_version": __version__,
         "variants": {variant: {
-            "runs": [str(run) for v, _, _, run in plan if v == variant],
+            "runs": [str(run) for v, _, _, run in plan if v == variant],  # in the order of "units"
             "tricks": grid[variant].tricks.enabled(),
             "changes": recipe_differences(grid[REFERENCE].to_dict(), grid[variant].to_dict()),
             "values": values[variant],
@@ -348,12 +375,17 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         } for variant in grid},
     }
     result["power"] = _power(result["variants"], list(values[REFERENCE]))
+    if folds:
+        notify({"status": "pooling", "done": done, "total": len(plan), "variant": "", "seed": "", "run": str(out)})
+        result["pooled"] = pooled_comparison({v: result["variants"][v]["runs"] for v in grid}, units, REFERENCE)
+        write_json(out / "folds.json", fold_record(Path(base.data.source), grid[REFERENCE], seeds, folds))
     write_json(out / "ablation.json", result)
     write_text(out / "ablation.md", markdown_table(result))
-    effects = {f"Δ val {label}": [{"label": variant, **entry["vs_reference"][m]}
+    effects = {f"Δ {'test-fold' if folds else 'val'} {label}": [{"label": variant, **entry["vs_reference"][m]}
                                   for variant, entry in result["variants"].items() if variant != REFERENCE]
                for m, label in METRICS.items() if m in values[REFERENCE]}
-    plots.plot_forest(effects, out / "forest.png", title=f"{base.name}: {mode}, {seeds} seed(s), paired vs reference")
+    design = f"{seeds} seed(s) x {folds} folds" if folds else f"{seeds} seed(s)"
+    plots.plot_forest(effects, out / "forest.png", title=f"{base.name}: {mode}, {design}, paired vs reference")
     return {**result, "files": {name: str(out / name) for name in ("ablation.json", "ablation.md", "forest.png")}}
 
 
@@ -362,9 +394,15 @@ def markdown_table(result: dict) -> str:
     metrics = list(result["variants"][REFERENCE]["values"])
     head = ["variant", *[h for m in metrics for h in (f"{METRICS[m]} mean ± sd", f"Δ {METRICS[m]} [95% CI]",
                                                          "verdict")]]
-    lines = [f"# Ablation of {result['recipe']} ({result['mode']})", "",
-             f"Validation split; seeds {', '.join(map(str, result['seeds']))}; Δ = variant - reference, mean of the "
-             f"per-seed paired differences with a 95% t interval.", "",
+    if result.get("folds"):
+        design = (f"{result['folds']}-fold cross-validation, seeds {', '.join(map(str, result['seeds']))}: every run "
+                  f"selected its epoch and threshold on a validation split of its training folds and was scored once "
+                  f"on its held-out fold; Δ = variant - reference, mean of the per-(seed, fold) paired differences "
+                  f"with a 95% t interval.")
+    else:
+        design = (f"Validation split; seeds {', '.join(map(str, result['seeds']))}; Δ = variant - reference, mean of "
+                  f"the per-seed paired differences with a 95% t interval.")
+    lines = [f"# Ablation of {result['recipe']} ({result['mode']})", "", design, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, entry in result["variants"].items():
         cells = [variant]
@@ -379,8 +417,21 @@ def markdown_table(result: dict) -> str:
             interval = "" if lo is None else f" [{lo:+.4f}, {hi:+.4f}]"
             cells += [f"{d['difference']:+.4f}{interval}", d["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
-    if len(result["seeds"]) < 2:
+    if len(result.get("units", result["seeds"])) < 2:
         lines += ["", "One seed: no interval, so every verdict is \"no detectable effect\". Use --seeds 3 or more."]
+    if result.get("pooled"):
+        lines += ["", "Pooled held-out folds (one score per image and seed; tests against the reference):", "",
+                  "| variant | seed | n | pooled AUROC | accuracy | DeLong Δ AUROC (p) | McNemar Δ accuracy (p) |",
+                  "|---|---|---|---|---|---|---|"]
+        for variant, rows in result["pooled"].items():
+            for row in rows:
+                delong = row.get("delong")
+                mcnemar = row.get("mcnemar")
+                lines.append("| " + " | ".join([
+                    variant, str(row["seed"]), str(row["n"]),
+                    "n/a" if row["auroc"] is None else f"{row['auroc']:.4f}", f"{row['accuracy']:.4f}",
+                    f"{delong['difference']:+.4f} ({delong['p_value']:.3g})" if delong else "—",
+                    f"{mcnemar['accuracy_difference']:+.4f} ({mcnemar['p_value']:.3g})" if mcnemar else "—"]) + " |")
     detectable = {m: p["detectable"] for m, p in result.get("power", {}).items() if p["detectable"] is not None}
     if detectable:
         n = next(iter(result["power"].values()))["n"]

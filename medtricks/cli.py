@@ -352,6 +352,7 @@ def ablate_cmd(
     attack: Annotated[bool, typer.Option("--attack", help="Add robust accuracy (recipe attack, max eps).")] = False,
     corruptions: Annotated[bool, typer.Option("--corruptions", help="Add mean accuracy under the recipe's "
                                               "corruptions.")] = False,
+    folds: Annotated[int, typer.Option("--folds", help="K-fold cross-validation: scored on held-out folds.")] = 0,
     variant: Annotated[list[str] | None, typer.Option("--variant", help="NAME:key=value[,key=value] (repeatable): "
                                                       "the reference with those recipe keys changed.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in every run: key=value.")] = None,
@@ -381,7 +382,7 @@ def ablate_cmd(
     task = bar.add_task("runs", total=None, line="loading the recipe")
 
     def on_run(event: dict) -> None:
-        where = f"{event['variant']} seed {event['seed']}"
+        where = f"{event['variant']} seed {event['seed']}" + (f" fold {event['fold']}" if "fold" in event else "")
         if event["status"] == "epoch":
             line = f"{where}: {_epoch_line(event['row'])}"
         elif event["status"] in ("trained", "resumed", "reused"):
@@ -396,7 +397,7 @@ def ablate_cmd(
     try:
         with bar:
             result = ablate(recipe, data=data, out=out, seeds=seeds, mode=mode, attack=attack, corruptions=corruptions,
-                            overrides=set_ or (), custom=variant or (),
+                            overrides=set_ or (), custom=variant or (), folds=folds,
                             tricks=[t.strip() for t in tricks.split(",") if t.strip()] if tricks is not None else None,
                             on_run=on_run)
     except MedtricksError as exc:

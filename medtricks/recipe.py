@@ -51,13 +51,27 @@ THRESHOLD_METHODS = ("youden", "logistic")
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Fractions of patients (of images when the source has no patient ids) per split; they must sum to 1."""
+    """Fractions of patients (of images when the source has no patient ids) per split; they must sum to 1.
+
+    With `folds` = K >= 2 the split is cross-validation fold `fold` of K (medtricks.data.splits.split_source):
+    test = that fold of the source's non-test patients, train / val = the other folds at the train : val ratio
+    (the `test` fraction and the source's own test split are then unused). `ablate --folds` sets both.
+    """
 
     train: float = 0.7
     val: float = 0.15
     test: float = 0.15
+    folds: int = 0
+    fold: int = 0
 
     def __post_init__(self):
+        if self.folds == 1 or self.folds < 0 or self.folds > 100:
+            raise RecipeError(f"recipe key 'data.split.folds' = {self.folds}: 0 (no cross-validation) or 2-100.")
+        if not 0 <= self.fold < max(self.folds, 1):
+            raise RecipeError(f"recipe key 'data.split.fold' = {self.fold}: must be in 0..{max(self.folds, 1) - 1}.")
+        if self.folds and self.val <= 0:
+            raise RecipeError("recipe key 'data.split.val' must be > 0 with data.split.folds: each fold selects its "
+                              "epoch and threshold on a validation split carved from its training folds.")
         for name in ("train", "val", "test"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise RecipeError(f"recipe key 'data.split.{name}' = {getattr(self, name)} must lie in [0, 1].")

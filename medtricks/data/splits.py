@@ -84,13 +84,16 @@ def split_source(source: Source, fractions: SplitConfig, seed: int) -> tuple[dic
     """Indices of the source's records per split, and a sentence saying where the split came from.
 
     A source's own splits are kept (a missing `val` is carved from `train` at the recipe's val : train ratio,
-    patient-level); otherwise the records are split by `assign_splits`. Without patient ids the split is per
+    patient-level); otherwise the records are split by `assign_splits`. With `fractions.folds`, the split is a
+    cross-validation fold (cross_validation_split). Without patient ids the split is per
     image, with a warning.
 
     Raises:
         DataError: when a source's own splits put one patient in two splits.
     """
     records = source.records
+    if fractions.folds:
+        return cross_validation_split(source, fractions, seed)
     if source.has_splits:
         splits = [r["split"] for r in records]
         origin = "the source's own splits"
@@ -120,3 +123,33 @@ def split_source(source: Source, fractions: SplitConfig, seed: int) -> tuple[dic
                   f"{fractions.train:g}/{fractions.val:g}/{fractions.test:g})")
     return {name: [i for i, s in enumerate(splits) if s == name] for name in SPLITS}, origin
 
+
+
+def fold_assignment(source: Source, folds: int, seed: int) -> list[int | None]:
+    """The cross-validation fold (0..folds-1) of every record, None for the source's own test split (held out of
+    the cross-validation): patient-grouped and label-stratified, reproducible for a seed."""
+    pool = [i for i, rec in enumerate(source.records) if not (source.has_splits and rec["split"] == "test")]
+    names = assign_splits([source.records[i] for i in pool], {str(k): 1.0 for k in range(folds)}, seed)
+    out: list[int | None] = [None] * len(source.records)
+    for i, name in zip(pool, names, strict=True):
+        out[i] = int(name)
+    return out
+
+
+def cross_validation_split(source: Source, fractions: SplitConfig, seed: int) -> tuple[dict[str, list[int]], str]:
+    """Fold `fractions.fold` of `fractions.folds` as test; the other folds split into train / val at the recipe's
+    train : val ratio (patient-level, seeded); the source's own test split is not used."""
+    folds = fold_assignment(source, fractions.folds, seed)
+    rest = [i for i, f in enumerate(folds) if f is not None and f != fractions.fold]
+    inner = assign_splits([source.records[i] for i in rest], {"train": fractions.train, "val": fractions.val},
+                          seed + 1)  # another stream than the fold assignment
+    splits = {"train": [], "val": [], "test": [i for i, f in enumerate(folds) if f == fractions.fold]}
+    for i, name in zip(rest, inner, strict=True):
+        splits[name].append(i)
+    if not source.has_patient_ids:
+        logger.warning(NO_PATIENT_IDS.format(source=source.root))
+    unit = "patient-level" if source.has_patient_ids else "per-image (no patient ids)"
+    origin = (f"cross-validation fold {fractions.fold} of {fractions.folds} ({unit}, seed {seed}; the other folds "
+              f"split train/val = {fractions.train:g}/{fractions.val:g}"
+              f"{'; the source test split unused' if source.has_splits else ''})")
+    return {name: sorted(splits[name]) for name in SPLITS}, origin

@@ -1,0 +1,101 @@
+"""Cross-validated ablations (`ablate --folds K`): the held-out-fold scores of each run, pooled per seed, and the
+tests that compare two variants on them.
+
+Every image of the source's non-test patients is in the held-out fold of exactly one run per variant and seed
+(medtricks.data.splits.cross_validation_split); that run chose its epoch and threshold on a validation split of the
+other folds, so its held-out scores are measurements, not selections. Pooling the K folds gives one score per image:
+pooled AUROC (binary, or macro one-vs-rest), accuracy at each fold's own threshold, DeLong's test on the pooled
+scores (binary) and McNemar's exact test on the pooled decisions, variant against reference, per seed. (Pooled AUROC
+mixes K models whose scores need not share a scale; the per-fold paired differences in ablation.json do not.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medtricks.errors import MedtricksError
+from medtricks.files import write_json
+from medtricks.metrics import auroc
+from medtricks.recipe import Recipe
+from medtricks.stats import delong_test, mcnemar_test
+
+SCORES_FILE = "fold_scores.json"
+
+
+def fold_scores(run: str | Path) -> dict:
+    """The run's held-out fold (its test split): labels, class probabilities, the run's decisions (validation
+    threshold for binary, argmax otherwise) and the threshold; cached in the run as fold_scores.json."""
+    import json
+
+    from medtricks.runs import open_run
+
+    run = Path(run)
+    if (run / SCORES_FILE).is_file():
+        return json.loads((run / SCORES_FILE).read_text())
+    opened = open_run(run, "auto")
+    output = opened.predict(opened.dataset(split="test"))
+    threshold = opened.threshold
+    if output.probs.shape[1] == 2 and threshold is not None:
+        decisions = (output.probs[:, 1] >= threshold).astype(int)
+    else:
+        decisions = output.probs.argmax(1)
+    scores = {"labels": output.labels.astype(int).tolist(), "probs": output.probs.tolist(),
+              "decisions": decisions.tolist(), "threshold": threshold}
+    write_json(run / SCORES_FILE, scores)
+    return scores
+
+
+def _pool(runs: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    parts = [fold_scores(run) for run in runs]
+    return (np.concatenate([p["labels"] for p in parts]).astype(int),
+            np.concatenate([np.asarray(p["probs"], float).reshape(len(p["labels"]), -1) for p in parts]),
+            np.concatenate([p["decisions"] for p in parts]).astype(int))
+
+
+def pooled_comparison(runs: dict[str, list[str]], units: Sequence[tuple[int, int]], reference: str) -> dict:
+    """Per seed, each variant's pooled held-out metrics and its tests against the reference.
+
+    Args:
+        runs: variant -> run directories in the order of `units`.
+        units: (seed, fold) of each run.
+        reference: the variant the others are compared with.
+
+    Returns:
+        {variant: [{"seed", "n", "auroc", "accuracy", and for variants other than the reference "delong" (binary:
+        the DeLong test of pooled AUROC, variant - reference) and "mcnemar" (pooled decisions)}, per seed]}.
+    """
+    seeds = sorted({seed for seed, _ in units})
+    result = {variant: [] for variant in runs}
+    for seed in seeds:
+        chosen = [i for i, (s, _) in enumerate(units) if s == seed]
+        ref_labels, ref_probs, ref_decisions = _pool([runs[reference][i] for i in chosen])
+        for variant, paths in runs.items():
+            labels, probs, decisions = _pool([paths[i] for i in chosen])
+            if not np.array_equal(labels, ref_labels):
+                raise MedtricksError(f"variant {variant}, seed {seed}: its held-out folds hold other images than the "
+                                     f"reference's (a variant that changes the data or its split cannot be compared "
+                                     f"image by image).")
+            row = {"seed": seed, "n": int(len(labels)), "auroc": auroc(labels, probs),
+                   "accuracy": float(np.mean(decisions == labels))}
+            if variant != reference:
+                if probs.shape[1] == 2 and row["auroc"] is not None:
+                    row["delong"] = delong_test(labels, probs[:, 1], ref_probs[:, 1])
+                row["mcnemar"] = mcnemar_test(decisions == labels, ref_decisions == labels)
+            result[variant].append(row)
+    return result
+
+
+def fold_record(source_path: Path, recipe: Recipe, seeds: int, folds: int) -> dict:
+    """The fold of every record per seed, with the record keys and patient ids: what folds.json saves so that
+    anyone can check that no image (and no patient) was in the held-out fold and in the training or selection data
+    of the same run."""
+    from medtricks.data.sources import load_source
+    from medtricks.data.splits import fold_assignment
+
+    source = load_source(source_path, recipe.data.classes)
+    return {"folds": folds, "keys": [str(r.get("key")) for r in source.records],
+            "patient_ids": [r["patient_id"] for r in source.records],
+            "fold_of_record": {str(seed): fold_assignment(source, folds, seed) for seed in range(seeds)}}
