@@ -44,3 +44,12 @@ def test_recipe_builds_offline(name):
         recipe = load_recipe(name, ["model.arch=efficientnet_lite0", "model.weights=imagenet"])
     model = build_model(recipe.model, num_classes=len(recipe.data.classes or (0, 1)), in_chans=recipe.data.channels)
     assert model.arch == recipe.model.arch
+
+
+@pytest.mark.parametrize("name", bundled_recipes())
+def test_shipped_recipes_name_no_path_users_do_not_have(name):
+    """Users have no ../shared: a shipped recipe's data comes from --data (or, for demo, its own synthetic folder)."""
+    text = (ROOT / "recipes" / f"{name}.yaml").read_text()
+    assert "shared" not in text, name
+    source = load_recipe(name).data.source
+    assert source is None or not Path(source).is_absolute() and ".." not in Path(source).parts, source
