@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from medtricks import __version__, plots
+from medtricks.corruption_report import corruption_names, evaluate_run
 from medtricks.crossval import fold_record, pooled_comparison
 from medtricks.errors import MedtricksError, short
 from medtricks.files import RECIPE_FILE, REPORT_FILE, write_json, write_text
@@ -218,8 +219,6 @@ def _robust_accuracy(run: Path, recipe: Recipe, split: str = "val") -> dict:
 def _corruption_accuracy(run: Path, recipe: Recipe, split: str = "val") -> dict:
     """Mean accuracy over the recipe's corruptions and severities on a split (val; cross-validation: the held-out
     fold) (cached: corruption.json)."""
-    from medtricks.corruption_report import corruption_names, evaluate_run
-
     if (run / CORRUPTION_FILE).is_file():
         return json.loads((run / CORRUPTION_FILE).read_text())
     opened = open_run(run, "auto")

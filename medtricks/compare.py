@@ -21,6 +21,7 @@ import numpy as np
 from medtricks.errors import MedtricksError
 from medtricks.metrics import _weighted_auroc
 from medtricks.runs import Run, open_run
+from medtricks.scoring import decisions
 from medtricks.stats import delong_test, mcnemar_test, paired_bootstrap
 
 
@@ -34,13 +35,6 @@ def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
     ones = np.ones((1, len(labels)))
     classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
     return float(np.mean([_weighted_auroc(probs[:, c], labels == c, ones)[0] for c in classes]))
-
-
-def decisions(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """A run's decisions: binary, class 1 when p1 >= threshold (0.5 when None); multi-class, argmax."""
-    if probs.shape[1] == 2:
-        return (probs[:, 1] >= (0.5 if threshold is None else threshold)).astype(np.int64)
-    return probs.argmax(axis=1)
 
 
 def compare_predictions(labels: Sequence[int], probs_a: np.ndarray, probs_b: np.ndarray,

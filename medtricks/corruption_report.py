@@ -21,6 +21,14 @@ from datetime import datetime
 from pathlib import Path
 
 from medtricks import plots
+from medtricks.corruptions import (
+    CORRUPTIONS,
+    PRESETS,
+    check_corruptions,
+    check_preset,
+    default_preset,
+    evaluate_corruptions,
+)
 from medtricks.errors import MedtricksError, short
 from medtricks.files import check_output, write_json
 from medtricks.robustness import decision_model
@@ -48,8 +56,6 @@ def corruption_names(run: Run, preset: str | None, names: Sequence[str] | None) 
     """(preset, corruption names): the named ones, else the preset's, else the run recipe's attack.corruptions, else
     its modality preset (data.augment: cxr -> radiograph, fundus, dermoscopy; others: radiograph), checked against
     the run's channels."""
-    from medtricks.corruptions import CORRUPTIONS, PRESETS, check_corruptions, check_preset, default_preset
-
     channels = run.info["in_chans"]
     try:
         preset = preset or run.recipe.attack.corruptions
@@ -76,8 +82,6 @@ def corruption_names(run: Run, preset: str | None, names: Sequence[str] | None) 
 def evaluate_run(run: Run, data, split: str, limit: int | None, names, severities, seed: int,
                  progress=None) -> dict:
     """evaluate_corruptions on a split of the run's data (its first `limit` images), with the run's decisions."""
-    from medtricks.corruptions import evaluate_corruptions
-
     dataset = run.dataset(data, split, limit)
     return evaluate_corruptions(decision_model(run), run.loader(dataset), names, severities, seed, run.device,
                                 progress)

@@ -11,15 +11,20 @@ mixes K models whose scores need not share a scale; the per-fold paired differen
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from medtricks.data.sources import load_source
+from medtricks.data.splits import fold_assignment
 from medtricks.errors import MedtricksError
 from medtricks.files import write_json
 from medtricks.metrics import auroc
 from medtricks.recipe import Recipe
+from medtricks.runs import open_run
+from medtricks.scoring import decisions
 from medtricks.stats import delong_test, mcnemar_test
 
 SCORES_FILE = "fold_scores.json"
@@ -28,22 +33,13 @@ SCORES_FILE = "fold_scores.json"
 def fold_scores(run: str | Path) -> dict:
     """The run's held-out fold (its test split): labels, class probabilities, the run's decisions (validation
     threshold for binary, argmax otherwise) and the threshold; cached in the run as fold_scores.json."""
-    import json
-
-    from medtricks.runs import open_run
-
     run = Path(run)
     if (run / SCORES_FILE).is_file():
         return json.loads((run / SCORES_FILE).read_text())
     opened = open_run(run, "auto")
     output = opened.predict(opened.dataset(split="test"))
-    threshold = opened.threshold
-    if output.probs.shape[1] == 2 and threshold is not None:
-        decisions = (output.probs[:, 1] >= threshold).astype(int)
-    else:
-        decisions = output.probs.argmax(1)
     scores = {"labels": output.labels.astype(int).tolist(), "probs": output.probs.tolist(),
-              "decisions": decisions.tolist(), "threshold": threshold}
+              "decisions": decisions(output.probs, opened.threshold).tolist(), "threshold": opened.threshold}
     write_json(run / SCORES_FILE, scores)
     return scores
 
@@ -92,9 +88,6 @@ def fold_record(source_path: Path, recipe: Recipe, seeds: int, folds: int) -> di
     """The fold of every record per seed, with the record keys and patient ids: what folds.json saves so that
     anyone can check that no image (and no patient) was in the held-out fold and in the training or selection data
     of the same run."""
-    from medtricks.data.sources import load_source
-    from medtricks.data.splits import fold_assignment
-
     source = load_source(source_path, recipe.data.classes)
     return {"folds": folds, "keys": [str(r.get("key")) for r in source.records],
             "patient_ids": [r["patient_id"] for r in source.records],

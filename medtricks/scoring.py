@@ -68,3 +68,10 @@ def report_metrics(metrics: dict) -> dict:
 def val_threshold(output: EvalOutput, num_classes: int, method: str = "youden") -> float | None:
     """The binary operating threshold chosen on validation (choose_threshold's method); None for multi-class."""
     return choose_threshold(output.labels, output.probs, method) if num_classes == 2 else None
+
+
+def decisions(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """A run's decisions: binary, class 1 when p1 >= threshold (0.5 when None); multi-class, argmax."""
+    if probs.shape[1] == 2:
+        return (probs[:, 1] >= (0.5 if threshold is None else threshold)).astype(np.int64)
+    return probs.argmax(axis=1)
