@@ -29,13 +29,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import platform
 import re
 import shlex
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medtricks import __version__, plots
 from medtricks.corruption_report import corruption_names, evaluate_run
@@ -260,6 +263,17 @@ def _power(variants_: dict, metrics: Sequence[str]) -> dict:
     return power
 
 
+def _versions() -> dict[str, str]:
+    """Python and the packages that decide an ablation's numbers, for ablation.json (read from package metadata)."""
+    found = {"python": platform.python_version(), "medtricks": __version__, "torch": torch.__version__}  # +cu130, +cpu
+    for package in ("torchvision", "timm", "numpy", "scikit-learn", "scipy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
 def _command(recipe, data, out, seeds, names, mode, attack, corruptions, overrides, custom=(), folds=0) -> str:
     args = ["medtricks", "ablate", "--recipe", str(recipe), *(["--data", str(data)] if data is not None else []),
             "--out", str(out), "--seeds", str(seeds), *(["--folds", str(folds)] if folds else []),
@@ -362,7 +376,7 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         "command": _command(given, data, out, seeds, names, mode, attack, corruptions, overrides, custom, folds),
         "attack": {k: robust[k] for k in ATTACK_KEYS if k in robust} or None,
         "corruptions": {k: corrupted[k] for k in ("preset", "severities") if k in corrupted} or None,
-        "medtricks_version": __version__,
+        "medtricks_version": __version__, "versions": _versions(),
         "variants": {variant: {
             "runs": [str(run) for v, _, _, run in plan if v == variant],  # in the order of "units"
             "tricks": grid[variant].tricks.enabled(),

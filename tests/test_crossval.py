@@ -4,11 +4,13 @@ and resumption, and (slow) a planted effect found while a null variant is not.""
 
 import importlib
 import json
+import platform
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from medtricks.ablate import ablate
@@ -82,6 +84,8 @@ def test_ablate_folds_end_to_end_and_resumed(phantoms_train, tmp_path, monkeypat
                     custom=["fast:train.lr=0.2"])
     assert result["folds"] == 2 and result["units"] == [{"seed": 0, "fold": 0}, {"seed": 0, "fold": 1}]
     assert "--folds 2" in result["command"] and result["split"] == "held-out folds"
+    assert result["versions"]["torch"] == torch.__version__
+    assert result["versions"]["python"] == platform.python_version()
     for variant in ("reference", "fast"):
         runs = result["variants"][variant]["runs"]
         assert [Path(r).name for r in runs] == ["fold-0", "fold-1"]
