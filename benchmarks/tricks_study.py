@@ -15,8 +15,9 @@ toolkit's defaults), one seed (0), 5 patient-grouped, label-stratified folds; im
 so that a data set fits in about an hour of 2 CPU cores, before any study run (see SETS).
 
 Usage: python benchmarks/tricks_study.py --data-root ../shared/data [--out runs/study] [--only retinamnist]
-       [--part main|linear-scaling] [--print] [--summary]
-  --print    only print the commands; --summary only summarise the finished ablation.json files as JSON.
+       [--part main|linear-scaling] [--print] [--summary] [--markdown]
+  --print    only print the commands; --summary only summarise the finished ablation.json files as JSON;
+  --markdown only print the README's tables and the method-card lines from them.
 Run two sets side by side on 2 cores with OMP_NUM_THREADS=1 each (about 1.3x the throughput of one process).
 """
 
@@ -34,7 +35,7 @@ from pathlib import Path
 SETS = {
     "retinamnist": {"recipe": "fundus_dr", "folder": "retinamnist", "image_size": 64, "epochs": 6, "batch": 32,
                     "lr": 0.05, "imbalanced": True},
-    "derm-isic": {"recipe": "dermoscopy", "folder": "derm-isic", "image_size": 64, "epochs": 8, "batch": 32,
+    "derm-isic": {"recipe": "dermoscopy", "folder": "derm-isic", "image_size": 64, "epochs": 6, "batch": 32,
                   "lr": 0.025, "imbalanced": True},
     "pneumoniamnist": {"recipe": "pneumoniamnist", "folder": "pneumoniamnist", "image_size": 64, "epochs": 4,
                        "batch": 64, "lr": 0.1, "imbalanced": False},  # the shared copy is balanced 1214/1214
@@ -86,6 +87,54 @@ def commands(name: str, spec: dict, data_root: Path, out: Path) -> dict[str, lis
                                    [f"linear-scaling:tricks.linear_scaling={{base_batch: {spec['batch']}}}"])}
 
 
+NAMES = {"retinamnist": "RetinaMNIST", "derm-isic": "ISIC UDA-1", "pneumoniamnist": "PneumoniaMNIST"}
+METRICS = {"auroc": "AUROC", "balanced_accuracy": "bal. acc."}
+
+
+def _effect(d: dict) -> str:
+    lo, hi = d["ci95"]
+    return f"{d['difference']:+.3f}" + ("" if lo is None else f" [{lo:+.3f}, {hi:+.3f}]")
+
+
+def markdown(out: Path) -> str:
+    """The study's tables (one per data set, from its ablation.json files) and one method-card line per question."""
+    lines, cards = [], {}
+    for name, label in NAMES.items():
+        results = {part: json.loads((out / name / part / "ablation.json").read_text())
+                   for part in ("main", "linear-scaling") if (out / name / part / "ablation.json").is_file()}
+        if not results:
+            continue
+        lines += [f"**{label}**", "", "| variant − reference | Δ AUROC [95% CI] | verdict | Δ bal. acc. [95% CI] | "
+                  "verdict | pooled DeLong Δ AUROC (p) | pooled McNemar Δ acc. (p) |", "|---|---|---|---|---|---|---|"]
+        for part, result in results.items():
+            reference = result["variants"]["reference"]["summary"]
+            lines.append(f"| *reference ({part}): held-out AUROC {reference['auroc']['mean']:.3f} ± "
+                         f"{reference['auroc']['sd']:.3f}, bal. acc. {reference['balanced_accuracy']['mean']:.3f} ± "
+                         f"{reference['balanced_accuracy']['sd']:.3f} (mean ± sd over folds)* | | | | | | |")
+            for variant, entry in result["variants"].items():
+                if entry["vs_reference"] is None:
+                    continue
+                pooled = (result.get("pooled") or {}).get(variant) or [{}]
+                delong, mcnemar = pooled[0].get("delong"), pooled[0].get("mcnemar")
+                cells = [variant]
+                for metric in METRICS:
+                    cells += [_effect(entry["vs_reference"][metric]), entry["vs_reference"][metric]["verdict"]]
+                cells += [f"{delong['difference']:+.3f} ({delong['p_value']:.2g})" if delong else "— (not binary)",
+                          f"{mcnemar['accuracy_difference']:+.3f} ({mcnemar['p_value']:.2g})" if mcnemar else "—"]
+                lines.append("| " + " | ".join(cells) + " |")
+                d = entry["vs_reference"]["auroc"]
+                cards.setdefault(variant, []).append(f"{label} Δ AUROC {_effect(d)}, {d['verdict']}")
+        power = {part: result["power"] for part, result in results.items()}
+        lines += ["", f"Power ({label}): " + "; ".join(
+            f"{part}: {p['auroc']['n']} paired folds detect ±{p['auroc']['detectable']:.3f} AUROC and "
+            f"±{p['balanced_accuracy']['detectable']:.3f} bal. acc." for part, p in power.items()
+            if p["auroc"]["detectable"] is not None), ""]
+        lines += [f"`{result['command']}`" for result in results.values()] + [""]
+    lines += ["Method-card lines (Δ AUROC with − without, held-out folds):", ""]
+    lines += [f"- {variant}: " + "; ".join(found) for variant, found in cards.items()]
+    return "\n".join(lines) + "\n"
+
+
 def summary(out: Path) -> list[dict]:
     """One row per data set and variant from the finished ablation.json files under `out`."""
     rows = []
@@ -116,7 +165,11 @@ def main() -> int:
     parser.add_argument("--part", choices=["main", "linear-scaling"], action="append", help="default: both")
     parser.add_argument("--print", action="store_true", dest="print_only")
     parser.add_argument("--summary", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print the README tables of the finished ablations")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(args.out), end="")
+        return 0
     if args.summary:
         print(json.dumps(summary(args.out), indent=1))
         return 0

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from medtricks.recipe import load_recipe
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,35 +54,3 @@ def test_train_speed_prints_json():
     assert set(result["train_step_synthetic"]["speedup_vs_fp32"]) == {"fp32", "fp32_channels_last", "bf16",
                                                                         "bf16_channels_last"}
     assert result["train_gflop_per_image"] > 0 and report["machine"]["gemm_gflops"]["bfloat16"] > 0
-
-
-PNEUMONIAMNIST = ROOT.parent / "shared" / "data" / "pneumoniamnist"
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not PNEUMONIAMNIST.is_dir(), reason=f"real data set {PNEUMONIAMNIST} is absent (../shared/data)")
-def test_recipe_vs_plain_scores_every_image_once(tmp_path):
-    script = ROOT / "benchmarks" / "recipe_vs_plain.py"
-    out = subprocess.run([sys.executable, str(script), "--data", str(PNEUMONIAMNIST), "--folds", "2",
-                          "--set", "train.epochs=1", "--set", "train.limit_train_batches=2",
-                          "--plain-size", "32", "--set", "data.image_size=32", "--out", str(tmp_path)],
-                         capture_output=True, text=True, check=True, timeout=900)
-    report = json.loads(out.stdout)
-    assert [fold["fold"] for fold in report["folds"]] == [0, 1]
-    pooled = report["summary"]["pooled_mcnemar"]
-    assert pooled["images"] == 2428 + 270  # train + val, each image test in exactly one fold
-    for fold in report["folds"]:
-        assert fold["compare"]["n"] == pytest.approx(pooled["images"] / 2, abs=1)
-        assert fold["compare"]["accuracy"]["mcnemar"]["accuracy_difference"] == pytest.approx(
-            fold["recipe"]["accuracy"] - fold["plain"]["accuracy"])
-    assert report["summary"]["auroc"]["recipe_minus_plain"]["n"] == 2
-    plain = json.loads((tmp_path / "plain" / "fold-0" / "report.json").read_text())
-    assert plain["train"]["tricks"] == []
-    # re-scoring a run at its own threshold method reproduces its report.json accuracy (plain: the default, youden)
-    methods = {"recipe": load_recipe("pneumoniamnist").train.threshold, "plain": "youden"}
-    for fold in report["folds"]:
-        for arm, method in methods.items():
-            scored = fold["threshold_methods"][arm]
-            assert set(scored) == {"youden", "logistic"}
-            assert scored[method]["accuracy"] == pytest.approx(fold[arm]["accuracy"], abs=1.5 / fold["compare"]["n"])
-    assert report["summary"]["threshold_methods"]["logistic_minus_youden_accuracy"]["n"] == 4
