@@ -168,7 +168,8 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
 
     def write_results() -> None:
         threshold = result.threshold
-        full = {name: evaluate_split(output, threshold, recipe.seed) for name, output in outputs.items()}
+        full = {name: evaluate_split(output, threshold, recipe.seed, recipe.data.ordinal)
+                for name, output in outputs.items()}
         write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch, "threshold": threshold,
                                       "select_metric": recipe.train.select_metric,
                                       "sha256": sha256_of(run / MODEL_FILE)})
@@ -283,7 +284,8 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val"
         check_output(json_path, overwrite, "--json")
     opened = open_run(run, device)
     output = opened.predict(opened.dataset(data, split))
-    metrics = {**report_metrics(evaluate_split(output, opened.threshold, opened.recipe.seed)), "split": split,
+    metrics = {**report_metrics(evaluate_split(output, opened.threshold, opened.recipe.seed,
+                                               opened.recipe.data.ordinal)), "split": split,
                "data": str(data if data is not None else opened.source)}
     if json_path is not None:
         distributed.on_main(lambda: write_json(Path(json_path), metrics))

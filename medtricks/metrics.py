@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from medtricks.recipe import THRESHOLD_METHODS
+from medtricks.recipe import threshold_target
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _missing_classes(labels: np.ndarray, n_classes: int) -> list[int]:
 
 
 def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str = "youden") -> float:
-    """The binary operating threshold for balanced errors, estimated on these labels (use the validation split).
+    """The binary operating threshold, estimated on these labels (use the validation split).
 
     Args:
         labels: (N,) binary labels in {0, 1}.
@@ -80,14 +80,17 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str = "youde
             logistic regression of the labels on logit(p1), with class-balanced weights and scikit-learn's default
             L2 penalty, predicts 1/2; the balanced-prior posterior crosses 1/2 where the class densities of the
             score cross, which is where J peaks when the fit holds. It falls back to `youden` (with a warning)
-            when the fitted slope is not positive (scores that do not rank the classes).
+            when the fitted slope is not positive (scores that do not rank the classes). A target
+            `sensitivity@R`: the highest threshold whose sensitivity here is at least R (the best specificity at
+            that sensitivity); `specificity@R`: the lowest threshold whose specificity is at least R.
 
     Returns:
-        Threshold in [0, 1] on the positive-class probability (predict positive when prob >= threshold). 0.5 (with
+        Threshold in [0, 1] on the positive-class probability (predict positive when prob >= threshold). Youden
+        and target thresholds lie halfway between two adjacent distinct scores of these images, never on one, so
+        float noise in a score (another batch size, another device) cannot flip that image's decision. 0.5 (with
         a warning) when only one class is present.
     """
-    if method not in THRESHOLD_METHODS:
-        raise ValueError(f"unknown threshold method {method!r}; choose one of {list(THRESHOLD_METHODS)}.")
+    target = threshold_target(method)
     y, p = _check(labels, probs)
     if p.shape[1] != 2:
         raise ValueError(f"choose_threshold is for binary tasks; probs have {p.shape[1]} classes.")
@@ -101,11 +104,39 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str = "youde
             return threshold
         logger.warning("choose_threshold: the logistic fit of the %d labels on the scores has no positive slope "
                        "(the scores do not rank the classes); using the Youden threshold.", len(y))
-    fpr, tpr, thresholds = roc_curve(y, p[:, 1], drop_intermediate=False)
-    thresholds = np.clip(thresholds, 0.0, 1.0)  # the first threshold is inf ("predict nothing positive")
-    youden = tpr - fpr
-    best = np.flatnonzero(youden >= youden.max() - 1e-12)
-    return float(thresholds[best[np.argmin(np.abs(thresholds[best] - 0.5))]])
+    distinct = np.unique(p[:, 1])[::-1]  # descending; cut k makes the k highest distinct scores positive
+    tpr, fpr = (rate[0] for rate in _weighted_roc(p[:, 1], y == 1, np.ones((1, len(y)))))
+    cuts = np.r_[(distinct[0] + 1.0) / 2, (distinct[:-1] + distinct[1:]) / 2, distinct[-1] / 2]
+    if distinct[0] >= 1.0:  # a score of exactly 1 (a saturated softmax) is positive at every threshold in [0, 1]
+        cuts, tpr, fpr = cuts[1:], tpr[1:], fpr[1:]
+    if target is None:
+        youden = tpr - fpr
+        best = np.flatnonzero(youden >= youden.max() - 1e-12)
+        return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
+    rate, value = target
+    if rate == "sensitivity":  # always reachable: the lowest cut makes every image positive
+        return float(cuts[np.flatnonzero(tpr >= value - 1e-12)[0]])  # the highest cut that reaches it
+    keeps = np.flatnonzero(1.0 - fpr >= value - 1e-12)
+    if not len(keeps):
+        logger.warning("choose_threshold: no threshold reaches specificity %g on these %d images (%d negative "
+                       "images score exactly 1); using the highest, specificity %.3f.", value, len(y),
+                       int(np.sum((y == 0) & (p[:, 1] >= 1.0))), 1.0 - fpr[0])
+        return float(cuts[0])
+    return float(cuts[keeps[-1]])  # the lowest cut that keeps it
+
+
+def _weighted_roc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(TPR, FPR), each (B, G + 1), of each row of image weights (B, N) at the G + 1 cuts between distinct scores:
+    cut 0 makes nothing positive, cut k the k highest distinct scores; NaN rows where a class has no weight."""
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    ends = np.r_[s[1:] != s[:-1], True]  # the last image of each distinct score
+    w, pos = weights[:, order], positive[order]
+    zeros = np.zeros((w.shape[0], 1))
+    true_pos = np.concatenate([zeros, np.cumsum(w * pos, axis=1)[:, ends]], axis=1)
+    false_pos = np.concatenate([zeros, np.cumsum(w * ~pos, axis=1)[:, ends]], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return true_pos / true_pos[:, -1:], false_pos / false_pos[:, -1:]
 
 
 def _logistic_threshold(labels: np.ndarray, p1: np.ndarray) -> float | None:
@@ -171,6 +202,48 @@ def _weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarra
     return auc
 
 
+def _group_index(groups: Sequence[str] | None, n: int) -> np.ndarray:
+    """(N,) resampling unit per image: its patient (None ids and groups=None: the image itself)."""
+    if groups is None:
+        return np.arange(n)
+    if len(groups) != n:
+        raise ValueError(f"groups must have one patient id per image: {len(groups)} ids for {n} images.")
+    keys = [g if g is not None else f"\0image-{i}" for i, g in enumerate(groups)]
+    return np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)[1].ravel()
+
+
+def _bootstrap(statistic: Callable[[np.ndarray], np.ndarray], group_of: np.ndarray, n_boot: int, seed: int,
+               alpha: float, what: str) -> tuple[float, float] | None:
+    """Percentile interval of `statistic` over cluster-bootstrap replicates.
+
+    Each replicate draws the groups with replacement and weights every image by how often its group was drawn;
+    `statistic` maps (B, N) image weights to (B,) values, NaN where a replicate is undefined (skipped). None, with
+    the reason logged, when fewer than 100 replicates were valid.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1); got {alpha}.")
+    if n_boot <= 0:
+        return None
+    n, n_groups = len(group_of), int(group_of.max()) + 1
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CHUNK_ELEMENTS // max(n, n_groups))
+    replicates = []
+    for first in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - first)
+        draws = rng.integers(0, n_groups, size=(b, n_groups)) + n_groups * np.arange(b)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups).astype(np.float64)
+        replicates.append(statistic(counts[:, group_of]))  # (b, N): how often each image is in the replicate
+    values = np.concatenate(replicates)
+    valid = values[np.isfinite(values)]
+    if len(valid) < _MIN_VALID_REPLICATES:
+        logger.warning("%s interval not computed: only %d of %d bootstrap replicates were defined (need %d); %d "
+                       "resampling units are too few or a class is too rare.", what, len(valid), n_boot,
+                       _MIN_VALID_REPLICATES, n_groups)
+        return None
+    lo, hi = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
 def bootstrap_auroc_ci(labels: np.ndarray, probs: np.ndarray, groups: Sequence[str] | None = None,
                        n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float] | None:
     """Percentile bootstrap interval of AUROC, resampling patients (cluster bootstrap) or images.
@@ -190,43 +263,108 @@ def bootstrap_auroc_ci(labels: np.ndarray, probs: np.ndarray, groups: Sequence[s
     Returns:
         (lo, hi) in [0, 1], or None when fewer than 100 replicates were valid (the reason is logged).
     """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1); got {alpha}.")
     y, p = _check(labels, probs)
-    n, n_classes = p.shape
-    if n_boot <= 0:
-        return None
-    if groups is None:
-        group_of = np.arange(n)
-    else:
-        if len(groups) != n:
-            raise ValueError(f"groups must have one patient id per image: {len(groups)} ids for {n} images.")
-        keys = [g if g is not None else f"\0image-{i}" for i, g in enumerate(groups)]
-        group_of = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)[1].ravel()
-    n_groups = int(group_of.max()) + 1
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _BOOT_CHUNK_ELEMENTS // max(n, n_groups))
-    replicates = []
-    for first in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - first)
-        draws = rng.integers(0, n_groups, size=(b, n_groups)) + n_groups * np.arange(b)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups).astype(np.float64)
-        weights = counts[:, group_of]  # (b, N): how often each image is in the replicate
+    n_classes = p.shape[1]
+
+    def statistic(weights: np.ndarray) -> np.ndarray:
         if n_classes == 2:
-            replicates.append(_weighted_auroc(p[:, 1], y == 1, weights))
-        else:
-            per_class = [_weighted_auroc(p[:, c], y == c, weights) for c in range(n_classes)]
-            replicates.append(np.mean(per_class, axis=0))  # NaN when any class is missing
-    aurocs = np.concatenate(replicates)
-    valid = aurocs[np.isfinite(aurocs)]
-    if len(valid) < _MIN_VALID_REPLICATES:
-        unit = "images" if groups is None else "patients"
-        logger.warning("AUROC interval not computed: only %d of %d bootstrap replicates had every class "
-                       "(need %d); %d %s are too few or a class is too rare.",
-                       len(valid), n_boot, _MIN_VALID_REPLICATES, n_groups, unit)
-        return None
-    lo, hi = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+            return _weighted_auroc(p[:, 1], y == 1, weights)
+        return np.mean([_weighted_auroc(p[:, c], y == c, weights) for c in range(n_classes)], axis=0)  # NaN: absent
+
+    return _bootstrap(statistic, _group_index(groups, len(y)), n_boot, seed, alpha, "AUROC")
+
+
+KAPPA_WEIGHTS = ("quadratic", "linear")
+
+
+def _weighted_kappas(labels: np.ndarray, preds: np.ndarray, n_classes: int, weights: np.ndarray,
+                     kind: str) -> np.ndarray:
+    """Cohen's weighted kappa for each row of image weights (B, N): 1 - sum(W O) / sum(W E), with O the weighted
+    confusion matrix and E the product of its margins (scikit-learn's cohen_kappa_score with sample_weight, for
+    many weightings at once); NaN where the chance disagreement is 0."""
+    b = weights.shape[0]
+    cells = (np.arange(b)[:, None] * n_classes * n_classes + (labels * n_classes + preds)[None, :]).ravel()
+    observed = np.bincount(cells, weights=weights.ravel(), minlength=b * n_classes * n_classes)
+    observed = observed.reshape(b, n_classes, n_classes)
+    total = observed.sum(axis=(1, 2))
+    expected = observed.sum(axis=2)[:, :, None] * observed.sum(axis=1)[:, None, :] / np.maximum(total, 1e-300)[
+        :, None, None]
+    distance = np.abs(np.arange(n_classes)[:, None] - np.arange(n_classes)[None, :]).astype(np.float64)
+    w = distance ** 2 if kind == "quadratic" else distance
+    chance = (w * expected).sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kappa = 1.0 - (w * observed).sum(axis=(1, 2)) / chance
+    kappa[chance <= 0] = np.nan
+    return kappa
+
+
+def weighted_kappa(labels: np.ndarray, preds: np.ndarray, n_classes: int, kind: str = "quadratic",
+                   groups: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0,
+                   alpha: float = 0.05) -> tuple[float | None, tuple[float, float] | None]:
+    """Weighted kappa of ordinal decisions (the DR-grading metric of the EyePACS, APTOS and IDRiD challenges) and
+    its cluster-bootstrap interval.
+
+    Args:
+        labels, preds: (N,) true and predicted grades in [0, n_classes), in grade order.
+        kind: quadratic (disagreement weighted by the squared grade distance) or linear.
+        groups, n_boot, seed, alpha: as in bootstrap_auroc_ci.
+
+    Returns:
+        (kappa, (lo, hi)); kappa None when undefined (every label and decision in one grade), the interval None
+        when n_boot is 0 or too few replicates were defined.
+    """
+    if kind not in KAPPA_WEIGHTS:
+        raise ValueError(f"unknown kappa weighting {kind!r}; choose one of {list(KAPPA_WEIGHTS)}.")
+    y, d = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
+    point = float(_weighted_kappas(y, d, n_classes, np.ones((1, len(y))), kind)[0])
+    interval = _bootstrap(lambda w: _weighted_kappas(y, d, n_classes, w, kind), _group_index(groups, len(y)),
+                          n_boot, seed, alpha, f"{kind} kappa") if np.isfinite(point) else None
+    return (point if np.isfinite(point) else None), interval
+
+
+OPERATING_RATES = (0.9, 0.95)  # the report's sensitivity at these specificities, and the reverse
+
+
+def _rate_at(tpr: np.ndarray, fpr: np.ndarray, point: str, target: float) -> np.ndarray:
+    """(B,) the best sensitivity among cuts with specificity >= target, or the best specificity among cuts with
+    sensitivity >= target; NaN where undefined."""
+    if point == "sensitivity_at_specificity":
+        value = np.where(1.0 - fpr >= target - 1e-12, tpr, -np.inf).max(axis=1)
+    else:
+        value = np.where(tpr >= target - 1e-12, 1.0 - fpr, -np.inf).max(axis=1)
+    value[~np.isfinite(value)] = np.nan
+    return value
+
+
+def operating_points(labels: np.ndarray, probs: np.ndarray, groups: Sequence[str] | None = None,
+                     n_boot: int = 1000, seed: int = 0, rates: Sequence[float] = OPERATING_RATES) -> dict:
+    """Sensitivity at fixed specificities and specificity at fixed sensitivities of a binary score (the points a
+    screening study reports), each with its cluster-bootstrap interval.
+
+    These are properties of the ROC curve of these images (the best rate any threshold reaches here), not of a
+    threshold chosen elsewhere: on a test split they say what the score could do, not what the run's threshold does.
+
+    Returns:
+        {"sensitivity_at_specificity": {"0.9": {"value", "ci95"}, ...}, "specificity_at_sensitivity": {...}};
+        values None when a class is absent.
+    """
+    y, p = _check(labels, probs)
+    if p.shape[1] != 2:
+        raise ValueError(f"operating_points is for binary tasks; probs have {p.shape[1]} classes.")
+    group_of = _group_index(groups, len(y))
+    tpr, fpr = _weighted_roc(p[:, 1], y == 1, np.ones((1, len(y))))
+    out = {}
+    for point in ("sensitivity_at_specificity", "specificity_at_sensitivity"):
+        out[point] = {}
+        for rate in rates:
+            value = float(_rate_at(tpr, fpr, point, rate)[0])
+            if not np.isfinite(value):
+                out[point][f"{rate:g}"] = {"value": None, "ci95": None}
+                continue
+            interval = _bootstrap(lambda w, r=rate, pt=point: _rate_at(*_weighted_roc(p[:, 1], y == 1, w), pt, r),
+                                  group_of, n_boot, seed, 0.05, point.replace("_", " "))
+            out[point][f"{rate:g}"] = {"value": value, "ci95": None if interval is None else list(interval)}
+    return out
 
 
 def auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
@@ -248,7 +386,7 @@ def missing_class_warning(labels: np.ndarray, n_classes: int, what: str) -> None
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence[str] | None = None,
-                    threshold: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+                    threshold: float | None = None, n_boot: int = 1000, seed: int = 0, ordinal: bool = False) -> dict:
     """The metrics `M` of report.json, plus the threshold used and the confusion matrix.
 
     Binary (C = 2): the positive class is index 1, predicted when probs[:, 1] >= threshold; sensitivity is the
@@ -262,14 +400,17 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
         patient_ids: (N,) patient id per image, so the AUROC interval resamples patients; None = images.
         threshold: binary operating threshold in [0, 1], chosen on the validation split with `choose_threshold`;
             None = 0.5. Must be None for multi-class tasks.
-        n_boot: bootstrap replicates for auroc_ci95 (0 = no interval).
+        n_boot: bootstrap replicates for auroc_ci95 and the other intervals (0 = no interval).
         seed: seed of the bootstrap.
+        ordinal: the classes are ordered grades (data.ordinal): add the weighted kappas of the decisions.
 
     Returns:
         {"n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece",
         "threshold", "confusion_matrix"}: rates in [0, 1]; auroc and auroc_ci95 ([lo, hi]) are None when a class
         is absent from the labels; sensitivity/specificity are None when undefined (binary: no positive/negative
-        images); confusion_matrix lists all C classes, rows = true class, columns = predicted class.
+        images); confusion_matrix lists all C classes, rows = true class, columns = predicted class. Binary tasks
+        add "sensitivity_at_specificity" and "specificity_at_sensitivity" (operating_points); ordinal ones
+        "kappa_quadratic", "kappa_quadratic_ci95" and "kappa_linear" (None when undefined).
     """
     y, p = _check(labels, probs)
     n, n_classes = p.shape
@@ -315,7 +456,14 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
             auroc = roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(n_classes)))
         ci = bootstrap_auroc_ci(y, p, groups=patient_ids, n_boot=n_boot, seed=seed)
         interval = None if ci is None else [ci[0], ci[1]]
-    return {
+    extra = {}
+    if n_classes == 2:
+        extra = operating_points(y, p, patient_ids, n_boot=n_boot, seed=seed)
+    if ordinal:
+        kappa, kappa_ci = weighted_kappa(y, preds, n_classes, "quadratic", patient_ids, n_boot, seed)
+        extra |= {"kappa_quadratic": kappa, "kappa_quadratic_ci95": None if kappa_ci is None else list(kappa_ci),
+                  "kappa_linear": weighted_kappa(y, preds, n_classes, "linear", n_boot=0)[0]}
+    return extra | {
         "n": int(n),
         "accuracy": float(np.trace(cm) / n),
         "balanced_accuracy": float(balanced),

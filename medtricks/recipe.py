@@ -45,8 +45,21 @@ CORRUPTION_PRESETS = ("radiograph", "fundus", "dermoscopy")  # medtricks.corrupt
 AUGMENT_PRESETS = ("bag_of_tricks", "cxr", "fundus", "dermoscopy", "none")
 CACHE_MODES = ("auto", "memory", "disk", "none")
 INPUT_MODES = ("sum", "repeat")
-# how medtricks.metrics.choose_threshold places the binary operating point on validation
+# how medtricks.metrics.choose_threshold places the binary operating point on validation; besides these two, a
+# target "sensitivity@0.95" / "specificity@0.9" (THRESHOLD_TARGET): the best threshold that reaches it on validation
 THRESHOLD_METHODS = ("youden", "logistic")
+THRESHOLD_TARGET = re.compile(r"(sensitivity|specificity)@(0?\.[0-9]+|1(\.0*)?)")
+
+
+def threshold_target(method: str) -> tuple[str, float] | None:
+    """'sensitivity@0.95' -> ('sensitivity', 0.95); None for youden / logistic; RecipeError for anything else."""
+    if method in THRESHOLD_METHODS:
+        return None
+    match = THRESHOLD_TARGET.fullmatch(method) if isinstance(method, str) else None
+    if match is None or not 0.0 < float(match.group(2)) <= 1.0:
+        raise RecipeError(f"recipe key 'train.threshold' = {short(method)}; choose one of {list(THRESHOLD_METHODS)} "
+                          f"or a target such as sensitivity@0.95 or specificity@0.9 (a rate in (0, 1]).")
+    return match.group(1), float(match.group(2))
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,8 @@ class DataConfig:
         on_error: what an unreadable image does: raise (stop, naming every bad file) or skip (leave it out,
             and list it in a warning and in the run).
         workers: DataLoader worker processes; None = min(4, CPU count).
+        ordinal: the classes are ordered grades, in label order (diabetic retinopathy 0-4): every report adds the
+            quadratic and linear weighted kappa of the decisions (with a bootstrap interval for the quadratic one).
         synth_if_missing: when the source folder does not exist, write synthetic phantoms there first (the
             offline `demo` recipe; `medtricks data synth`).
     """
@@ -119,6 +134,7 @@ class DataConfig:
     on_error: str = "raise"
     workers: int | None = None
     synth_if_missing: bool = False
+    ordinal: bool = False
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -200,8 +216,10 @@ class TrainConfig:
         grad_clip: max gradient norm, None = no clipping.
         select_metric: validation metric that picks the saved epoch (auroc, balanced_accuracy, accuracy, f1, loss).
         threshold: how the binary operating threshold is estimated on validation (medtricks.metrics.choose_threshold):
-            youden (the empirical maximum of sensitivity + specificity) or logistic (where a class-balanced logistic
-            fit on the score crosses 1/2: steadier on a small or nearly separable validation split).
+            youden (the empirical maximum of sensitivity + specificity), logistic (where a class-balanced logistic
+            fit on the score crosses 1/2: steadier on a small or nearly separable validation split), or a target:
+            sensitivity@0.95 (the highest threshold whose validation sensitivity is at least 0.95, i.e. the best
+            specificity there) or specificity@0.9 (the lowest threshold with validation specificity >= 0.9).
         early_stopping: stop after this many epochs without improvement of select_metric; None = never.
         eval_batch_size: images per evaluation batch (on each process of a distributed run).
         device: auto (CUDA when available), cpu or cuda.
@@ -243,9 +261,7 @@ class TrainConfig:
         if self.select_metric not in SELECT_METRICS:
             raise RecipeError(f"recipe key 'train.select_metric' = {short(self.select_metric)}; choose one of "
                               f"{list(SELECT_METRICS)}.")
-        if self.threshold not in THRESHOLD_METHODS:
-            raise RecipeError(f"recipe key 'train.threshold' = {short(self.threshold)}; choose one of "
-                              f"{list(THRESHOLD_METHODS)}.")
+        threshold_target(self.threshold)
         if self.device not in ("auto", "cpu", "cuda"):
             raise RecipeError(f"recipe key 'train.device' = {short(self.device)}; choose auto, cpu or cuda.")
 

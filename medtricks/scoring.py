@@ -18,6 +18,9 @@ from medtricks.metrics import choose_threshold, compute_metrics
 
 # the keys of a report.json split (DESIGN.md's M): what evaluate returns and what finetune reports
 REPORT_KEYS = ("n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece")
+# keys M gains where they apply (DESIGN.md): operating points of binary tasks, weighted kappa of ordinal grades
+WHERE_THEY_APPLY = ("sensitivity_at_specificity", "specificity_at_sensitivity", "kappa_quadratic",
+                    "kappa_quadratic_ci95", "kappa_linear")
 
 
 @dataclass
@@ -53,16 +56,19 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, device: torch.dev
     return EvalOutput(np.array(labels), np.stack(probs), list(ids), float(np.sum(losses)) / len(losses))
 
 
-def evaluate_split(output: EvalOutput, threshold: float | None, seed: int) -> dict:
-    """Report metrics M of one split plus its mean loss."""
-    metrics = compute_metrics(output.labels, output.probs, output.patient_ids, threshold=threshold, seed=seed)
+def evaluate_split(output: EvalOutput, threshold: float | None, seed: int, ordinal: bool = False,
+                   n_boot: int = 1000) -> dict:
+    """Report metrics M of one split plus its mean loss (`ordinal`: with the weighted kappas; `n_boot` 0: without
+    bootstrap intervals, for the per-epoch validation that reads only point values)."""
+    metrics = compute_metrics(output.labels, output.probs, output.patient_ids, threshold=threshold, seed=seed,
+                              ordinal=ordinal, n_boot=n_boot)
     metrics["loss"] = output.loss
     return metrics
 
 
 def report_metrics(metrics: dict) -> dict:
-    """The report.json keys (REPORT_KEYS) of evaluate_split's metrics."""
-    return {k: metrics[k] for k in REPORT_KEYS}
+    """The report.json keys of evaluate_split's metrics: REPORT_KEYS, then those of WHERE_THEY_APPLY present."""
+    return {k: metrics[k] for k in (*REPORT_KEYS, *WHERE_THEY_APPLY) if k in metrics}
 
 
 def val_threshold(output: EvalOutput, num_classes: int, method: str = "youden") -> float | None:

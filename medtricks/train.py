@@ -282,7 +282,7 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device, config:
     config.select_metric, the binary threshold chosen on these predictions with config.threshold)."""
     out = predict_loader(model, loader, device)
     threshold = val_threshold(out, num_classes, config.threshold)
-    metrics = evaluate_split(out, threshold, seed)
+    metrics = evaluate_split(out, threshold, seed, n_boot=0)  # the row holds no interval
     row = {f"val_{k}": metrics[k] for k in ("loss", "auroc", "accuracy", "balanced_accuracy", "f1")}
     return row, metrics[config.select_metric], threshold
 

@@ -18,7 +18,8 @@ from medtricks.train import TrainingError, lr_factor
 runner = CliRunner()
 FAST = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=2",
         "train.batch_size=8", "train.eval_batch_size=16", "train.lr=0.1"]
-REPORT_M = {"n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece"}
+REPORT_M = {"n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece",
+            "sensitivity_at_specificity", "specificity_at_sensitivity"}  # binary: with the operating points
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from medtricks.metrics import (
 
 KEYS = {"n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece",
         "threshold", "confusion_matrix"}
+BINARY_KEYS = KEYS | {"sensitivity_at_specificity", "specificity_at_sensitivity"}
 
 
 def mann_whitney_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -49,7 +50,7 @@ HAND_P1 = [0.1, 0.3, 0.6, 0.2, 0.45, 0.05, 0.8, 0.45, 0.9, 0.5]
 
 def test_binary_metrics_by_hand():
     m = compute_metrics(HAND_LABELS, binary(HAND_P1), threshold=0.5, n_boot=0)
-    assert set(m) == KEYS
+    assert set(m) == BINARY_KEYS
     # >= 0.5 is positive: negatives 0.6 -> FP (TN = 5); positives 0.8, 0.9, 0.5 -> TP, 0.45 -> FN.
     assert m["confusion_matrix"] == [[5, 1], [1, 3]]
     assert m["n"] == 10
@@ -148,12 +149,13 @@ def test_choose_threshold_finds_youden_optimum_of_shifted_scores():
 
 
 def test_choose_threshold_ties_and_one_class(caplog):
-    # J = 0.5 at thresholds 0.9 and 0.3: the one closer to 0.5 wins.
-    assert choose_threshold(np.array([1, 0, 1, 0]), np.array([0.9, 0.7, 0.3, 0.1])) == pytest.approx(0.3)
+    # J = 0.5 with 0.9 positive (cut 0.8, halfway to 0.7) and with 0.9, 0.7, 0.35 positive (cut 0.225, halfway to
+    # 0.1): the cut closer to 0.5 wins.
+    assert choose_threshold(np.array([1, 0, 1, 0]), np.array([0.9, 0.7, 0.35, 0.1])) == pytest.approx(0.225)
     with caplog.at_level(logging.WARNING, logger="medtricks.metrics"):
         assert choose_threshold(np.array([1, 1, 1]), np.array([0.9, 0.7, 0.3])) == 0.5
     assert "only class 1" in caplog.text
-    assert 0.0 <= choose_threshold(np.array([0, 1]), np.array([0.2, 0.8])) <= 1.0  # inf from roc_curve is clipped
+    assert choose_threshold(np.array([0, 1]), np.array([0.2, 0.8])) == pytest.approx(0.5)  # halfway
 
 
 def test_logistic_threshold_lands_on_the_balanced_point_with_less_spread_than_youden():
