@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from medtricks import __version__, distributed, plots
+from medtricks.calibration import fit_temperature, temper
 from medtricks.data.images import read_image
 from medtricks.data.pipeline import DataBundle, create_loader, eval_loader, load_data, loader_workers, resolve_source
 from medtricks.data.sampling import SeededSampler
@@ -33,6 +34,7 @@ from medtricks.files import (
     write_json,
     write_text,
 )
+from medtricks.metrics import expected_calibration_error
 from medtricks.models.build import build_model, check_model_config
 from medtricks.models.weights import sha256_of
 from medtricks.recipe import Recipe, recipe_for_run
@@ -47,7 +49,7 @@ from medtricks.runs import (
     save_resume_state,
     save_weights,
 )
-from medtricks.scoring import EvalOutput, evaluate_split, predict_loader, report_metrics
+from medtricks.scoring import EvalOutput, evaluate_split, predict_loader, report_metrics, val_threshold
 from medtricks.train import Callbacks, create_loss, fit
 from medtricks.tricks.class_balance import balanced_sample_weights, class_weights
 from medtricks.tricks.linear_scaling import scaled_lr
@@ -163,15 +165,29 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
     # rank 0 reads the selected epoch's weights back from the run (checking they load); every rank predicts with
     # them (the run directory need not be on a filesystem the other nodes see)
     model.load_state_dict(distributed.on_main(lambda: load_run_model(run)[0].state_dict()))
-    outputs = {name: predict_loader(model, loader, device) for name in ("val", "test")
-               if (loader := _eval_loader(bundle, name, recipe)) is not None}
+    loaders = {name: loader for name in ("val", "test") if (loader := _eval_loader(bundle, name, recipe)) is not None}
+    outputs = {name: predict_loader(model, loader, device) for name, loader in loaders.items()}
+    threshold, calibration = result.threshold, None
+    if recipe.train.calibrate == "temperature":
+        if "val" not in outputs:
+            logger.warning("train.calibrate: temperature needs a validation split to fit on; not calibrated")
+        else:  # fitted after the epoch was selected, then every split is scored (and the threshold chosen) with it
+            calibration = {"method": "temperature", **fit_temperature(outputs["val"].labels, outputs["val"].probs)}
+            model.temperature = calibration["temperature"]
+            outputs = {name: predict_loader(model, loader, device) for name, loader in loaders.items()}
+            threshold = val_threshold(outputs["val"], len(classes), recipe.train.threshold)
 
     def write_results() -> None:
-        threshold = result.threshold
         full = {name: evaluate_split(output, threshold, recipe.seed, recipe.data.ordinal)
                 for name, output in outputs.items()}
+        if calibration is not None:
+            for name, output in outputs.items():  # the same predictions at T = 1
+                full[name]["ece_before"] = expected_calibration_error(
+                    output.labels, temper(output.probs, 1.0 / calibration["temperature"]))
         write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch, "threshold": threshold,
                                       "select_metric": recipe.train.select_metric,
+                                      **({"temperature": calibration["temperature"], "calibration": calibration}
+                                         if calibration is not None else {}),
                                       "sha256": sha256_of(run / MODEL_FILE)})
         report = {"recipe": recipe.name, "seed": recipe.seed, "classes": list(classes),
                   "splits": {name: report_metrics(metrics) for name, metrics in full.items()},
@@ -179,7 +195,7 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
                             "seconds": round(result.seconds, 2),
                             "images_per_second": round(result.images_per_second, 2), "base_lr": base_lr,
                             "world_size": distributed.world_size(), "tricks": recipe.tricks.enabled()}}
-        _plots(run, rows, outputs, full, classes, threshold)
+        _plots(run, rows, outputs, full, classes, threshold, calibration)
         write_json(run / REPORT_FILE, report)  # last: a run with report.json is complete
         (run / RESUME_FILE).unlink(missing_ok=True)
 
@@ -260,7 +276,7 @@ def _teacher(recipe: Recipe, device: torch.device) -> Run | None:
 
 
 def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics: dict[str, dict], classes,
-           threshold) -> None:
+           threshold, calibration: dict | None = None) -> None:
     plots.plot_training_curves(rows, run / "plots" / "training_curves.png")
     for name, out in outputs.items():
         if len(set(out.labels.tolist())) < 2:
@@ -268,6 +284,9 @@ def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics:
         plots.plot_roc(out.labels, out.probs, classes, run / "plots" / f"roc_{name}.png", threshold=threshold)
         plots.plot_confusion(metrics[name]["confusion_matrix"], classes, run / "plots" / f"confusion_{name}.png")
         plots.plot_reliability(out.labels, out.probs, run / "plots" / f"reliability_{name}.png")
+        if calibration is not None:
+            plots.plot_reliability(out.labels, temper(out.probs, 1.0 / calibration["temperature"]),
+                                   run / "plots" / f"reliability_{name}_before.png")
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val",

@@ -48,6 +48,7 @@ INPUT_MODES = ("sum", "repeat")
 # how medtricks.metrics.choose_threshold places the binary operating point on validation; besides these two, a
 # target "sensitivity@0.95" / "specificity@0.9" (THRESHOLD_TARGET): the best threshold that reaches it on validation
 THRESHOLD_METHODS = ("youden", "logistic")
+CALIBRATION_METHODS = ("temperature",)  # medtricks.calibration
 THRESHOLD_TARGET = re.compile(r"(sensitivity|specificity)@(0?\.[0-9]+|1(\.0*)?)")
 
 
@@ -220,6 +221,8 @@ class TrainConfig:
             fit on the score crosses 1/2: steadier on a small or nearly separable validation split), or a target:
             sensitivity@0.95 (the highest threshold whose validation sensitivity is at least 0.95, i.e. the best
             specificity there) or specificity@0.9 (the lowest threshold with validation specificity >= 0.9).
+        calibrate: temperature (fit one temperature on validation after the epoch is selected, Guo et al. 2017:
+            medtricks.calibration; stored in model.json and applied by every command that opens the run) or None.
         early_stopping: stop after this many epochs without improvement of select_metric; None = never.
         eval_batch_size: images per evaluation batch (on each process of a distributed run).
         device: auto (CUDA when available), cpu or cuda.
@@ -238,6 +241,7 @@ class TrainConfig:
     grad_clip: float | None = None
     select_metric: str = "auroc"
     threshold: str = "youden"
+    calibrate: str | None = None
     early_stopping: int | None = None
     eval_batch_size: int = 64
     device: str = "auto"
@@ -262,6 +266,9 @@ class TrainConfig:
             raise RecipeError(f"recipe key 'train.select_metric' = {short(self.select_metric)}; choose one of "
                               f"{list(SELECT_METRICS)}.")
         threshold_target(self.threshold)
+        if self.calibrate is not None and self.calibrate not in CALIBRATION_METHODS:
+            raise RecipeError(f"recipe key 'train.calibrate' = {short(self.calibrate)}; choose one of "
+                              f"{list(CALIBRATION_METHODS)} or null (no calibration).")
         if self.device not in ("auto", "cpu", "cuda"):
             raise RecipeError(f"recipe key 'train.device' = {short(self.device)}; choose auto, cpu or cuda.")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader
 from medtricks.data.dataset import ImageDataset
 from medtricks.data.pipeline import eval_loader, load_eval_data
 from medtricks.devices import place_model, resolve_device
-from medtricks.errors import MedtricksError
+from medtricks.errors import MedtricksError, short
 from medtricks.files import MODEL_FILE, MODEL_JSON, RECIPE_FILE, REPORT_FILE, RESUME_FILE, atomic_write, write_text
 from medtricks.models.backbones import MedModel, create_model
 from medtricks.recipe import Recipe, load_recipe_from_dict
@@ -145,7 +146,7 @@ def _read_weights(run: Path) -> bytes:
 
 def _rebuild(run: Path, info: dict, weights: bytes) -> MedModel:
     """The model model.json describes (no pretrained download) with `weights` (model.safetensors' bytes) loaded
-    strictly, in eval mode on the CPU."""
+    strictly and its calibration temperature set, in eval mode on the CPU."""
     try:
         model = create_model(info["arch"], info["num_classes"], info["in_chans"], weights="none",
                              input_mode=info["input_mode"])  # normalization buffers come with the state dict
@@ -159,6 +160,11 @@ def _rebuild(run: Path, info: dict, weights: bytes) -> MedModel:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise RunError(f"{run}: {MODEL_FILE} does not fit {info['arch']} ({str(exc).splitlines()[0]}).") from exc
+    temperature = info.get("temperature", 1.0)  # a calibrated run's (train.calibrate)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise RunError(f"{run}: {MODEL_JSON} has temperature {short(temperature)}; a calibration temperature is a "
+                       f"positive number. The file was edited or damaged: train the run again.")
+    model.temperature = float(temperature)
     return model.eval()
 
 

@@ -20,7 +20,7 @@ from medtricks.metrics import choose_threshold, compute_metrics
 REPORT_KEYS = ("n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece")
 # keys M gains where they apply (DESIGN.md): operating points of binary tasks, weighted kappa of ordinal grades
 WHERE_THEY_APPLY = ("sensitivity_at_specificity", "specificity_at_sensitivity", "kappa_quadratic",
-                    "kappa_quadratic_ci95", "kappa_linear")
+                    "kappa_quadratic_ci95", "kappa_linear", "ece_before")  # ece_before: calibrated runs
 
 
 @dataclass

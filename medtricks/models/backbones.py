@@ -133,10 +133,14 @@ class MedModel(nn.Module):
         self.backbone = backbone
         self.arch, self.num_classes, self.in_chans = arch, num_classes, in_chans
         self.input_mode, self.weights = input_mode, weights
+        # post-hoc temperature scaling (medtricks.calibration): not a parameter nor in the state dict; model.json
+        # keeps it and medtricks.runs.open_run sets it
+        self.temperature = 1.0
         self.frozen_stages: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(x))
+        logits = self.backbone(self.normalize(x))
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
     def train(self, mode: bool = True) -> MedModel:
         super().train(mode)
