@@ -3,10 +3,12 @@
 One scalar T > 0 divides every logit: softmax(z / T) keeps each image's ranking of the classes (the argmax decision)
 and, for a binary task, the ranking of the images (AUROC); it moves the confidence. (A multi-class one-vs-rest AUROC
 can move slightly: p_c of an image depends on its other logits too. Minimizing the NLL does not promise a lower ECE
-either, which the report shows before and after.) T is fitted on the validation split by minimizing its negative log-likelihood, after the
-epoch was selected there; `train.calibrate: temperature` stores T in model.json and every command that opens the run
-applies it inside the model (MedModel.temperature), so evaluate, predict, compare, attack and corrupt all see the
-calibrated probabilities, and the binary threshold is chosen on them.
+either, which the report shows before and after.)
+
+T is fitted on the validation split by minimizing its negative log-likelihood, after the epoch was selected there;
+`train.calibrate: temperature` stores T in model.json and every command that opens the run applies it inside the
+model (MedModel.temperature), so evaluate, predict, compare, attack and corrupt all see the calibrated
+probabilities, and the binary threshold is chosen on them.
 
 Written here: scikit-learn's CalibratedClassifierCV refits a sigmoid or isotonic map per class (which can change
 the ranking) and torch has no temperature scaling; the fit is a one-dimensional bounded minimization (SciPy).

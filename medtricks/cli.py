@@ -36,6 +36,8 @@ _state = {"debug": False}
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Allow replacing an existing output file (never a "
                                                                   "run's own files).")]
+TTAOption = Annotated[bool, typer.Option("--tta", help="Average over the flips the run's augment preset allows (none "
+                                                       "for radiographs); binary threshold re-chosen on validation.")]
 
 
 @app.callback()
@@ -166,6 +168,7 @@ def evaluate_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
     overwrite: OverwriteOption = False,
+    tta: TTAOption = False,
 ) -> None:
     """Evaluate a run's model on a split of its data or on another source.
 
@@ -177,7 +180,8 @@ def evaluate_cmd(
 
     try:
         with distributed.process_group():
-            metrics = evaluate(run, data=data, split=split, json_path=json_path, device=device, overwrite=overwrite)
+            metrics = evaluate(run, data=data, split=split, json_path=json_path, device=device, overwrite=overwrite,
+                               tta=tta)
     except MedtricksError as exc:
         _fail(exc)
     if distributed.is_main():
@@ -191,6 +195,7 @@ def predict_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Write predictions to this CSV.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
     overwrite: OverwriteOption = False,
+    tta: TTAOption = False,
 ) -> None:
     """Predict classes (and probabilities) for images with a run's model.
 
@@ -199,7 +204,7 @@ def predict_cmd(
     from medtricks.finetune import predict
 
     try:
-        rows = predict(run, inputs, out_csv=out, device=device, overwrite=overwrite)
+        rows = predict(run, inputs, out_csv=out, device=device, overwrite=overwrite, tta=tta)
     except MedtricksError as exc:
         _fail(exc)
     for row in rows if out is None else []:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from medtricks import __version__, distributed, plots
+from medtricks import tta as tta_module
 from medtricks.calibration import fit_temperature, temper
 from medtricks.data.images import read_image
 from medtricks.data.pipeline import DataBundle, create_loader, eval_loader, load_data, loader_workers, resolve_source
@@ -289,43 +290,64 @@ def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics:
                                    run / "plots" / f"reliability_{name}_before.png")
 
 
+def _open_for_scoring(run: str | Path, device: str | None, tta: bool) -> tuple[Run, float | None, dict]:
+    """The opened run, its binary threshold and the JSON keys of --tta: with `tta`, the model averaged over the
+    views its augment preset allows (medtricks.tta) and the threshold chosen again, with those views, on the run's
+    own validation split (the run's threshold when that split cannot be read, with a warning)."""
+    opened = open_run(run, device)
+    if not tta:
+        return opened, opened.threshold, {}
+    opened.model, views = tta_module.wrap(opened.model, opened.recipe.data.augment)
+    threshold = opened.threshold
+    if len(opened.classes) == 2:
+        try:
+            val = opened.predict(opened.dataset(None, "val"))
+            threshold = val_threshold(val, 2, opened.recipe.train.threshold)
+        except MedtricksError as exc:
+            logger.warning("--tta: the run's validation split cannot be scored (%s); using the run's threshold %s, "
+                           "chosen without test-time augmentation", exc, threshold)
+    return opened, threshold, {"tta": list(views), "threshold": threshold}
+
+
 def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val",
-             json_path: str | Path | None = None, device: str | None = None, overwrite: bool = False) -> dict:
+             json_path: str | Path | None = None, device: str | None = None, overwrite: bool = False,
+             tta: bool = False) -> dict:
     """Metrics M of a run's model on a split of its own data or on another source (`split="all"`).
 
     Reads only the run directory and the data: the same source, seed and split fractions reproduce the split,
     and the binary threshold is the one chosen on validation during training. Called on every rank of a process
     group (medtricks.distributed.process_group), each rank predicts a shard and all get the same metrics.
     `device`: auto, cpu, cuda or cuda:N (default: the recipe's train.device). `json_path` must be a new file
-    (or `overwrite`), never one of a run's own files (medtricks.files.check_output).
+    (or `overwrite`), never one of a run's own files (medtricks.files.check_output). `tta`: average over the flips
+    the run's augment preset allows, with the threshold chosen again on validation with them (`tta` and
+    `threshold` join the metrics).
     """
     if json_path is not None:
         check_output(json_path, overwrite, "--json")
-    opened = open_run(run, device)
+    opened, threshold, tta_keys = _open_for_scoring(run, device, tta)
     output = opened.predict(opened.dataset(data, split))
-    metrics = {**report_metrics(evaluate_split(output, opened.threshold, opened.recipe.seed,
-                                               opened.recipe.data.ordinal)), "split": split,
-               "data": str(data if data is not None else opened.source)}
+    metrics = {**report_metrics(evaluate_split(output, threshold, opened.recipe.seed, opened.recipe.data.ordinal)),
+               "split": split, "data": str(data if data is not None else opened.source), **tta_keys}
     if json_path is not None:
         distributed.on_main(lambda: write_json(Path(json_path), metrics))
     return metrics
 
 
 def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None,
-            device: str | None = None, overwrite: bool = False) -> list[dict]:
+            device: str | None = None, overwrite: bool = False, tta: bool = False) -> list[dict]:
     """Class probabilities for image files or folders (recursively); rows also written to `out_csv` (a new file,
     or `overwrite`; never a run's own file).
 
     A file that cannot be read or scored (unreadable, too large, non-finite pixels or probabilities) gets a row with
-    its error instead of a prediction; the other files are predicted.
+    its error instead of a prediction; the other files are predicted. `tta`: as in evaluate.
 
     Raises:
         DataError: an input that does not exist, or inputs that hold no image file at all.
     """
     if out_csv is not None:
         check_output(out_csv, overwrite, "--out")
-    opened = open_run(run, device)
-    info, classes, threshold = opened.info, opened.classes, opened.threshold
+    opened, threshold, _ = _open_for_scoring(run, device, tta)
+    info, classes = opened.info, opened.classes
     transform = create_eval_transform(info["image_size"], info["crop_fraction"])
     files = []
     for item in map(Path, inputs):

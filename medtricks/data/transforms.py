@@ -92,6 +92,17 @@ def _colour(brightness: float, contrast: float, saturation: float, hue: float, c
     return [v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)]
 
 
+# The flips each train-time preset draws: the symmetries its modality allows (none for radiographs: left/right
+# anatomy). Test-time augmentation (medtricks.tta) averages over exactly these, never over another.
+PRESET_FLIPS = {"bag_of_tricks": ("horizontal",), "cxr": (), "fundus": ("horizontal", "vertical"),
+                "dermoscopy": ("horizontal", "vertical"), "none": ()}
+
+
+def _flips(preset: str) -> list:
+    flips = {"horizontal": v2.RandomHorizontalFlip(0.5), "vertical": v2.RandomVerticalFlip(0.5)}
+    return [flips[name] for name in PRESET_FLIPS[preset]]
+
+
 def create_train_transform(preset: str, image_size: int, channels: int, crop_fraction: float = 0.875) -> v2.Compose:
     """The train-time augmentation of a preset (see the module docstring), ending in [0, 1]."""
     size = image_size
@@ -99,7 +110,7 @@ def create_train_transform(preset: str, image_size: int, channels: int, crop_fra
         return create_eval_transform(image_size, crop_fraction)
     if preset == "bag_of_tricks":
         steps = [v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-                 v2.RandomHorizontalFlip(0.5),
+                 *_flips(preset),
                  *_colour(0.4, 0.4, 0.4, 0.0, channels)]
         if channels == 3:
             steps.append(Lighting(0.1))
@@ -110,11 +121,11 @@ def create_train_transform(preset: str, image_size: int, channels: int, crop_fra
                  RandomGamma((0.8, 1.25))]
     elif preset == "fundus":
         steps = [v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.9, 1.1), antialias=True),
-                 v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5), v2.RandomRotation(180),
+                 *_flips(preset), v2.RandomRotation(180),
                  *_colour(0.2, 0.2, 0.1, 0.0, channels)]
     elif preset == "dermoscopy":
         steps = [v2.RandomResizedCrop(size, scale=(0.4, 1.0), antialias=True),
-                 v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.5), v2.RandomRotation(180),
+                 *_flips(preset), v2.RandomRotation(180),
                  *_colour(0.2, 0.2, 0.2, 0.02, channels)]
     else:
         raise ValueError(f"unknown augment preset {preset!r}; choose one of {list(AUGMENT_PRESETS)}")

@@ -1,0 +1,63 @@
+"""Test-time augmentation that respects the modality: average a model's probabilities over the flips its training
+augmentation drew (medtricks.data.transforms.PRESET_FLIPS), never another: no left-right flip of a radiograph.
+
+`evaluate --tta` and `predict --tta` wrap the run's model in `TTAModel`, whose output is the log of the mean softmax
+over the views, so every scorer reads it as logits; a binary threshold is then chosen again on the run's validation
+split with the same views (tta_threshold), since averaging moves the scores the run's threshold was chosen on.
+
+Written here rather than with MONAI's TestTimeAugmentation, which draws random transforms per image and returns their
+spread for uncertainty; this is the deterministic flip average of classification TTA (e.g. Simonyan & Zisserman 2015).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from medtricks.data.transforms import PRESET_FLIPS
+
+logger = logging.getLogger(__name__)
+
+# view name -> the flips it applies (dims of an (N, C, H, W) batch: -1 horizontal, -2 vertical)
+VIEWS = {"identity": (), "hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}
+
+
+def tta_views(preset: str) -> tuple[str, ...]:
+    """The views a preset allows: the identity, and each flip (and their product) its training augmentation draws."""
+    flips = PRESET_FLIPS[preset]
+    views = ["identity"]
+    if "horizontal" in flips:
+        views.append("hflip")
+    if "vertical" in flips:
+        views.append("vflip")
+    if {"horizontal", "vertical"} <= set(flips):
+        views.append("hvflip")
+    return tuple(views)
+
+
+class TTAModel(nn.Module):
+    """`model` averaged over `views`: forward returns log(mean over views of softmax(model(view(x))))."""
+
+    def __init__(self, model: nn.Module, views: tuple[str, ...]):
+        super().__init__()
+        unknown = [v for v in views if v not in VIEWS]
+        if unknown:
+            raise ValueError(f"unknown TTA views {unknown}; choose from {list(VIEWS)}.")
+        self.model, self.views = model, tuple(views)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([self.model(x.flip(VIEWS[v]) if VIEWS[v] else x).float().softmax(-1)
+                             for v in self.views]).mean(0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def wrap(model: nn.Module, preset: str) -> tuple[TTAModel, tuple[str, ...]]:
+    """`model` under the views of `preset`, with a warning when the preset allows no flip (only the identity)."""
+    views = tta_views(preset)
+    if len(views) == 1:
+        logger.warning("--tta: the run's augment preset %r draws no flips (%s), so the only view is the image "
+                       "itself and the scores are those without --tta.", preset,
+                       "left/right anatomy of radiographs" if preset == "cxr" else "no augmentation")
+    return TTAModel(model, views), views

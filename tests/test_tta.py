@@ -1,0 +1,90 @@
+"""Test-time augmentation (issue 18, part 5): only the flips a run's augment preset draws are ever applied, the
+output is the average of the views' probabilities, and evaluate / predict --tta choose the binary threshold again on
+validation with the same views."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from medtricks.data.transforms import create_train_transform
+from medtricks.finetune import evaluate, finetune, predict
+from medtricks.metrics import choose_threshold
+from medtricks.recipe import AUGMENT_PRESETS
+from medtricks.runs import open_run
+from medtricks.tta import VIEWS, TTAModel, tta_views, wrap
+
+FAST = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=1",
+        "train.batch_size=8", "train.eval_batch_size=16", "train.lr=0.1"]
+FLIP_OF = {v2.RandomHorizontalFlip: -1, v2.RandomVerticalFlip: -2}
+
+
+class Recorder(nn.Module):
+    """Logits from a fixed linear map of the pixels; remembers every input it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.weight = torch.linspace(-1, 1, 2 * 8 * 8).reshape(2, 64)
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return x.flatten(1) @ self.weight.T
+
+
+@pytest.mark.parametrize("preset", AUGMENT_PRESETS)
+def test_tta_applies_only_the_flips_the_training_preset_draws(preset):
+    drawn = {FLIP_OF[type(t)] for t in create_train_transform(preset, 32, 3).transforms if type(t) in FLIP_OF}
+    views = tta_views(preset)
+    assert views[0] == "identity" and {d for v in views for d in VIEWS[v]} == drawn
+    model = Recorder()
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)  # no symmetry: every flip differs
+    TTAModel(model, views)(x)
+    allowed = [x.flip(VIEWS[v]) if VIEWS[v] else x for v in views]
+    assert len(model.seen) == len(views)
+    for seen in model.seen:
+        assert any(torch.equal(seen, a) for a in allowed)
+    if preset == "cxr":  # radiographs: left/right anatomy, so the image is only ever seen as it is
+        assert all(torch.equal(seen, x) for seen in model.seen)
+
+
+def test_the_output_is_the_log_of_the_mean_probability_over_the_views():
+    model, x = Recorder(), torch.rand(3, 1, 8, 8)
+    views = tta_views("dermoscopy")
+    probs = TTAModel(model, views)(x).softmax(-1)
+    expected = torch.stack([model(x.flip(VIEWS[v]) if VIEWS[v] else x).softmax(-1) for v in views]).mean(0)
+    assert torch.allclose(probs, expected, atol=1e-6)
+
+
+def test_a_preset_without_flips_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="medtricks.tta"):
+        _, views = wrap(Recorder(), "cxr")
+    assert views == ("identity",) and "left/right anatomy" in caplog.text
+
+
+def test_evaluate_and_predict_with_tta(phantoms_train, tmp_path):
+    run = finetune("demo", data=phantoms_train, out=tmp_path / "run", overrides=[*FAST, "data.augment=fundus"])
+    plain = evaluate(run, split="test")
+    scored = evaluate(run, split="test", tta=True)
+    assert scored["tta"] == ["identity", "hflip", "vflip", "hvflip"] and "tta" not in plain
+    opened = open_run(run, device="cpu")
+    opened.model = TTAModel(opened.model, tuple(scored["tta"]))
+    val = opened.predict(opened.dataset(None, "val"))
+    assert scored["threshold"] == choose_threshold(val.labels, val.probs, opened.recipe.train.threshold)
+    test = opened.predict(opened.dataset(None, "test"))
+    decided = (test.probs[:, 1] >= scored["threshold"]).astype(int)
+    assert scored["accuracy"] == pytest.approx(np.mean(decided == test.labels))
+    images = sorted(phantoms_train.rglob("*.dcm"))[:3]
+    rows = predict(run, images, tta=True)
+    with torch.inference_mode():
+        from medtricks.data.images import read_image
+        from medtricks.data.transforms import create_eval_transform
+        transform = create_eval_transform(32, opened.info["crop_fraction"])
+        for row, path in zip(rows, images, strict=True):
+            image = transform(torch.from_numpy(read_image(path, 1)[0]))[None]
+            p1 = opened.model(image).softmax(-1)[0, 1].item()
+            assert row[f"p_{opened.classes[1]}"] == pytest.approx(p1, abs=1e-6)
+            assert row["prediction"] == opened.classes[int(p1 >= scored["threshold"])]
