@@ -37,6 +37,7 @@ _EXPORTS = {
     "check_data": "medtricks.data.check",
     "compare": "medtricks.compare",
     "corruption_report": "medtricks.corruption_report",
+    "ensemble": "medtricks.ensemble",
     "create_model": "medtricks.models.backbones",
     "evaluate": "medtricks.finetune",
     "finetune": "medtricks.finetune",

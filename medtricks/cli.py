@@ -150,6 +150,11 @@ def finetune_cmd(
     if quiet:
         console.print(str(run))
         return
+    _print_report(run)
+
+
+def _print_report(run: Path) -> None:
+    """One line per split of a run's report.json, then the run directory."""
     report = json.loads((run / "report.json").read_text())
     for split, m in report["splits"].items():
         ci = "" if not m["auroc_ci95"] or None in m["auroc_ci95"] else \
@@ -413,6 +418,27 @@ def ablate_cmd(
         return
     console.print(Path(result["files"]["ablation.md"]).read_text(), highlight=False)
     console.print(f"ablation.json, ablation.md, forest.png and runs/ in {folder}", highlight=False)
+
+
+@app.command("ensemble")
+def ensemble_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Finished runs of one task and one data split (2-16).")],
+    out: Annotated[Path | None, typer.Option("--out", help="New ensemble directory [default: runs/ensemble-<time>].")]
+    = None,
+    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+) -> None:
+    """Average runs' probabilities into a run-like directory that evaluate, predict, compare, attack and corrupt
+    open like any run; the binary threshold is chosen again on the validation split.
+
+    Example: medtricks ensemble runs/seed-0 runs/seed-1 runs/seed-2 --out runs/ensemble-3
+    """
+    from medtricks.ensemble import ensemble
+
+    try:
+        folder = ensemble(runs, out=out, device=device)
+    except MedtricksError as exc:
+        _fail(exc)
+    _print_report(folder)
 
 
 @app.command("compare")

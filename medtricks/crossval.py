@@ -91,4 +91,5 @@ def fold_record(source_path: Path, recipe: Recipe, seeds: int, folds: int) -> di
     source = load_source(source_path, recipe.data.classes)
     return {"folds": folds, "keys": [str(r.get("key")) for r in source.records],
             "patient_ids": [r["patient_id"] for r in source.records],
-            "fold_of_record": {str(seed): fold_assignment(source, folds, seed) for seed in range(seeds)}}
+            "fold_of_record": {str(seed): fold_assignment(source, folds, recipe.data.split.seed_for(seed))
+                               for seed in range(seeds)}}

@@ -70,6 +70,9 @@ class SplitConfig:
     With `folds` = K >= 2 the split is cross-validation fold `fold` of K (medtricks.data.splits.split_source):
     test = that fold of the source's non-test patients, train / val = the other folds at the train : val ratio
     (the `test` fraction and the source's own test split are then unused). `ablate --folds` sets both.
+
+    `seed` fixes the split (and the folds) whatever the recipe's seed: runs that differ only in their training seed
+    then share their validation and test images, as an ensemble of seeds needs (None: the recipe's seed).
     """
 
     train: float = 0.7
@@ -77,12 +80,20 @@ class SplitConfig:
     test: float = 0.15
     folds: int = 0
     fold: int = 0
+    seed: int | None = None
 
     def __post_init__(self):
         if self.folds == 1 or self.folds < 0 or self.folds > 100:
             raise RecipeError(f"recipe key 'data.split.folds' = {self.folds}: 0 (no cross-validation) or 2-100.")
         if not 0 <= self.fold < max(self.folds, 1):
             raise RecipeError(f"recipe key 'data.split.fold' = {self.fold}: must be in 0..{max(self.folds, 1) - 1}.")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise RecipeError(f"recipe key 'data.split.seed' = {self.seed}: must lie in [0, 2^32), or null for the "
+                              f"recipe's seed.")
+
+    def seed_for(self, recipe_seed: int) -> int:
+        """The seed of the split: `seed`, else the recipe's."""
+        return recipe_seed if self.seed is None else self.seed
         if self.folds and self.val <= 0:
             raise RecipeError("recipe key 'data.split.val' must be > 0 with data.split.folds: each fold selects its "
                               "epoch and threshold on a validation split carved from its training folds.")

@@ -40,6 +40,7 @@ from medtricks.devices import place_model, resolve_device
 from medtricks.errors import MedtricksError, short
 from medtricks.files import MODEL_FILE, MODEL_JSON, RECIPE_FILE, REPORT_FILE, RESUME_FILE, atomic_write, write_text
 from medtricks.models.backbones import MedModel, create_model
+from medtricks.models.ensemble import EnsembleModel
 from medtricks.recipe import Recipe, load_recipe_from_dict
 from medtricks.scoring import EvalOutput, predict_loader
 
@@ -109,6 +110,12 @@ INFO_KEYS = {"arch": str, "num_classes": int, "in_chans": int, "input_mode": str
              "channels": int, "crop_fraction": float, "data": dict}
 
 
+# an ensemble's model.json lists its members (medtricks.ensemble), each with these keys; at most MAX_MEMBERS, so a
+# damaged or hostile file cannot make us build thousands of models
+MEMBER_KEYS = {"arch": str, "num_classes": int, "in_chans": int, "input_mode": str}
+MAX_MEMBERS = 16
+
+
 def _check_info(run: Path, info: dict) -> None:
     """model.json holds what a reader needs, with sane types; else a RunError naming the keys."""
     wrong = [key for key, kind in INFO_KEYS.items() if not isinstance(info.get(key), kind)
@@ -121,12 +128,18 @@ def _check_info(run: Path, info: dict) -> None:
             wrong.append("data.source")
         if threshold is not None and not (isinstance(threshold, float | int) and 0 <= threshold <= 1):
             wrong.append("threshold")
+        members = info.get("members")
+        if members is not None and not (isinstance(members, list) and 2 <= len(members) <= MAX_MEMBERS and all(
+                isinstance(m, dict) and all(isinstance(m.get(k), kind) and not isinstance(m.get(k), bool)
+                                            for k, kind in MEMBER_KEYS.items()) and m["num_classes"] == len(classes)
+                and m["in_chans"] == info["in_chans"] for m in members)):
+            wrong.append("members")
     if wrong:
         raise RunError(f"{run}: {MODEL_JSON} is incomplete or damaged (keys {', '.join(wrong)} are missing or "
                        f"wrong); the run cannot be rebuilt. Train it again.")
 
 
-def load_run_model(run: str | Path) -> tuple[MedModel, dict]:
+def load_run_model(run: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a run's model (architecture from model.json, no pretrained download) and load its weights strictly;
     no check that the run is finished (finetune reads its best epoch back with it): use `open_run` otherwise.
 
@@ -144,14 +157,27 @@ def _read_weights(run: Path) -> bytes:
         raise RunError(f"{run}: {MODEL_FILE} cannot be read ({exc.strerror or exc}).") from exc
 
 
-def _rebuild(run: Path, info: dict, weights: bytes) -> MedModel:
-    """The model model.json describes (no pretrained download) with `weights` (model.safetensors' bytes) loaded
-    strictly and its calibration temperature set, in eval mode on the CPU."""
+def _member(run: Path, description: dict) -> MedModel:
+    """An untrained model as `description` (model.json, or one of an ensemble's members) gives it, with its
+    calibration temperature set."""
     try:
-        model = create_model(info["arch"], info["num_classes"], info["in_chans"], weights="none",
-                             input_mode=info["input_mode"])  # normalization buffers come with the state dict
+        model = create_model(description["arch"], description["num_classes"], description["in_chans"],
+                             weights="none", input_mode=description["input_mode"])  # normalization: in the state
     except MedtricksError as exc:
         raise RunError(f"{run}: {MODEL_JSON} describes a model that cannot be built ({exc}).") from exc
+    temperature = description.get("temperature", 1.0)  # a calibrated run's (train.calibrate)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise RunError(f"{run}: {MODEL_JSON} has temperature {short(temperature)}; a calibration temperature is a "
+                       f"positive number. The file was edited or damaged: train the run again.")
+    model.temperature = float(temperature)
+    return model
+
+
+def _rebuild(run: Path, info: dict, weights: bytes) -> torch.nn.Module:
+    """The model model.json describes (no pretrained download; an EnsembleModel when it lists `members`) with
+    `weights` (model.safetensors' bytes) loaded strictly and calibration temperatures set, in eval mode on the CPU."""
+    members = info.get("members")
+    model = EnsembleModel([_member(run, m) for m in members]) if members else _member(run, info)
     try:
         state = load_safetensors(weights)
     except SafetensorError as exc:
@@ -160,11 +186,6 @@ def _rebuild(run: Path, info: dict, weights: bytes) -> MedModel:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise RunError(f"{run}: {MODEL_FILE} does not fit {info['arch']} ({str(exc).splitlines()[0]}).") from exc
-    temperature = info.get("temperature", 1.0)  # a calibrated run's (train.calibrate)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise RunError(f"{run}: {MODEL_JSON} has temperature {short(temperature)}; a calibration temperature is a "
-                       f"positive number. The file was edited or damaged: train the run again.")
-    model.temperature = float(temperature)
     return model.eval()
 
 
@@ -174,7 +195,7 @@ class Run:
     the resolved recipe; `dataset`, `loader` and `predict` score data as finetune's report did."""
 
     path: Path
-    model: MedModel
+    model: torch.nn.Module  # a MedModel, or an EnsembleModel of them
     info: dict
     recipe: Recipe
     device: torch.device

@@ -81,7 +81,8 @@ def find_leaks(records: list[dict], splits: list[str] | None = None) -> dict[str
 
 
 def split_source(source: Source, fractions: SplitConfig, seed: int) -> tuple[dict[str, list[int]], str]:
-    """Indices of the source's records per split, and a sentence saying where the split came from.
+    """Indices of the source's records per split, and a sentence saying where the split came from; `seed` is the
+    recipe's (fractions.seed, when set, replaces it).
 
     A source's own splits are kept (a missing `val` is carved from `train` at the recipe's val : train ratio,
     patient-level); otherwise the records are split by `assign_splits`. With `fractions.folds`, the split is a
@@ -92,6 +93,7 @@ def split_source(source: Source, fractions: SplitConfig, seed: int) -> tuple[dic
         DataError: when a source's own splits put one patient in two splits.
     """
     records = source.records
+    seed = fractions.seed_for(seed)
     if fractions.folds:
         return cross_validation_split(source, fractions, seed)
     if source.has_splits:

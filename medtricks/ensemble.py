@@ -1,0 +1,103 @@
+"""`medtricks ensemble RUN RUN ... --out DIR`: average several finished runs of one task into a run-like directory.
+
+The directory holds what a run holds (recipe.yaml: the first member's; model.safetensors: every member's weights;
+model.json: the members and the ensemble's own binary threshold; report.json), so evaluate, predict, compare,
+attack and corrupt open it like any run: its model returns the log of the mean of the members' probabilities
+(medtricks.models.ensemble), each member with its own calibration temperature. The threshold is chosen again on
+the validation split, on the averaged probabilities, by the first member's `train.threshold` method.
+
+The members must have been trained on the same data source with the same split (split settings and split seed:
+`data.split.seed` fixes it across training seeds), so that the validation and test images of the ensemble are those
+of every member (and no member trained on them); they must take the same input (channels, size, crop) and give the
+same classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from medtricks import __version__
+from medtricks.errors import DataError, MedtricksError
+from medtricks.files import MODEL_FILE, MODEL_JSON, REPORT_FILE, write_json
+from medtricks.models.ensemble import EnsembleModel
+from medtricks.models.weights import sha256_of
+from medtricks.runs import MAX_MEMBERS, Run, RunError, new_run_dir, open_run, save_recipe, save_weights
+from medtricks.scoring import evaluate_split, predict_loader, report_metrics, val_threshold
+
+# what the members must share: model.json keys (input and classes) and recipe keys (the split of the data)
+SAME_INPUT = ("classes", "channels", "in_chans", "image_size", "crop_fraction")
+
+
+logger = logging.getLogger(__name__)
+
+
+class EnsembleError(MedtricksError):
+    """Members that cannot be averaged (too few, too many, another task or another split)."""
+
+
+def _split_settings(run: Run) -> dict:
+    split = run.recipe.data.split
+    return {"split seed": split.seed_for(run.recipe.seed), "data.split": dataclasses.replace(split, seed=None),
+            "data.source": run.source}
+
+
+def _check_members(runs: Sequence[Run]) -> None:
+    first = runs[0]
+    for other in runs[1:]:
+        differ = [k for k in SAME_INPUT if other.info[k] != first.info[k]]
+        differ += [k for k, v in _split_settings(other).items() if v != _split_settings(first)[k]]
+        if differ:
+            raise EnsembleError(f"{other.path} differs from {first.path} in {', '.join(differ)}: ensemble members "
+                                f"must take the same images, give the same classes and come from the same data "
+                                f"split (same source, split seed and data.split), so that no member trained on the "
+                                f"ensemble's validation or test images. For an ensemble of seeds, fix the split "
+                                f"with --set data.split.seed=S and vary --seed.")
+
+
+def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: str | None = None) -> Path:
+    """Average finished runs into a new run-like directory `out` (default runs/ensemble-<time>); returns it.
+
+    Raises:
+        EnsembleError: fewer than 2 or more than MAX_MEMBERS runs, or members that differ in task or split.
+        RunError: a member that is not a finished run, or an `out` that exists.
+    """
+    if not 2 <= len(runs) <= MAX_MEMBERS:
+        raise EnsembleError(f"an ensemble takes 2 to {MAX_MEMBERS} runs; got {len(runs)}.")
+    if len({Path(r).resolve() for r in runs}) < len(runs):
+        raise EnsembleError("the same run is given twice; each member must be another run.")
+    started = time.perf_counter()
+    members = [open_run(r, device) for r in runs]
+    _check_members(members)
+    first = members[0]
+    if out is not None and Path(out).exists():
+        raise RunError(f"{out}: exists; medtricks never overwrites a run. Choose another --out.")
+    model = EnsembleModel([m.model for m in members]).eval()
+    outputs = {"val": predict_loader(model, first.loader(first.dataset(None, "val")), first.device)}
+    try:  # the threshold needs the validation split (an error above names why it cannot be read); test may be empty
+        outputs["test"] = predict_loader(model, first.loader(first.dataset(None, "test")), first.device)
+    except DataError as exc:
+        logger.warning("the ensemble has no test split to report (%s)", exc)
+    threshold = val_threshold(outputs["val"], len(first.classes), first.recipe.train.threshold)
+    run = new_run_dir("ensemble", out)  # only now: a member split that cannot be read leaves nothing behind
+    recipe = first.recipe.to_dict()
+    save_recipe(run, {**recipe, "name": f"ensemble-{recipe['name']}"})
+    save_weights(run / MODEL_FILE, model)
+    described = [{**{k: m.info[k] for k in ("arch", "num_classes", "in_chans", "input_mode")},
+                  "temperature": m.info.get("temperature", 1.0), "run": str(m.path.resolve()),
+                  "sha256": m.info.get("sha256")} for m in members]
+    info = {**{k: first.info[k] for k in (*SAME_INPUT, "num_classes", "input_mode", "data")}, "arch": "ensemble",
+            "members": described, "threshold": threshold, "medtricks_version": __version__,
+            "threshold_method": first.recipe.train.threshold, "sha256": sha256_of(run / MODEL_FILE)}
+    write_json(run / MODEL_JSON, info)
+    splits = {name: report_metrics(evaluate_split(output, threshold, first.recipe.seed, first.recipe.data.ordinal))
+              for name, output in outputs.items()}
+    write_json(run / REPORT_FILE, {"recipe": f"ensemble-{recipe['name']}", "seed": first.recipe.seed,
+                                   "classes": list(first.classes), "splits": splits,
+                                   "train": {"epochs": None, "seconds": round(time.perf_counter() - started, 2),
+                                             "images_per_second": None, "members": [m["run"] for m in described]}})
+    return run
+

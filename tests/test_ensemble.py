@@ -1,0 +1,88 @@
+"""`medtricks ensemble` (issue 18, part 5b): an ensemble of two runs evaluates to the average of their
+probabilities, chooses its threshold on validation, opens like any run (evaluate, predict, compare, attack), and
+refuses members of another task or another split."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medtricks.cli import app
+from medtricks.compare import compare
+from medtricks.ensemble import EnsembleError, ensemble
+from medtricks.finetune import evaluate, finetune, predict
+from medtricks.metrics import choose_threshold
+from medtricks.recipe import AttackSettings
+from medtricks.robustness import decision_model, run_attack
+from medtricks.runs import RunError, open_run
+
+FAST = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=1",
+        "train.batch_size=8", "train.eval_batch_size=16", "data.split.seed=7"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def members(phantoms_train, tmp_path_factory):
+    root = tmp_path_factory.mktemp("members")
+    return [finetune("demo", data=phantoms_train, out=root / f"seed-{seed}", seed=seed, overrides=FAST)
+            for seed in (0, 1)]  # two training seeds, one split (data.split.seed)
+
+
+def test_an_ensemble_of_two_runs_is_the_average_of_their_probabilities(members, phantoms_train, tmp_path):
+    run = ensemble(members, out=tmp_path / "ens", device="cpu")
+    opened = [open_run(m, device="cpu") for m in members]
+    ens = open_run(run, device="cpu")
+    for split in ("val", "test"):
+        outputs = [o.predict(o.dataset(None, split)) for o in opened]
+        assert np.array_equal(outputs[0].labels, outputs[1].labels)  # the same images: one split
+        averaged = ens.predict(ens.dataset(None, split))
+        assert np.allclose(averaged.probs, (outputs[0].probs + outputs[1].probs) / 2, atol=1e-6)
+        if split == "val":
+            assert ens.threshold == choose_threshold(averaged.labels, averaged.probs, "youden")
+    report = json.loads((run / "report.json").read_text())
+    assert evaluate(run, split="test")["auroc"] == report["splits"]["test"]["auroc"]  # reopened from disk
+    info = json.loads((run / "model.json").read_text())
+    assert [m["run"] for m in info["members"]] == [str(m.resolve()) for m in members]
+
+    images = sorted(phantoms_train.rglob("*.dcm"))[:2]
+    rows = [predict(r, images, device="cpu") for r in (run, *members)]
+    for key in (k for k in rows[0][0] if k.startswith("p_")):
+        for together, *alone in zip(*rows, strict=True):
+            assert together[key] == pytest.approx(np.mean([a[key] for a in alone]), abs=1e-6)
+    result = compare(run, members[0], split="test", device="cpu")
+    assert result["n"] == report["splits"]["test"]["n"]
+    settings = AttackSettings(eps=(2 / 255,), steps=2)
+    attacked = run_attack(decision_model(ens), ens.loader(ens.dataset(None, "test")), settings, ens.classes,
+                          device=torch.device("cpu"))
+    assert attacked["results"][0]["accuracy"] <= attacked["clean"]["accuracy"]  # gradients reach the members
+
+
+def test_members_of_another_split_task_or_too_few_are_refused(members, phantoms_train, tmp_path):
+    other_split = finetune("demo", data=phantoms_train, out=tmp_path / "other", seed=2,
+                           overrides=[o for o in FAST if not o.startswith("data.split.seed")])
+    with pytest.raises(EnsembleError, match="split seed"):
+        ensemble([members[0], other_split], out=tmp_path / "e1")
+    other_size = finetune("demo", data=phantoms_train, out=tmp_path / "size", overrides=[*FAST, "data.image_size=40"])
+    with pytest.raises(EnsembleError, match="image_size"):
+        ensemble([members[0], other_size], out=tmp_path / "e2")
+    with pytest.raises(EnsembleError, match="2 to 16"):
+        ensemble(members[:1], out=tmp_path / "e3")
+    with pytest.raises(EnsembleError, match="twice"):
+        ensemble([members[0], members[0]], out=tmp_path / "e4")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(RunError, match="never overwrites"):
+        ensemble(members, out=tmp_path / "taken")
+    assert not any((tmp_path / name).exists() for name in ("e1", "e2", "e3", "e4"))  # nothing left behind
+    result = runner.invoke(app, ["ensemble", str(members[0]), "--out", str(tmp_path / "e5")])
+    assert result.exit_code == 2 and "2 to 16" in result.output
+
+
+def test_a_damaged_member_list_is_refused_before_any_model_is_built(members, tmp_path):
+    run = ensemble(members, out=tmp_path / "ens", device="cpu")
+    info = json.loads((run / "model.json").read_text())
+    info["members"] = info["members"] * 9  # 18 members: more than any ensemble may hold
+    (run / "model.json").write_text(json.dumps(info))
+    with pytest.raises(RunError, match="members"):
+        open_run(run, device="cpu")
