@@ -441,6 +441,66 @@ def ensemble_cmd(
     _print_report(folder)
 
 
+@app.command("explain")
+def explain_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory written by finetune.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    method: Annotated[str, typer.Option("--method", help="gradcam, gradcam++ or occlusion.")] = "gradcam",
+    target_class: Annotated[str | None, typer.Option("--class", help="Class to explain [default: the run's "
+                                                     "decision per image].")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", help="Grad-CAM layer [default: the last feature stage].")]
+    = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for overlays, maps and explain.json [default: "
+                                             "explain-<run>-<method>].")] = None,
+    sanity: Annotated[bool, typer.Option("--sanity", help="Cascading randomization check (Adebayo et al. 2018).")]
+    = False,
+    shortcuts: Annotated[bool, typer.Option("--shortcuts", help="Screen for saliency on borders and corners.")]
+    = False,
+    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Saliency maps (where the model looks) as overlays and raw maps, with optional sanity and shortcut screens.
+
+    Example: medtricks explain runs/covid images/ --method gradcam --shortcuts --sanity --out covid-maps
+    """
+    import torch
+
+    from medtricks.explain import explain, sanity_check, shortcut_screen, write_explanations
+    from medtricks.runs import open_run
+
+    try:
+        opened = open_run(run, device)
+        result = explain(opened, images, method=method, target_class=target_class, layer=layer)
+        extra = {}
+        if shortcuts:
+            extra["shortcuts"] = shortcut_screen(result.maps)
+        if sanity:
+            pixels = torch.from_numpy(result.images).to(opened.device)
+            extra["sanity"] = sanity_check(opened.model, pixels, result.classes, method, layer)
+        folder = write_explanations(result, out or Path(f"explain-{run.resolve().name}-{method}"), method, overwrite,
+                                    extra)
+    except MedtricksError as exc:
+        _fail(exc)
+    for path, name, probs, cls in zip(result.paths, result.class_names, result.probabilities, result.classes,
+                                      strict=True):
+        console.print(f"{path}\t{name} (p = {probs[cls]:.3f})", highlight=False)
+    for row in result.unreadable:
+        err_console.print(Text("unreadable:", style="yellow"), row["error"], highlight=False)
+    if shortcuts:
+        screen = extra["shortcuts"]
+        console.print(f"shortcut screen: border {screen['border_density']:.2f}x and corners "
+                      f"{screen['corner_density']:.2f}x a uniform map's share, peaks outside the centre in "
+                      f"{screen['peaks_outside_central']:.0%} -> {'FLAGGED' if screen['flagged'] else 'not flagged'} "
+                      f"({screen['note']})", highlight=False)
+    if sanity:
+        check = extra["sanity"]
+        last = check["steps"][-1]
+        console.print(f"sanity: all stages randomized: Spearman {last['spearman']:.2f}, SSIM {last['ssim']:.2f} -> "
+                      f"{'FLAGGED' if check['flagged'] else 'the maps depend on the trained weights'}",
+                      highlight=False)
+    console.print(f"overlays, maps and explain.json in {folder}", highlight=False)
+
+
 @app.command("compare")
 def compare_cmd(
     run_a: Annotated[Path, typer.Argument(help="Run directory A.")],

@@ -159,6 +159,19 @@ def plot_reliability(labels: np.ndarray, probs: np.ndarray, path: str | Path, n_
     return _save(fig, path)
 
 
+def plot_saliency(image: np.ndarray, saliency: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """The image (C, H, W) in [0, 1] as the model saw it, beside it with the saliency map (H, W) in [0, 1] on top."""
+    shown = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
+    for ax in axes:
+        ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+        ax.axis("off")
+    overlay = axes[1].imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    fig.colorbar(overlay, ax=axes[1], fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize="small")
+    return _save(fig, path)
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(epochs, values) of the rows that have a non-None value for key."""
     pairs = [(row.get("epoch", i), row[key]) for i, row in enumerate(rows) if row.get(key) is not None]
