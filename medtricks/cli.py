@@ -254,6 +254,8 @@ def attack_cmd(
     overwrite: OverwriteOption = False,
     checks: Annotated[bool, typer.Option("--checks/--no-checks", help="Gradient-masking checks (Carlini et al. "
                                          "2019; about doubles the time).")] = True,
+    explain: Annotated[bool, typer.Option("--explain", help="Grad-CAM of the gallery's clean and adversarial "
+                                          "images: does the attack move the model's attention?")] = False,
 ) -> None:
     """Attack a fine-tuned model with FGSM, PGD, APGD or the AutoAttack-style ensemble over a sweep of eps; writes
     JSON and plots under RUN/attacks/.
@@ -275,7 +277,7 @@ def attack_cmd(
                    "targeted": True if targeted else None, "eps": parse_eps(eps) if eps is not None else None}
         report = attack(run, data=data, preset=preset, options=options, split=split, limit=limit,
                         source_run=source_run, json_path=json_path, save_images=save_images, device=device,
-                        overwrite=overwrite, checks=checks)
+                        overwrite=overwrite, checks=checks, explain=explain)
     except MedtricksError as exc:
         _fail(exc)
     clean = report["clean"]
@@ -294,6 +296,9 @@ def attack_cmd(
                       highlight=False)
         if check["status"] == "WARN":
             console.print(f"    {check['meaning']}", highlight=False)
+    if explain and (rho := [row["spearman"] for row in report["explain"] if row["spearman"] is not None]):
+        console.print(f"  attention (Grad-CAM, clean vs adversarial, {len(rho)} gallery images): Spearman "
+                      f"{min(rho):.2f} to {max(rho):.2f} (explain.png)", highlight=False)
     console.print(f"{report['images_per_second']:.1f} images/s on {report['device']}; report and plots in "
                   f"{report['files']}", highlight=False)
 
@@ -495,8 +500,8 @@ def explain_cmd(
     if sanity:
         check = extra["sanity"]
         last = check["steps"][-1]
-        console.print(f"sanity: all stages randomized: Spearman {last['spearman']:.2f}, SSIM {last['ssim']:.2f} -> "
-                      f"{'FLAGGED' if check['flagged'] else 'the maps depend on the trained weights'}",
+        console.print(f"sanity: all stages randomized: Spearman {_num(last['spearman'])}, SSIM {_num(last['ssim'])} "
+                      f"-> {'FLAGGED' if check['flagged'] else 'the maps depend on the trained weights'}",
                       highlight=False)
     console.print(f"overlays, maps and explain.json in {folder}", highlight=False)
 

@@ -195,11 +195,10 @@ def sanity_check(model: MedModel, images: torch.Tensor, classes: Sequence[int], 
 
     def compare(randomized: MedModel) -> dict:
         maps = Explainer(randomized, method, layer)(images, classes)
-        rho = [spearmanr(a.ravel(), b.ravel()).statistic if a.std() > 0 and b.std() > 0 else 0.0
-               for a, b in zip(original, maps, strict=True)]
+        rho = [r for a, b in zip(original, maps, strict=True) if (r := _spearman(a, b)) is not None]
         ssim = SSIMMetric(spatial_dims=2, data_range=1.0)(torch.from_numpy(maps)[:, None],
                                                           torch.from_numpy(original)[:, None])
-        return {"spearman": float(np.mean(rho)), "ssim": float(ssim.mean())}
+        return {"spearman": float(np.mean(rho)) if rho else None, "ssim": float(ssim.mean())}
 
     steps, randomized = [], copy.deepcopy(model)
     for k, stage in enumerate(stages):
@@ -210,9 +209,45 @@ def sanity_check(model: MedModel, images: torch.Tensor, classes: Sequence[int], 
     for module in head_only.stage_modules([stages[0]]):
         _randomize(module, seed)
     last = steps[-1]["spearman"]
-    return {"method": method, "steps": steps, "head_only": compare(head_only), "flagged": bool(last >= SANITY_RHO),
+    return {"method": method, "steps": steps, "head_only": compare(head_only),
+            "flagged": bool(last is not None and last >= SANITY_RHO),
             "note": f"flagged when the maps of the fully randomized model still correlate with the trained model's "
                     f"(Spearman >= {SANITY_RHO}): then the maps do not depend on what the model learned."}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Rank correlation of two maps: None when both are constant (nothing to compare), 0 when one is (the other's
+    ranking is lost)."""
+    if a.std() == 0 and b.std() == 0:
+        return None
+    return float(spearmanr(a.ravel(), b.ravel()).statistic) if a.std() > 0 and b.std() > 0 else 0.0
+
+
+def attention_shift(model: MedModel, examples: Sequence[tuple], classes: Sequence[str], path: str | Path,
+                    method: str = "gradcam") -> list[dict]:
+    """Does an attack move the model's attention? The map of each attack example's true class on the clean and on
+    the adversarial image (`attack --explain`), side by side in `path`, with their rank correlation.
+
+    Args:
+        examples: (clean (C, H, W), adversarial (C, H, W), label, clean prediction, adversarial prediction), as
+            medtricks.robustness.run_attack keeps them.
+    """
+    from medtricks import plots
+
+    if not examples:
+        return []
+    device = next(model.parameters()).device
+    explainer = Explainer(model, method)
+    labels = [int(e[2]) for e in examples]
+    clean = explainer(torch.stack([e[0] for e in examples]).to(device), labels)
+    adversarial = explainer(torch.stack([e[1] for e in examples]).to(device), labels)
+    rows = [{"label": classes[label], "clean_prediction": classes[e[3]], "adversarial_prediction": classes[e[4]],
+             "spearman": _spearman(a, b)} for label, e, a, b in zip(labels, examples, clean, adversarial, strict=True)]
+    titles = [f"{r['label']}: {r['clean_prediction']} -> {r['adversarial_prediction']}, Spearman "
+              + ("n/a (both maps empty)" if r["spearman"] is None else f"{r['spearman']:.2f}") for r in rows]
+    plots.plot_attention_shift([e[0].numpy() for e in examples], [e[1].numpy() for e in examples], clean,
+                               adversarial, titles, path, method)
+    return rows
 
 
 @dataclass

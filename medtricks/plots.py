@@ -172,6 +172,23 @@ def plot_saliency(image: np.ndarray, saliency: np.ndarray, path: str | Path, tit
     return _save(fig, path)
 
 
+def plot_attention_shift(clean: Sequence[np.ndarray], adversarial: Sequence[np.ndarray], clean_maps: np.ndarray,
+                         adversarial_maps: np.ndarray, titles: Sequence[str], path: str | Path, method: str) -> Path:
+    """One row per attack example: the clean image with its saliency map, the adversarial image with its map."""
+    rows = len(clean)
+    fig, axes = plt.subplots(rows, 2, figsize=(6, 3 * rows + 0.4), squeeze=False, layout="constrained")
+    for row in range(rows):
+        for col, (image, saliency, name) in enumerate(((clean[row], clean_maps[row], "clean"),
+                                                       (adversarial[row], adversarial_maps[row], "adversarial"))):
+            shown = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
+            ax = axes[row, col]
+            ax.imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+            ax.imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(f"{name}, {method}" + (f"\n{titles[row]}" if col == 0 else ""), fontsize=7)
+            ax.axis("off")
+    return _save(fig, path)
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(epochs, values) of the rows that have a non-None value for key."""
     pairs = [(row.get("epoch", i), row[key]) for i, row in enumerate(rows) if row.get(key) is not None]

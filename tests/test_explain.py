@@ -164,3 +164,16 @@ def test_explain_command_writes_maps_and_refuses_what_it_should(lesion_run, tmp_
     occlusion = runner.invoke(app, ["explain", str(run), str(images[1]), "--method", "occlusion", "--out",
                                     str(tmp_path / "occ")])
     assert occlusion.exit_code == 0, occlusion.output
+
+
+def test_attack_explain_maps_the_gallery_clean_and_adversarial(lesion_run):
+    run, _, _ = lesion_run
+    result = runner.invoke(app, ["attack", str(run), "--pgd", "--eps", "8/255", "--steps", "3", "--limit", "6",
+                                 "--no-checks", "--explain", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    folder = sorted((run / "attacks").iterdir())[-1]
+    report = json.loads((folder / "attack.json").read_text())
+    rho = [row["spearman"] for row in report["explain"] if row["spearman"] is not None]  # None: both maps empty
+    assert len(report["explain"]) == 6 and rho and all(-1 <= r <= 1 for r in rho)
+    assert min(rho) < 0.999  # the adversarial images' maps are their own
+    assert (folder / "explain.png").is_file() and "attention" in result.output
