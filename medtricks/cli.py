@@ -174,6 +174,9 @@ def evaluate_cmd(
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
     overwrite: OverwriteOption = False,
     tta: TTAOption = False,
+    explain_summary: Annotated[bool, typer.Option("--explain-summary", help="Grad-CAM shortcut screen over the "
+                                                  "whole split (border and corner saliency), with a gallery.")]
+    = False,
 ) -> None:
     """Evaluate a run's model on a split of its data or on another source.
 
@@ -189,6 +192,19 @@ def evaluate_cmd(
                                tta=tta)
     except MedtricksError as exc:
         _fail(exc)
+    if explain_summary and distributed.is_main():
+        try:
+            from medtricks.explain import explain_split
+            from medtricks.files import check_output, write_json
+            from medtricks.runs import open_run
+
+            gallery = check_output(Path(f"shortcuts-{run.resolve().name}-{split}.png"), overwrite,
+                                   "--explain-summary gallery")
+            metrics["explain_summary"] = explain_split(open_run(run, device), split, data, gallery=gallery)
+            if json_path is not None:  # the file evaluate just wrote, now with the screen
+                write_json(json_path, metrics)
+        except MedtricksError as exc:
+            _fail(exc)
     if distributed.is_main():
         console.print(json.dumps(metrics, indent=2))
 

@@ -324,6 +324,33 @@ def _save_map(path: Path, saliency: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def explain_split(run: Run, split: str = "test", data: str | Path | None = None, method: str = "gradcam",
+                  layer: str | None = None, gallery: str | Path | None = None) -> dict:
+    """The shortcut screen over every image of a split (`evaluate --explain-summary`), each map for the run's own
+    decision; with `gallery`, a PNG of the most border-focused images."""
+    from medtricks import plots
+
+    dataset = run.dataset(data, split)
+    explainer = Explainer(run.model, method, layer)
+    images, maps, decided = [], [], []
+    for batch in run.loader(dataset):
+        pixels = batch["image"].to(run.device)
+        classes, _ = decided_classes(run, pixels)
+        maps.append(explainer(pixels, classes))
+        images.append(batch["image"].numpy())
+        decided.extend(classes)
+    maps, images = np.concatenate(maps), np.concatenate(images)
+    screen = {"split": split, "method": method, **shortcut_screen(maps)}
+    keys = [dataset.store.records[i]["key"] for i in dataset.indices]
+    screen["most_border_focused"] = [str(keys[i]) for i in screen["most_border_focused"]]
+    if gallery is not None:
+        top = [keys.index(k) for k in screen["most_border_focused"]]
+        plots.plot_saliency_gallery(images[top], maps[top], [f"{keys[i]}: {run.classes[decided[i]]}" for i in top],
+                                    gallery)
+        screen["gallery"] = str(gallery)
+    return screen
+
+
 def write_explanations(result: Explained, out: str | Path, method: str, overwrite: bool = False,
                        extra: dict | None = None) -> Path:
     """Overlays (PNG) and raw maps (.npy, float32, no pickle) per image, and explain.json, into the folder `out`."""
@@ -343,6 +370,12 @@ def write_explanations(result: Explained, out: str | Path, method: str, overwrit
                      "probability": float(result.probabilities[i, result.classes[i]]),
                      "peak": [int(peak[0]), int(peak[1])], "map": f"{stem}-{method}.npy",
                      "overlay": f"{stem}-{method}.png"})
+    screen = (extra or {}).get("shortcuts")
+    if screen is not None:  # the images to look at first
+        top = screen["most_border_focused"]
+        plots.plot_saliency_gallery(result.images[top], result.maps[top],
+                                    [f"{Path(result.paths[i]).name}: {result.class_names[i]}" for i in top],
+                                    out / "shortcuts.png")
     write_json(out / "explain.json", {"method": method, "images": rows, "unreadable": result.unreadable,
                                       **(extra or {})})
     return out

@@ -172,6 +172,21 @@ def plot_saliency(image: np.ndarray, saliency: np.ndarray, path: str | Path, tit
     return _save(fig, path)
 
 
+def plot_saliency_gallery(images: np.ndarray, maps: np.ndarray, titles: Sequence[str], path: str | Path) -> Path:
+    """A grid of images (N, C, H, W) with their saliency maps (N, H, W) on top, e.g. the most border-focused."""
+    cols = 4
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False, layout="constrained")
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, saliency, title in zip(axes.ravel(), images, maps, titles, strict=False):
+        shown = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
+        ax.imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+        ax.imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=7)
+    return _save(fig, path)
+
+
 def plot_attention_shift(clean: Sequence[np.ndarray], adversarial: Sequence[np.ndarray], clean_maps: np.ndarray,
                          adversarial_maps: np.ndarray, titles: Sequence[str], path: str | Path, method: str) -> Path:
     """One row per attack example: the clean image with its saliency map, the adversarial image with its map."""

@@ -155,7 +155,7 @@ def test_explain_command_writes_maps_and_refuses_what_it_should(lesion_run, tmp_
     assert len(summary["images"]) == 3 and summary["unreadable"][0]["path"].endswith("broken.png")
     saliency = np.load(out / summary["images"][0]["map"], allow_pickle=False)
     assert saliency.shape == (SIZE, SIZE) and (out / summary["images"][0]["overlay"]).is_file()
-    assert "shortcuts" in summary and "unreadable" in result.output
+    assert "shortcuts" in summary and "unreadable" in result.output and (out / "shortcuts.png").is_file()
     again = runner.invoke(app, ["explain", str(run), str(images[0]), "--out", str(out)])
     assert again.exit_code == 2 and "not empty" in again.output
     unknown = runner.invoke(app, ["explain", str(run), str(images[0]), "--class", "nodule", "--out",
@@ -177,3 +177,15 @@ def test_attack_explain_maps_the_gallery_clean_and_adversarial(lesion_run):
     assert len(report["explain"]) == 6 and rho and all(-1 <= r <= 1 for r in rho)
     assert min(rho) < 0.999  # the adversarial images' maps are their own
     assert (folder / "explain.png").is_file() and "attention" in result.output
+
+
+def test_evaluate_explain_summary_screens_a_whole_split(lesion_run, tmp_path, monkeypatch):
+    run, _, _ = lesion_run
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["evaluate", str(run), "--split", "test", "--explain-summary", "--device", "cpu",
+                                 "--json", "m.json"])
+    assert result.exit_code == 0, result.output
+    screen = json.loads((tmp_path / "m.json").read_text())["explain_summary"]
+    report = json.loads((run / "report.json").read_text())
+    assert screen["images"] == report["splits"]["test"]["n"] and not screen["flagged"]
+    assert len(screen["most_border_focused"]) == 8 and (tmp_path / screen["gallery"]).is_file()
