@@ -38,6 +38,7 @@ _EXPORTS = {
     "compare": "medtricks.compare",
     "corruption_report": "medtricks.corruption_report",
     "ensemble": "medtricks.ensemble",
+    "explain": "medtricks.explain",
     "create_model": "medtricks.models.backbones",
     "evaluate": "medtricks.finetune",
     "finetune": "medtricks.finetune",

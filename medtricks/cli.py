@@ -174,6 +174,9 @@ def evaluate_cmd(
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
     overwrite: OverwriteOption = False,
     tta: TTAOption = False,
+    explain_summary: Annotated[bool, typer.Option("--explain-summary", help="Grad-CAM shortcut screen over the "
+                                                  "whole split (border and corner saliency), with a gallery.")]
+    = False,
 ) -> None:
     """Evaluate a run's model on a split of its data or on another source.
 
@@ -189,6 +192,19 @@ def evaluate_cmd(
                                tta=tta)
     except MedtricksError as exc:
         _fail(exc)
+    if explain_summary and distributed.is_main():
+        try:
+            from medtricks.explain import explain_split
+            from medtricks.files import check_output, write_json
+            from medtricks.runs import open_run
+
+            gallery = check_output(Path(f"shortcuts-{run.resolve().name}-{split}.png"), overwrite,
+                                   "--explain-summary gallery")
+            metrics["explain_summary"] = explain_split(open_run(run, device), split, data, gallery=gallery)
+            if json_path is not None:  # the file evaluate just wrote, now with the screen
+                write_json(json_path, metrics)
+        except MedtricksError as exc:
+            _fail(exc)
     if distributed.is_main():
         console.print(json.dumps(metrics, indent=2))
 
@@ -254,6 +270,8 @@ def attack_cmd(
     overwrite: OverwriteOption = False,
     checks: Annotated[bool, typer.Option("--checks/--no-checks", help="Gradient-masking checks (Carlini et al. "
                                          "2019; about doubles the time).")] = True,
+    explain: Annotated[bool, typer.Option("--explain", help="Grad-CAM of the gallery's clean and adversarial "
+                                          "images: does the attack move the model's attention?")] = False,
 ) -> None:
     """Attack a fine-tuned model with FGSM, PGD, APGD or the AutoAttack-style ensemble over a sweep of eps; writes
     JSON and plots under RUN/attacks/.
@@ -275,7 +293,7 @@ def attack_cmd(
                    "targeted": True if targeted else None, "eps": parse_eps(eps) if eps is not None else None}
         report = attack(run, data=data, preset=preset, options=options, split=split, limit=limit,
                         source_run=source_run, json_path=json_path, save_images=save_images, device=device,
-                        overwrite=overwrite, checks=checks)
+                        overwrite=overwrite, checks=checks, explain=explain)
     except MedtricksError as exc:
         _fail(exc)
     clean = report["clean"]
@@ -294,6 +312,9 @@ def attack_cmd(
                       highlight=False)
         if check["status"] == "WARN":
             console.print(f"    {check['meaning']}", highlight=False)
+    if explain and (rho := [row["spearman"] for row in report["explain"] if row["spearman"] is not None]):
+        console.print(f"  attention (Grad-CAM, clean vs adversarial, {len(rho)} gallery images): Spearman "
+                      f"{min(rho):.2f} to {max(rho):.2f} (explain.png)", highlight=False)
     console.print(f"{report['images_per_second']:.1f} images/s on {report['device']}; report and plots in "
                   f"{report['files']}", highlight=False)
 
@@ -439,6 +460,66 @@ def ensemble_cmd(
     except MedtricksError as exc:
         _fail(exc)
     _print_report(folder)
+
+
+@app.command("explain")
+def explain_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory written by finetune.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    method: Annotated[str, typer.Option("--method", help="gradcam, gradcam++ or occlusion.")] = "gradcam",
+    target_class: Annotated[str | None, typer.Option("--class", help="Class to explain [default: the run's "
+                                                     "decision per image].")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", help="Grad-CAM layer [default: the last feature stage].")]
+    = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for overlays, maps and explain.json [default: "
+                                             "explain-<run>-<method>].")] = None,
+    sanity: Annotated[bool, typer.Option("--sanity", help="Cascading randomization check (Adebayo et al. 2018).")]
+    = False,
+    shortcuts: Annotated[bool, typer.Option("--shortcuts", help="Screen for saliency on borders and corners.")]
+    = False,
+    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Saliency maps (where the model looks) as overlays and raw maps, with optional sanity and shortcut screens.
+
+    Example: medtricks explain runs/covid images/ --method gradcam --shortcuts --sanity --out covid-maps
+    """
+    import torch
+
+    from medtricks.explain import explain, sanity_check, shortcut_screen, write_explanations
+    from medtricks.runs import open_run
+
+    try:
+        opened = open_run(run, device)
+        result = explain(opened, images, method=method, target_class=target_class, layer=layer)
+        extra = {}
+        if shortcuts:
+            extra["shortcuts"] = shortcut_screen(result.maps)
+        if sanity:
+            pixels = torch.from_numpy(result.images).to(opened.device)
+            extra["sanity"] = sanity_check(opened.model, pixels, result.classes, method, layer)
+        folder = write_explanations(result, out or Path(f"explain-{run.resolve().name}-{method}"), method, overwrite,
+                                    extra)
+    except MedtricksError as exc:
+        _fail(exc)
+    for path, name, probs, cls in zip(result.paths, result.class_names, result.probabilities, result.classes,
+                                      strict=True):
+        console.print(f"{path}\t{name} (p = {probs[cls]:.3f})", highlight=False)
+    for row in result.unreadable:
+        err_console.print(Text("unreadable:", style="yellow"), row["error"], highlight=False)
+    if shortcuts:
+        screen = extra["shortcuts"]
+        console.print(f"shortcut screen: border {screen['border_density']:.2f}x and corners "
+                      f"{screen['corner_density']:.2f}x a uniform map's share, peaks outside the centre in "
+                      f"{screen['peaks_outside_central']:.0%} -> {'FLAGGED' if screen['flagged'] else 'not flagged'} "
+                      f"({screen['note']})", highlight=False)
+    if sanity:
+        check = extra["sanity"]
+        last = check["steps"][-1]
+        console.print(f"sanity: all stages randomized: Spearman {_num(last['spearman'])}, SSIM {_num(last['ssim'])} "
+                      f"-> {'FLAGGED' if check['flagged'] else 'the maps depend on the trained weights'}",
+                      highlight=False)
+    console.print(f"overlays, maps and explain.json in {folder}", highlight=False)
 
 
 @app.command("compare")

@@ -159,6 +159,51 @@ def plot_reliability(labels: np.ndarray, probs: np.ndarray, path: str | Path, n_
     return _save(fig, path)
 
 
+def plot_saliency(image: np.ndarray, saliency: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """The image (C, H, W) in [0, 1] as the model saw it, beside it with the saliency map (H, W) in [0, 1] on top."""
+    shown = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
+    for ax in axes:
+        ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+        ax.axis("off")
+    overlay = axes[1].imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    fig.colorbar(overlay, ax=axes[1], fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize="small")
+    return _save(fig, path)
+
+
+def plot_saliency_gallery(images: np.ndarray, maps: np.ndarray, titles: Sequence[str], path: str | Path) -> Path:
+    """A grid of images (N, C, H, W) with their saliency maps (N, H, W) on top, e.g. the most border-focused."""
+    cols = 4
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False, layout="constrained")
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, saliency, title in zip(axes.ravel(), images, maps, titles, strict=False):
+        shown = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
+        ax.imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+        ax.imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=7)
+    return _save(fig, path)
+
+
+def plot_attention_shift(clean: Sequence[np.ndarray], adversarial: Sequence[np.ndarray], clean_maps: np.ndarray,
+                         adversarial_maps: np.ndarray, titles: Sequence[str], path: str | Path, method: str) -> Path:
+    """One row per attack example: the clean image with its saliency map, the adversarial image with its map."""
+    rows = len(clean)
+    fig, axes = plt.subplots(rows, 2, figsize=(6, 3 * rows + 0.4), squeeze=False, layout="constrained")
+    for row in range(rows):
+        for col, (image, saliency, name) in enumerate(((clean[row], clean_maps[row], "clean"),
+                                                       (adversarial[row], adversarial_maps[row], "adversarial"))):
+            shown = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
+            ax = axes[row, col]
+            ax.imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+            ax.imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(f"{name}, {method}" + (f"\n{titles[row]}" if col == 0 else ""), fontsize=7)
+            ax.axis("off")
+    return _save(fig, path)
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(epochs, values) of the rows that have a non-None value for key."""
     pairs = [(row.get("epoch", i), row[key]) for i, row in enumerate(rows) if row.get(key) is not None]

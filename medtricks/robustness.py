@@ -29,6 +29,7 @@ from medtricks.attacks import ThresholdShift, TwoLogits, fgsm, pgd
 from medtricks.errors import AttackError, short
 from medtricks.files import atomic_write, check_output, write_json
 from medtricks.metrics import auroc, missing_class_warning
+from medtricks.models.backbones import MedModel
 from medtricks.recipe import AttackSettings
 from medtricks.runs import Run, newest_run, open_run
 
@@ -208,7 +209,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
            split: str = "test", limit: int | None = None, source_run: str | Path | None = None,
            json_path: str | Path | None = None, save_images: str | Path | None = None,
            device: str | None = "auto", preset: str | None = None, options: dict | None = None,
-           overwrite: bool = False, checks: bool = True) -> dict:
+           overwrite: bool = False, checks: bool = True, explain: bool = False) -> dict:
     """Attack a run's model on a split of its data (or another source); write the JSON report and plots.
 
     Args:
@@ -227,6 +228,8 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
         overwrite: allow `json_path` to replace an existing file and `save_images` to write into a non-empty folder
             (never a run's own files: medtricks.files.check_output).
         checks: add the gradient-masking checks (masking_checks; about twice the attack's time) as "checks".
+        explain: add Grad-CAM of the gallery's clean and adversarial images (medtricks.explain.attention_shift) as
+            "explain" and explain.png: does the attack move the model's attention?
 
     Returns:
         The report (DESIGN.md's attack JSON plus where its files are).
@@ -236,6 +239,9 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
     if save_images is not None:
         check_output(save_images, overwrite, "--save-images", folder=True)
     target = open_run(run if run is not None else newest_run(), device)
+    if explain and not isinstance(target.model, MedModel):
+        raise AttackError(f"--explain: {target.path} is an ensemble, whose maps would mix its members' attention; "
+                          f"attack without --explain, or explain a member run.")
     settings = attack_settings(settings or target.recipe.attack, preset, **(options or {}))
     dataset = target.dataset(data, split, limit)
     source = decision_model(target.open_same_task(source_run, "--source-run")) if source_run is not None else None
@@ -254,6 +260,10 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
     out_dir.mkdir(parents=True)
     plots.plot_robustness(report, out_dir / "robustness.png")
     plots.plot_adversarial_examples(examples, target.classes, out_dir / "examples.png", eps=settings.eps[-1])
+    if explain:
+        from medtricks.explain import attention_shift  # MONAI is imported only when maps are asked for
+
+        report["explain"] = attention_shift(target.model, examples, target.classes, out_dir / "explain.png")
     write_json(out_dir / "attack.json", report)
     if json_path is not None:
         write_json(Path(json_path), report)
