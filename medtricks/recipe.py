@@ -90,10 +90,6 @@ class SplitConfig:
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise RecipeError(f"recipe key 'data.split.seed' = {self.seed}: must lie in [0, 2^32), or null for the "
                               f"recipe's seed.")
-
-    def seed_for(self, recipe_seed: int) -> int:
-        """The seed of the split: `seed`, else the recipe's."""
-        return recipe_seed if self.seed is None else self.seed
         if self.folds and self.val <= 0:
             raise RecipeError("recipe key 'data.split.val' must be > 0 with data.split.folds: each fold selects its "
                               "epoch and threshold on a validation split carved from its training folds.")
@@ -106,6 +102,10 @@ class SplitConfig:
             )
         if self.train <= 0:
             raise RecipeError("recipe key 'data.split.train' must be > 0: training needs images.")
+
+    def seed_for(self, recipe_seed: int) -> int:
+        """The seed of the split: `seed`, else the recipe's."""
+        return recipe_seed if self.seed is None else self.seed
 
 
 @dataclass(frozen=True)
