@@ -236,6 +236,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
     if save_images is not None:
         check_output(save_images, overwrite, "--save-images", folder=True)
     target = open_run(run if run is not None else newest_run(), device)
+    target.require_single_label("medtricks attack")
     settings = attack_settings(settings or target.recipe.attack, preset, **(options or {}))
     dataset = target.dataset(data, split, limit)
     source = decision_model(target.open_same_task(source_run, "--source-run")) if source_run is not None else None
