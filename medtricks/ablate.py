@@ -317,6 +317,8 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         >>> result = ablate("demo", seeds=3, tricks=["warmup", "label_smoothing"], out="runs/ablate-demo")
     """
     base = resolve_recipe(recipe, overrides)
+    if base.data.multilabel:
+        raise AblationError("multi-label recipes (data.task: multilabel) are not supported by medtricks ablate yet.")
     if seeds < 1:
         raise AblationError(f"--seeds {seeds}: must be >= 1 (>= 2 for an interval; 3-5 are usual).")
     if data is not None:

@@ -229,7 +229,8 @@ def predict_cmd(
     except MedtricksError as exc:
         _fail(exc)
     for row in rows if out is None else []:
-        console.print(f"{row['path']}\t{row['prediction'] or 'ERROR: ' + row['error']}", highlight=False)
+        console.print(f"{row['path']}\t{'ERROR: ' + row['error'] if row['error'] else row['prediction']}",
+                      highlight=False)
     failed = [r for r in rows if r["error"]]
     if out is not None:
         console.print(f"{len(rows) - len(failed)} predictions written to {out}; {len(failed)} unreadable",

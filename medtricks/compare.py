@@ -101,6 +101,8 @@ def compare(run_a: str | Path, run_b: str | Path, data: str | Path | None = None
         >>> result = compare("runs/ablate-demo/runs/reference/seed-0", "runs/ablate-demo/runs/without-warmup/seed-0")
     """
     a, b = open_run(run_a, device), open_run(run_b, device)
+    a.require_single_label("medtricks compare")
+    b.require_single_label("medtricks compare")
     classes = a.classes
     if b.classes != classes:
         raise MedtricksError(f"{run_a} predicts {list(classes)} but {run_b} predicts {list(b.classes)}: only runs "

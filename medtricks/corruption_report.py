@@ -141,6 +141,7 @@ def corruption_report(run: str | Path | None = None, data: str | Path | None = N
     if json_path is not None:
         check_output(json_path, overwrite, "--json")
     target = open_run(run if run is not None else newest_run(), device)
+    target.require_single_label("medtricks corrupt")
     preset, names = corruption_names(target, preset, corruptions)
     severities = tuple(severities) if severities is not None else target.recipe.attack.severities
     source = data if data is not None else target.source

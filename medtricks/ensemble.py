@@ -71,6 +71,8 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
         raise EnsembleError("the same run is given twice; each member must be another run.")
     started = time.perf_counter()
     members = [open_run(r, device) for r in runs]
+    for member in members:
+        member.require_single_label("medtricks ensemble")
     _check_members(members)
     first = members[0]
     if out is not None and Path(out).exists():

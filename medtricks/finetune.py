@@ -38,6 +38,7 @@ from medtricks.files import (
 from medtricks.metrics import expected_calibration_error
 from medtricks.models.build import build_model, check_model_config
 from medtricks.models.weights import sha256_of
+from medtricks.multilabel import predicted_sets
 from medtricks.recipe import Recipe, recipe_for_run
 from medtricks.runs import (
     Run,
@@ -52,7 +53,7 @@ from medtricks.runs import (
 )
 from medtricks.scoring import EvalOutput, evaluate_split, predict_loader, report_metrics, val_threshold
 from medtricks.train import Callbacks, create_loss, fit
-from medtricks.tricks.class_balance import balanced_sample_weights, class_weights
+from medtricks.tricks.class_balance import balanced_sample_weights, class_weights, label_pos_weights
 from medtricks.tricks.linear_scaling import scaled_lr
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,10 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
     bundle = load_data(recipe.data, source, recipe.seed)
     classes = bundle.classes
     train_labels = [r["label"] for r in _records(bundle, "train")]
-    if len(set(train_labels)) < 2:
+    multilabel = recipe.data.multilabel
+    if multilabel:
+        _check_findings(train_labels, classes, source)
+    elif len(set(train_labels)) < 2:
         raise DataError(f"{source}: the train split needs images of at least two classes; it has "
                         f"{sorted({classes[label] for label in train_labels})}.")
     if teacher is not None and teacher.classes != tuple(classes):
@@ -128,7 +132,10 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
     if recipe.tricks.linear_scaling is not None:
         base_lr = scaled_lr(recipe.train.lr, recipe.train.batch_size, recipe.tricks.linear_scaling.base_batch)
     balance = recipe.tricks.class_balance
-    weights = class_weights(train_labels, len(classes)).to(device) if balance and balance.mode == "loss" else None
+    weights = None
+    if balance is not None and balance.mode == "loss":  # (sampler mode is refused for multi-label by the recipe)
+        weights = (label_pos_weights(train_labels) if multilabel else class_weights(train_labels, len(classes)))
+        weights = weights.to(device)
     sampler = SeededSampler(len(train_labels), recipe.seed,
                             weights=balanced_sample_weights(train_labels) if balance and balance.mode == "sampler"
                             else None, num_replicas=distributed.world_size(), rank=distributed.rank())
@@ -143,6 +150,8 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
     info = {**model.describe(), "classes": list(classes), "image_size": recipe.data.image_size,
             "channels": recipe.data.channels, "crop_fraction": recipe.data.crop_fraction,
             "medtricks_version": __version__, "tricks": recipe.tricks.enabled(),
+            **({"task": "multilabel", "label_separator": recipe.data.label_separator,
+                "no_finding": recipe.data.no_finding} if multilabel else {}),
             "data": {"source": str(Path(source).resolve()), "split_origin": bundle.split_origin,
                      "skipped": [{"file": k, "reason": r} for k, r in bundle.skipped]}}
     if state is None:  # model.json records the data source from the start: resume reads it (_recorded_source)
@@ -160,7 +169,8 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
 
     result = fit(model, train_loader, val_loader, recipe.train, recipe.tricks, base_lr=base_lr,
                  lr_multipliers=recipe.model.lr_multipliers, device=device, seed=recipe.seed,
-                 loss_fn=create_loss(recipe.tricks, weights, teacher.model if teacher is not None else None),
+                 loss_fn=create_loss(recipe.tricks, weights, teacher.model if teacher is not None else None,
+                                     multilabel=multilabel),
                  callbacks=Callbacks(save_best, epoch_done, lambda fit_state: save_resume_state(
                      run, {**fit_state, "rows": rows})), state=state)
     # rank 0 reads the selected epoch's weights back from the run (checking they load); every rank predicts with
@@ -179,18 +189,21 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
             threshold = val_threshold(outputs["val"], len(classes), recipe.train.threshold)
 
     def write_results() -> None:
-        full = {name: evaluate_split(output, threshold, recipe.seed, recipe.data.ordinal)
+        full = {name: evaluate_split(output, threshold, recipe.seed, recipe.data.ordinal, classes=classes)
                 for name, output in outputs.items()}
         if calibration is not None:
             for name, output in outputs.items():  # the same predictions at T = 1
                 full[name]["ece_before"] = expected_calibration_error(
                     output.labels, temper(output.probs, 1.0 / calibration["temperature"]))
-        write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch, "threshold": threshold,
+        thresholds = {"threshold": None, "thresholds": None if threshold is None else dict(
+            zip(classes, threshold, strict=True))} if multilabel else {"threshold": threshold}
+        write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch, **thresholds,
                                       "select_metric": recipe.train.select_metric,
                                       **({"temperature": calibration["temperature"], "calibration": calibration}
                                          if calibration is not None else {}),
                                       "sha256": sha256_of(run / MODEL_FILE)})
         report = {"recipe": recipe.name, "seed": recipe.seed, "classes": list(classes),
+                  **({"task": "multilabel"} if multilabel else {}),
                   "splits": {name: report_metrics(metrics) for name, metrics in full.items()},
                   "train": {"epochs": result.epochs_run, "best_epoch": result.best_epoch,
                             "seconds": round(result.seconds, 2),
@@ -258,6 +271,17 @@ def _recorded_source(run: Path) -> str | None:
         return None
 
 
+def _check_findings(train_labels: list[tuple], classes: tuple[str, ...], source: Path) -> None:
+    """A multi-label train split needs images; a finding it never (or always) shows cannot be learned: warn."""
+    if not train_labels:
+        raise DataError(f"{source}: the train split is empty.")
+    positives = np.sum(train_labels, axis=0)
+    constant = [name for name, k in zip(classes, positives, strict=True) if k in (0, len(train_labels))]
+    if constant:
+        logger.warning("finding(s) %s are in none or all of the %d training images; the model cannot learn them "
+                       "and their AUROC is what chance gives", constant, len(train_labels))
+
+
 def _records(bundle: DataBundle, split: str) -> list[dict]:
     dataset = bundle.splits.get(split)
     return [dataset.store.records[i] for i in dataset.indices] if dataset is not None else []
@@ -280,7 +304,7 @@ def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics:
            threshold, calibration: dict | None = None) -> None:
     plots.plot_training_curves(rows, run / "plots" / "training_curves.png")
     for name, out in outputs.items():
-        if len(set(out.labels.tolist())) < 2:
+        if out.multilabel or len(set(out.labels.tolist())) < 2:  # multi-label: per-finding plots not drawn yet
             continue
         plots.plot_roc(out.labels, out.probs, classes, run / "plots" / f"roc_{name}.png", threshold=threshold)
         plots.plot_confusion(metrics[name]["confusion_matrix"], classes, run / "plots" / f"confusion_{name}.png")
@@ -297,6 +321,7 @@ def _open_for_scoring(run: str | Path, device: str | None, tta: bool) -> tuple[R
     opened = open_run(run, device)
     if not tta:
         return opened, opened.threshold, {}
+    opened.require_single_label("--tta")
     opened.model, views = tta_module.wrap(opened.model, opened.recipe.data.augment)
     threshold = opened.threshold
     if len(opened.classes) == 2:
@@ -326,17 +351,29 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val"
         check_output(json_path, overwrite, "--json")
     opened, threshold, tta_keys = _open_for_scoring(run, device, tta)
     output = opened.predict(opened.dataset(data, split))
-    metrics = {**report_metrics(evaluate_split(output, threshold, opened.recipe.seed, opened.recipe.data.ordinal)),
+    metrics = {**report_metrics(evaluate_split(output, threshold, opened.recipe.seed, opened.recipe.data.ordinal,
+                                               classes=opened.classes)),
                "split": split, "data": str(data if data is not None else opened.source), **tta_keys}
     if json_path is not None:
         distributed.on_main(lambda: write_json(Path(json_path), metrics))
     return metrics
 
 
+def _label_set(opened: Run, probs: list[float], thresholds: list[float] | None) -> str:
+    """A multi-label run's prediction: the findings at or above their thresholds joined by the run's separator;
+    none: the run's no-finding name (data.no_finding), or "" when it has none."""
+    found = [c for c, hot in zip(opened.classes, predicted_sets(np.array([probs]), thresholds)[0], strict=True) if hot]
+    if not found:
+        return opened.info.get("no_finding") or ""
+    return opened.info["label_separator"].join(found)
+
+
 def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None,
             device: str | None = None, overwrite: bool = False, tta: bool = False) -> list[dict]:
     """Class probabilities for image files or folders (recursively); rows also written to `out_csv` (a new file,
-    or `overwrite`; never a run's own file).
+    or `overwrite`; never a run's own file). Multi-label runs: `p_<finding>` is that finding's sigmoid
+    probability and `prediction` the findings at or above their validation thresholds, joined by the run's
+    data.label_separator (the data.no_finding name when there is none).
 
     A file that cannot be read or scored (unreadable, too large, non-finite pixels or probabilities) gets a row with
     its error instead of a prediction; the other files are predicted. `tta`: as in evaluate.
@@ -366,14 +403,17 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
             try:
                 pixels, _ = read_image(path, info["channels"])
                 image = transform(torch.from_numpy(pixels))[None].to(opened.device)
-                probs = opened.model(image).float().softmax(-1)[0].tolist()
+                logits = opened.model(image).float()
+                probs = (logits.sigmoid() if opened.multilabel else logits.softmax(-1))[0].tolist()
                 if not np.all(np.isfinite(probs)):
                     raise DataError(f"{path}: the model gives non-finite probabilities for this image; check it "
                                     f"for NaN or infinite pixel values.")
             except DataError as exc:
                 rows.append({"path": str(path), "prediction": "", "error": str(exc)})
                 continue
-            if len(classes) == 2 and threshold is not None:
+            if opened.multilabel:
+                predicted = _label_set(opened, probs, threshold)
+            elif len(classes) == 2 and threshold is not None:
                 predicted = classes[int(probs[1] >= threshold)]
             else:
                 predicted = classes[int(np.argmax(probs))]

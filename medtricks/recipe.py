@@ -44,6 +44,7 @@ ATTACK_METHODS = ("pgd", "fgsm", "apgd", "autoattack")
 CORRUPTION_PRESETS = ("radiograph", "fundus", "dermoscopy")  # medtricks.corruptions.PRESETS (a test keeps them equal)
 AUGMENT_PRESETS = ("bag_of_tricks", "cxr", "fundus", "dermoscopy", "none")
 CACHE_MODES = ("auto", "memory", "disk", "none")
+TASKS = ("single", "multilabel")  # data.task
 INPUT_MODES = ("sum", "repeat")
 # how medtricks.metrics.choose_threshold places the binary operating point on validation; besides these two, a
 # target "sensitivity@0.95" / "specificity@0.9" (THRESHOLD_TARGET): the best threshold that reaches it on validation
@@ -131,6 +132,13 @@ class DataConfig:
             quadratic and linear weighted kappa of the decisions (with a bootstrap interval for the quadratic one).
         synth_if_missing: when the source folder does not exist, write synthetic phantoms there first (the
             offline `demo` recipe; `medtricks data synth`).
+        task: single (one class per image: softmax) or multilabel (any subset of `classes`, the findings, per image:
+            one sigmoid per finding; see README "Multi-label"). A record's label is then a multi-hot tuple.
+        label_column: the CSV manifest column holding the labels (e.g. finding_labels of ChestX-ray14).
+        label_separator: multilabel: what separates the findings of one image in the label column
+            (`Pneumonia|Infiltration`).
+        no_finding: multilabel: the label meaning "none of the findings" (all zeros); it may not be one of
+            `classes` and never appears with a finding. An empty label cell is an error, not a negative image.
     """
 
     source: str | None = None
@@ -147,8 +155,29 @@ class DataConfig:
     workers: int | None = None
     synth_if_missing: bool = False
     ordinal: bool = False
+    task: str = "single"
+    label_column: str = "label"
+    label_separator: str = "|"
+    no_finding: str | None = "No Finding"
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise RecipeError(f"recipe key 'data.task' = {short(self.task)}; choose one of {list(TASKS)}.")
+        if not self.label_separator or self.label_separator != self.label_separator.strip():
+            raise RecipeError(f"recipe key 'data.label_separator' = {short(self.label_separator)}: give one or more "
+                              f"non-blank characters such as '|'.")
+        if not self.label_column.strip():
+            raise RecipeError("recipe key 'data.label_column' is empty; name the CSV column holding the labels.")
+        if self.multilabel and self.ordinal:
+            raise RecipeError("recipe keys 'data.task' = multilabel and 'data.ordinal' = true: findings are not "
+                              "ordered grades; set data.ordinal: false.")
+        if self.multilabel and self.classes is not None and self.no_finding in self.classes:
+            raise RecipeError(f"recipe key 'data.no_finding' = {short(self.no_finding)} is also in data.classes; the "
+                              f"no-finding label means 'none of the classes': remove it from data.classes.")
         if self.channels not in (1, 3):
             raise RecipeError(f"recipe key 'data.channels' = {self.channels} must be 1 (grey) or 3 (colour).")
         if not 8 <= self.image_size <= 4096:
@@ -404,10 +433,28 @@ class Recipe:
                               f"100; it names the run folder runs/<name>-<time>).")
         if not 0 <= self.seed < 2**32:
             raise RecipeError(f"recipe key 'seed' = {self.seed} must lie in [0, 2^32) (NumPy's seed range).")
+        if self.data.multilabel:
+            _check_multilabel(self)
 
     def to_dict(self) -> dict:
         """Plain data for YAML/JSON (tuples become lists)."""
         return _plain(dataclasses.asdict(self))
+
+
+def _check_multilabel(recipe: Recipe) -> None:
+    """Refuse, naming the key, what data.task: multilabel does not support (yet)."""
+    refused = []
+    if recipe.tricks.class_balance is not None and recipe.tricks.class_balance.mode == "sampler":
+        refused.append(("tricks.class_balance.mode", "sampler", "a multi-label image belongs to several classes at "
+                        "once, so there is no class to balance the draws by; use mode: loss (per-finding pos_weight)"))
+    if recipe.tricks.distillation is not None:
+        refused.append(("tricks.distillation", "on", "the distillation loss is softmax-based; remove the trick"))
+    if recipe.train.calibrate is not None:
+        refused.append(("train.calibrate", recipe.train.calibrate, "temperature scaling is fitted on a softmax; set "
+                        "train.calibrate: null"))
+    if refused:
+        key, value, why = refused[0]
+        raise RecipeError(f"recipe key '{key}' = {short(value)} is not supported with data.task: multilabel ({why}).")
 
 
 def _plain(value):

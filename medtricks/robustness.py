@@ -239,6 +239,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
     if save_images is not None:
         check_output(save_images, overwrite, "--save-images", folder=True)
     target = open_run(run if run is not None else newest_run(), device)
+    target.require_single_label("medtricks attack")
     if explain and not isinstance(target.model, MedModel):
         raise AttackError(f"--explain: {target.path} is an ensemble, whose maps would mix its members' attention; "
                           f"attack without --explain, or explain a member run.")

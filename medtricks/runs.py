@@ -128,6 +128,16 @@ def _check_info(run: Path, info: dict) -> None:
             wrong.append("data.source")
         if threshold is not None and not (isinstance(threshold, float | int) and 0 <= threshold <= 1):
             wrong.append("threshold")
+        if info.get("task", "single") not in ("single", "multilabel"):
+            wrong.append("task")
+        if info.get("task") == "multilabel":
+            thresholds = info.get("thresholds")
+            if thresholds is not None and not (isinstance(thresholds, dict) and set(thresholds) == set(classes) and all(
+                    isinstance(t, float | int) and not isinstance(t, bool) and 0 <= t <= 1
+                    for t in thresholds.values())):
+                wrong.append("thresholds")
+            if not isinstance(info.get("label_separator"), str) or not info["label_separator"]:
+                wrong.append("label_separator")
         members = info.get("members")
         if members is not None and not (isinstance(members, list) and 2 <= len(members) <= MAX_MEMBERS and all(
                 isinstance(m, dict) and all(isinstance(m.get(k), kind) and not isinstance(m.get(k), bool)
@@ -205,9 +215,24 @@ class Run:
         return tuple(self.info["classes"])
 
     @property
-    def threshold(self) -> float | None:
-        """The binary operating threshold chosen on validation (None: multi-class, or no validation split)."""
+    def multilabel(self) -> bool:
+        """A multi-label run (data.task: multilabel): one sigmoid per finding."""
+        return self.info.get("task") == "multilabel"
+
+    @property
+    def threshold(self) -> float | list[float] | None:
+        """The binary operating threshold chosen on validation (None: multi-class, or no validation split);
+        multi-label: one per finding, in class order (model.json's `thresholds`)."""
+        if self.multilabel:
+            thresholds = self.info.get("thresholds")
+            return None if thresholds is None else [float(thresholds[c]) for c in self.classes]
         return self.info.get("threshold")
+
+    def require_single_label(self, command: str) -> None:
+        """Refuse a command that does not support multi-label runs yet, in one sentence."""
+        if self.multilabel:
+            raise RunError(f"{self.path}: multi-label runs (data.task: multilabel) are not supported by {command} "
+                           f"yet.")
 
     @property
     def source(self) -> str:

@@ -35,7 +35,7 @@ from medtricks.tricks.amp import autocast, create_grad_scaler, resolve_amp_dtype
 from medtricks.tricks.cosine import cosine_factor
 from medtricks.tricks.distillation import distillation_loss
 from medtricks.tricks.ema import create_ema, ema_update
-from medtricks.tricks.label_smoothing import label_smoothing_loss
+from medtricks.tricks.label_smoothing import binary_label_smoothing_loss, label_smoothing_loss
 from medtricks.tricks.mixup import cutmix_batch, mix_probability_gate, mixup_batch, one_hot
 from medtricks.tricks.no_bias_decay import create_param_groups
 from medtricks.tricks.step_decay import step_factor
@@ -77,12 +77,19 @@ def create_optimizer(model: MedModel, config: TrainConfig, tricks: TricksConfig,
 
 
 def create_loss(tricks: TricksConfig, class_weights: torch.Tensor | None = None,
-                teacher: nn.Module | None = None) -> Loss:
+                teacher: nn.Module | None = None, multilabel: bool = False) -> Loss:
     """The training loss of (logits, targets, images): cross-entropy with the label_smoothing trick's smoothing and
     class_balance's weights (targets: class indices or mixup's soft targets, as torch's cross_entropy takes both).
     With a teacher (distillation) Hinton et al.'s loss against the teacher's logits for the same images, whose
-    hard term carries the same smoothing and class weights."""
+    hard term carries the same smoothing and class weights. `multilabel`: binary cross-entropy with logits per
+    finding (targets (N, L) multi-hot or mixed), smoothed towards 1/2, `class_weights` being the per-finding
+    pos_weight (class_balance.label_pos_weights); no teacher."""
     smoothing = tricks.label_smoothing.smoothing if tricks.label_smoothing is not None else 0.0
+    if multilabel:
+        if teacher is not None:
+            raise ValueError("distillation is not supported for multi-label tasks")
+        return lambda logits, targets, images: binary_label_smoothing_loss(logits, targets.float(), smoothing,
+                                                                           class_weights)
     if teacher is None:
         return lambda logits, targets, images: label_smoothing_loss(logits, targets, smoothing, class_weights)
     teacher.eval()
@@ -100,12 +107,13 @@ def create_loss(tricks: TricksConfig, class_weights: torch.Tensor | None = None,
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, tricks: TricksConfig,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, targets): the labels as they are, or mixed images and soft targets when mixup/cutmix fires (at most
-    one of them per batch; when both fire they alternate at random, as timm's Mixup with switch_prob 0.5)."""
+    one of them per batch; when both fire they alternate at random, as timm's Mixup with switch_prob 0.5).
+    Multi-label targets ((N, L) multi-hot) are mixed as they are: lam y_i + (1 - lam) y_j per finding."""
     use_mixup = tricks.mixup is not None and mix_probability_gate(tricks.mixup.prob, generator)
     use_cutmix = tricks.cutmix is not None and mix_probability_gate(tricks.cutmix.prob, generator)
     if not (use_mixup or use_cutmix):
         return images, labels
-    soft = one_hot(labels, num_classes)
+    soft = labels.float() if labels.ndim == 2 else one_hot(labels, num_classes)
     if use_mixup and use_cutmix:
         use_mixup = mix_probability_gate(0.5, generator)
     if use_mixup:
@@ -124,11 +132,12 @@ class Progress:
     seconds: float = 0.0
     best_value: float | None = None
     best_epoch: int = 0
-    threshold: float | None = None
+    threshold: float | list[float] | None = None  # multi-label: one per finding
     stale: int = 0  # epochs since the selected metric last improved
     stopped: bool = False  # early stopping fired
 
-    def select(self, metric: str, value: float | None, threshold: float | None, patience: int | None) -> bool:
+    def select(self, metric: str, value: float | None, threshold: float | list[float] | None,
+               patience: int | None) -> bool:
         """Record the epoch's selection metric; True when it is the best so far (then also keep its threshold)."""
         if value is None:
             improved = self.best_value is None
@@ -198,7 +207,7 @@ class _Parts:
 class FitResult:
     best_epoch: int
     best_value: float
-    threshold: float | None
+    threshold: float | list[float] | None
     seconds: float
     images_per_second: float
     epochs_run: int
@@ -277,9 +286,10 @@ def train_epoch(parts: _Parts, loader: DataLoader, loss_fn: Loss, config: TrainC
 
 
 def validate(model: nn.Module, loader: DataLoader, device: torch.device, config: TrainConfig, seed: int,
-             num_classes: int) -> tuple[dict, float | None, float | None]:
+             num_classes: int) -> tuple[dict, float | None, float | list[float] | None]:
     """Score `model` on the validation loader: (the metrics.jsonl row's val_* fields, the value of
-    config.select_metric, the binary threshold chosen on these predictions with config.threshold)."""
+    config.select_metric, the binary threshold chosen on these predictions with config.threshold; multi-label: the
+    means over the findings, and one threshold per finding)."""
     out = predict_loader(model, loader, device)
     threshold = val_threshold(out, num_classes, config.threshold)
     metrics = evaluate_split(out, threshold, seed, n_boot=0)  # the row holds no interval

@@ -250,7 +250,8 @@ def report_problems(problems: list[tuple[str, str]], on_error: str, what: str = 
 
 
 class ImageDataset(Dataset):
-    """Samples `{"image": float (C, H, W) in [0, 1], "label": int, "patient_id": str}` of some store records."""
+    """Samples `{"image": float (C, H, W) in [0, 1], "label": int, "patient_id": str}` of some store records
+    (multi-label records: "label" is a float (L,) multi-hot tensor, the target of BCEWithLogitsLoss)."""
 
     def __init__(self, store: ImageStore, indices: list[int], transform):
         self.store, self.indices, self.transform = store, list(indices), transform
@@ -274,4 +275,7 @@ class ImageDataset(Dataset):
                 image = self.transform(image)
             finally:
                 torch.set_rng_state(state)
-        return {"image": image, "label": record["label"], "patient_id": record["patient_id"] or record["key"]}
+        label = record["label"]
+        if isinstance(label, tuple):
+            label = torch.tensor(label, dtype=torch.float32)
+        return {"image": image, "label": label, "patient_id": record["patient_id"] or record["key"]}

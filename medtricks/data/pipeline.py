@@ -20,7 +20,7 @@ from medtricks.data.dataset import (
     report_problems,
     resolve_cache_mode,
 )
-from medtricks.data.sources import SPLITS, Source, load_source
+from medtricks.data.sources import SPLITS, LabelFormat, Source, load_source
 from medtricks.data.splits import split_source
 from medtricks.data.transforms import cache_size, create_eval_transform, create_train_transform
 from medtricks.errors import DataError, short
@@ -77,7 +77,7 @@ def load_data(config: DataConfig, data: str | Path | None = None, seed: int = 0,
     Raises:
         DataError: bad source, labels or splits; unreadable images when config.on_error is "raise".
     """
-    source = load_source(resolve_source(config, data), config.classes)
+    source = load_source(resolve_source(config, data), config.classes, LabelFormat.of(config))
     if not source.labelled:
         raise DataError(f"{source.root}: the images have no labels. Put them in class sub-folders or list them "
                         f"in a labels.csv with path,label columns.")
@@ -104,7 +104,7 @@ def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed
     """
     if split not in (*SPLITS, "all"):
         raise DataError(f"--split {short(split)}: choose val, test, train or all.")
-    source = load_source(resolve_source(config, data), classes)
+    source = load_source(resolve_source(config, data), classes, LabelFormat.of(config))
     if not source.labelled:
         raise DataError(f"{source.root}: the images have no labels; `medtricks predict` scores unlabelled images.")
     if split == "all":

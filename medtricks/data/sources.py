@@ -12,6 +12,12 @@ Accepted layouts (see DESIGN.md):
 - a folder of images without class folders (unlabelled; `data check` and `predict` only).
 For DICOM files without a manifest, patients are grouped by the DICOM PatientID, replaced by a pseudonym
 (`patient-0001`, numbered in sorted file order) so that the real identifier never leaves the reader.
+
+Multi-label sources (`LabelFormat.multilabel`, the recipe's data.task: multilabel): the classes are the findings and
+a record's label is a multi-hot tuple over them (`(1, 0, 1)`). A CSV label cell lists the findings of the image
+joined by the separator (`Pneumonia|Infiltration`); the no-finding name (`No Finding`) is all zeros; an empty cell
+is an error (a forgotten label must not become a negative image); an unknown name is an error naming the row. A
+MedMNIST-style .npz holds (N, L) labels of 0/1 (ChestMNIST's layout).
 """
 
 from __future__ import annotations
@@ -38,6 +44,21 @@ NO_PATIENT_IDS = ("{source}: no patient ids, so images are split one by one; ima
                   "splits and inflate validation results. Add a patient_id column to labels.csv if you can.")
 
 
+@dataclass(frozen=True)
+class LabelFormat:
+    """How labels are written: the recipe's data.task, label_column, label_separator and no_finding."""
+
+    multilabel: bool = False
+    column: str = "label"
+    separator: str = "|"
+    no_finding: str | None = "No Finding"
+
+    @classmethod
+    def of(cls, config) -> LabelFormat:
+        """The format of a recipe's data section (medtricks.recipe.DataConfig)."""
+        return cls(config.multilabel, config.label_column, config.label_separator, config.no_finding)
+
+
 @dataclass
 class Source:
     """A data source as records plus what is known about it."""
@@ -49,6 +70,7 @@ class Source:
     has_patient_ids: bool
     has_splits: bool
     missing: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of rows whose file is absent
+    multilabel: bool = False  # labels are multi-hot tuples over `classes`
 
     @property
     def labelled(self) -> bool:
@@ -89,6 +111,36 @@ def _class_index(classes: tuple[str, ...] | None, labels: list[str], where: list
     return classes, [index[lab] for lab in labels]
 
 
+def _multi_hot(classes: tuple[str, ...] | None, cells: list[str], where: list[str],
+               labels: LabelFormat) -> tuple[tuple, list[tuple[int, ...]]]:
+    """Multi-hot tuples over `classes` (the sorted finding names when None) of label cells such as `A|B`; the
+    no-finding name is all zeros. Unknown names and a finding listed with the no-finding name are errors."""
+    names = [[part.strip() for part in cell.split(labels.separator) if part.strip()] for cell in cells]
+    for w, found in zip(where, names, strict=True):
+        if labels.no_finding in found and len(found) > 1:
+            raise DataError(f"{w}: label {short(labels.separator.join(found))} lists {short(labels.no_finding)} "
+                            f"(data.no_finding) together with findings; keep one or the other.")
+    if classes is None:
+        classes = _sort_names(n for found in names for n in found if n != labels.no_finding)
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [(w, n) for w, found in zip(where, names, strict=True) for n in found
+               if n not in index and n != labels.no_finding]
+    if unknown:
+        shown = "; ".join(f"{w}: label {short(n)}" for w, n in unknown[:5])
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise DataError(f"labels outside the recipe's classes {list(classes)} (separator "
+                        f"{short(labels.separator)}, no-finding label {short(labels.no_finding)}): {shown}{more}. Add "
+                        f"the finding to data.classes, or fix or remove those rows.")
+    hot = []
+    for found in names:
+        vector = [0] * len(classes)
+        for n in found:
+            if n != labels.no_finding:
+                vector[index[n]] = 1
+        hot.append(tuple(vector))
+    return classes, hot
+
+
 def _normalize_split(value: str, where: str) -> str:
     split = _SPLIT_ALIASES.get(value.strip().lower())
     if split is None:
@@ -113,7 +165,7 @@ def _pseudonymize_dicom_patients(records: list[dict]) -> bool:
     return bool(records)
 
 
-def _from_csv(csv_path: Path, classes) -> Source:
+def _from_csv(csv_path: Path, classes, labels: LabelFormat) -> Source:
     root = csv_path.parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -123,18 +175,20 @@ def _from_csv(csv_path: Path, classes) -> Source:
     columns = set(rows[0].keys()) if rows else set()
     if not rows:
         raise DataError(f"{csv_path}: the manifest has no rows. Expected columns path,label[,patient_id][,split].")
-    for need in ("path", "label"):
+    column = labels.column
+    for need in ("path", column):
         if need not in columns:
             raise DataError(f"{csv_path}: column {short(need)} is missing; found {sorted(columns)}. Expected columns "
-                            f"path,label[,patient_id][,split].")
+                            f"path,{column}[,patient_id][,split] (the label column is data.label_column).")
     where = [f"{csv_path.name} line {i + 2} ({row['path']})" for i, row in enumerate(rows)]
     seen: dict[Path, str] = {}
     resolved = []
     for w, row in zip(where, rows, strict=True):
         if not (row["path"] or "").strip():
             raise DataError(f"{w}: empty path.")
-        if (row["label"] or "").strip() == "":
-            raise DataError(f"{w}: empty label. Every row needs a label from data.classes.")
+        if (row[column] or "").strip() == "":
+            no_finding = f", or {short(labels.no_finding)} (data.no_finding) for none" if labels.multilabel else ""
+            raise DataError(f"{w}: empty label. Every row needs a label from data.classes{no_finding}.")
         # the file itself, however it is written (./a.dcm, a//b.dcm, a/../a.dcm, a symlink): one image, one row
         path = (root / row["path"].strip()).resolve()
         if path in seen:
@@ -143,7 +197,9 @@ def _from_csv(csv_path: Path, classes) -> Source:
                             f"one row.")
         seen[path] = w
         resolved.append(path)
-    classes, labels = _class_index(classes, [row["label"].strip() for row in rows], where)
+    cells = [row[column].strip() for row in rows]
+    classes, values = (_multi_hot(classes, cells, where, labels) if labels.multilabel
+                       else _class_index(classes, cells, where))
     has_patient = "patient_id" in columns and all((row["patient_id"] or "").strip() for row in rows)
     if "patient_id" in columns and not has_patient:
         logger.warning("%s: some rows have an empty patient_id; those images are split as their own patients.",
@@ -159,9 +215,10 @@ def _from_csv(csv_path: Path, classes) -> Source:
             missing.append((row["path"], f"{w}: file not found ({path})"))
             continue
         patient = (row.get("patient_id") or "").strip() or None
-        records.append({"image": path, "label": labels[i], "patient_id": patient,
+        records.append({"image": path, "label": values[i], "patient_id": patient,
                         "split": _normalize_split(split_values[i], w) if has_splits else None, "key": row["path"]})
-    return Source(root, "csv", classes, records, bool(has_patient or "patient_id" in columns), has_splits, missing)
+    return Source(root, "csv", classes, records, bool(has_patient or "patient_id" in columns), has_splits, missing,
+                  labels.multilabel)
 
 
 # what an array source's pixels may be: integer types scaled by their full range, floats already in [0, 1]
@@ -201,11 +258,22 @@ def _check_npz_images(images: np.ndarray, npz_path: Path, key: str) -> np.ndarra
     return images
 
 
+def _check_npz_multi_hot(labels: np.ndarray, npz_path: Path, key: str) -> np.ndarray:
+    """(N, L) labels of 0/1 (a multi-label set); else a DataError."""
+    if labels.ndim != 2:
+        raise DataError(f"{npz_path}: '{key}' has shape {labels.shape}; data.task: multilabel needs (N, L) labels of "
+                        f"0/1, one column per finding.")
+    if labels.dtype.kind not in "iufb" or not np.all(np.isin(labels, (0, 1))):
+        raise DataError(f"{npz_path}: '{key}' holds values other than 0 and 1; multi-label labels are 0/1 per "
+                        f"finding.")
+    return labels.astype(np.int64)
+
+
 def _check_npz_labels(labels: np.ndarray, npz_path: Path, key: str) -> np.ndarray:
     """One integral class index >= 0 per image; else a DataError."""
     if labels.ndim == 2 and labels.shape[1] > 1:
-        raise DataError(f"{npz_path}: '{key}' has shape {labels.shape}: multi-label sets are not supported; give one "
-                        f"class index per image.")
+        raise DataError(f"{npz_path}: '{key}' has shape {labels.shape}: a multi-label set (one column per finding); "
+                        f"set data.task: multilabel, or give one class index per image.")
     labels = labels.reshape(-1)
     if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(np.isfinite(labels))):
         raise DataError(f"{npz_path}: '{key}' has dtype {labels.dtype}; labels must be integer class indices.")
@@ -216,7 +284,7 @@ def _check_npz_labels(labels: np.ndarray, npz_path: Path, key: str) -> np.ndarra
     return labels.astype(np.int64)
 
 
-def _from_npz(npz_path: Path, classes) -> Source:
+def _from_npz(npz_path: Path, classes, labels: LabelFormat) -> Source:
     try:
         data = np.load(npz_path, allow_pickle=False)
         keys = set(data.files)
@@ -231,14 +299,18 @@ def _from_npz(npz_path: Path, classes) -> Source:
         if f"{split}_labels" not in keys:
             raise DataError(f"{npz_path}: '{split}_images' has no matching '{split}_labels' array.")
         images = _check_npz_images(_npz_array(data, npz_path, f"{split}_images"), npz_path, f"{split}_images")
-        labels = _check_npz_labels(_npz_array(data, npz_path, f"{split}_labels"), npz_path, f"{split}_labels")
-        if len(images) != len(labels):
+        check = _check_npz_multi_hot if labels.multilabel else _check_npz_labels
+        values = check(_npz_array(data, npz_path, f"{split}_labels"), npz_path, f"{split}_labels")
+        if len(images) != len(values):
             raise DataError(f"{npz_path}: '{split}_images' holds {len(images)} images but '{split}_labels' "
-                            f"{len(labels)} labels.")
-        for i in range(len(labels)):
-            records.append({"image": images[i], "label": int(labels[i]), "patient_id": None, "split": split,
+                            f"{len(values)} labels.")
+        for i in range(len(values)):
+            label = tuple(int(v) for v in values[i]) if labels.multilabel else int(values[i])
+            records.append({"image": images[i], "label": label, "patient_id": None, "split": split,
                             "key": f"{split}[{i}]"})
-            label_values.append(int(labels[i]))
+            label_values.append(label)
+    if labels.multilabel:
+        return _multi_hot_npz(npz_path, classes, records, label_values)
     if classes is None:
         classes = tuple(str(v) for v in range(max(label_values) + 1))
     bad = [r["key"] for r in records if not 0 <= r["label"] < len(classes)]
@@ -246,6 +318,20 @@ def _from_npz(npz_path: Path, classes) -> Source:
         raise DataError(f"{npz_path}: label indices outside the {len(classes)} classes {list(classes)} at "
                         f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Set data.classes to every class.")
     return Source(npz_path.parent, "npz", tuple(classes), records, False, True)
+
+
+def _multi_hot_npz(npz_path: Path, classes, records: list[dict], label_values: list[tuple]) -> Source:
+    widths = sorted({len(v) for v in label_values})
+    if len(widths) > 1:
+        raise DataError(f"{npz_path}: the label arrays of the splits have {widths} columns; every split needs one "
+                        f"column per finding, the same ones.")
+    width = widths[0]
+    if classes is None:
+        classes = tuple(str(v) for v in range(width))
+    if len(classes) != width:
+        raise DataError(f"{npz_path}: the labels have {width} columns (findings) but data.classes names "
+                        f"{len(classes)}: {list(classes)}. Name one class per column, in column order.")
+    return Source(npz_path.parent, "npz", tuple(classes), records, False, True, multilabel=True)
 
 
 def _from_folder(folder: Path, classes) -> Source:
@@ -277,13 +363,16 @@ def _from_folder(folder: Path, classes) -> Source:
     return Source(folder, "unlabelled", (), records, has_patient, False)
 
 
-def load_source(path: str | Path, classes: tuple[str, ...] | list[str] | None = None) -> Source:
+def load_source(path: str | Path, classes: tuple[str, ...] | list[str] | None = None,
+                labels: LabelFormat | None = None) -> Source:
     """Detect the layout of `path` and list its samples (no pixels are decoded here).
 
     Args:
         path: a folder, a CSV manifest or a .npz file.
         classes: the recipe's class names in label order; None takes them from the source. A label or class
             folder outside them is an error naming the row or folder.
+        labels: how labels are written (LabelFormat.of(recipe.data)); None: single-label, column `label`. A
+            multi-label source must be a CSV manifest or a .npz (class folders hold one class per image).
 
     Raises:
         DataError: missing path, empty folder, malformed manifest, unknown or duplicate labels and paths.
@@ -293,23 +382,30 @@ def load_source(path: str | Path, classes: tuple[str, ...] | list[str] | None = 
     if not path.exists():
         raise DataError(f"{path}: data source not found. Give a folder (class sub-folders or labels.csv), a CSV "
                         f"manifest or a .npz file with --data or data.source.")
+    labels = labels if labels is not None else LabelFormat()
     if path.is_file():
         if path.suffix.lower() == ".npz":
-            return _from_npz(path, classes)
+            return _from_npz(path, classes, labels)
         if path.suffix.lower() in (".csv", ".tsv"):
-            return _from_csv(path, classes)
+            return _from_csv(path, classes, labels)
         raise DataError(f"{path}: a single file is not a data source; give a folder, a CSV manifest or a .npz file.")
     if (path / "labels.csv").is_file():
-        return _from_csv(path / "labels.csv", classes)
+        return _from_csv(path / "labels.csv", classes, labels)
     npzs = sorted(path.glob("*.npz"))
     if len(npzs) == 1:
-        return _from_npz(npzs[0], classes)
+        return _from_npz(npzs[0], classes, labels)
     if len(npzs) > 1:
         raise DataError(f"{path}: several .npz files ({', '.join(p.name for p in npzs)}); pass one of them.")
-    return _from_folder(path, classes)
+    source = _from_folder(path, classes)
+    if labels.multilabel and source.labelled:
+        raise DataError(f"{path}: class sub-folders hold one class per image; data.task: multilabel needs a CSV "
+                        f"manifest (labels such as A{labels.separator}B) or a .npz with (N, L) labels.")
+    return source
 
 
 def count_labels(records: list[dict], classes: tuple[str, ...]) -> dict[str, int]:
-    """Images per class name, in class order."""
+    """Images per class name, in class order (multi-label: images with each finding)."""
+    if records and isinstance(records[0]["label"], tuple):
+        return {name: sum(r["label"][i] for r in records) for i, name in enumerate(classes)}
     counts = Counter(r["label"] for r in records)
     return {name: counts.get(i, 0) for i, name in enumerate(classes)}

@@ -5,6 +5,12 @@ scikit-learn's group splitters give equal folds (StratifiedGroupKFold) or no str
 patients are grouped into strata by their most frequent label, shuffled with the recipe seed, and each stratum is
 cut by the fractions with largest-remainder rounding. All images of a patient go to one split, so no patient can
 be in two splits; `find_leaks` checks that for splits a source brings itself.
+
+Multi-label records (multi-hot labels) are stratified by their rarest finding: an image's stratum is the finding it
+has that is rarest in the whole set (no finding: a stratum of its own), a patient's the most frequent of its images'.
+This is the first step of iterative stratification (Sechidis et al. 2011, "On the stratification of multi-label
+data"), which places the rarest labels first: each split gets its share of every rare finding as far as the
+patients allow, while co-occurring frequent findings are only balanced on average.
 """
 
 from __future__ import annotations
@@ -40,19 +46,34 @@ def _allocate(n: int, fractions: tuple[float, ...], rng: np.random.Generator) ->
     return counts.tolist()
 
 
+def _strata_keys(records: list[dict]) -> list[int]:
+    """The stratum of each record: its label, or for a multi-hot label its rarest finding (-1: none)."""
+    if not records or not isinstance(records[0]["label"], tuple):
+        return [rec["label"] for rec in records]
+    counts = np.sum([rec["label"] for rec in records], axis=0)
+    rarity = np.argsort(np.argsort(counts, kind="stable"), kind="stable")  # 0 = the rarest finding
+    keys = []
+    for rec in records:
+        present = [j for j, v in enumerate(rec["label"]) if v]
+        keys.append(int(min(present, key=lambda j: rarity[j])) if present else -1)
+    return keys
+
+
 def assign_splits(records: list[dict], fractions: dict[str, float], seed: int) -> list[str]:
     """A split name for every record: stratified by label, grouped by patient, reproducible for a seed.
 
     Args:
-        records: sample records with `label` and `patient_id` (None = the image is its own patient).
+        records: sample records with `label` (a class index, or a multi-hot tuple: stratified by the rarest
+            finding) and `patient_id` (None = the image is its own patient).
         fractions: {split name: fraction of patients}; normalized to sum to 1.
         seed: the recipe seed; the same records and seed always give the same assignment.
     """
     rng = np.random.default_rng(seed)
     groups = _groups(records)
+    keys = _strata_keys(records)
     strata: dict[int, list[str]] = defaultdict(list)
     for patient in sorted(groups):
-        labels = Counter(records[i]["label"] for i in groups[patient])
+        labels = Counter(keys[i] for i in groups[patient])
         top = max(labels.values())
         strata[min(lab for lab, c in labels.items() if c == top)].append(patient)
     names = tuple(fractions)

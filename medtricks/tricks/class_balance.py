@@ -3,7 +3,10 @@
 Paper: beyond He et al. 2019; King & Zeng 2001 "Logistic regression in rare events data"; the weights are
     scikit-learn's compute_class_weight("balanced"); Buda et al. 2018 (arXiv 1710.05381) on oversampling for CNNs.
 Hook: loss (mode loss: `class_weights` as cross-entropy's weight, also in distillation's hard-label term) or
-    training data (mode sampler: the seeded sampler draws with these weights instead of shuffling).
+    training data (mode sampler: the seeded sampler draws with these weights instead of shuffling). Multi-label
+    (data.task: multilabel): mode loss gives each finding the positive weight negatives / positives of the training
+    split (`label_pos_weights`, BCEWithLogitsLoss's pos_weight); mode sampler is refused (an image has several
+    classes, so there is no class to balance the draws by).
 Defaults: mode loss.
 Interactions: use one mode, not the loss weights and the sampler together (the imbalance would be corrected twice);
     works with label_smoothing and mixup's soft targets; it shifts predicted probabilities, which the
@@ -78,3 +81,26 @@ def balanced_sample_weights(labels: Sequence[int]) -> torch.Tensor:
     (the trainer's medtricks.data.sampling.SeededSampler draws len(labels) images with replacement by them)."""
     counts = _counts(labels, max(labels, default=-1) + 1)
     return 1.0 / counts[torch.as_tensor(list(labels), dtype=torch.long)].double()
+
+
+def label_pos_weights(labels: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Per-finding positive weights negatives / positives of multi-hot training labels (BCEWithLogitsLoss's
+    pos_weight, as its documentation suggests): a finding on 1 image in 10 gets 9.
+
+    Args:
+        labels: (N, L) multi-hot training labels.
+
+    Returns:
+        (L,) float32 weights; a finding with no positive (or no negative) training image gets 1 (and a warning).
+    """
+    hot = torch.as_tensor([list(label) for label in labels], dtype=torch.float64)
+    positives = hot.sum(dim=0)
+    negatives = hot.shape[0] - positives
+    undefined = (positives == 0) | (negatives == 0)
+    if undefined.any():
+        logger.warning("class_balance: finding(s) %s have no positive or no negative training image; their "
+                       "pos_weight is 1.", undefined.nonzero().flatten().tolist())
+    weights = torch.where(undefined, torch.ones_like(positives), negatives / positives.clamp(min=1))
+    logger.info("class_balance: positives %s -> pos_weight %s", positives.int().tolist(),
+                [round(w, 3) for w in weights.tolist()])
+    return weights.float()

@@ -2,7 +2,9 @@
 
 Paper: Szegedy et al. 2016 "Rethinking the Inception architecture" (arXiv 1512.00567) sec 7; He et al. 2019
     "Bag of Tricks" (arXiv 1812.01187) sec 5.2 (eps 0.1).
-Hook: loss (torch's cross_entropy(label_smoothing=...), which also takes mixup's soft targets).
+Hook: loss (torch's cross_entropy(label_smoothing=...), which also takes mixup's soft targets); multi-label
+    (data.task: multilabel): each finding's 0/1 target becomes y (1 - smoothing) + smoothing / 2 in
+    binary_cross_entropy_with_logits (`binary_label_smoothing_loss`: the two-class form of the same rule).
 Defaults: smoothing 0.1 (the paper's eps).
 Interactions: with mixup/cutmix the soft targets are smoothed as well; a teacher trained with label smoothing is a
     worse distillation teacher (Mueller et al. 2019, arXiv 1906.02629); it changes the confidence of the
@@ -53,3 +55,18 @@ def label_smoothing_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: 
         (torch's weighted mean when `class_weights` is given).
     """
     return F.cross_entropy(logits, target, weight=class_weights, label_smoothing=smoothing)
+
+
+def binary_label_smoothing_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.1,
+                                pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-label loss: binary cross-entropy with logits against smoothed 0/1 targets, averaged over the batch and
+    the findings.
+
+    Args:
+        logits: (N, L) unnormalized scores, one per finding.
+        target: (N, L) multi-hot targets in [0, 1] (mixup's mixed targets too).
+        smoothing: in [0, 1); the target becomes target * (1 - smoothing) + smoothing / 2.
+        pos_weight: optional (L,) weight of the positive term per finding (see class_balance.label_pos_weights).
+    """
+    smoothed = target * (1.0 - smoothing) + smoothing / 2.0
+    return F.binary_cross_entropy_with_logits(logits, smoothed, pos_weight=pos_weight)
