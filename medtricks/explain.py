@@ -305,6 +305,7 @@ def explain(run: str | Path | Run, inputs: Sequence[str | Path], method: str = "
         device: auto, cpu, cuda or cuda:N (default: the recipe's).
     """
     opened = run if isinstance(run, Run) else open_run(run, device)
+    opened.require_single_label("medtricks explain")
     images, paths, unreadable = load_images(opened, inputs)
     decided, probs = decided_classes(opened, images)
     if target_class is not None:
@@ -330,6 +331,7 @@ def explain_split(run: Run, split: str = "test", data: str | Path | None = None,
     decision; with `gallery`, a PNG of the most border-focused images."""
     from medtricks import plots
 
+    run.require_single_label("evaluate --explain-summary")
     dataset = run.dataset(data, split)
     explainer = Explainer(run.model, method, layer)
     images, maps, decided = [], [], []
