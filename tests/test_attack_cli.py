@@ -321,7 +321,7 @@ def test_autoattack_reports_its_members_and_their_worst_case(run, tmp_path, thre
         assert info["threshold"] != threshold
         info["threshold"] = threshold
         info_path.write_text(json.dumps(info))
-    report = attack_json(tmp_path, target, "--autoattack", "--eps", "0.2/255,1/255", "--steps", "5", "--split", "val")
+    report = attack_json(tmp_path, target, "--autoattack", "--eps", "0.2/255,1/255", "--steps", "10", "--split", "val")
     pgd10 = attack_json(tmp_path, target, "--pgd", "--eps", "0.2/255,1/255", "--steps", "10", "--split", "val")
     assert set(report) >= ATTACK_KEYS and report["attack"] == "autoattack"
     assert report["members"] == ["apgd-ce", "apgd-margin"]
