@@ -15,7 +15,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -23,7 +31,8 @@ from medtricks.errors import MedtricksError
 
 app = typer.Typer(help="Fine-tune pretrained CNNs on medical images with a bag of tricks; attack them.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Inspect data sources and make the synthetic demo set.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect data sources, fetch or prepare public data sets, make the synthetic demo set.",
+                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
 recipes_app = typer.Typer(help="Bundled recipes: list and show.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
@@ -88,7 +97,8 @@ def finetune_cmd(
     ctx: typer.Context,
     recipe: Annotated[str | None, typer.Option("--recipe", "-r", help="Bundled recipe name or YAML path "
                                                "[default: demo; with --resume the run's own].")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Data folder, CSV manifest or .npz.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Data folder, CSV manifest, .npz or public data set "
+                                            "name (medtricks data list).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (must not exist, unless --resume).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override the recipe seed.")] = None,
@@ -687,6 +697,76 @@ def data_check(
                           f"file(s) and {leaks} patient(s) in two splits (listed above). Fix or remove them before "
                           f"training.", highlight=False)
         raise typer.Exit(2)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the public data set names a recipe's data.source (or --data) may use, and whether each is cached.
+
+    Example: medtricks data list
+    """
+    from medtricks.data.public import REGISTRY, data_dir
+
+    for spec in REGISTRY.values():
+        state = "cached" if spec.is_ready() else f"not cached: {spec.how_to_get()}"
+        console.print(Text(spec.name, style="bold"), f" {state}\n    {spec.title}\n    licence: {spec.licence}",
+                      highlight=False)
+    console.print(f"cache folder: {data_dir()} (set MEDTRICKS_CACHE to move it)", highlight=False)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="Public data set name, e.g. medmnist:pneumoniamnist@28.")],
+    force: Annotated[bool, typer.Option("--force", help="Download again even when already cached.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Install a file that has no registered checksum "
+                                            "(a checksum mismatch is always refused).")] = False,
+) -> None:
+    """Download a public data set into the cache ($MEDTRICKS_CACHE/data), verify its checksum, print its licence.
+
+    An interrupted transfer resumes where it stopped; a file whose checksum does not match is deleted. Offline
+    (MEDTRICKS_OFFLINE=1, or no network) the error names the URL and the folder to put the file in by hand.
+    Example: medtricks data fetch medmnist:pneumoniamnist@28
+    """
+    from medtricks.data.public import fetch, find_set
+
+    bar = Progress(TextColumn(name, markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeElapsedColumn(), console=err_console, transient=True)
+    task = bar.add_task(name, total=None)
+    try:
+        spec = find_set(name)
+        with bar:
+            folder, lines = fetch(name, force=force, no_verify=no_verify,
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except MedtricksError as exc:
+        _fail(exc)
+    for line in lines:
+        console.print(line, highlight=False)
+    console.print(f"{name} -> {folder}\nlicence: {spec.licence}\ncite: {spec.citation}", highlight=False)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    name: Annotated[str, typer.Argument(help="Public data set name, e.g. nih-chestxray14 or kermany-cxr.")],
+    raw_dir: Annotated[Path, typer.Argument(help="The unpacked official download (only read).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Where labels.csv goes [default: the cache folder of "
+                                             "NAME, so the name resolves to it].")] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Turn the official download of a public data set into a medtricks labels.csv (images stay in RAW_DIR).
+
+    Example: medtricks data prepare nih-chestxray14 ~/Downloads/ChestXray-NIHCC
+    """
+    from medtricks.data.public import find_set, prepare_set
+
+    try:
+        spec = find_set(name)
+        folder, lines = prepare_set(name, raw_dir, out, overwrite)
+    except MedtricksError as exc:
+        _fail(exc)
+    for line in lines:
+        console.print(line, highlight=False)
+    console.print(f"{name} -> {folder} (keep {raw_dir} where it is: labels.csv points at its images)\n"
+                  f"licence: {spec.licence}\ncite: {spec.citation}", highlight=False)
 
 
 @weights_app.command("list")

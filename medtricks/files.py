@@ -30,6 +30,11 @@ class OutputError(MedtricksError):
     """A file cannot be written where asked: it exists, it belongs to a run, or its folder is missing or read-only."""
 
 
+def cache_root() -> Path:
+    """$MEDTRICKS_CACHE, else ~/.cache/medtricks: the folder of the weights/, images/ and data/ caches."""
+    return Path(os.environ.get("MEDTRICKS_CACHE") or Path.home() / ".cache" / "medtricks")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path` (creating the folder).
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from medtricks.data.dataset import ImageStore, prepare_images
+from medtricks.data.public import resolve_named
 from medtricks.data.sources import SPLITS, count_labels, load_source
 from medtricks.data.splits import find_leaks, split_source
 from medtricks.errors import DataError
@@ -33,7 +34,7 @@ def check_data(path, classes=None, split: SplitConfig | None = None, seed: int =
     Raises:
         DataError: when the source itself cannot be read (missing, empty, malformed manifest, unknown labels).
     """
-    source = load_source(path, classes)
+    source = load_source(resolve_named(path) or path, classes)  # a public data set name: its cache folder
     records = source.records
     report: dict = {
         "source": str(path), "kind": source.kind, "n_images": len(records) + len(source.missing),

@@ -20,6 +20,7 @@ from medtricks.data.dataset import (
     report_problems,
     resolve_cache_mode,
 )
+from medtricks.data.public import resolve_named
 from medtricks.data.sources import SPLITS, LabelFormat, Source, load_source
 from medtricks.data.splits import split_source
 from medtricks.data.transforms import cache_size, create_eval_transform, create_train_transform
@@ -44,11 +45,14 @@ class DataBundle:
 
 
 def resolve_source(config: DataConfig, data: str | Path | None) -> Path:
-    """`--data` wins over the recipe's data.source; one of them is required."""
+    """`--data` wins over the recipe's data.source; one of them is required. A public data set name
+    (`medmnist:pneumoniamnist@28`, `nih-chestxray14`) becomes its cache folder (medtricks.data.public)."""
     path = data if data is not None else config.source
     if path is None:
-        raise DataError("no data source: pass --data DIR|FILE or set data.source in the recipe.")
-    return Path(path)
+        raise DataError("no data source: pass --data DIR|FILE|NAME or set data.source in the recipe (a folder, a "
+                        "file or a public data set name: `medtricks data list`).")
+    named = resolve_named(path)
+    return named if named is not None else Path(path)
 
 
 def _decoded(config: DataConfig, source: Source, records: list[dict], workers: int | None, progress=None):

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from medtricks.errors import MedtricksError, short
+from medtricks.files import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,7 @@ WEIGHT_NAMES = ("none", *sorted({name for _, name in REGISTRY}))
 
 def cache_dir() -> Path:
     """$MEDTRICKS_CACHE/weights, else ~/.cache/medtricks/weights."""
-    root = os.environ.get("MEDTRICKS_CACHE") or Path.home() / ".cache" / "medtricks"
-    return Path(root) / "weights"
+    return cache_root() / "weights"
 
 
 def sha256_of(path: Path) -> str:

@@ -1,0 +1,186 @@
+"""From the official raw download of a public data set to a medtricks labels.csv (`medtricks data prepare`).
+
+Each function reads RAW_DIR (never writes there) and writes `<out>/labels.csv`, whose `path` column holds the absolute
+path of each image inside RAW_DIR: the images are not copied (ChestX-ray14 is 45 GB), so RAW_DIR must stay where it
+is. A layout that does not match the official one is a DataError naming the missing file, folder or column.
+What each function keeps and drops is in its data card (data_cards/nih_chestxray14.md, kermany_cxr.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+from medtricks.errors import DataError
+from medtricks.files import write_text
+
+logger = logging.getLogger(__name__)
+
+
+def _write_labels(out: Path, columns: list[str], rows: list[dict]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "labels.csv", buffer.getvalue())
+    return out / "labels.csv"
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = [c for c in reader.fieldnames or [] if c]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read it ({exc}).") from exc
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(f"{path}: column(s) {', '.join(repr(c) for c in missing)} missing; found {columns}. Is this "
+                        f"the official file, unmodified?")
+    return rows
+
+
+# ---- NIH ChestX-ray14 --------------------------------------------------------------------------------------------
+
+NIH_COLUMNS = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+               "View Position")
+NIH_LISTS = ("train_val_list.txt", "test_list.txt")
+
+
+def _nih_age(value: str) -> str:
+    """'58', '058Y' (the first release wrote ages so) -> '58'; '' stays ''."""
+    digits = value.strip().rstrip("YyMmDd")
+    return str(int(digits)) if digits.isdigit() else ""
+
+
+def prepare_nih_chestxray14(raw: Path, out: Path) -> list[str]:
+    """NIH ChestX-ray14 -> labels.csv with a multi-label `label` column.
+
+    RAW_DIR holds Data_Entry_2017.csv (or Data_Entry_2017_v2020.csv), train_val_list.txt, test_list.txt and the
+    PNGs in folders named images* (`images/` from the NIH tar parts, `images_001/images/` in the Kaggle copy).
+
+    Columns written: path, label (Finding Labels as is: findings joined by `|`, `No Finding` for none), patient_id
+    (`nih-` + the 8-digit Patient ID that also starts the file name), split (train for train_val_list, test for
+    test_list: medtricks carves val from train by patient), follow_up, view (PA/AP), age (years), sex (M/F).
+    Dropped: rows whose PNG is not under RAW_DIR (a part not downloaded) and rows in neither list, both counted.
+    """
+    entry = next((raw / n for n in ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv") if (raw / n).is_file()), None)
+    if entry is None:
+        raise DataError(f"{raw}: Data_Entry_2017.csv is missing (the official label file of NIH ChestX-ray14, "
+                        f"https://nihcc.app.box.com/v/ChestXray-NIHCC).")
+    for name in NIH_LISTS:
+        if not (raw / name).is_file():
+            raise DataError(f"{raw}: {name} is missing (the official split lists train_val_list.txt and "
+                            f"test_list.txt come with Data_Entry_2017.csv).")
+    rows = _read_csv(entry, NIH_COLUMNS)
+    split_of = {}
+    for name, split in zip(NIH_LISTS, ("train", "test"), strict=True):
+        for line in (raw / name).read_text().split():
+            split_of[line.strip()] = split
+    folders = sorted(p for p in raw.iterdir() if p.is_dir() and p.name.startswith("images"))
+    if not folders:
+        raise DataError(f"{raw}: no images*/ folder; unpack the images_*.tar.gz parts into RAW_DIR (they unpack to "
+                        f"images/).")
+    files = {p.name: p.resolve() for folder in folders for p in folder.rglob("*.png")}
+    out_rows, absent, unlisted = [], 0, 0
+    for row in rows:
+        name = row["Image Index"].strip()
+        if name not in files:
+            absent += 1
+            continue
+        if name not in split_of:
+            unlisted += 1
+            continue
+        out_rows.append({"path": str(files[name]), "label": row["Finding Labels"].strip(),
+                         "patient_id": f"nih-{int(row['Patient ID']):08d}", "split": split_of[name],
+                         "follow_up": row["Follow-up #"].strip(), "view": row["View Position"].strip(),
+                         "age": _nih_age(row["Patient Age"]), "sex": row["Patient Gender"].strip()})
+    if not out_rows:
+        where = ", ".join(f"{f.name}/" for f in folders)
+        raise DataError(f"{raw}: none of the {len(rows)} images of {entry.name} is under {where} (looked for the PNGs "
+                        f"named in 'Image Index').")
+    labels = _write_labels(out, ["path", "label", "patient_id", "split", "follow_up", "view", "age", "sex"], out_rows)
+    splits = Counter(r["split"] for r in out_rows)
+    lines = [f"{labels}: {len(out_rows)} images of {len({r['patient_id'] for r in out_rows})} patients "
+             f"(train {splits['train']}, test {splits['test']}; val is carved from train by patient)"]
+    if absent:
+        lines.append(f"left out: {absent} rows of {entry.name} whose PNG is not under RAW_DIR (parts not downloaded?)")
+    if unlisted:
+        lines.append(f"left out: {unlisted} images in neither train_val_list.txt nor test_list.txt")
+    return lines
+
+
+# ---- Kermany pediatric CXR ---------------------------------------------------------------------------------------
+
+KERMANY_SPLITS = ("train", "test", "val")
+KERMANY_CLASSES = {"NORMAL": "normal", "PNEUMONIA": "pneumonia"}
+# Patient ids as the file names carry them (Kermany et al.'s release, checked on its published file list):
+#   person1_bacteria_1.jpeg, person1_virus_6.jpeg  -> person1        (pneumonia images: person<N>_<kind>_<k>)
+#   IM-0115-0001.jpeg                              -> IM-0115        (normal images: IM-<patient>-<image>)
+#   NORMAL2-IM-0427-0001.jpeg                      -> NORMAL2-IM-0427 (a second batch of normals, own numbering)
+_KERMANY_PATIENT = re.compile(r"^(person\d+)_(bacteria|virus)_\d+$|^((?:NORMAL2-)?IM-\d+)-\d+$")
+
+
+def kermany_patient(stem: str) -> tuple[str | None, str]:
+    """(patient id, pneumonia kind: bacteria | virus | '') parsed from a file stem; (None, '') when it matches no
+    known pattern."""
+    match = _KERMANY_PATIENT.match(stem)
+    if match is None:
+        return None, ""
+    if match.group(1):
+        return match.group(1), match.group(2)
+    return match.group(3), ""
+
+
+def prepare_kermany_cxr(raw: Path, out: Path) -> list[str]:
+    """Kermany et al.'s pediatric chest X-rays -> labels.csv (normal / pneumonia).
+
+    RAW_DIR holds chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}/*.jpeg (or is that chest_xray folder itself).
+
+    Columns written: path, label (normal | pneumonia), patient_id (`kermany-` + the id parsed from the file name, see
+    `kermany_patient`; an unparsed name is its own patient, counted), split (train | test; the official val folder,
+    16 images, goes to train so that medtricks carves a patient-level val), official_split, kind (bacteria | virus
+    for pneumonia). Patients found in two official splits are counted (they are kept as published).
+    """
+    root = raw / "chest_xray" if (raw / "chest_xray").is_dir() else raw
+    for split in ("train", "test"):
+        for folder in KERMANY_CLASSES:
+            if not (root / split / folder).is_dir():
+                raise DataError(f"{raw}: the folder chest_xray/{split}/{folder}/ is missing; expected the official "
+                                f"layout chest_xray/{{train,test,val}}/{{NORMAL,PNEUMONIA}}/*.jpeg.")
+    rows, unparsed = [], 0
+    for split in KERMANY_SPLITS:
+        for folder, label in KERMANY_CLASSES.items():
+            if not (root / split / folder).is_dir():
+                continue
+            for path in sorted((root / split / folder).iterdir()):
+                if path.suffix.lower() not in (".jpeg", ".jpg", ".png") or path.name.startswith("."):
+                    continue
+                patient, kind = kermany_patient(path.stem)
+                if patient is None:
+                    unparsed += 1
+                    patient = path.stem
+                rows.append({"path": str(path.resolve()), "label": label, "patient_id": f"kermany-{patient}",
+                             "split": "test" if split == "test" else "train", "official_split": split, "kind": kind})
+    if not rows:
+        raise DataError(f"{raw}: no .jpeg images under chest_xray/{{train,test}}/{{NORMAL,PNEUMONIA}}/.")
+    labels = _write_labels(out, ["path", "label", "patient_id", "split", "official_split", "kind"], rows)
+    splits_of: dict[str, set] = {}
+    for r in rows:
+        splits_of.setdefault(r["patient_id"], set()).add(r["split"])
+    both = sum(len(s) > 1 for s in splits_of.values())
+    counts = Counter((r["split"], r["label"]) for r in rows)
+    lines = [f"{labels}: {len(rows)} images of {len(splits_of)} patients (train {counts['train', 'normal']} normal / "
+             f"{counts['train', 'pneumonia']} pneumonia, test {counts['test', 'normal']} / "
+             f"{counts['test', 'pneumonia']}; the official val folder joined train, val is carved by patient)"]
+    if unparsed:
+        lines.append(f"{unparsed} file name(s) matched no known pattern: each is its own patient")
+    if both:
+        lines.append(f"warning: {both} patient(s) have images in both the official train and test splits")
+        logger.warning("%s: %d patient(s) have images in both the official train and test splits", raw, both)
+    return lines

@@ -1,0 +1,359 @@
+"""Named public data sets: a recipe's data.source (or `--data`) may be a name such as `medmnist:pneumoniamnist@28`.
+
+Each name has a folder in the data cache, `$MEDTRICKS_CACHE/data/<name>` (default `~/.cache/medtricks/data`; the
+`:` of a name becomes a sub-folder: `medmnist/pneumoniamnist@28`), filled once by one of two commands:
+- `medtricks data fetch NAME`: sets with a stable direct download (the MedMNIST .npz files on Zenodo). The file is
+  downloaded into a `.part` file beside its target, resumed with an HTTP Range request when the transfer breaks,
+  checked against the checksum its publisher lists, and only then renamed into place: the cache never holds a
+  half or unverified file. MEDTRICKS_OFFLINE=1 never downloads; MEDTRICKS_DATA_MIRROR replaces the URL base
+  (everything before the file name), for a local mirror or a test server.
+- `medtricks data prepare NAME RAW_DIR`: sets whose licence asks users to download them themselves (NIH
+  ChestX-ray14, Kermany's pediatric CXR): medtricks.data.prepare turns the official layout into a labels.csv.
+A name whose folder is empty is an error naming the command that fills it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtricks.data import prepare
+from medtricks.errors import DataError, short
+from medtricks.files import cache_root, write_text
+
+logger = logging.getLogger(__name__)
+
+MIRROR_ENV = "MEDTRICKS_DATA_MIRROR"
+ATTEMPTS = 3  # a broken transfer is resumed (HTTP Range) this many times within one fetch
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file with a direct download. The checksums are the publisher's (None: not published, not verified)."""
+
+    url: str
+    filename: str
+    md5: str | None = None
+    sha256: str | None = None
+
+    def source_url(self) -> str:
+        """The URL, with its base replaced by $MEDTRICKS_DATA_MIRROR when that is set."""
+        mirror = os.environ.get(MIRROR_ENV)
+        return f"{mirror.rstrip('/')}/{self.filename}" if mirror else self.url
+
+
+@dataclass(frozen=True)
+class PublicSet:
+    """A named public data set: where it lives in the cache, how it gets there, its licence and citation.
+
+    Attributes:
+        name: what data.source / --data say (`medmnist:pneumoniamnist@28`, `nih-chestxray14`).
+        title: one line for `medtricks data list`.
+        licence, citation: printed by fetch and prepare; also in the data card.
+        card: the data card (data_cards/<card>).
+        files: direct downloads (`medtricks data fetch`).
+        prepare: prepare(raw_dir, out) -> summary lines (`medtricks data prepare`), for sets without files.
+        raw: where to download the raw data for prepare, and what RAW_DIR must hold.
+    """
+
+    name: str
+    title: str
+    licence: str
+    citation: str
+    card: str
+    files: tuple[RemoteFile, ...] = ()
+    prepare: Callable[[Path, Path], list[str]] | None = None
+    raw: str = ""
+
+    @property
+    def folder(self) -> Path:
+        return data_dir().joinpath(*self.name.split(":"))
+
+    def is_ready(self, folder: Path | None = None) -> bool:
+        """The set's files are in `folder` (default its cache folder): every fetched file, or a labels.csv."""
+        folder = self.folder if folder is None else folder
+        if self.files:
+            return all((folder / f.filename).is_file() for f in self.files)
+        return (folder / "labels.csv").is_file()
+
+    def how_to_get(self) -> str:
+        """The command (and the download) that fills the cache folder."""
+        if self.files:
+            return f"`medtricks data fetch {self.name}`"
+        return (f"`medtricks data prepare {self.name} RAW_DIR` after downloading the raw data ({self.raw}) into "
+                f"RAW_DIR")
+
+
+def data_dir() -> Path:
+    """$MEDTRICKS_CACHE/data, else ~/.cache/medtricks/data."""
+    return cache_root() / "data"
+
+
+_MEDMNIST_URL = "https://zenodo.org/records/10519652/files/"  # MedMNIST v3.0 (MedMNIST+ sizes), Zenodo
+_MEDMNIST_CITATION = ("Yang J. et al., MedMNIST v2 - A large-scale lightweight benchmark for 2D and 3D biomedical "
+                      "image classification, Scientific Data 10, 41 (2023); cite also the source data set of {set}.")
+# The publisher's MD5 of each file at 28, 64, 128 and 224 px, copied from the official medmnist package
+# (github.com/MedMNIST/MedMNIST, medmnist/info.py of version 3.0.2, keys MD5, MD5_64, MD5_128, MD5_224).
+# No sha256 is published for these files.
+_MEDMNIST = {
+    "pneumoniamnist": ("CC BY 4.0", "pediatric CXR, normal vs pneumonia (Kermany et al. 2018)", (
+        "28209eda62fecd6e6a2d98b1501bb15f", "8f4eceb4ccffa70c672198ea285246c6", "05b46931834c231683c68f40c47b2971",
+        "d6a3c71de1b945ea11211b03746c1fe1")),
+    "retinamnist": ("CC BY 4.0", "fundus photographs, diabetic retinopathy grade 0-4 (DeepDRiD)", (
+        "bd4c0672f1bba3e3a89f0e4e876791e4", "afda852cc34dcda56f86ad2b2457dbcc", "e48e916a24454daf90583d4e6efb1a18",
+        "eae7e3b6f3fcbda4ae613ebdcbe35348")),
+    "chestmnist": ("CC BY 4.0", "NIH ChestX-ray14, 14 findings, multi-label (Wang et al. 2017)", (
+        "02c8a6516a18b556561a56cbdd36c4a8", "9de6cd0b934ebb5b7426cfba5efbae16", "db107e5590b27930b62dbaf558aebee3",
+        "45bd33e6f06c3e8cdb481c74a89152aa")),
+    "dermamnist": ("CC BY-NC 4.0", "dermoscopy, 7 diagnoses (HAM10000)", (
+        "0744692d530f8e62ec473284d019b0c7", "b70a2f5635c6199aeaa28c31d7202e1f", "2defd784463fa5243564e855ed717de1",
+        "8974907d8e169bef5f5b96bc506ae45d")),
+    "breastmnist": ("CC BY 4.0", "breast ultrasound, malignant vs normal/benign", (
+        "750601b1f35ba3300ea97c75c52ff8f6", "742edef2a1fd1524b2efff4bd7ba9364", "363e4b3f8d712e9b5de15470a2aaadf1",
+        "b56378a6eefa9fed602bb16d192d4c8b")),
+    "octmnist": ("CC BY 4.0", "retinal OCT, 4 classes (Kermany et al. 2018)", (
+        "c68d92d5b585d8d81f7112f81e2d0842", "e229e9440236b774d9f0dfef9d07bdaf", "0a97e76651ace45c5d943ee3f65b63ae",
+        "abc493b6d529d5de7569faaef2773ba3")),
+}
+MEDMNIST_SIZES = (28, 64, 128, 224)
+
+
+def _medmnist(flag: str, size: int, licence: str, what: str, md5: str) -> PublicSet:
+    filename = f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+    return PublicSet(f"medmnist:{flag}@{size}", f"MedMNIST {flag} at {size} px: {what}", licence,
+                     _MEDMNIST_CITATION.format(set=flag), "pneumoniamnist.md" if flag == "pneumoniamnist" else
+                     "retinamnist.md" if flag == "retinamnist" else "README.md",
+                     files=(RemoteFile(_MEDMNIST_URL + filename + "?download=1", filename, md5=md5),))
+
+
+_NIH_CITATION = ("Wang X. et al., ChestX-ray8: Hospital-scale Chest X-ray Database and Benchmarks on Weakly-Supervised "
+                 "Classification and Localization of Common Thorax Diseases, IEEE CVPR 2017, 3462-3471. Data: NIH "
+                 "Clinical Center, https://nihcc.app.box.com/v/ChestXray-NIHCC (acknowledge the NIH Clinical Center).")
+_KERMANY_CITATION = ("Kermany D. et al., Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep "
+                     "Learning, Cell 172(5), 1122-1131 (2018); data: Kermany D., Zhang K., Goldbaum M., Labeled "
+                     "Optical Coherence Tomography (OCT) and Chest X-Ray Images for Classification, Mendeley Data v2, "
+                     "doi:10.17632/rscbjbr9sj.2.")
+
+REGISTRY: dict[str, PublicSet] = {s.name: s for s in [
+    *[_medmnist(flag, size, licence, what, md5s[i]) for flag, (licence, what, md5s) in _MEDMNIST.items()
+      for i, size in enumerate(MEDMNIST_SIZES)],
+    PublicSet("nih-chestxray14", "NIH ChestX-ray14: 112,120 adult frontal CXR, 14 NLP-mined findings (multi-label)",
+              "no restrictions on use (NIH Clinical Center); attribution required", _NIH_CITATION,
+              "nih_chestxray14.md", prepare=prepare.prepare_nih_chestxray14,
+              raw="https://nihcc.app.box.com/v/ChestXray-NIHCC: Data_Entry_2017.csv, train_val_list.txt, "
+                  "test_list.txt and the images_*.tar.gz parts unpacked into images*/ folders"),
+    PublicSet("kermany-cxr", "Kermany pediatric CXR (Guangzhou): 5,856 images, normal vs pneumonia",
+              "CC BY 4.0", _KERMANY_CITATION, "kermany_cxr.md", prepare=prepare.prepare_kermany_cxr,
+              raw="https://data.mendeley.com/datasets/rscbjbr9sj/2 (ChestXRay2017.zip) or the Kaggle copy "
+                  "'chest-xray-pneumonia': the chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}/ folders"),
+]}
+
+
+def find_set(name: str) -> PublicSet:
+    """The registered set called `name`.
+
+    Raises:
+        DataError: an unknown name, listing the known ones.
+    """
+    if name in REGISTRY:
+        return REGISTRY[name]
+    raise DataError(f"{short(name)} is not a known public data set. Known names: {known_names()} "
+                    f"(`medtricks data list` describes them; MedMNIST sizes: @{', @'.join(map(str, MEDMNIST_SIZES))}).")
+
+
+def known_names() -> str:
+    """The registered names, MedMNIST ones folded into `medmnist:FLAG@SIZE`."""
+    flags = ", ".join(_MEDMNIST)
+    return f"medmnist:FLAG@SIZE (FLAG one of {flags}), " + ", ".join(n for n in REGISTRY if ":" not in n)
+
+
+def _looks_like_name(text: str) -> bool:
+    """A string that is no path: `medmnist:x`, `nih-chestxray` (no folder separator, no file suffix)."""
+    if len(text) > 2 and text[1] == ":" and text[0].isalpha():  # C:\\data on Windows
+        return False
+    return ":" in text or ("/" not in text and "\\" not in text and "." not in text)
+
+
+def resolve_named(source: str | Path) -> Path | None:
+    """The cache folder of a named source; None when `source` is a path (existing, or written like one).
+
+    Raises:
+        DataError: a known name whose folder is not filled yet (naming the command that fills it), or a string that
+            is no existing path and looks like a name but is not one (listing the known names).
+    """
+    text = str(source)
+    if text in REGISTRY:
+        spec = REGISTRY[text]
+        if not spec.is_ready():
+            raise DataError(f"data source {text}: the public data set is not in the cache yet ({spec.folder}). Fill "
+                            f"it once with {spec.how_to_get()}, or pass --data DIR|FILE to use your own copy.")
+        return spec.folder
+    if Path(text).expanduser().exists() or not _looks_like_name(text):
+        return None
+    raise DataError(f"{short(text)}: data source not found: no such file or folder, and not a known public data set "
+                    f"name. Known names: {known_names()}. Give a folder (class sub-folders or labels.csv), a CSV "
+                    f"manifest or a .npz file with --data or data.source.")
+
+
+# ---- fetch -------------------------------------------------------------------------------------------------------
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _transfer(url: str, part: Path, progress: Callable[[int, int | None], None] | None) -> None:
+    """Download `url` into `part`, continuing after its current size with a Range request when it has one."""
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the part file is already whole: nothing left to send
+            return
+        raise
+    with response:
+        if have and response.status != 206:  # the server ignored the Range: start again
+            logger.info("%s: the server does not resume transfers; downloading from the start", url)
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        with open(part, "ab" if have else "wb") as f:
+            done = have
+            while chunk := response.read(1 << 16):
+                f.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        if total is not None and done < total:
+            raise http.client.IncompleteRead(b"", total - done)
+
+
+def _verify(part: Path, remote: RemoteFile, no_verify: bool) -> str:
+    """Check the downloaded file against the published checksum; delete it on a mismatch. Returns a description."""
+    for algorithm, expected in (("sha256", remote.sha256), ("md5", remote.md5)):
+        if expected:
+            actual = _digest(part, algorithm)
+            if actual != expected:
+                part.unlink(missing_ok=True)
+                raise DataError(f"{remote.source_url()}: the downloaded file has {algorithm} {actual}, not the "
+                                f"published {expected}; it was deleted and nothing was installed. Try again later "
+                                f"(a proxy or an interrupted mirror can corrupt a transfer), or check the mirror "
+                                f"({MIRROR_ENV}).")
+            return f"{algorithm} {actual} (verified)"
+    actual = _digest(part, "sha256")
+    if not no_verify:
+        part.unlink(missing_ok=True)
+        raise DataError(f"{remote.source_url()}: no checksum is registered for {remote.filename}, so medtricks cannot "
+                        f"verify the download (sha256 {actual}); nothing was installed. Add --no-verify to install it "
+                        f"unverified.")
+    logger.warning("%s installed UNVERIFIED (no published checksum): sha256 %s", remote.filename, actual)
+    return f"sha256 {actual} (NOT verified: --no-verify)"
+
+
+def fetch(name: str, force: bool = False, no_verify: bool = False,
+          progress: Callable[[int, int | None], None] | None = None) -> tuple[Path, list[str]]:
+    """Download, verify and install the files of a named set into its cache folder.
+
+    Args:
+        name: a registered name with direct downloads (`medmnist:pneumoniamnist@28`).
+        force: download again even when the files are already installed.
+        no_verify: install a file for which no checksum is registered (never one whose checksum mismatches).
+        progress: optional callable(bytes_done, bytes_total or None) during each transfer.
+
+    Returns:
+        The cache folder and one line per file (name and checksum).
+
+    Raises:
+        DataError: an unknown name, a set that is prepared rather than fetched, no network (naming the URL and the
+            folder to put the file in by hand), a transfer that keeps breaking, or a checksum mismatch.
+    """
+    spec = find_set(name)
+    if not spec.files:
+        raise DataError(f"{name} has no direct download (its licence asks you to download it yourself): run "
+                        f"{spec.how_to_get()}.")
+    folder = spec.folder
+    lines = []
+    for remote in spec.files:
+        target = folder / remote.filename
+        if target.is_file() and not force:
+            lines.append(f"{target} (already installed; --force downloads it again)")
+            continue
+        url = remote.source_url()
+        by_hand = (f"On a machine with internet, download {url} and put it at {target} (the folder is "
+                   f"$MEDTRICKS_CACHE/data/..., default ~/.cache/medtricks/data), or pass --data FILE to use it where "
+                   f"it is.")
+        if os.environ.get("MEDTRICKS_OFFLINE"):
+            raise DataError(f"{name}: MEDTRICKS_OFFLINE is set, so nothing is downloaded. {by_hand}")
+        folder.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + ".part")
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                _transfer(url, part, progress)
+                break
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                kept = part.stat().st_size if part.is_file() else 0
+                if not kept:
+                    part.unlink(missing_ok=True)
+                if attempt == ATTEMPTS or not kept:
+                    raise DataError(f"{name}: cannot download {url} ({exc}). {by_hand}"
+                                    + (f" The {kept} bytes received are kept in {part}; the same command resumes "
+                                       f"from there." if kept else "")) from exc
+                logger.warning("%s: transfer broke after %d bytes (%s); resuming", url, kept, exc)
+        checked = _verify(part, remote, no_verify)
+        os.replace(part, target)
+        lines.append(f"{target}  {checked}")
+    write_text(folder / "SOURCE.txt", f"{spec.name}: {spec.title}\nfiles: {', '.join(f.url for f in spec.files)}\n"
+                                      f"licence: {spec.licence}\ncitation: {spec.citation}\n")
+    return folder, lines
+
+
+# ---- prepare -----------------------------------------------------------------------------------------------------
+
+
+def prepare_set(name: str, raw_dir: str | Path, out: str | Path | None = None,
+                overwrite: bool = False) -> tuple[Path, list[str]]:
+    """Write the medtricks labels.csv of a named set from its official raw download (RAW_DIR is only read).
+
+    Args:
+        name: a registered name with a prepare step (`nih-chestxray14`, `kermany-cxr`).
+        raw_dir: the unpacked official download.
+        out: where labels.csv goes (default the set's cache folder, so the name resolves to it).
+        overwrite: allow an existing non-empty `out` (its labels.csv is replaced).
+
+    Returns:
+        The output folder and summary lines (counts, what was kept and dropped).
+
+    Raises:
+        DataError: unknown name, a set that is fetched, a RAW_DIR that does not match the official layout (naming
+            the missing file or column), or a non-empty `out` without `overwrite`.
+    """
+    spec = find_set(name)
+    if spec.prepare is None:
+        raise DataError(f"{name} is downloaded ready to use: run `medtricks data fetch {name}` (no prepare step).")
+    raw = Path(raw_dir).expanduser()
+    if not raw.is_dir():
+        raise DataError(f"{raw}: RAW_DIR is not a folder. Download {spec.raw} and give the unpacked folder.")
+    target = Path(out).expanduser() if out is not None else spec.folder
+    raw_resolved, target_resolved = raw.resolve(), target.resolve()
+    if target_resolved == raw_resolved or raw_resolved in target_resolved.parents:
+        raise DataError(f"--out {target}: it lies inside RAW_DIR {raw}, which prepare never writes into; choose "
+                        f"another folder (the default is the cache folder {spec.folder}).")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise DataError(f"--out {target}: the folder exists and is not empty; choose a new folder, or add "
+                        f"--overwrite to replace its labels.csv.")
+    lines = spec.prepare(raw, target)
+    write_text(target / "SOURCE.txt", f"{spec.name}: {spec.title}\nprepared from: {raw_resolved}\n"
+                                      f"licence: {spec.licence}\ncitation: {spec.citation}\n")
+    return target, lines

@@ -1,0 +1,327 @@
+"""Named public data sets: fetch (against a local HTTP server), prepare (on copies of the official layouts) and
+their use as data.source. Nothing here touches the internet."""
+
+import csv
+import hashlib
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import nothing_lost
+from medtricks.cli import app
+from medtricks.data import public
+from medtricks.data.prepare import kermany_patient
+from medtricks.data.public import PublicSet, RemoteFile
+from medtricks.data.sources import LabelFormat, load_source
+
+runner = CliRunner()
+BODY = np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+SHA = hashlib.sha256(BODY).hexdigest()
+NAME = "test:blob@1"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves BODY with Range support; drops the connection half way while `drops` > 0."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        state = self.server.state
+        state["ranges"].append(self.headers.get("Range"))
+        start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0]) if self.headers.get("Range") else 0
+        payload = BODY[start:]
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(BODY) - 1}/{len(BODY)}")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if state["drops"] > 0:
+            state["drops"] -= 1
+            payload = payload[: len(payload) // 2]
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.state = {"ranges": [], "drops": 0}
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty MEDTRICKS_CACHE of the test's own; network allowed (the conftest sets MEDTRICKS_OFFLINE)."""
+    monkeypatch.setenv("MEDTRICKS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEDTRICKS_OFFLINE", raising=False)
+    monkeypatch.delenv(public.MIRROR_ENV, raising=False)
+    return tmp_path / "cache"
+
+
+def _register(monkeypatch, url: str, sha256: str | None = SHA) -> PublicSet:
+    spec = PublicSet(NAME, "test blob", "CC0 test licence", "Tester T., The Blob (2025).", "README.md",
+                     files=(RemoteFile(url, "blob.bin", sha256=sha256),))
+    monkeypatch.setitem(public.REGISTRY, NAME, spec)
+    return spec
+
+
+def _url(server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}/files/blob.bin"
+
+
+def _fetch(*extra):
+    return runner.invoke(app, ["data", "fetch", NAME, *extra])
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_fetch_installs_the_verified_file_and_prints_the_licence(server, cache, monkeypatch):
+    spec = _register(monkeypatch, "https://example.invalid/record/blob.bin?download=1")
+    monkeypatch.setenv(public.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}/files/")  # the URL base
+    result = _fetch()
+    assert result.exit_code == 0, result.output
+    assert spec.folder == cache / "data" / "test" / "blob@1"
+    assert (spec.folder / "blob.bin").read_bytes() == BODY
+    assert _files(spec.folder) == ["SOURCE.txt", "blob.bin"]
+    assert f"sha256 {SHA} (verified)" in result.output
+    assert "CC0 test licence" in result.output and "The Blob (2025)" in result.output
+    assert server.state["ranges"] == [None]
+    again = _fetch()  # already there: nothing downloaded
+    assert again.exit_code == 0 and "already installed" in again.output and server.state["ranges"] == [None]
+
+
+def test_fetch_resumes_a_broken_transfer_with_range(server, cache, monkeypatch):
+    spec = _register(monkeypatch, _url(server))
+    server.state["drops"] = 1  # the first transfer breaks half way: resumed within the same command
+    result = _fetch()
+    assert result.exit_code == 0, result.output
+    assert server.state["ranges"] == [None, f"bytes={len(BODY) // 2}-"]
+    assert (spec.folder / "blob.bin").read_bytes() == BODY and "verified" in result.output
+
+    # a transfer that keeps breaking stops, keeps its part file, and the next command resumes from it
+    monkeypatch.setattr(public, "ATTEMPTS", 1)
+    server.state.update(ranges=[], drops=1)
+    broken = _fetch("--force")
+    assert broken.exit_code == 2 and "resumes" in broken.output and "Traceback" not in broken.output
+    part = spec.folder / "blob.bin.part"
+    assert part.stat().st_size == len(BODY) // 2
+    resumed = _fetch("--force")
+    assert resumed.exit_code == 0, resumed.output
+    assert server.state["ranges"] == [None, f"bytes={len(BODY) // 2}-"]
+    assert (spec.folder / "blob.bin").read_bytes() == BODY and not part.exists()
+
+
+def test_fetch_refuses_a_checksum_mismatch_and_leaves_nothing(server, cache, monkeypatch):
+    spec = _register(monkeypatch, _url(server), sha256="0" * 64)
+    result = _fetch()
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert SHA in result.output and "0" * 64 in result.output and "nothing was installed" in result.output
+    assert _files(spec.folder) == []  # no file, no part file
+
+
+def test_fetch_refuses_an_unverifiable_file_unless_no_verify(server, cache, monkeypatch):
+    spec = _register(monkeypatch, _url(server), sha256=None)
+    refused = _fetch()
+    assert refused.exit_code == 2 and "--no-verify" in refused.output and _files(spec.folder) == []
+    result = _fetch("--no-verify")
+    assert result.exit_code == 0, result.output
+    assert "NOT verified" in result.output and (spec.folder / "blob.bin").read_bytes() == BODY
+
+
+def test_fetch_offline_names_the_url_and_the_folder(cache, monkeypatch):
+    spec = _register(monkeypatch, "http://127.0.0.1:9/files/blob.bin")  # discard port: nothing listens
+    for offline in (True, False):
+        if offline:
+            monkeypatch.setenv("MEDTRICKS_OFFLINE", "1")
+        else:
+            monkeypatch.delenv("MEDTRICKS_OFFLINE")
+        result = _fetch()
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        text = " ".join(result.output.split())
+        assert "http://127.0.0.1:9/files/blob.bin" in text and str(spec.folder / "blob.bin") in text
+        assert ("MEDTRICKS_OFFLINE" in text) == offline
+        assert _files(spec.folder) == []
+
+
+def test_the_medmnist_names_point_at_the_official_files():
+    spec = public.find_set("medmnist:pneumoniamnist@28")
+    assert spec.files[0].url == "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1"
+    assert spec.files[0].md5 == "28209eda62fecd6e6a2d98b1501bb15f"
+    assert public.find_set("medmnist:retinamnist@224").files[0].filename == "retinamnist_224.npz"
+    assert all(f.md5 or f.sha256 for s in public.REGISTRY.values() for f in s.files)
+
+
+# ---- prepare -----------------------------------------------------------------------------------------------------
+
+NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
+NIH_ROWS = [  # as in the official file (including its trailing comma)
+    "00000001_000.png,Cardiomegaly,0,1,58,M,PA,2682,2749,0.143,0.143,",
+    "00000001_001.png,Cardiomegaly|Emphysema,1,1,58,M,PA,2894,2729,0.143,0.143,",
+    "00000002_000.png,No Finding,0,2,81,M,PA,2500,2048,0.168,0.168,",
+    "00000003_000.png,Hernia|Pneumonia,0,3,074Y,F,AP,2048,2500,0.168,0.168,",
+    "00000004_000.png,No Finding,0,4,82,M,AP,2048,2500,0.168,0.168,",  # its PNG is not downloaded
+]
+
+
+def _png(path: Path, value: int, rgb: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3) if rgb else (8, 8), value, np.uint8)).save(path)
+
+
+def _nih_raw(root: Path) -> Path:
+    root.mkdir()
+    (root / "Data_Entry_2017.csv").write_text("\n".join([NIH_HEADER, *NIH_ROWS]) + "\n")
+    (root / "train_val_list.txt").write_text("00000001_000.png\n00000001_001.png\n00000002_000.png\n00000004_000.png\n")
+    (root / "test_list.txt").write_text("00000003_000.png\n")
+    for i, name in enumerate(["00000001_000.png", "00000001_001.png", "00000002_000.png"]):
+        _png(root / "images_001" / "images" / name, 40 * i)
+    _png(root / "images_002" / "images" / "00000003_000.png", 200)
+    return root
+
+
+def test_prepare_nih_chestxray14_writes_the_manifest_row_by_row(tmp_path, cache):
+    raw = _nih_raw(tmp_path / "nih")
+    with nothing_lost(raw):
+        result = runner.invoke(app, ["data", "prepare", "nih-chestxray14", str(raw)])
+    assert result.exit_code == 0, result.output
+    out = cache / "data" / "nih-chestxray14"
+    rows = list(csv.DictReader(open(out / "labels.csv")))
+    images = raw.resolve()
+    assert rows == [
+        {"path": str(images / "images_001/images/00000001_000.png"), "label": "Cardiomegaly",
+         "patient_id": "nih-00000001", "split": "train", "follow_up": "0", "view": "PA", "age": "58", "sex": "M"},
+        {"path": str(images / "images_001/images/00000001_001.png"), "label": "Cardiomegaly|Emphysema",
+         "patient_id": "nih-00000001", "split": "train", "follow_up": "1", "view": "PA", "age": "58", "sex": "M"},
+        {"path": str(images / "images_001/images/00000002_000.png"), "label": "No Finding",
+         "patient_id": "nih-00000002", "split": "train", "follow_up": "0", "view": "PA", "age": "81", "sex": "M"},
+        {"path": str(images / "images_002/images/00000003_000.png"), "label": "Hernia|Pneumonia",
+         "patient_id": "nih-00000003", "split": "test", "follow_up": "0", "view": "AP", "age": "74", "sex": "F"},
+    ]
+    assert "left out: 1 rows" in " ".join(result.output.split())
+    # medtricks reads it as a multi-label source with the official split, by the name alone
+    source = load_source(public.resolve_named("nih-chestxray14"), ("Cardiomegaly", "Emphysema", "Hernia", "Pneumonia"),
+                         LabelFormat(multilabel=True))
+    assert [r["label"] for r in source.records] == [(1, 0, 0, 0), (1, 1, 0, 0), (0, 0, 0, 0), (0, 0, 1, 1)]
+    assert source.has_splits and source.has_patient_ids
+    again = runner.invoke(app, ["data", "prepare", "nih-chestxray14", str(raw)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert runner.invoke(app, ["data", "prepare", "nih-chestxray14", str(raw), "--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda raw: (raw / "test_list.txt").unlink(), ["test_list.txt", "missing"]),
+    (lambda raw: (raw / "Data_Entry_2017.csv").unlink(), ["Data_Entry_2017.csv", "missing"]),
+    (lambda raw: (raw / "Data_Entry_2017.csv").write_text(
+        NIH_HEADER.replace("Patient ID,", "") + "\n" + NIH_ROWS[0] + "\n"), ["'Patient ID'", "missing"]),
+    (lambda raw: [p.rename(raw / ("x" + p.name)) for p in raw.glob("images_*")], ["images*/", "folder"]),
+])
+def test_prepare_refuses_a_wrong_layout_naming_what_is_missing(tmp_path, cache, damage, words):
+    raw = _nih_raw(tmp_path / "nih")
+    damage(raw)
+    with nothing_lost(raw):
+        result = runner.invoke(app, ["data", "prepare", "nih-chestxray14", str(raw), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, (word, result.output)
+    assert not (tmp_path / "o" / "labels.csv").exists()
+
+
+KERMANY = {  # official folder layout and file-name patterns; patient id expected for each
+    "train/NORMAL/IM-0115-0001.jpeg": "IM-0115", "train/NORMAL/IM-0115-0002.jpeg": "IM-0115",
+    "train/NORMAL/NORMAL2-IM-0427-0001.jpeg": "NORMAL2-IM-0427",
+    "train/PNEUMONIA/person1_bacteria_1.jpeg": "person1", "train/PNEUMONIA/person1_virus_6.jpeg": "person1",
+    "train/PNEUMONIA/person22_bacteria_77.jpeg": "person22",
+    "test/NORMAL/IM-0001-0001.jpeg": "IM-0001", "test/PNEUMONIA/person100_bacteria_475.jpeg": "person100",
+    "val/NORMAL/NORMAL2-IM-1427-0001.jpeg": "NORMAL2-IM-1427",
+    "val/PNEUMONIA/person1946_bacteria_4874.jpeg": "person1946",
+}
+
+
+def test_kermany_patient_ids_from_file_names():
+    assert kermany_patient("person1_virus_6") == ("person1", "virus")
+    assert kermany_patient("NORMAL2-IM-0427-0001") == ("NORMAL2-IM-0427", "")
+    assert kermany_patient("IM-0115-0001") == ("IM-0115", "")
+    assert kermany_patient("scan_7") == (None, "")
+
+
+def test_prepare_kermany_cxr(tmp_path, cache):
+    raw = tmp_path / "kermany"
+    for i, rel in enumerate(KERMANY):
+        _png(raw / "chest_xray" / rel, 10 * i, rgb="PNEUMONIA" in rel)
+    out = tmp_path / "prepared"
+    with nothing_lost(raw):
+        result = runner.invoke(app, ["data", "prepare", "kermany-cxr", str(raw), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {Path(r["path"]).relative_to((raw / "chest_xray").resolve()).as_posix(): r
+            for r in csv.DictReader(open(out / "labels.csv"))}
+    assert set(rows) == set(KERMANY)
+    for rel, patient in KERMANY.items():
+        row, official = rows[rel], rel.split("/")[0]
+        assert row["patient_id"] == f"kermany-{patient}" and row["official_split"] == official
+        assert row["split"] == ("test" if official == "test" else "train")  # val carved by medtricks, by patient
+        assert row["label"] == rel.split("/")[1].lower()
+        assert row["kind"] == ("bacteria" if "bacteria" in rel else "virus" if "virus" in rel else "")
+    source = load_source(out, ("normal", "pneumonia"))
+    assert len(source.records) == 10 and source.has_splits
+    assert "8 patients" in result.output
+
+    (raw / "chest_xray" / "test" / "PNEUMONIA" / "person100_bacteria_475.jpeg").unlink()
+    (raw / "chest_xray" / "test" / "PNEUMONIA").rmdir()
+    broken = runner.invoke(app, ["data", "prepare", "kermany-cxr", str(raw), "--out", str(tmp_path / "o2")])
+    assert broken.exit_code == 2 and "chest_xray/test/PNEUMONIA/" in broken.output
+    inside = runner.invoke(app, ["data", "prepare", "kermany-cxr", str(raw), "--out", str(raw / "x")])
+    assert inside.exit_code == 2 and "inside RAW_DIR" in inside.output and not (raw / "x").exists()
+
+
+# ---- named sources -----------------------------------------------------------------------------------------------
+
+# the recipe file of this checkout (an editable install of another checkout would serve its own by name)
+PNEUMONIAMNIST = str(Path(__file__).resolve().parents[1] / "recipes" / "pneumoniamnist.yaml")
+FAST = ["--set", "train.epochs=1", "--set", "data.image_size=32", "--set", "data.workers=0", "--set",
+        "train.batch_size=8", "--set", "train.eval_batch_size=16"]
+
+
+def test_a_named_source_not_cached_names_the_command(tmp_path, cache):
+    result = runner.invoke(app, ["finetune", "--recipe", PNEUMONIAMNIST, "--out", str(tmp_path / "run"), *FAST])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "medtricks data fetch medmnist:pneumoniamnist@28" in result.output
+    run = str(tmp_path / "n")
+    nih = runner.invoke(app, ["finetune", "--recipe", "demo", "--data", "nih-chestxray14", "--out", run])
+    text = " ".join(nih.output.split())
+    assert nih.exit_code == 2 and "medtricks data prepare nih-chestxray14 RAW_DIR" in text
+    assert "nihcc.app.box.com" in text
+    unknown = runner.invoke(app, ["data", "check", "medmnist:nosuchmnist@28"])
+    assert unknown.exit_code == 2 and "not a known public data set" in unknown.output
+    assert "nih-chestxray14" in unknown.output and "pneumoniamnist" in unknown.output
+
+
+def test_finetune_reads_a_cached_named_source_without_data(tmp_path, cache):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 24), ("val", 12), ("test", 12)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 80, (n, 28, 28)).astype(np.uint8)
+        images[labels == 1, 8:20, 8:20] = 230  # an easy "opacity"
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels.reshape(-1, 1)
+    folder = cache / "data" / "medmnist" / "pneumoniamnist@28"
+    folder.mkdir(parents=True)
+    np.savez(folder / "pneumoniamnist.npz", **arrays)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", "--recipe", PNEUMONIAMNIST, "--out", str(out), "--quiet", *FAST])
+    assert result.exit_code == 0, result.output
+    report = (out / "report.json").read_text()
+    assert '"n": 12' in report  # the npz's own val and test splits
+    assert os.path.isfile(out / "model.safetensors")
