@@ -325,3 +325,70 @@ def test_finetune_reads_a_cached_named_source_without_data(tmp_path, cache):
     report = (out / "report.json").read_text()
     assert '"n": 12' in report  # the npz's own val and test splits
     assert os.path.isfile(out / "model.safetensors")
+
+
+COVID_HEADER = ("patientid,offset,sex,age,finding,RT_PCR_positive,survival,intubated,intubation_present,went_icu,"
+                "in_icu,needed_supplemental_O2,extubated,temperature,pO2_saturation,leukocyte_count,neutrophil_count,"
+                "lymphocyte_count,view,modality,date,location,folder,filename,doi,url,license,clinical_notes,"
+                "other_notes,Unnamed: 29")
+COVID_ROWS = [  # (patientid, sex, age, finding, view, modality, folder, filename, license); last: image written?
+    ("2", "M", "65", "Pneumonia/Viral/COVID-19", "PA", "X-ray", "images", "a.jpg", "CC BY-NC-SA 4.0", True),
+    ("2", "M", "65", "Pneumonia/Viral/COVID-19", "AP Supine", "X-ray", "images", "b.jpg", "CC BY-NC-SA 4.0", True),
+    ("7", "F", "", "Pneumonia/Bacterial/Streptococcus", "PA", "X-ray", "images", "c.png", "CC BY 4.0", True),
+    ("9", "F", "40", "No Finding", "PA", "X-ray", "images", "d.jpeg", "", True),
+    ("2", "M", "65", "Pneumonia/Viral/COVID-19", "L", "X-ray", "images", "e.jpg", "CC BY 4.0", True),  # lateral
+    ("3", "M", "50", "Pneumonia/Viral/COVID-19", "Axial", "CT", "volumes", "f.nii.gz", "CC BY 4.0", False),
+    ("4", "F", "30", "todo", "PA", "X-ray", "images", "g.jpg", "CC BY 4.0", True),
+    ("5", "F", "30", "Pneumonia/Viral/COVID-19", "PA", "X-ray", "images", "h.jpg", "CC BY 4.0", False),  # absent
+]
+
+
+def test_prepare_covid19_collection_keeps_frontal_xrays_and_licences(tmp_path, cache):
+    raw = tmp_path / "covid-chestxray-dataset"
+    raw.mkdir()
+    lines = [COVID_HEADER]
+    for pid, sex, age, finding, view, modality, folder, name, licence, written in COVID_ROWS:
+        lines.append(f'{pid},0,{sex},{age},{finding},Y,,,,,,,,,,,,,{view},{modality},2020,"Wuhan, China",{folder},'
+                     f'{name},10.1/x,https://example.org/{name},{licence},"notes, with a comma",,')
+        if written:
+            _png(raw / folder / name, 100, rgb=True)
+    (raw / "metadata.csv").write_text("\n".join(lines) + "\n")
+    with nothing_lost(raw):
+        result = runner.invoke(app, ["data", "prepare", "covid19-image-data-collection", str(raw)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(cache / "data" / "covid19-image-data-collection" / "labels.csv")))
+    base = raw.resolve() / "images"
+    assert [(r["path"], r["label"], r["patient_id"], r["view"], r["license"]) for r in rows] == [
+        (str(base / "a.jpg"), "covid19", "ieee8023-2", "PA", "CC BY-NC-SA 4.0"),
+        (str(base / "b.jpg"), "covid19", "ieee8023-2", "AP Supine", "CC BY-NC-SA 4.0"),
+        (str(base / "c.png"), "other_pneumonia", "ieee8023-7", "PA", "CC BY 4.0"),
+        (str(base / "d.jpeg"), "no_finding", "ieee8023-9", "PA", ""),
+    ]
+    assert rows[2]["finding"] == "Pneumonia/Bacterial/Streptococcus" and rows[0]["url"] == "https://example.org/a.jpg"
+    text = " ".join(result.output.split())
+    for word in ["not a frontal view", "not X-ray", "finding outside the three classes", "image file absent"]:
+        assert f"left out: 1 rows ({word})" in text
+    assert "none given 1" in text
+    source = load_source(public.resolve_named("covid19-image-data-collection"),
+                         ("no_finding", "covid19", "other_pneumonia"))
+    assert [r["label"] for r in source.records] == [1, 1, 2, 0] and not source.has_splits
+
+    (raw / "metadata.csv").write_text(COVID_HEADER.replace("license,", "") + "\n")
+    broken = runner.invoke(app, ["data", "prepare", "covid19-image-data-collection", str(raw), "--out",
+                                 str(tmp_path / "o")])
+    assert broken.exit_code == 2 and "'license'" in broken.output
+
+
+def test_shipped_recipes_name_registered_public_sets():
+    import yaml
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    sources = {p.stem: yaml.safe_load(p.read_text())["data"].get("source") for p in recipes.glob("*.yaml")}
+    assert sources["pneumoniamnist"] == "medmnist:pneumoniamnist@28"
+    assert sources["fundus_dr"] == "medmnist:retinamnist@28"
+    assert sources["covid_cxr"] == "covid19-image-data-collection"
+    for name, source in sources.items():
+        if source is not None and source in public.REGISTRY:
+            assert "shared" not in source
+        elif source is not None:  # a path: only the demo's own synthetic folder
+            assert name == "demo" and ".." not in Path(source).parts, (name, source)

@@ -3,7 +3,8 @@
 Each function reads RAW_DIR (never writes there) and writes `<out>/labels.csv`, whose `path` column holds the absolute
 path of each image inside RAW_DIR: the images are not copied (ChestX-ray14 is 45 GB), so RAW_DIR must stay where it
 is. A layout that does not match the official one is a DataError naming the missing file, folder or column.
-What each function keeps and drops is in its data card (data_cards/nih_chestxray14.md, kermany_cxr.md).
+What each function keeps and drops is in its data card (data_cards/nih_chestxray14.md, kermany_cxr.md,
+covid19_image_data_collection.md).
 """
 
 from __future__ import annotations
@@ -183,4 +184,74 @@ def prepare_kermany_cxr(raw: Path, out: Path) -> list[str]:
     if both:
         lines.append(f"warning: {both} patient(s) have images in both the official train and test splits")
         logger.warning("%s: %d patient(s) have images in both the official train and test splits", raw, both)
+    return lines
+
+
+# ---- COVID-19 image data collection ------------------------------------------------------------------------------
+
+COVID_COLUMNS = ("patientid", "finding", "view", "modality", "filename", "license")
+COVID_FRONTAL = ("PA", "AP", "AP Supine", "AP semi erect", "AP Erect")
+
+
+def covid_label(finding: str) -> str | None:
+    """The `covid_cxr` class of a `finding` of metadata.csv: covid19, other_pneumonia, no_finding, else None."""
+    finding = finding.strip()
+    if "COVID-19" in finding:
+        return "covid19"
+    if finding == "No Finding":
+        return "no_finding"
+    if finding.split("/")[0] == "Pneumonia":
+        return "other_pneumonia"
+    return None
+
+
+def prepare_covid19_collection(raw: Path, out: Path) -> list[str]:
+    """Cohen et al.'s COVID-19 image data collection (a clone of github.com/ieee8023/covid-chestxray-dataset) ->
+    labels.csv with the `covid_cxr` classes.
+
+    RAW_DIR holds metadata.csv and the images in the folder its `folder` column names (`images/`).
+
+    Kept: X-ray rows with a frontal view (PA, AP, AP Supine, AP semi erect, AP Erect) whose finding maps to a class
+    (`covid_label`: any COVID-19 finding -> covid19; other `Pneumonia...` -> other_pneumonia; `No Finding` ->
+    no_finding). Columns: path, label, finding, patient_id (`ieee8023-` + patientid), view, sex, age, license (per
+    image, as published: keep the attribution), url. Dropped, and counted: CT and lateral views, other findings
+    (tuberculosis, `todo`, ...), rows whose image file is absent. No split: medtricks splits by patient.
+    """
+    meta = raw / "metadata.csv"
+    if not meta.is_file():
+        raise DataError(f"{raw}: metadata.csv is missing (the collection's label file; clone "
+                        f"https://github.com/ieee8023/covid-chestxray-dataset).")
+    rows = _read_csv(meta, COVID_COLUMNS)
+    dropped: Counter = Counter()
+    out_rows = []
+    for row in rows:
+        if row["modality"].strip() != "X-ray":
+            dropped["not X-ray"] += 1
+            continue
+        if row["view"].strip() not in COVID_FRONTAL:
+            dropped["not a frontal view"] += 1
+            continue
+        label = covid_label(row["finding"])
+        if label is None:
+            dropped["finding outside the three classes"] += 1
+            continue
+        path = raw / ((row.get("folder") or "images").strip() or "images") / row["filename"].strip()
+        if not path.is_file():
+            dropped["image file absent"] += 1
+            continue
+        out_rows.append({"path": str(path.resolve()), "label": label, "finding": row["finding"].strip(),
+                         "patient_id": f"ieee8023-{row['patientid'].strip()}", "view": row["view"].strip(),
+                         "sex": (row.get("sex") or "").strip(), "age": (row.get("age") or "").strip(),
+                         "license": row["license"].strip(), "url": (row.get("url") or "").strip()})
+    if not out_rows:
+        raise DataError(f"{raw}: none of the {len(rows)} rows of metadata.csv is a frontal X-ray with a COVID-19, "
+                        f"pneumonia or No Finding label whose image is under RAW_DIR ({dict(dropped)}).")
+    labels = _write_labels(out, ["path", "label", "finding", "patient_id", "view", "sex", "age", "license", "url"],
+                           out_rows)
+    counts = Counter(r["label"] for r in out_rows)
+    lines = [f"{labels}: {len(out_rows)} images of {len({r['patient_id'] for r in out_rows})} patients ("
+             + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")",
+             "licences: " + ", ".join(f"{k or 'none given'} {v}"
+                                      for k, v in Counter(r["license"] for r in out_rows).most_common())]
+    lines += [f"left out: {n} rows ({why})" for why, n in dropped.items()]
     return lines

@@ -8,7 +8,8 @@ Each name has a folder in the data cache, `$MEDTRICKS_CACHE/data/<name>` (defaul
   half or unverified file. MEDTRICKS_OFFLINE=1 never downloads; MEDTRICKS_DATA_MIRROR replaces the URL base
   (everything before the file name), for a local mirror or a test server.
 - `medtricks data prepare NAME RAW_DIR`: sets whose licence asks users to download them themselves (NIH
-  ChestX-ray14, Kermany's pediatric CXR): medtricks.data.prepare turns the official layout into a labels.csv.
+  ChestX-ray14, Kermany's pediatric CXR, the COVID-19 image data collection): medtricks.data.prepare turns the
+  official layout into a labels.csv.
 A name whose folder is empty is an error naming the command that fills it.
 """
 
@@ -141,6 +142,10 @@ _KERMANY_CITATION = ("Kermany D. et al., Identifying Medical Diagnoses and Treat
                      "Optical Coherence Tomography (OCT) and Chest X-Ray Images for Classification, Mendeley Data v2, "
                      "doi:10.17632/rscbjbr9sj.2.")
 
+_COVID_CITATION = ("Cohen J.P., Morrison P., Dao L., Roth K., Duong T.Q., Ghassemi M., COVID-19 Image Data Collection: "
+                   "Prospective Predictions Are the Future, arXiv 2006.11988 (2020); and arXiv 2003.11597. Per-image "
+                   "source URL and licence in labels.csv.")
+
 REGISTRY: dict[str, PublicSet] = {s.name: s for s in [
     *[_medmnist(flag, size, licence, what, md5s[i]) for flag, (licence, what, md5s) in _MEDMNIST.items()
       for i, size in enumerate(MEDMNIST_SIZES)],
@@ -149,6 +154,11 @@ REGISTRY: dict[str, PublicSet] = {s.name: s for s in [
               "nih_chestxray14.md", prepare=prepare.prepare_nih_chestxray14,
               raw="https://nihcc.app.box.com/v/ChestXray-NIHCC: Data_Entry_2017.csv, train_val_list.txt, "
                   "test_list.txt and the images_*.tar.gz parts unpacked into images*/ folders"),
+    PublicSet("covid19-image-data-collection", "COVID-19 image data collection (Cohen et al.): frontal CXR, "
+              "covid19 / other_pneumonia / no_finding", "per image (license column of metadata.csv; CC BY, CC BY-SA, "
+              "CC BY-NC-SA, Apache 2.0, ...): keep each image's attribution", _COVID_CITATION,
+              "covid19_image_data_collection.md", prepare=prepare.prepare_covid19_collection,
+              raw="git clone https://github.com/ieee8023/covid-chestxray-dataset: metadata.csv and images/"),
     PublicSet("kermany-cxr", "Kermany pediatric CXR (Guangzhou): 5,856 images, normal vs pneumonia",
               "CC BY 4.0", _KERMANY_CITATION, "kermany_cxr.md", prepare=prepare.prepare_kermany_cxr,
               raw="https://data.mendeley.com/datasets/rscbjbr9sj/2 (ChestXRay2017.zip) or the Kaggle copy "
