@@ -32,6 +32,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from medtricks.data.images import read_image
+from medtricks.data.sources import image_inputs
 from medtricks.data.transforms import create_eval_transform
 from medtricks.errors import DataError, MedtricksError, short
 from medtricks.files import atomic_write, check_output, write_json
@@ -266,18 +267,7 @@ class Explained:
 
 def load_images(run: Run, inputs: Sequence[str | Path]) -> tuple[torch.Tensor, list[str], list[dict]]:
     """The run's eval transform of every readable image (files or folders); unreadable ones listed, not dropped."""
-    from medtricks.data.sources import image_files
-
-    files = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files.extend(image_files(item))
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise DataError(f"{item}: no such file or folder.")
-    if not files:
-        raise DataError(f"{', '.join(map(str, inputs))}: no image files there (PNG, JPEG, TIFF, BMP or DICOM).")
+    files = image_inputs(inputs)
     transform = create_eval_transform(run.info["image_size"], run.info["crop_fraction"])
     images, paths, unreadable = [], [], []
     for path in files:

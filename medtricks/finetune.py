@@ -19,7 +19,7 @@ from medtricks.calibration import fit_temperature, temper
 from medtricks.data.images import read_image
 from medtricks.data.pipeline import DataBundle, create_loader, eval_loader, load_data, loader_workers, resolve_source
 from medtricks.data.sampling import SeededSampler
-from medtricks.data.sources import image_files
+from medtricks.data.sources import image_inputs
 from medtricks.data.synth import synthesize
 from medtricks.data.transforms import create_eval_transform
 from medtricks.devices import place_model, resolve_device
@@ -386,17 +386,7 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
     opened, threshold, _ = _open_for_scoring(run, device, tta)
     info, classes = opened.info, opened.classes
     transform = create_eval_transform(info["image_size"], info["crop_fraction"])
-    files = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files.extend(image_files(item))
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise DataError(f"{item}: no such file or folder.")
-    if not files:
-        raise DataError(f"{', '.join(map(str, inputs))}: no image files there (PNG, JPEG, TIFF, BMP or DICOM); "
-                        f"nothing to predict.")
+    files = image_inputs(inputs)
     rows = []
     with torch.inference_mode():
         for path in files:

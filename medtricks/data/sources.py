@@ -90,6 +90,26 @@ def image_files(folder: Path) -> list[Path]:
         part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def image_inputs(inputs) -> list[Path]:
+    """The image files named by `inputs` (files, or folders searched recursively), for predict and explain.
+
+    Raises:
+        DataError: an input that does not exist, or inputs that hold no image file at all.
+    """
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files.extend(image_files(item))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder.")
+    if not files:
+        raise DataError(f"{', '.join(map(str, inputs))}: no image files there (PNG, JPEG, TIFF, BMP or DICOM); "
+                        f"nothing to score.")
+    return files
+
+
 def _sort_names(names) -> tuple[str, ...]:
     names = set(names)
     if all(n.lstrip("-").isdigit() for n in names):
