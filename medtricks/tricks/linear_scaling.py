@@ -7,7 +7,11 @@ Defaults: base_batch 256 (the recipe's `train.lr` is the lr for a batch of 256).
 Interactions: warmup ramps up to the scaled lr (large scaled lrs need it); per-stage `model.lr_multipliers` multiply
     the scaled lr; with gradient accumulation pass the effective batch. Small medical batches (16-64) give lrs 4-16x
     below the recipe's `train.lr`.
-Measured effect: not yet measured
+Measured effect: RetinaMNIST -0.008 [-0.041, +0.025], no detectable effect; ISIC UDA-1 -0.053 [-0.242, +0.135], no
+    detectable effect; PneumoniaMNIST -0.149 [-0.386, +0.088], no detectable effect (README, "The tricks study": added
+    to a plain fine-tune of efficientnet_lite0 at 64 px, 5-fold cross-validation scored on the held-out folds, Δ AUROC
+    with − without, mean of 5 paired folds with a 95% t interval); at twice the recipe's batch, the lr scaled with the
+    batch vs kept as tuned for the recipe's batch.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ Hook: optimizer groups (each stage's parameters split into a decayed and a non-d
 Defaults: no keys; present = on. Parameters with ndim <= 1 (biases, BN/norm gamma and beta) get weight_decay 0.
 Interactions: keeps the per-stage `lr_mult` of model.lr_multipliers; frozen stages are already left out; with
     zero_gamma the zeroed gammas are not pulled further by decay; matters only when `train.weight_decay` > 0.
-Measured effect: no detectable effect on fundus_dr (RetinaMNIST val, 64 px, 10 epochs, 3 paired seeds, with − without):
-    AUROC -0.004 [-0.091, +0.082], bal. acc. +0.001 [-0.379, +0.382]; command in README (tricks table).
+Measured effect: not measured by the cross-validated study (README, "The tricks study"); an earlier validation-split
+    ablation, whose split also selected the epoch (exploratory), found no detectable effect on RetinaMNIST: AUROC -0.004
+    [-0.091, +0.082].
 """
 
 from __future__ import annotations

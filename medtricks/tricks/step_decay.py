@@ -6,7 +6,10 @@ Hook: schedule (a multiplier of the peak lr, multiplied with the warmup factor).
 Defaults: milestones (0.25, 0.5, 0.75) of training, gamma 0.1 (30/60/90 of 120 epochs).
 Interactions: replaces cosine (use one of the two); milestones are fractions, so changing `train.epochs` moves them
     with it.
-Measured effect: not yet measured
+Measured effect: RetinaMNIST -0.003 [-0.037, +0.031], no detectable effect; ISIC UDA-1 +0.080 [-0.025, +0.185], no
+    detectable effect; PneumoniaMNIST -0.004 [-0.009, +0.001], no detectable effect (README, "The tricks study": added
+    to a plain fine-tune of efficientnet_lite0 at 64 px, 5-fold cross-validation scored on the held-out folds, Δ AUROC
+    with − without, mean of 5 paired folds with a 95% t interval); vs a constant lr.
 """
 
 from __future__ import annotations

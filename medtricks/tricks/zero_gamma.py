@@ -13,9 +13,15 @@ Defaults: stages None (every stage with residual blocks), beta keep (see above).
 Interactions: the same as a `model.bn_reset` entry {gamma: zero, which: last_in_block}: don't list a stage in both;
     never on frozen stages (their blocks would stay switched off); DenseNet has no residual blocks (error); with
     no_bias_decay the zeroed gammas are not decayed.
-Measured effect: no detectable effect on fundus_dr (RetinaMNIST val, 64 px, 10 epochs, 3 paired seeds, with − without):
-    AUROC +0.001 [-0.050, +0.051], bal. acc. -0.015 [-0.244, +0.213]; command in README (tricks table, added to the
-    recipe).
+Measured effect: RetinaMNIST early -0.005 [-0.067, +0.058], no detectable effect; RetinaMNIST middle +0.022 [-0.018,
+    +0.062], no detectable effect; RetinaMNIST late -0.006 [-0.024, +0.012], no detectable effect; ISIC UDA-1 early
+    +0.081 [-0.055, +0.216], no detectable effect; ISIC UDA-1 middle +0.051 [-0.048, +0.150], no detectable effect; ISIC
+    UDA-1 late +0.047 [-0.022, +0.116], no detectable effect; PneumoniaMNIST early -0.002 [-0.008, +0.004], no
+    detectable effect; PneumoniaMNIST middle -0.001 [-0.004, +0.003], no detectable effect; PneumoniaMNIST late +0.002
+    [-0.002, +0.006], no detectable effect (README, "The tricks study": added to a plain fine-tune of efficientnet_lite0
+    at 64 px, 5-fold cross-validation scored on the held-out folds, Δ AUROC with − without, mean of 5 paired folds with
+    a 95% t interval); model.bn_reset gamma zero on the last BN of every residual block of blocks.1-2 (early), 3-4
+    (middle) or 5 (late), pretrained beta kept; one-gamma resets in the README.
 """
 
 from __future__ import annotations
