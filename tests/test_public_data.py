@@ -392,3 +392,15 @@ def test_shipped_recipes_name_registered_public_sets():
             assert "shared" not in source
         elif source is not None:  # a path: only the demo's own synthetic folder
             assert name == "demo" and ".." not in Path(source).parts, (name, source)
+
+
+def test_a_bare_word_source_stays_a_path_so_the_demo_writes_its_phantoms(tmp_path, monkeypatch):
+    """`demo_data` (no ':') is a folder the demo recipe creates on first use, not a data-set name."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["finetune", "--recipe", "demo", "--out", "runs/demo", "--set", "train.epochs=1",
+                                 "--set", "data.image_size=32", "--set", "train.limit_train_batches=2", "--set",
+                                 "data.workers=0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo_data").is_dir() and (tmp_path / "runs" / "demo" / "report.json").is_file()
+    missing = runner.invoke(app, ["data", "check", "no_such_folder"])
+    assert missing.exit_code == 2 and "not found" in missing.output

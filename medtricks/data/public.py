@@ -185,10 +185,11 @@ def known_names() -> str:
 
 
 def _looks_like_name(text: str) -> bool:
-    """A string that is no path: `medmnist:x`, `nih-chestxray` (no folder separator, no file suffix)."""
+    """A string that is no path: `medmnist:x`. A bare word (`demo_data`) stays a path, as it always was: a recipe may
+    name a folder that does not exist yet (the demo's synthetic phantoms are written there on first use)."""
     if len(text) > 2 and text[1] == ":" and text[0].isalpha():  # C:\\data on Windows
         return False
-    return ":" in text or ("/" not in text and "\\" not in text and "." not in text)
+    return ":" in text
 
 
 def resolve_named(source: str | Path) -> Path | None:
