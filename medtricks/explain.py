@@ -38,6 +38,7 @@ from medtricks.errors import DataError, MedtricksError, short
 from medtricks.files import atomic_write, check_output, write_json
 from medtricks.models.backbones import ARCHS, MedModel
 from medtricks.runs import Run, open_run
+from medtricks.scoring import decisions
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +125,7 @@ def decided_classes(run: Run, images: torch.Tensor) -> tuple[list[int], np.ndarr
     probabilities."""
     with torch.no_grad():
         probs = run.model(images.to(run.device)).float().softmax(-1).cpu().numpy()
-    if probs.shape[1] == 2 and run.threshold is not None:
-        return [int(p >= run.threshold) for p in probs[:, 1]], probs
-    return probs.argmax(1).tolist(), probs
+    return decisions(probs, run.threshold).tolist(), probs
 
 
 def region_masks(side: int) -> dict[str, np.ndarray]:

@@ -159,15 +159,23 @@ def plot_reliability(labels: np.ndarray, probs: np.ndarray, path: str | Path, n_
     return _save(fig, path)
 
 
+def _show_image(ax, image: np.ndarray, saliency: np.ndarray | None = None) -> None:
+    """Draw a (C, H, W) image in [0, 1] (grey or colour), with a saliency map (H, W) in [0, 1] on top if given."""
+    image = np.asarray(image)
+    shown = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+    ax.imshow(np.clip(shown, 0, 1), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1)
+    if saliency is not None:
+        ax.imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+
+
 def plot_saliency(image: np.ndarray, saliency: np.ndarray, path: str | Path, title: str = "") -> Path:
     """The image (C, H, W) in [0, 1] as the model saw it, beside it with the saliency map (H, W) in [0, 1] on top."""
-    shown = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
     for ax in axes:
-        ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
         ax.axis("off")
-    overlay = axes[1].imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    fig.colorbar(overlay, ax=axes[1], fraction=0.046, pad=0.04)
+    _show_image(axes[0], image)
+    _show_image(axes[1], image, saliency)
+    fig.colorbar(axes[1].images[-1], ax=axes[1], fraction=0.046, pad=0.04)
     fig.suptitle(title, fontsize="small")
     return _save(fig, path)
 
@@ -180,9 +188,7 @@ def plot_saliency_gallery(images: np.ndarray, maps: np.ndarray, titles: Sequence
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, saliency, title in zip(axes.ravel(), images, maps, titles, strict=False):
-        shown = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
-        ax.imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
-        ax.imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        _show_image(ax, image, saliency)
         ax.set_title(title, fontsize=7)
     return _save(fig, path)
 
@@ -195,10 +201,8 @@ def plot_attention_shift(clean: Sequence[np.ndarray], adversarial: Sequence[np.n
     for row in range(rows):
         for col, (image, saliency, name) in enumerate(((clean[row], clean_maps[row], "clean"),
                                                        (adversarial[row], adversarial_maps[row], "adversarial"))):
-            shown = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
             ax = axes[row, col]
-            ax.imshow(np.clip(shown, 0, 1), cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
-            ax.imshow(saliency, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            _show_image(ax, image, saliency)
             ax.set_title(f"{name}, {method}" + (f"\n{titles[row]}" if col == 0 else ""), fontsize=7)
             ax.axis("off")
     return _save(fig, path)
@@ -287,8 +291,7 @@ def plot_adversarial_examples(examples: list, classes, path: str | Path, eps: fl
                   (0.5 + 0.5 * delta / scale, f"perturbation x{0.5 / scale:.0f}"),
                   (adv.numpy(), f"adversarial: {classes[adv_pred]}")]
         for col, (image, title) in enumerate(panels):
-            shown = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
-            axes[row, col].imshow(np.clip(shown, 0, 1), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1)
+            _show_image(axes[row, col], image)
             axes[row, col].set_title(title, fontsize=8)
             axes[row, col].axis("off")
     fig.suptitle(f"eps = {eps * 255:.2g}/255", fontsize=10)
@@ -389,10 +392,8 @@ def plot_corruption_gallery(gallery: dict, path: str | Path) -> Path:
                              squeeze=False, layout="constrained")
     for row, (name, images) in enumerate(rows):
         for col, image in enumerate([gallery["clean"], *images]):
-            image = np.asarray(image)
-            shown = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
             ax = axes[row, col]
-            ax.imshow(np.clip(shown, 0, 1), cmap="gray" if image.shape[0] == 1 else None, vmin=0, vmax=1)
+            _show_image(ax, image)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:

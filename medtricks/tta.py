@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from medtricks.data.transforms import PRESET_FLIPS
+from medtricks.models.ensemble import mean_probability_logits
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,7 @@ class TTAModel(nn.Module):
         self.model, self.views = model, tuple(views)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([self.model(x.flip(VIEWS[v]) if VIEWS[v] else x).float().softmax(-1)
-                             for v in self.views]).mean(0)
-        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        return mean_probability_logits([self.model(x.flip(VIEWS[v]) if VIEWS[v] else x) for v in self.views])
 
 
 def wrap(model: nn.Module, preset: str) -> tuple[TTAModel, tuple[str, ...]]:

@@ -20,5 +20,11 @@ class EnsembleModel(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([member(x).float().softmax(-1) for member in self.members]).mean(0)
-        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        return mean_probability_logits([member(x) for member in self.members])
+
+
+def mean_probability_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """log of the mean of the softmax probabilities of several logits of the same images: logits again, whose
+    softmax is that mean (an ensemble's members, or test-time views of one model)."""
+    probs = torch.stack([z.float().softmax(-1) for z in logits]).mean(0)
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
