@@ -28,6 +28,7 @@ import copy
 import math
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +67,41 @@ class ThresholdShift(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
         return torch.stack([logits[:, 0], logits[:, 1] - self.shift + self.TIE], dim=1)
+
+
+class GradeCuts(nn.Module):
+    """Decision scores of an ordinal model decided by grade cuts (tricks.ordinal_decoding): with E = sum_k k p_k,
+    score_k = SCALE x min(E - cut_k, cut_k+1 - E) (cut_0 = -inf, cut_K = +inf) is positive only for the grade whose
+    interval holds E, so argmax equals the run's cut rule and the attack's loss pushes E across a cut. The model's
+    own probabilities (for AUROC) are `probabilities(x)`."""
+
+    SCALE = 10.0  # E moves in grade units; scaled so that the scores' softmax is not flat
+    TIE = 1e-5  # E == cut_k is grade k (the run's rule), whatever the float rounding
+
+    def __init__(self, model: nn.Module, cuts: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("cuts", torch.tensor(cuts, dtype=torch.float32))
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float().softmax(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = self.probabilities(x)
+        grade = probs @ torch.arange(probs.shape[1], dtype=probs.dtype, device=probs.device)
+        inf = torch.full((1,), math.inf, device=probs.device)
+        lower, upper = torch.cat([-inf, self.cuts]), torch.cat([self.cuts, inf])
+        return self.SCALE * torch.minimum(grade[:, None] - lower + self.TIE, upper - grade[:, None])
+
+
+@torch.inference_mode()
+def class_probabilities(model: nn.Module, images: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
+    """(N, C) class probabilities for AUROC of a decision model's output `logits` on `images`: their softmax (a
+    ThresholdShift reorders no image), or the scored model's own softmax where the decision scores are not logits
+    (GradeCuts)."""
+    if isinstance(model, GradeCuts):
+        return model.probabilities(images).cpu().numpy()
+    return logits.float().softmax(1).cpu().numpy()
 
 
 def check_eps(eps: float, norm: str = "linf") -> float:

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from medtricks.attacks import class_probabilities
 from medtricks.metrics import auroc, missing_class_warning
 from medtricks.recipe import AUGMENT_PRESETS
 
@@ -489,21 +490,26 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
         total = len(loader) * len(names)
     except TypeError:
         total = None
-    labels, clean, probs, gallery, done, started = [], [], {}, None, 0, time.perf_counter()
+    labels, clean, clean_decided, probs, decided = [], [], [], {}, {}  # decided: the model's argmax, its decisions
+    gallery, done, started = None, 0, time.perf_counter()
     with torch.inference_mode():
         for batch in loader:
             images = batch["image"].to(device, torch.float32)
             check_corruptions(names, images.shape[1])
             offset = sum(len(y) for y in labels)
             index = torch.arange(offset, offset + len(images))
-            clean.append(model(images).float().softmax(1).cpu().numpy())
+            logits = model(images)
+            clean.append(class_probabilities(model, images, logits))
+            clean_decided.append(logits.argmax(1).cpu().numpy())
             labels.append(np.asarray(batch["label"].cpu() if torch.is_tensor(batch["label"]) else batch["label"]))
             if gallery is None:
                 gallery = {"clean": images[0].cpu(), "severities": list(severities), "images": {}}
             for name in names:
                 for severity in severities:
                     corrupted = corrupt(images, name, severity, seed, index)
-                    probs.setdefault((name, severity), []).append(model(corrupted).float().softmax(1).cpu().numpy())
+                    logits = model(corrupted)
+                    probs.setdefault((name, severity), []).append(class_probabilities(model, corrupted, logits))
+                    decided.setdefault((name, severity), []).append(logits.argmax(1).cpu().numpy())
                     if offset == 0:
                         gallery["images"].setdefault(name, []).append(corrupted[0].cpu())
                 done += 1
@@ -514,11 +520,11 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
     y = np.concatenate(labels).astype(np.int64)
     clean_probs = np.concatenate(clean)
     missing_class_warning(y, clean_probs.shape[1], "corruption report")
-    clean_accuracy = float((clean_probs.argmax(1) == y).mean())
+    clean_accuracy = float((np.concatenate(clean_decided) == y).mean())
     results = []
     for (name, severity), parts in probs.items():
-        p = np.concatenate(parts)
-        results.append({"corruption": name, "severity": severity, "accuracy": float((p.argmax(1) == y).mean()),
+        p, hat = np.concatenate(parts), np.concatenate(decided[name, severity])
+        results.append({"corruption": name, "severity": severity, "accuracy": float((hat == y).mean()),
                         "auroc": auroc(y, p)})
     rows, mce, relative_mce = _summarise(results, 1.0 - clean_accuracy, names)
     seconds = time.perf_counter() - started

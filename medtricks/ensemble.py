@@ -26,7 +26,7 @@ from medtricks.files import MODEL_FILE, MODEL_JSON, REPORT_FILE, write_json
 from medtricks.models.ensemble import EnsembleModel
 from medtricks.models.weights import sha256_of
 from medtricks.runs import MAX_MEMBERS, Run, RunError, new_run_dir, open_run, save_recipe, save_weights
-from medtricks.scoring import evaluate_split, predict_loader, report_metrics, val_threshold
+from medtricks.scoring import decision_keys, evaluate_split, predict_loader, report_metrics, val_threshold
 
 # what the members must share: model.json keys (input and classes) and recipe keys (the split of the data)
 SAME_INPUT = ("classes", "channels", "in_chans", "image_size", "crop_fraction")
@@ -83,7 +83,8 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
         outputs["test"] = predict_loader(model, first.loader(first.dataset(None, "test")), first.device)
     except DataError as exc:
         logger.warning("the ensemble has no test split to report (%s)", exc)
-    threshold = val_threshold(outputs["val"], len(first.classes), first.recipe.train.threshold)
+    threshold = val_threshold(outputs["val"], len(first.classes), first.recipe.train.threshold,
+                              first.recipe.tricks.ordinal_decoding)
     run = new_run_dir("ensemble", out)  # only now: a member split that cannot be read leaves nothing behind
     recipe = first.recipe.to_dict()
     save_recipe(run, {**recipe, "name": f"ensemble-{recipe['name']}"})
@@ -92,7 +93,7 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
                   "temperature": m.info.get("temperature", 1.0), "run": str(m.path.resolve()),
                   "sha256": m.info.get("sha256")} for m in members]
     info = {**{k: first.info[k] for k in (*SAME_INPUT, "num_classes", "input_mode", "data")}, "arch": "ensemble",
-            "members": described, "threshold": threshold, "medtricks_version": __version__,
+            "members": described, **decision_keys(threshold, first.classes, False), "medtricks_version": __version__,
             "threshold_method": first.recipe.train.threshold, "sha256": sha256_of(run / MODEL_FILE)}
     write_json(run / MODEL_JSON, info)
     splits = {name: report_metrics(evaluate_split(output, threshold, first.recipe.seed, first.recipe.data.ordinal))

@@ -51,7 +51,15 @@ from medtricks.runs import (
     save_resume_state,
     save_weights,
 )
-from medtricks.scoring import EvalOutput, evaluate_split, predict_loader, report_metrics, val_threshold
+from medtricks.scoring import (
+    EvalOutput,
+    decision_keys,
+    decisions,
+    evaluate_split,
+    predict_loader,
+    report_metrics,
+    val_threshold,
+)
 from medtricks.train import Callbacks, create_loss, fit
 from medtricks.tricks.class_balance import balanced_sample_weights, class_weights, label_pos_weights
 from medtricks.tricks.linear_scaling import scaled_lr
@@ -187,6 +195,13 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
             model.temperature = calibration["temperature"]
             outputs = {name: predict_loader(model, loader, device) for name, loader in loaders.items()}
             threshold = val_threshold(outputs["val"], len(classes), recipe.train.threshold)
+    if recipe.tricks.ordinal_decoding is not None:
+        if len(classes) < 3 or "val" not in outputs:
+            logger.warning("tricks.ordinal_decoding needs %s; decisions stay argmax",
+                           "3 or more grades" if len(classes) < 3 else "a validation split to fit the cuts on")
+        else:  # fitted once, on the selected (and calibrated) model: the per-epoch selection decides by argmax
+            threshold = val_threshold(outputs["val"], len(classes), recipe.train.threshold,
+                                      recipe.tricks.ordinal_decoding)
 
     def write_results() -> None:
         full = {name: evaluate_split(output, threshold, recipe.seed, recipe.data.ordinal, classes=classes)
@@ -195,9 +210,8 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
             for name, output in outputs.items():  # the same predictions at T = 1
                 full[name]["ece_before"] = expected_calibration_error(
                     output.labels, temper(output.probs, 1.0 / calibration["temperature"]))
-        thresholds = {"threshold": None, "thresholds": None if threshold is None else dict(
-            zip(classes, threshold, strict=True))} if multilabel else {"threshold": threshold}
-        write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch, **thresholds,
+        write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch,
+                                      **decision_keys(threshold, classes, multilabel),
                                       "select_metric": recipe.train.select_metric,
                                       **({"temperature": calibration["temperature"], "calibration": calibration}
                                          if calibration is not None else {}),
@@ -306,7 +320,8 @@ def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics:
     for name, out in outputs.items():
         if out.multilabel or len(set(out.labels.tolist())) < 2:  # multi-label: per-finding plots not drawn yet
             continue
-        plots.plot_roc(out.labels, out.probs, classes, run / "plots" / f"roc_{name}.png", threshold=threshold)
+        plots.plot_roc(out.labels, out.probs, classes, run / "plots" / f"roc_{name}.png",
+                       threshold=threshold if len(classes) == 2 else None)  # grade cuts are no point on a curve
         plots.plot_confusion(metrics[name]["confusion_matrix"], classes, run / "plots" / f"confusion_{name}.png")
         plots.plot_reliability(out.labels, out.probs, run / "plots" / f"reliability_{name}.png")
         if calibration is not None:
@@ -324,10 +339,11 @@ def _open_for_scoring(run: str | Path, device: str | None, tta: bool) -> tuple[R
     opened.require_single_label("--tta")
     opened.model, views = tta_module.wrap(opened.model, opened.recipe.data.augment)
     threshold = opened.threshold
-    if len(opened.classes) == 2:
+    if len(opened.classes) == 2 or threshold is not None:  # a binary threshold or grade cuts: chosen again
         try:
             val = opened.predict(opened.dataset(None, "val"))
-            threshold = val_threshold(val, 2, opened.recipe.train.threshold)
+            threshold = val_threshold(val, len(opened.classes), opened.recipe.train.threshold,
+                                      opened.recipe.tricks.ordinal_decoding)
         except MedtricksError as exc:
             logger.warning("--tta: the run's validation split cannot be scored (%s); using the run's threshold %s, "
                            "chosen without test-time augmentation", exc, threshold)
@@ -403,10 +419,8 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
                 continue
             if opened.multilabel:
                 predicted = _label_set(opened, probs, threshold)
-            elif len(classes) == 2 and threshold is not None:
-                predicted = classes[int(probs[1] >= threshold)]
             else:
-                predicted = classes[int(np.argmax(probs))]
+                predicted = classes[int(decisions(np.array([probs]), threshold)[0])]
             rows.append({"path": str(path), "prediction": predicted,
                          **{f"p_{c}": round(p, 6) for c, p in zip(classes, probs, strict=True)}, "error": ""})
     if out_csv is not None:

@@ -28,6 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from medtricks.recipe import threshold_target
+from medtricks.tricks.ordinal_decoding import check_cuts, grade_decisions
 
 logger = logging.getLogger(__name__)
 
@@ -390,7 +391,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
     """The metrics `M` of report.json, plus the threshold used and the confusion matrix.
 
     Binary (C = 2): the positive class is index 1, predicted when probs[:, 1] >= threshold; sensitivity is the
-    recall of class 1, specificity the recall of class 0, f1 that of class 1. Multi-class: decisions by argmax;
+    recall of class 1, specificity the recall of class 0, f1 that of class 1. Multi-class: decisions by argmax (or
+    by grade cuts);
     sensitivity is the macro recall, specificity the mean over classes of TN / (TN + FP), f1 the macro F1 and
     AUROC the macro one-vs-rest AUROC. Macro averages run over the classes present in the labels.
 
@@ -399,7 +401,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
         probs: (N, C) softmax probabilities, C >= 2 (or (N,) positive-class probability for a binary task).
         patient_ids: (N,) patient id per image, so the AUROC interval resamples patients; None = images.
         threshold: binary operating threshold in [0, 1], chosen on the validation split with `choose_threshold`;
-            None = 0.5. Must be None for multi-class tasks.
+            None = 0.5. Multi-class: None (argmax), or the grade cuts of tricks.ordinal_decoding (decisions cut the
+            expected grade).
         n_boot: bootstrap replicates for auroc_ci95 and the other intervals (0 = no interval).
         seed: seed of the bootstrap.
         ordinal: the classes are ordered grades (data.ordinal): add the weighted kappas of the decisions.
@@ -421,10 +424,13 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1] (a positive-class probability); got {threshold}.")
         preds = (p[:, 1] >= threshold).astype(np.int64)
+    elif threshold is not None:  # grade cuts on the expected grade (tricks.ordinal_decoding)
+        if np.ndim(threshold) != 1:
+            raise ValueError(f"a multi-class threshold must be the {n_classes - 1} grade cuts of "
+                             f"tricks.ordinal_decoding (or None: argmax); got {threshold}.")
+        threshold = check_cuts(threshold, n_classes)
+        preds = grade_decisions(p, threshold)
     else:
-        if threshold is not None:
-            raise ValueError(f"threshold applies to binary tasks only; this task has {n_classes} classes "
-                             "(decisions are by argmax). Pass threshold=None.")
         preds = p.argmax(axis=1)
     cm = confusion_matrix(y, preds, labels=list(range(n_classes)))
     present = [c for c in range(n_classes) if cm[c].sum() > 0]

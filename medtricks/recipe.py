@@ -36,6 +36,7 @@ from medtricks.tricks.label_smoothing import LabelSmoothingConfig
 from medtricks.tricks.linear_scaling import LinearScalingConfig
 from medtricks.tricks.mixup import CutMixConfig, MixupConfig
 from medtricks.tricks.no_bias_decay import NoBiasDecayConfig
+from medtricks.tricks.ordinal_decoding import OrdinalDecodingConfig
 from medtricks.tricks.step_decay import StepDecayConfig
 from medtricks.tricks.warmup import WarmupConfig
 from medtricks.tricks.zero_gamma import ZeroGammaConfig
@@ -331,6 +332,7 @@ class TricksConfig:
     zero_gamma: ZeroGammaConfig | None = None
     ema: EmaConfig | None = None
     class_balance: ClassBalanceConfig | None = None
+    ordinal_decoding: OrdinalDecodingConfig | None = None
 
     def __post_init__(self):
         if self.cosine is not None and self.step_decay is not None:
@@ -435,6 +437,10 @@ class Recipe:
             raise RecipeError(f"recipe key 'seed' = {self.seed} must lie in [0, 2^32) (NumPy's seed range).")
         if self.data.multilabel:
             _check_multilabel(self)
+        if self.tricks.ordinal_decoding is not None and not self.data.ordinal:
+            raise RecipeError("recipe key 'tricks.ordinal_decoding' is on but 'data.ordinal' is false: the decoding "
+                              "cuts an expected grade, so the classes must be ordered grades; set data.ordinal: true "
+                              "or remove the trick.")
 
     def to_dict(self) -> dict:
         """Plain data for YAML/JSON (tuples become lists)."""

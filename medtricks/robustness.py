@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from medtricks import plots
 from medtricks.apgd import apgd, autoattack, ensemble_members
-from medtricks.attacks import ThresholdShift, TwoLogits, fgsm, pgd
+from medtricks.attacks import GradeCuts, ThresholdShift, TwoLogits, class_probabilities, fgsm, pgd
 from medtricks.errors import AttackError, short
 from medtricks.files import atomic_write, check_output, write_json
 from medtricks.metrics import auroc, missing_class_warning
@@ -72,11 +72,15 @@ def attack_settings(base: AttackSettings, preset: str | None = None, **given) ->
 
 
 def decision_model(run: Run) -> torch.nn.Module:
-    """The run's model whose argmax is the run's decision (validation threshold for binary)."""
+    """The run's model whose argmax is the run's decision (validation threshold for binary, grade cuts for an ordinal
+    run with tricks.ordinal_decoding)."""
     net = TwoLogits(run.model)
     if len(run.classes) == 2 and run.threshold is not None:
         net = ThresholdShift(net, run.threshold)
+    elif isinstance(run.threshold, list):
+        net = GradeCuts(net, run.threshold)
     return net.eval()
+
 
 
 def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[str]) -> torch.Tensor | None:
@@ -129,7 +133,7 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
         with torch.inference_mode():
             logits = model(images).float()
         labels_all.append(labels.cpu().numpy())
-        clean_probs.append(logits.softmax(1).cpu().numpy())
+        clean_probs.append(class_probabilities(model, images, logits))
         clean_pred.append(logits.argmax(1).cpu().numpy())
         goal = targets if targets is not None else labels
         for eps in settings.eps:
@@ -142,7 +146,7 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
             final = adv_logits.argmax(1)
             hit = (final == goal if targets is not None else final != labels) | broken
             wrong = (final != labels) | (broken & (goal != labels) if targets is not None else broken)
-            adv_probs[eps].append(adv_logits.softmax(1).cpu().numpy())
+            adv_probs[eps].append(class_probabilities(model, adv, adv_logits))
             adv_wrong[eps].append(wrong.cpu().numpy())
             adv_hit[eps].append(hit.cpu().numpy())
             for name, member_broken in by_member.items() if source is None else ():  # transfer: no per-member

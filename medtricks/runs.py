@@ -43,6 +43,7 @@ from medtricks.models.backbones import MedModel, create_model
 from medtricks.models.ensemble import EnsembleModel
 from medtricks.recipe import Recipe, load_recipe_from_dict
 from medtricks.scoring import EvalOutput, predict_loader
+from medtricks.tricks.ordinal_decoding import check_cuts
 
 
 class RunError(MedtricksError):
@@ -128,6 +129,12 @@ def _check_info(run: Path, info: dict) -> None:
             wrong.append("data.source")
         if threshold is not None and not (isinstance(threshold, float | int) and 0 <= threshold <= 1):
             wrong.append("threshold")
+        cuts = info.get("grade_cuts")
+        if cuts is not None:
+            try:
+                check_cuts(cuts, len(classes))
+            except (TypeError, ValueError):
+                wrong.append("grade_cuts")
         if info.get("task", "single") not in ("single", "multilabel"):
             wrong.append("task")
         if info.get("task") == "multilabel":
@@ -222,10 +229,13 @@ class Run:
     @property
     def threshold(self) -> float | list[float] | None:
         """The binary operating threshold chosen on validation (None: multi-class, or no validation split);
-        multi-label: one per finding, in class order (model.json's `thresholds`)."""
+        multi-label: one per finding, in class order (model.json's `thresholds`); multi-class with
+        tricks.ordinal_decoding: the grade cuts (model.json's `grade_cuts`)."""
         if self.multilabel:
             thresholds = self.info.get("thresholds")
             return None if thresholds is None else [float(thresholds[c]) for c in self.classes]
+        if self.info.get("grade_cuts") is not None:
+            return [float(c) for c in self.info["grade_cuts"]]
         return self.info.get("threshold")
 
     def require_single_label(self, command: str) -> None:

@@ -6,6 +6,7 @@ Used by training (each epoch's validation), by finetune's final report and by ev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from medtricks import distributed
 from medtricks.metrics import choose_threshold, compute_metrics
 from medtricks.multilabel import choose_thresholds, compute_multilabel_metrics
+from medtricks.tricks.ordinal_decoding import OrdinalDecodingConfig, fit_grade_cuts, grade_decisions
 
 # the keys of a report.json split (DESIGN.md's M): what evaluate returns and what finetune reports
 REPORT_KEYS = ("n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece")
@@ -96,16 +98,32 @@ def report_metrics(metrics: dict) -> dict:
     return report
 
 
-def val_threshold(output: EvalOutput, num_classes: int, method: str = "youden") -> float | list[float] | None:
-    """The binary operating threshold chosen on validation (choose_threshold's method); None for multi-class;
-    multi-label: one per finding (multilabel.choose_thresholds)."""
+def val_threshold(output: EvalOutput, num_classes: int, method: str = "youden",
+                  ordinal: OrdinalDecodingConfig | None = None) -> float | list[float] | None:
+    """The binary operating threshold chosen on validation (choose_threshold's method); multi-label: one per
+    finding (multilabel.choose_thresholds); multi-class: the grade cuts of tricks.ordinal_decoding (`ordinal`), else
+    None (argmax)."""
     if output.multilabel:
         return choose_thresholds(output.labels, output.probs, method)
-    return choose_threshold(output.labels, output.probs, method) if num_classes == 2 else None
+    if num_classes == 2:
+        return choose_threshold(output.labels, output.probs, method)
+    return None if ordinal is None else fit_grade_cuts(output.labels, output.probs, ordinal.weights)
 
 
-def decisions(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """A run's decisions: binary, class 1 when p1 >= threshold (0.5 when None); multi-class, argmax."""
+def decision_keys(threshold: float | list[float] | None, classes: Sequence[str], multilabel: bool) -> dict:
+    """model.json's keys for a decision rule of val_threshold: `threshold` (binary), `thresholds` by finding
+    (multi-label) or `grade_cuts` (multi-class with tricks.ordinal_decoding)."""
+    if multilabel:
+        return {"threshold": None, "thresholds": None if threshold is None else dict(zip(classes, threshold,
+                                                                                         strict=True))}
+    if isinstance(threshold, list):
+        return {"threshold": None, "grade_cuts": threshold}
+    return {"threshold": threshold}
+
+
+def decisions(probs: np.ndarray, threshold: float | list[float] | None) -> np.ndarray:
+    """A run's decisions: binary, class 1 when p1 >= threshold (0.5 when None); multi-class, argmax, or the
+    expected grade cut at the grade cuts of tricks.ordinal_decoding."""
     if probs.shape[1] == 2:
         return (probs[:, 1] >= (0.5 if threshold is None else threshold)).astype(np.int64)
-    return probs.argmax(axis=1)
+    return probs.argmax(axis=1) if threshold is None else grade_decisions(probs, threshold)

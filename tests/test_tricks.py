@@ -33,14 +33,15 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 STUDY_SEGMENT = (r"(?:RetinaMNIST|ISIC UDA-1|PneumoniaMNIST)(?: [a-z]+)? "
                  r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\], (?:helps|hurts|no detectable effect)")
 CARD_LINES = ("Paper:", "Hook:", "Defaults:", "Interactions:", "Measured effect:")
-HOOKS = ("schedule", "loss", "optimizer groups", "model build", "training step")
+HOOKS = ("schedule", "loss", "optimizer groups", "model build", "training step", "decision rule")
 
 
 # --- every trick ---------------------------------------------------------------------------------------------------
 
 def test_tricks_order():
     assert list(TRICKS) == ["linear_scaling", "warmup", "cosine", "step_decay", "label_smoothing", "mixup", "cutmix",
-                            "distillation", "no_bias_decay", "amp", "zero_gamma", "ema", "class_balance"]
+                            "distillation", "no_bias_decay", "amp", "zero_gamma", "ema", "class_balance",
+                            "ordinal_decoding"]
     listed = sys.modules["medtricks.tricks"].__doc__
     assert all(f"- {name}:" in listed for name in TRICKS)
 
@@ -69,8 +70,8 @@ def test_config_defaults_and_method_card(name):
         if "³" in row:  # measured by the study
             study = re.findall(STUDY_SEGMENT, text)
             assert study and all(segment in row for segment in study), (card, row)
-        else:  # exploratory numbers (the mixup card also holds cutmix's)
-            numbers = re.findall(r"AUROC [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", text)
+        else:  # exploratory numbers (the mixup card also holds cutmix's), or a decision rule's kappa
+            numbers = re.findall(r"(?:AUROC|quadratic kappa) [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", text)
             assert any(segment in row for segment in numbers), (card, row)
     hook = next(line for line in lines if line.startswith("Hook:"))
     assert any(h in hook for h in HOOKS), hook

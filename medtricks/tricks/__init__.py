@@ -14,6 +14,7 @@ are the recipe keys under `tricks.<name>`) and plain functions usable from a not
 - zero_gamma: gamma = 0 in the BN closing each residual branch (model build).
 - ema: exponential moving average of the weights (training step).
 - class_balance: inverse-frequency loss weights or a balanced sampler (loss or data).
+- ordinal_decoding: cut the expected grade at points tuned on validation for weighted kappa (decision rule).
 
 `TRICKS` maps each recipe key to its config class, in the order above.
 """
@@ -27,6 +28,7 @@ from medtricks.tricks.label_smoothing import LabelSmoothingConfig
 from medtricks.tricks.linear_scaling import LinearScalingConfig
 from medtricks.tricks.mixup import CutMixConfig, MixupConfig
 from medtricks.tricks.no_bias_decay import NoBiasDecayConfig
+from medtricks.tricks.ordinal_decoding import OrdinalDecodingConfig
 from medtricks.tricks.step_decay import StepDecayConfig
 from medtricks.tricks.warmup import WarmupConfig
 from medtricks.tricks.zero_gamma import ZeroGammaConfig
@@ -45,6 +47,7 @@ TRICKS: dict[str, type] = {
     "zero_gamma": ZeroGammaConfig,
     "ema": EmaConfig,
     "class_balance": ClassBalanceConfig,
+    "ordinal_decoding": OrdinalDecodingConfig,
 }
 
 __all__ = ["TRICKS"]
