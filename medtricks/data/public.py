@@ -102,7 +102,8 @@ _MEDMNIST_CITATION = ("Yang J. et al., MedMNIST v2 - A large-scale lightweight b
                       "image classification, Scientific Data 10, 41 (2023); cite also the source data set of {set}.")
 # The publisher's MD5 of each file at 28, 64, 128 and 224 px, copied from the official medmnist package
 # (github.com/MedMNIST/MedMNIST, medmnist/info.py of version 3.0.2, keys MD5, MD5_64, MD5_128, MD5_224).
-# No sha256 is published for these files.
+# No sha256 is published for these files. The 2D sets only: the 3D ones (organmnist3d, ...) are volumes, which
+# medtricks does not read.
 _MEDMNIST = {
     "pneumoniamnist": ("CC BY 4.0", "pediatric CXR, normal vs pneumonia (Kermany et al. 2018)", (
         "28209eda62fecd6e6a2d98b1501bb15f", "8f4eceb4ccffa70c672198ea285246c6", "05b46931834c231683c68f40c47b2971",
@@ -122,6 +123,24 @@ _MEDMNIST = {
     "octmnist": ("CC BY 4.0", "retinal OCT, 4 classes (Kermany et al. 2018)", (
         "c68d92d5b585d8d81f7112f81e2d0842", "e229e9440236b774d9f0dfef9d07bdaf", "0a97e76651ace45c5d943ee3f65b63ae",
         "abc493b6d529d5de7569faaef2773ba3")),
+    "pathmnist": ("CC BY 4.0", "colorectal histology patches (NCT-CRC-HE-100K), 9 tissue types", (
+        "a8b06965200029087d5bd730944a56c1", "55aa9c1e0525abe5a6b9d8343a507616", "ac42d08fb904d92c244187169d1fd1d9",
+        "2c51a510bcdc9cf8ddb2af93af1eadec")),
+    "bloodmnist": ("CC BY 4.0", "blood-cell microscopy, 8 cell types", (
+        "7053d0359d879ad8a5505303e11de1dc", "2b94928a2ae4916078ca51e05b6b800b", "adace1e0ed228fccda1f39692059dd4c",
+        "b718ff6835fcbdb22ba9eacccd7b2601")),
+    "tissuemnist": ("CC BY 4.0", "kidney-cortex cell microscopy (BBBC051), 8 cell types", (
+        "ebe78ee8b05294063de985d821c1c34b", "123ece2eba09d0aa5d698fda57103344", "61b955355d7425a89687b06cca3ce0c2",
+        "b077128c4a949f0a4eb01517f9037b9c")),
+    "organamnist": ("CC BY 4.0", "abdominal CT (LiTS), 11 organs, axial slices", (
+        "68e3f8846a6bd62f0c9bf841c0d9eacc", "2dcccc29b88e6da5a01161ef20cda288", "eeae80d0a227a8d099027e1b3cfd3b60",
+        "50747347e05c87dd3aaf92c49f9f3170")),
+    "organcmnist": ("CC BY 4.0", "abdominal CT (LiTS), 11 organs, coronal slices", (
+        "b9ceb9546e10131b32923c5bbeaea2b1", "3ce34a8724ea6f548e6db4744d03b6a9", "773c1f009daa3fe5d9a2a201b2a7ed94",
+        "050f5e875dc056f6768abf94ec9995d1")),
+    "organsmnist": ("CC BY 4.0", "abdominal CT (LiTS), 11 organs, sagittal slices", (
+        "9ab87b696fb54e2a387ebe992d6ed5f1", "53a6d115339d874c25e309a994ff46d3", "ded0c5fa01a95dc4978b956f613e9b8e",
+        "b354719e553fbbb2513d5533f52a4cb1")),
 }
 MEDMNIST_SIZES = (28, 64, 128, 224)
 
