@@ -8,8 +8,8 @@ Each name has a folder in the data cache, `$MEDTRICKS_CACHE/data/<name>` (defaul
   half or unverified file. MEDTRICKS_OFFLINE=1 never downloads; MEDTRICKS_DATA_MIRROR replaces the URL base
   (everything before the file name), for a local mirror or a test server.
 - `medtricks data prepare NAME RAW_DIR`: sets whose licence asks users to download them themselves (NIH
-  ChestX-ray14, Kermany's pediatric CXR, the COVID-19 image data collection): medtricks.data.prepare turns the
-  official layout into a labels.csv.
+  ChestX-ray14, Kermany's pediatric CXR, the COVID-19 image data collection, IDRiD grading, ISIC 2016):
+  medtricks.data.prepare and .prepare_challenges turn the official layout into a labels.csv.
 A name whose folder is empty is an error naming the command that fills it.
 """
 
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtricks.data import prepare
+from medtricks.data import prepare, prepare_challenges
 from medtricks.errors import DataError, short
 from medtricks.files import cache_root, write_text
 
@@ -165,6 +165,13 @@ _COVID_CITATION = ("Cohen J.P., Morrison P., Dao L., Roth K., Duong T.Q., Ghasse
                    "Prospective Predictions Are the Future, arXiv 2006.11988 (2020); and arXiv 2003.11597. Per-image "
                    "source URL and licence in labels.csv.")
 
+_IDRID_CITATION = ("Porwal P. et al., Indian Diabetic Retinopathy Image Dataset (IDRiD): A Database for Diabetic "
+                   "Retinopathy Screening Research, Data 3(3), 25 (2018), doi:10.3390/data3030025; IEEE Dataport, "
+                   "doi:10.21227/H25W98.")
+_ISIC2016_CITATION = ("Gutman D. et al., Skin Lesion Analysis toward Melanoma Detection: A Challenge at the "
+                      "International Symposium on Biomedical Imaging (ISBI) 2016, hosted by the International Skin "
+                      "Imaging Collaboration (ISIC), arXiv 1605.01397 (2016).")
+
 REGISTRY: dict[str, PublicSet] = {s.name: s for s in [
     *[_medmnist(flag, size, licence, what, md5s[i]) for flag, (licence, what, md5s) in _MEDMNIST.items()
       for i, size in enumerate(MEDMNIST_SIZES)],
@@ -182,6 +189,17 @@ REGISTRY: dict[str, PublicSet] = {s.name: s for s in [
               "CC BY 4.0", _KERMANY_CITATION, "kermany_cxr.md", prepare=prepare.prepare_kermany_cxr,
               raw="https://data.mendeley.com/datasets/rscbjbr9sj/2 (ChestXRay2017.zip) or the Kaggle copy "
                   "'chest-xray-pneumonia': the chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}/ folders"),
+    PublicSet("idrid-grading", "IDRiD disease grading (ISBI 2018): 516 fundus photographs, DR grade 0-4 and DME "
+              "risk, official train / test", "CC BY 4.0", _IDRID_CITATION, "idrid.md",
+              prepare=prepare_challenges.prepare_idrid_grading,
+              raw="https://ieee-dataport.org/open-access/indian-diabetic-retinopathy-image-dataset-idrid: "
+                  "'B. Disease Grading.zip' unpacked (its '1. Original Images' and '2. Groundtruths' folders)"),
+    PublicSet("isic-2016", "ISIC 2016 Part 3 (ISBI 2016): 1,279 dermoscopy images, melanoma vs benign, official "
+              "train / test", "CC0 (ISIC 2016 challenge data); cite Gutman et al.", _ISIC2016_CITATION,
+              "isic_dermoscopy.md", prepare=prepare_challenges.prepare_isic2016,
+              raw="https://challenge.isic-archive.com/data/#2016 (files under "
+                  "https://isic-challenge-data.s3.amazonaws.com/2016/): ISBI2016_ISIC_Part3_Training_Data.zip and "
+                  "ISBI2016_ISIC_Part3_Test_Data.zip unpacked, and the two ISBI2016_ISIC_Part3_*_GroundTruth.csv"),
 ]}
 
 
