@@ -1,4 +1,4 @@
-"""`medtricks data prepare` of the challenge releases (IDRiD grading, ISIC 2016 Part 3) on copies of
+"""`medtricks data prepare` of the challenge releases (IDRiD grading, ISIC 2016 Part 3, CheXpert) on copies of
 their official layouts built here (file and folder names, CSV headers and quirks, tiny real JPEGs), the labels.csv
 checked row by row and read back through medtricks' own loader with the matching recipe's classes."""
 
@@ -16,7 +16,8 @@ from conftest import nothing_lost
 from medtricks.cli import app
 from medtricks.data import public
 from medtricks.data.images import read_image
-from medtricks.data.sources import load_source
+from medtricks.data.prepare_challenges import CHEXPERT_FINDINGS
+from medtricks.data.sources import LabelFormat, load_source
 
 runner = CliRunner()
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -179,6 +180,126 @@ def test_prepare_isic2016_refuses_a_wrong_layout(tmp_path, cache, damage, words)
     _refused(_prepare("isic-2016", raw, tmp_path / "out"), tmp_path / "out", words)
 
 
+# ---- CheXpert ----------------------------------------------------------------------------------------------------
+
+CHEXPERT_HEADER = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
+                   "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,"
+                   "Pleural Other,Fracture,Support Devices")
+SMALL = "CheXpert-v1.0-small"
+# (path after the top folder, sex, age, view, AP/PA, {finding: value}; No Finding comes first); last: image written?
+CHEXPERT_TRAIN = [
+    ("train/patient00001/study1/view1_frontal.jpg", "Female", "68", "Frontal", "AP",
+     {"No Finding": "1.0", "Pneumothorax": "0.0", "Support Devices": "1.0"}, True),
+    ("train/patient00002/study2/view1_frontal.jpg", "Female", "87", "Frontal", "AP",
+     {"Cardiomegaly": "-1.0", "Lung Opacity": "1.0", "Pneumonia": "-1.0", "Fracture": "1.0"}, True),
+    ("train/patient00002/study1/view1_frontal.jpg", "Female", "83", "Frontal", "AP", {"Edema": "-1.0"}, True),
+    ("train/patient00002/study1/view2_lateral.jpg", "Female", "83", "Lateral", "", {"Edema": "-1.0"}, True),
+    ("train/patient00003/study1/view1_frontal.jpg", "Male", "41", "Frontal", "PA", {"Edema": "1.0"}, False),
+]
+CHEXPERT_VALID = [  # the validation set has no uncertain or blank labels
+    ("valid/patient64541/study1/view1_frontal.jpg", "Male", "73", "Frontal", "AP",
+     {"No Finding": "0.0", "Enlarged Cardiomediastinum": "1.0", "Cardiomegaly": "1.0", "Lung Opacity": "1.0",
+      "Edema": "1.0", "Support Devices": "1.0"}, True),
+    ("valid/patient64542/study1/view1_frontal.jpg", "Unknown", "70", "Frontal", "PA", {"No Finding": "1.0"}, True),
+]
+
+
+def _chexpert_line(rel, sex, age, view, ap_pa, values, valid=False):
+    default = "0.0" if valid else ""
+    cells = [values.get(f, default) for f in ("No Finding", *CHEXPERT_FINDINGS)]
+    return ",".join([f"{SMALL}/{rel}", sex, age, view, ap_pa, *cells])
+
+
+def _chexpert_raw(raw: Path) -> Path:
+    root = raw / SMALL
+    root.mkdir(parents=True)
+    for name, rows, valid in (("train.csv", CHEXPERT_TRAIN, False), ("valid.csv", CHEXPERT_VALID, True)):
+        (root / name).write_text("\n".join([CHEXPERT_HEADER, *(_chexpert_line(*r[:6], valid) for r in rows)]) + "\n")
+        for i, row in enumerate(rows):
+            if row[-1]:
+                _jpeg(root / row[0], 20 * i, rgb=False)
+    return raw
+
+
+def _chexpert_expected(root: Path, uncertain: str, views: str) -> list[tuple]:
+    """(path, label, patient_id, split, official_split, view, sex, uncertain) as the data card's rules say."""
+    expected = []
+    for rows, split in ((CHEXPERT_TRAIN, "train"), (CHEXPERT_VALID, "test")):
+        for rel, sex, _age, view, _ap_pa, values, written in rows:
+            if not written or (views == "frontal" and view != "Frontal"):
+                continue
+            hot = {"1.0"} | ({"-1.0"} if uncertain == "ones" else set())
+            label = "|".join(f for f in CHEXPERT_FINDINGS if values.get(f) in hot) or "No Finding"
+            unsure = "|".join(f for f in CHEXPERT_FINDINGS if values.get(f) == "-1.0")
+            expected.append((str(root / rel), label, f"chexpert-{rel.split('/')[1]}", split, rel.split("/")[0], view,
+                             {"Male": "M", "Female": "F"}.get(sex, ""), unsure))
+    return expected
+
+
+def test_prepare_chexpert_default_u_zeros_frontal_only(tmp_path, cache):
+    raw = _chexpert_raw(tmp_path / "chexpert")
+    result = _prepare("chexpert", raw, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    root = (raw / SMALL).resolve()
+    rows = _rows(tmp_path / "out")
+    assert [(r["path"], r["label"], r["patient_id"], r["split"], r["official_split"], r["view"], r["sex"],
+             r["uncertain"]) for r in rows] == _chexpert_expected(root, "zeros", "frontal")
+    assert [r["label"] for r in rows] == [  # written out once, so the rule above is not the only witness
+        "Support Devices", "Lung Opacity|Fracture", "No Finding",
+        "Enlarged Cardiomediastinum|Cardiomegaly|Lung Opacity|Edema|Support Devices", "No Finding"]
+    assert rows[1]["uncertain"] == "Cardiomegaly|Pneumonia" and rows[1]["study"] == "patient00002/study2"
+    assert (rows[0]["age"], rows[0]["ap_pa"], rows[4]["sex"]) == ("68", "AP", "")
+    text = " ".join(result.output.split())
+    assert "left out: 1 rows (lateral views (--views frontal))" in text
+    assert "left out: 1 rows (image file absent)" in text and "--uncertain zeros" in text
+    assert "options: --uncertain zeros --views frontal" in (tmp_path / "out" / "SOURCE.txt").read_text()
+    # multi-label as data.task: multilabel reads it; patients group their images; the official split is kept
+    source = load_source(tmp_path / "out", CHEXPERT_FINDINGS, LabelFormat(multilabel=True))
+    hot = [tuple(i for i, v in enumerate(r["label"]) if v) for r in source.records]
+    assert hot == [(12,), (2, 11), (), (0, 1, 2, 4, 12), ()]
+    assert [r["patient_id"] for r in source.records][:3] == ["chexpert-patient00001"] + ["chexpert-patient00002"] * 2
+    assert source.has_splits and source.has_patient_ids and source.multilabel
+    assert read_image(source.records[0]["image"])[0].shape == (1, 12, 16)
+
+
+def test_prepare_chexpert_u_ones_all_views_from_the_inner_folder(tmp_path, cache):
+    raw = _chexpert_raw(tmp_path / "chexpert")
+    result = _prepare("chexpert", raw / SMALL, tmp_path / "out", "--uncertain", "ones", "--views", "all")
+    assert result.exit_code == 0, result.output
+    rows = _rows(tmp_path / "out")
+    assert [(r["path"], r["label"], r["patient_id"], r["split"], r["official_split"], r["view"], r["sex"],
+             r["uncertain"]) for r in rows] == _chexpert_expected((raw / SMALL).resolve(), "ones", "all")
+    assert [r["label"] for r in rows][1:4] == ["Cardiomegaly|Lung Opacity|Pneumonia|Fracture", "Edema", "Edema"]
+    assert rows[3]["view"] == "Lateral" and rows[3]["ap_pa"] == ""
+    assert "--uncertain ones" in result.output and "lateral" not in result.output
+    source = load_source(tmp_path / "out", CHEXPERT_FINDINGS, LabelFormat(multilabel=True))
+    assert len(source.records) == 6
+
+
+def test_prepare_options_belong_to_their_set(tmp_path, cache):
+    raw = _chexpert_raw(tmp_path / "chexpert")
+    bad = _prepare("chexpert", raw, tmp_path / "out", "--uncertain", "ignore")
+    _refused(bad, tmp_path / "out", ["--uncertain 'ignore'", "not one of zeros, ones"])
+    idrid = _idrid_raw(tmp_path / "IDRiD")
+    other = _prepare("idrid-grading", idrid, tmp_path / "out", "--views", "all")
+    _refused(other, tmp_path / "out", ["--views does not apply to idrid-grading", "only to chexpert"])
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda root: (root / "valid.csv").unlink(), ["valid.csv is missing"]),
+    (lambda root: (root / "train.csv").write_text(CHEXPERT_HEADER.replace(",Pleural Effusion", "") + "\n"),
+     ["'Pleural Effusion'", "missing"]),
+    (lambda root: shutil.rmtree(root / "valid"), ["valid/ is missing"]),
+    (lambda root: (root / "train.csv").write_text(
+        CHEXPERT_HEADER + "\n" + _chexpert_line(*CHEXPERT_TRAIN[0][:5], {"Edema": "2.0"}) + "\n"),
+     ["train.csv line 2", "'Edema' is '2.0'"]),
+])
+def test_prepare_chexpert_refuses_a_wrong_layout(tmp_path, cache, damage, words):
+    raw = _chexpert_raw(tmp_path / "chexpert")
+    damage(raw / SMALL)
+    _refused(_prepare("chexpert", raw, tmp_path / "out"), tmp_path / "out", words)
+
+
 # ---- the registry ------------------------------------------------------------------------------------------------
 
 
@@ -186,8 +307,9 @@ def test_data_list_and_known_names_show_the_new_sets(cache):
     result = runner.invoke(app, ["data", "list"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    for name in ("idrid-grading", "isic-2016"):
+    for name in ("idrid-grading", "isic-2016", "chexpert"):
         assert f"{name} not cached: `medtricks data prepare {name} RAW_DIR`" in text
         assert name in public.known_names()
+    assert "--uncertain zeros|ones (default zeros)" in text and "--views frontal|all (default frontal)" in text
     for flag in ("pathmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist"):
         assert f"medmnist:{flag}@224" in text and flag in public.known_names()

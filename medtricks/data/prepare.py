@@ -4,7 +4,7 @@ Each function reads RAW_DIR (never writes there) and writes `<out>/labels.csv`, 
 path of each image inside RAW_DIR: the images are not copied (ChestX-ray14 is 45 GB), so RAW_DIR must stay where it
 is. A layout that does not match the official one is a DataError naming the missing file, folder or column.
 What each function keeps and drops is in its data card (data_cards/nih_chestxray14.md, kermany_cxr.md,
-covid19_image_data_collection.md). The challenge releases (IDRiD grading, ISIC 2016) are prepared in
+covid19_image_data_collection.md). The challenge releases (IDRiD grading, ISIC 2016, CheXpert) are prepared in
 medtricks.data.prepare_challenges with the helpers below.
 """
 

@@ -1,21 +1,24 @@
 """`medtricks data prepare` for challenge releases with an official train/test split of images and a label file:
-IDRiD disease grading (ISBI 2018) and ISIC 2016 Part 3 lesion classification (ISBI 2016).
+IDRiD disease grading (ISBI 2018), ISIC 2016 Part 3 lesion classification (ISBI 2016) and CheXpert (Stanford).
 
 As in medtricks.data.prepare: RAW_DIR is only read, `<out>/labels.csv` points at the images where they are, and a
 layout that is not the official one is a DataError naming the missing file, folder or column before anything is
 written. The official test split becomes `split` test; medtricks carves val from train (by patient where ids exist).
-What each function keeps and drops is in its data card (data_cards/idrid.md, isic_dermoscopy.md).
+What each function keeps and drops is in its data card (data_cards/idrid.md, isic_dermoscopy.md, chexpert.md).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from collections import Counter
 from pathlib import Path
 
 from medtricks.data.prepare import read_csv, write_labels
 from medtricks.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -182,4 +185,106 @@ def prepare_isic2016(raw: Path, out: Path) -> list[str]:
         lines.append(f"left out: {absent} ground-truth rows whose image is not under RAW_DIR")
     if unlabelled:
         lines.append(f"left out: {unlabelled} image files with no ground-truth row")
+    return lines
+
+
+# ---- CheXpert ----------------------------------------------------------------------------------------------------
+
+CHEXPERT_FOLDERS = ("CheXpert-v1.0-small", "CheXpert-v1.0")  # the downsampled and the original release
+CHEXPERT_FINDINGS = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+                     "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+                     "Fracture", "Support Devices")
+CHEXPERT_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", *CHEXPERT_FINDINGS)
+CHEXPERT_CSVS = {"train.csv": "train", "valid.csv": "test"}  # the official test set is not in the release
+# Irvin et al. 2019, section "Uncertainty approaches": U-Zeros maps uncertain (-1) to negative, U-Ones to positive
+CHEXPERT_UNCERTAIN = ("zeros", "ones")  # the first is the default
+CHEXPERT_VIEWS = ("frontal", "all")
+# 1.0 positive, 0.0 negative, -1.0 uncertain, blank: not mentioned in the report (negative, as in Irvin et al.)
+_CHEXPERT_VALUES = {"1.0": 1, "1": 1, "0.0": 0, "0": 0, "": 0, "-1.0": -1, "-1": -1}
+_CHEXPERT_PATH = re.compile(r"^[^/]+/(train|valid)/(patient\d+)/(study\d+)/([^/]+)$")
+_SEX = {"Male": "M", "Female": "F"}
+
+
+def prepare_chexpert(raw: Path, out: Path, uncertain: str = "zeros", views: str = "frontal") -> list[str]:
+    """CheXpert (CheXpert-v1.0-small, or the original CheXpert-v1.0) -> a multi-label labels.csv.
+
+    RAW_DIR holds the unpacked CheXpert-v1.0-small/ folder (or is it): train.csv, valid.csv (header `Path,Sex,Age,
+    Frontal/Lateral,AP/PA,No Finding,...,Support Devices`) and the train/ and valid/ image folders their Path column
+    names (`CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg`).
+
+    Args:
+        raw: RAW_DIR.
+        out: the output folder.
+        uncertain: `zeros` (U-Zeros) counts an uncertain (-1) finding as absent, `ones` (U-Ones) as present.
+        views: `frontal` keeps frontal radiographs only; `all` keeps lateral ones too.
+
+    Columns written: path, label (the positive findings of CHEXPERT_FINDINGS joined by `|`, `No Finding` for none:
+    blank and 0.0 are negative, -1.0 follows `uncertain`; the official No Finding column, which ignores support
+    devices, is not used), patient_id (`chexpert-patientNNNNN`), split (train for train.csv; test for valid.csv,
+    the official validation set, because the official test set is not released: medtricks carves val from train by
+    patient), official_split (train | valid), study (`patientNNNNN/studyN`), view (Frontal | Lateral), ap_pa, sex
+    (M | F | empty), age, uncertain (the findings marked -1, joined by `|`, whatever the policy). Dropped, and
+    counted: lateral views (views=frontal), rows whose image is absent.
+    """
+    if uncertain not in CHEXPERT_UNCERTAIN or views not in CHEXPERT_VIEWS:
+        raise DataError(f"chexpert: uncertain must be one of {CHEXPERT_UNCERTAIN} and views one of {CHEXPERT_VIEWS}; "
+                        f"got {uncertain!r}, {views!r}.")
+    root = next((raw / n for n in CHEXPERT_FOLDERS if (raw / n).is_dir()), raw)
+    for name, is_there in (("train.csv", Path.is_file), ("valid.csv", Path.is_file), ("train/", Path.is_dir),
+                           ("valid/", Path.is_dir)):
+        if not is_there(root / name):
+            raise DataError(f"{root}: {name} is missing; expected the official CheXpert layout: "
+                            f"CheXpert-v1.0-small/ holding train.csv, valid.csv and the train/ and valid/ image "
+                            f"folders (give that folder, or the folder containing it).")
+    tables = {name: read_csv(root / name, CHEXPERT_COLUMNS) for name in CHEXPERT_CSVS}
+    out_rows, dropped, n_uncertain = [], Counter(), 0
+    for name, split in CHEXPERT_CSVS.items():
+        for i, row in enumerate(tables[name]):
+            where = f"{root / name} line {i + 2}"
+            match = _CHEXPERT_PATH.match((row["Path"] or "").strip())
+            if match is None:
+                raise DataError(f"{where}: Path {row['Path']!r} is not <folder>/{{train,valid}}/patientNNNNN/studyN/"
+                                f"<view>.jpg. Is this the official file, unmodified?")
+            values = {}
+            for finding in CHEXPERT_FINDINGS:
+                value = (row[finding] or "").strip()
+                if value not in _CHEXPERT_VALUES:
+                    raise DataError(f"{where}: {finding!r} is {value!r}; CheXpert labels are 1.0, 0.0, -1.0 or "
+                                    f"blank.")
+                values[finding] = _CHEXPERT_VALUES[value]
+            view = (row["Frontal/Lateral"] or "").strip()
+            if views == "frontal" and view != "Frontal":
+                dropped["lateral views (--views frontal)"] += 1
+                continue
+            folder, patient, study, file = match.groups()
+            path = root / folder / patient / study / file
+            if not path.is_file():
+                dropped["image file absent"] += 1
+                continue
+            unsure = [f for f in CHEXPERT_FINDINGS if values[f] == -1]
+            n_uncertain += len(unsure)
+            found = [f for f in CHEXPERT_FINDINGS if values[f] == 1 or (values[f] == -1 and uncertain == "ones")]
+            out_rows.append({"path": str(path.resolve()), "label": "|".join(found) or "No Finding",
+                             "patient_id": f"chexpert-{patient}", "split": split, "official_split": name[:-4],
+                             "study": f"{patient}/{study}", "view": view, "ap_pa": (row["AP/PA"] or "").strip(),
+                             "sex": _SEX.get((row["Sex"] or "").strip(), ""), "age": (row["Age"] or "").strip(),
+                             "uncertain": "|".join(unsure)})
+    if not out_rows:
+        raise DataError(f"{root}: none of the {sum(map(len, tables.values()))} rows of train.csv and valid.csv names "
+                        f"an image under {root} that is kept ({dict(dropped)}).")
+    labels = write_labels(out, ["path", "label", "patient_id", "split", "official_split", "study", "view", "ap_pa",
+                                "sex", "age", "uncertain"], out_rows)
+    splits_of: dict[str, set] = {}
+    for r in out_rows:
+        splits_of.setdefault(r["patient_id"], set()).add(r["split"])
+    splits = Counter(r["split"] for r in out_rows)
+    lines = [f"{labels}: {len(out_rows)} images of {len(splits_of)} patients (train {splits['train']}; test "
+             f"{splits['test']} = the official validation set; val is carved from train by patient)",
+             f"uncertain labels (-1.0): {n_uncertain} in {sum(bool(r['uncertain']) for r in out_rows)} images, "
+             f"counted as {'present (U-Ones)' if uncertain == 'ones' else 'absent (U-Zeros)'}: --uncertain {uncertain}"]
+    lines += [f"left out: {n} rows ({why})" for why, n in dropped.items()]
+    both = sum(len(s) > 1 for s in splits_of.values())
+    if both:
+        lines.append(f"warning: {both} patient(s) have images in both train.csv and valid.csv")
+        logger.warning("%s: %d patient(s) have images in both train.csv and valid.csv", root, both)
     return lines

@@ -8,8 +8,9 @@ Each name has a folder in the data cache, `$MEDTRICKS_CACHE/data/<name>` (defaul
   half or unverified file. MEDTRICKS_OFFLINE=1 never downloads; MEDTRICKS_DATA_MIRROR replaces the URL base
   (everything before the file name), for a local mirror or a test server.
 - `medtricks data prepare NAME RAW_DIR`: sets whose licence asks users to download them themselves (NIH
-  ChestX-ray14, Kermany's pediatric CXR, the COVID-19 image data collection, IDRiD grading, ISIC 2016):
-  medtricks.data.prepare and .prepare_challenges turn the official layout into a labels.csv.
+  ChestX-ray14, Kermany's pediatric CXR, the COVID-19 image data collection, IDRiD grading, ISIC 2016, CheXpert):
+  medtricks.data.prepare and .prepare_challenges turn the official layout into a labels.csv. A set may take
+  options of its own (CheXpert: `--uncertain`, `--views`), listed in PublicSet.options.
 A name whose folder is empty is an error naming the command that fills it.
 """
 
@@ -51,6 +52,15 @@ class RemoteFile:
 
 
 @dataclass(frozen=True)
+class PrepareOption:
+    """An option of one set's prepare step: the keyword of its prepare function, also `--NAME` of `data prepare`."""
+
+    name: str
+    choices: tuple[str, ...]  # the first is the default
+    help: str
+
+
+@dataclass(frozen=True)
 class PublicSet:
     """A named public data set: where it lives in the cache, how it gets there, its licence and citation.
 
@@ -60,8 +70,10 @@ class PublicSet:
         licence, citation: printed by fetch and prepare; also in the data card.
         card: the data card (data_cards/<card>).
         files: direct downloads (`medtricks data fetch`).
-        prepare: prepare(raw_dir, out) -> summary lines (`medtricks data prepare`), for sets without files.
+        prepare: prepare(raw_dir, out, **options) -> summary lines (`medtricks data prepare`), for sets without
+            files.
         raw: where to download the raw data for prepare, and what RAW_DIR must hold.
+        options: the options `prepare` takes (none for most sets).
     """
 
     name: str
@@ -70,8 +82,9 @@ class PublicSet:
     citation: str
     card: str
     files: tuple[RemoteFile, ...] = ()
-    prepare: Callable[[Path, Path], list[str]] | None = None
+    prepare: Callable[..., list[str]] | None = None
     raw: str = ""
+    options: tuple[PrepareOption, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -171,6 +184,9 @@ _IDRID_CITATION = ("Porwal P. et al., Indian Diabetic Retinopathy Image Dataset 
 _ISIC2016_CITATION = ("Gutman D. et al., Skin Lesion Analysis toward Melanoma Detection: A Challenge at the "
                       "International Symposium on Biomedical Imaging (ISBI) 2016, hosted by the International Skin "
                       "Imaging Collaboration (ISIC), arXiv 1605.01397 (2016).")
+_CHEXPERT_CITATION = ("Irvin J. et al., CheXpert: A Large Chest Radiograph Dataset with Uncertainty Labels and Expert "
+                      "Comparison, AAAI 2019, arXiv 1901.07031. Data: Stanford AIMI, "
+                      "https://stanfordmlgroup.github.io/competitions/chexpert/ (Research Use Agreement).")
 
 REGISTRY: dict[str, PublicSet] = {s.name: s for s in [
     *[_medmnist(flag, size, licence, what, md5s[i]) for flag, (licence, what, md5s) in _MEDMNIST.items()
@@ -200,6 +216,18 @@ REGISTRY: dict[str, PublicSet] = {s.name: s for s in [
               raw="https://challenge.isic-archive.com/data/#2016 (files under "
                   "https://isic-challenge-data.s3.amazonaws.com/2016/): ISBI2016_ISIC_Part3_Training_Data.zip and "
                   "ISBI2016_ISIC_Part3_Test_Data.zip unpacked, and the two ISBI2016_ISIC_Part3_*_GroundTruth.csv"),
+    PublicSet("chexpert", "CheXpert (Stanford): chest radiographs, 13 findings mined from reports "
+              "(multi-label, with uncertain labels), official train / validation",
+              "Stanford CheXpert Research Use Agreement: non-commercial research, no redistribution",
+              _CHEXPERT_CITATION, "chexpert.md",
+              prepare=prepare_challenges.prepare_chexpert,
+              raw="https://stanfordmlgroup.github.io/competitions/chexpert/ (after accepting the agreement): "
+                  "CheXpert-v1.0-small.zip unpacked (train.csv, valid.csv, train/, valid/)",
+              options=(PrepareOption("uncertain", prepare_challenges.CHEXPERT_UNCERTAIN,
+                                     "uncertain (-1.0) findings count as absent (zeros: U-Zeros) or present (ones: "
+                                     "U-Ones), Irvin et al. 2019"),
+                       PrepareOption("views", prepare_challenges.CHEXPERT_VIEWS,
+                                     "frontal radiographs only, or all views (lateral too)"))),
 ]}
 
 
@@ -370,8 +398,23 @@ def fetch(name: str, force: bool = False, no_verify: bool = False,
 # ---- prepare -----------------------------------------------------------------------------------------------------
 
 
-def prepare_set(name: str, raw_dir: str | Path, out: str | Path | None = None,
-                overwrite: bool = False) -> tuple[Path, list[str]]:
+def _prepare_options(spec: PublicSet, options: dict[str, str | None] | None) -> dict[str, str]:
+    """The set's options with defaults filled in; an option the set does not take, or a value outside its choices,
+    is a DataError."""
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    known = {o.name: o for o in spec.options}
+    for key, value in given.items():
+        if key not in known:
+            takers = [n for n, s in REGISTRY.items() if any(o.name == key for o in s.options)]
+            raise DataError(f"--{key} does not apply to {spec.name}" + (f"; only to {', '.join(takers)}" if takers
+                            else "") + ". Leave it out.")
+        if value not in known[key].choices:
+            raise DataError(f"--{key} {short(value)}: not one of {', '.join(known[key].choices)} ({spec.name}).")
+    return {o.name: given.get(o.name, o.choices[0]) for o in spec.options}
+
+
+def prepare_set(name: str, raw_dir: str | Path, out: str | Path | None = None, overwrite: bool = False,
+                options: dict[str, str | None] | None = None) -> tuple[Path, list[str]]:
     """Write the medtricks labels.csv of a named set from its official raw download (RAW_DIR is only read).
 
     Args:
@@ -379,17 +422,20 @@ def prepare_set(name: str, raw_dir: str | Path, out: str | Path | None = None,
         raw_dir: the unpacked official download.
         out: where labels.csv goes (default the set's cache folder, so the name resolves to it).
         overwrite: allow an existing non-empty `out` (its labels.csv is replaced).
+        options: the set's own options (PublicSet.options, e.g. {"uncertain": "ones"} for chexpert); a None value
+            or a missing key takes the default, the option's first choice.
 
     Returns:
         The output folder and summary lines (counts, what was kept and dropped).
 
     Raises:
         DataError: unknown name, a set that is fetched, a RAW_DIR that does not match the official layout (naming
-            the missing file or column), or a non-empty `out` without `overwrite`.
+            the missing file or column), an option the set does not take, or a non-empty `out` without `overwrite`.
     """
     spec = find_set(name)
     if spec.prepare is None:
         raise DataError(f"{name} is downloaded ready to use: run `medtricks data fetch {name}` (no prepare step).")
+    chosen = _prepare_options(spec, options)
     raw = Path(raw_dir).expanduser()
     if not raw.is_dir():
         raise DataError(f"{raw}: RAW_DIR is not a folder. Download {spec.raw} and give the unpacked folder.")
@@ -401,7 +447,9 @@ def prepare_set(name: str, raw_dir: str | Path, out: str | Path | None = None,
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise DataError(f"--out {target}: the folder exists and is not empty; choose a new folder, or add "
                         f"--overwrite to replace its labels.csv.")
-    lines = spec.prepare(raw, target)
+    lines = spec.prepare(raw, target, **chosen)
+    settings = " ".join(f"--{k} {v}" for k, v in chosen.items())
     write_text(target / "SOURCE.txt", f"{spec.name}: {spec.title}\nprepared from: {raw_resolved}\n"
-                                      f"licence: {spec.licence}\ncitation: {spec.citation}\n")
+                                      + (f"options: {settings}\n" if settings else "")
+                                      + f"licence: {spec.licence}\ncitation: {spec.citation}\n")
     return target, lines
