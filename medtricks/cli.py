@@ -709,8 +709,10 @@ def data_list() -> None:
 
     for spec in REGISTRY.values():
         state = "cached" if spec.is_ready() else f"not cached: {spec.how_to_get()}"
-        console.print(Text(spec.name, style="bold"), f" {state}\n    {spec.title}\n    licence: {spec.licence}",
-                      highlight=False)
+        options = "".join(f"\n    --{o.name} {'|'.join(o.choices)} (default {o.choices[0]}): {o.help}"
+                          for o in spec.options)
+        console.print(Text(spec.name, style="bold"), f" {state}\n    {spec.title}\n    licence: {spec.licence}"
+                      f"{options}", highlight=False)
     console.print(f"cache folder: {data_dir()} (set MEDTRICKS_CACHE to move it)", highlight=False)
 
 
@@ -746,11 +748,17 @@ def data_fetch(
 
 @data_app.command("prepare")
 def data_prepare(
-    name: Annotated[str, typer.Argument(help="Public data set name, e.g. nih-chestxray14 or kermany-cxr.")],
+    name: Annotated[str, typer.Argument(help="Public data set name, e.g. nih-chestxray14, kermany-cxr, "
+                                        "idrid-grading, isic-2016, chexpert.")],
     raw_dir: Annotated[Path, typer.Argument(help="The unpacked official download (only read).")],
     out: Annotated[Path | None, typer.Option("--out", help="Where labels.csv goes [default: the cache folder of "
                                              "NAME, so the name resolves to it].")] = None,
     overwrite: OverwriteOption = False,
+    uncertain: Annotated[str | None, typer.Option("--uncertain", help="chexpert only: an uncertain (-1.0) finding "
+                                                  "counts as absent (zeros, U-Zeros) or present (ones, U-Ones) "
+                                                  "[default: zeros].")] = None,
+    views: Annotated[str | None, typer.Option("--views", help="chexpert only: keep frontal radiographs only "
+                                              "(frontal) or lateral ones too (all) [default: frontal].")] = None,
 ) -> None:
     """Turn the official download of a public data set into a medtricks labels.csv (images stay in RAW_DIR).
 
@@ -760,7 +768,7 @@ def data_prepare(
 
     try:
         spec = find_set(name)
-        folder, lines = prepare_set(name, raw_dir, out, overwrite)
+        folder, lines = prepare_set(name, raw_dir, out, overwrite, {"uncertain": uncertain, "views": views})
     except MedtricksError as exc:
         _fail(exc)
     for line in lines:

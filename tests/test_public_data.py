@@ -163,6 +163,20 @@ def test_the_medmnist_names_point_at_the_official_files():
     assert all(f.md5 or f.sha256 for s in public.REGISTRY.values() for f in s.files)
 
 
+@pytest.mark.parametrize("name, filename, md5", [  # medmnist/info.py of medmnist 3.0.2 (MD5, MD5_64, ...)
+    ("medmnist:bloodmnist@28", "bloodmnist.npz", "7053d0359d879ad8a5505303e11de1dc"),
+    ("medmnist:pathmnist@64", "pathmnist_64.npz", "55aa9c1e0525abe5a6b9d8343a507616"),
+    ("medmnist:organamnist@128", "organamnist_128.npz", "eeae80d0a227a8d099027e1b3cfd3b60"),
+    ("medmnist:organsmnist@224", "organsmnist_224.npz", "b354719e553fbbb2513d5533f52a4cb1"),
+])
+def test_new_medmnist_names_carry_the_published_md5(name, filename, md5):
+    remote = public.find_set(name).files[0]
+    assert (remote.filename, remote.md5) == (filename, md5)
+    assert remote.url == f"https://zenodo.org/records/10519652/files/{filename}?download=1"
+    md5s = [f.md5 for s in public.REGISTRY.values() for f in s.files]
+    assert len(md5s) == len(set(md5s))  # no checksum pasted twice
+
+
 # ---- prepare -----------------------------------------------------------------------------------------------------
 
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

@@ -4,7 +4,8 @@ Each function reads RAW_DIR (never writes there) and writes `<out>/labels.csv`, 
 path of each image inside RAW_DIR: the images are not copied (ChestX-ray14 is 45 GB), so RAW_DIR must stay where it
 is. A layout that does not match the official one is a DataError naming the missing file, folder or column.
 What each function keeps and drops is in its data card (data_cards/nih_chestxray14.md, kermany_cxr.md,
-covid19_image_data_collection.md).
+covid19_image_data_collection.md). The challenge releases (IDRiD grading, ISIC 2016, CheXpert) are prepared in
+medtricks.data.prepare_challenges with the helpers below.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from medtricks.files import write_text
 logger = logging.getLogger(__name__)
 
 
-def _write_labels(out: Path, columns: list[str], rows: list[dict]) -> Path:
+def write_labels(out: Path, columns: list[str], rows: list[dict]) -> Path:
+    """Write `rows` as `<out>/labels.csv` (atomically) with `columns` in that order; returns its path."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -31,10 +33,13 @@ def _write_labels(out: Path, columns: list[str], rows: list[dict]) -> Path:
     return out / "labels.csv"
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
+def read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """The rows of a CSV with a header row, keyed by the header's names with surrounding spaces stripped (IDRiD's
+    official header ends in 'Risk of macular edema '); a DataError names any `required` column that is missing."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
+            reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
             rows = list(reader)
             columns = [c for c in reader.fieldnames or [] if c]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -78,7 +83,7 @@ def prepare_nih_chestxray14(raw: Path, out: Path) -> list[str]:
         if not (raw / name).is_file():
             raise DataError(f"{raw}: {name} is missing (the official split lists train_val_list.txt and "
                             f"test_list.txt come with Data_Entry_2017.csv).")
-    rows = _read_csv(entry, NIH_COLUMNS)
+    rows = read_csv(entry, NIH_COLUMNS)
     split_of = {}
     for name, split in zip(NIH_LISTS, ("train", "test"), strict=True):
         for line in (raw / name).read_text().split():
@@ -105,7 +110,7 @@ def prepare_nih_chestxray14(raw: Path, out: Path) -> list[str]:
         where = ", ".join(f"{f.name}/" for f in folders)
         raise DataError(f"{raw}: none of the {len(rows)} images of {entry.name} is under {where} (looked for the PNGs "
                         f"named in 'Image Index').")
-    labels = _write_labels(out, ["path", "label", "patient_id", "split", "follow_up", "view", "age", "sex"], out_rows)
+    labels = write_labels(out, ["path", "label", "patient_id", "split", "follow_up", "view", "age", "sex"], out_rows)
     splits = Counter(r["split"] for r in out_rows)
     lines = [f"{labels}: {len(out_rows)} images of {len({r['patient_id'] for r in out_rows})} patients "
              f"(train {splits['train']}, test {splits['test']}; val is carved from train by patient)"]
@@ -170,7 +175,7 @@ def prepare_kermany_cxr(raw: Path, out: Path) -> list[str]:
                              "split": "test" if split == "test" else "train", "official_split": split, "kind": kind})
     if not rows:
         raise DataError(f"{raw}: no .jpeg images under chest_xray/{{train,test}}/{{NORMAL,PNEUMONIA}}/.")
-    labels = _write_labels(out, ["path", "label", "patient_id", "split", "official_split", "kind"], rows)
+    labels = write_labels(out, ["path", "label", "patient_id", "split", "official_split", "kind"], rows)
     splits_of: dict[str, set] = {}
     for r in rows:
         splits_of.setdefault(r["patient_id"], set()).add(r["split"])
@@ -221,7 +226,7 @@ def prepare_covid19_collection(raw: Path, out: Path) -> list[str]:
     if not meta.is_file():
         raise DataError(f"{raw}: metadata.csv is missing (the collection's label file; clone "
                         f"https://github.com/ieee8023/covid-chestxray-dataset).")
-    rows = _read_csv(meta, COVID_COLUMNS)
+    rows = read_csv(meta, COVID_COLUMNS)
     dropped: Counter = Counter()
     out_rows = []
     for row in rows:
@@ -246,7 +251,7 @@ def prepare_covid19_collection(raw: Path, out: Path) -> list[str]:
     if not out_rows:
         raise DataError(f"{raw}: none of the {len(rows)} rows of metadata.csv is a frontal X-ray with a COVID-19, "
                         f"pneumonia or No Finding label whose image is under RAW_DIR ({dict(dropped)}).")
-    labels = _write_labels(out, ["path", "label", "finding", "patient_id", "view", "sex", "age", "license", "url"],
+    labels = write_labels(out, ["path", "label", "finding", "patient_id", "view", "sex", "age", "license", "url"],
                            out_rows)
     counts = Counter(r["label"] for r in out_rows)
     lines = [f"{labels}: {len(out_rows)} images of {len({r['patient_id'] for r in out_rows})} patients ("

@@ -8,8 +8,9 @@ Each name has a folder in the data cache, `$MEDTRICKS_CACHE/data/<name>` (defaul
   half or unverified file. MEDTRICKS_OFFLINE=1 never downloads; MEDTRICKS_DATA_MIRROR replaces the URL base
   (everything before the file name), for a local mirror or a test server.
 - `medtricks data prepare NAME RAW_DIR`: sets whose licence asks users to download them themselves (NIH
-  ChestX-ray14, Kermany's pediatric CXR, the COVID-19 image data collection): medtricks.data.prepare turns the
-  official layout into a labels.csv.
+  ChestX-ray14, Kermany's pediatric CXR, the COVID-19 image data collection, IDRiD grading, ISIC 2016, CheXpert):
+  medtricks.data.prepare and .prepare_challenges turn the official layout into a labels.csv. A set may take
+  options of its own (CheXpert: `--uncertain`, `--views`), listed in PublicSet.options.
 A name whose folder is empty is an error naming the command that fills it.
 """
 
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtricks.data import prepare
+from medtricks.data import prepare, prepare_challenges
 from medtricks.errors import DataError, short
 from medtricks.files import cache_root, write_text
 
@@ -51,6 +52,15 @@ class RemoteFile:
 
 
 @dataclass(frozen=True)
+class PrepareOption:
+    """An option of one set's prepare step: the keyword of its prepare function, also `--NAME` of `data prepare`."""
+
+    name: str
+    choices: tuple[str, ...]  # the first is the default
+    help: str
+
+
+@dataclass(frozen=True)
 class PublicSet:
     """A named public data set: where it lives in the cache, how it gets there, its licence and citation.
 
@@ -60,8 +70,10 @@ class PublicSet:
         licence, citation: printed by fetch and prepare; also in the data card.
         card: the data card (data_cards/<card>).
         files: direct downloads (`medtricks data fetch`).
-        prepare: prepare(raw_dir, out) -> summary lines (`medtricks data prepare`), for sets without files.
+        prepare: prepare(raw_dir, out, **options) -> summary lines (`medtricks data prepare`), for sets without
+            files.
         raw: where to download the raw data for prepare, and what RAW_DIR must hold.
+        options: the options `prepare` takes (none for most sets).
     """
 
     name: str
@@ -70,8 +82,9 @@ class PublicSet:
     citation: str
     card: str
     files: tuple[RemoteFile, ...] = ()
-    prepare: Callable[[Path, Path], list[str]] | None = None
+    prepare: Callable[..., list[str]] | None = None
     raw: str = ""
+    options: tuple[PrepareOption, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -102,7 +115,8 @@ _MEDMNIST_CITATION = ("Yang J. et al., MedMNIST v2 - A large-scale lightweight b
                       "image classification, Scientific Data 10, 41 (2023); cite also the source data set of {set}.")
 # The publisher's MD5 of each file at 28, 64, 128 and 224 px, copied from the official medmnist package
 # (github.com/MedMNIST/MedMNIST, medmnist/info.py of version 3.0.2, keys MD5, MD5_64, MD5_128, MD5_224).
-# No sha256 is published for these files.
+# No sha256 is published for these files. The 2D sets only: the 3D ones (organmnist3d, ...) are volumes, which
+# medtricks does not read.
 _MEDMNIST = {
     "pneumoniamnist": ("CC BY 4.0", "pediatric CXR, normal vs pneumonia (Kermany et al. 2018)", (
         "28209eda62fecd6e6a2d98b1501bb15f", "8f4eceb4ccffa70c672198ea285246c6", "05b46931834c231683c68f40c47b2971",
@@ -122,6 +136,24 @@ _MEDMNIST = {
     "octmnist": ("CC BY 4.0", "retinal OCT, 4 classes (Kermany et al. 2018)", (
         "c68d92d5b585d8d81f7112f81e2d0842", "e229e9440236b774d9f0dfef9d07bdaf", "0a97e76651ace45c5d943ee3f65b63ae",
         "abc493b6d529d5de7569faaef2773ba3")),
+    "pathmnist": ("CC BY 4.0", "colorectal histology patches (NCT-CRC-HE-100K), 9 tissue types", (
+        "a8b06965200029087d5bd730944a56c1", "55aa9c1e0525abe5a6b9d8343a507616", "ac42d08fb904d92c244187169d1fd1d9",
+        "2c51a510bcdc9cf8ddb2af93af1eadec")),
+    "bloodmnist": ("CC BY 4.0", "blood-cell microscopy, 8 cell types", (
+        "7053d0359d879ad8a5505303e11de1dc", "2b94928a2ae4916078ca51e05b6b800b", "adace1e0ed228fccda1f39692059dd4c",
+        "b718ff6835fcbdb22ba9eacccd7b2601")),
+    "tissuemnist": ("CC BY 4.0", "kidney-cortex cell microscopy (BBBC051), 8 cell types", (
+        "ebe78ee8b05294063de985d821c1c34b", "123ece2eba09d0aa5d698fda57103344", "61b955355d7425a89687b06cca3ce0c2",
+        "b077128c4a949f0a4eb01517f9037b9c")),
+    "organamnist": ("CC BY 4.0", "abdominal CT (LiTS), 11 organs, axial slices", (
+        "68e3f8846a6bd62f0c9bf841c0d9eacc", "2dcccc29b88e6da5a01161ef20cda288", "eeae80d0a227a8d099027e1b3cfd3b60",
+        "50747347e05c87dd3aaf92c49f9f3170")),
+    "organcmnist": ("CC BY 4.0", "abdominal CT (LiTS), 11 organs, coronal slices", (
+        "b9ceb9546e10131b32923c5bbeaea2b1", "3ce34a8724ea6f548e6db4744d03b6a9", "773c1f009daa3fe5d9a2a201b2a7ed94",
+        "050f5e875dc056f6768abf94ec9995d1")),
+    "organsmnist": ("CC BY 4.0", "abdominal CT (LiTS), 11 organs, sagittal slices", (
+        "9ab87b696fb54e2a387ebe992d6ed5f1", "53a6d115339d874c25e309a994ff46d3", "ded0c5fa01a95dc4978b956f613e9b8e",
+        "b354719e553fbbb2513d5533f52a4cb1")),
 }
 MEDMNIST_SIZES = (28, 64, 128, 224)
 
@@ -146,6 +178,16 @@ _COVID_CITATION = ("Cohen J.P., Morrison P., Dao L., Roth K., Duong T.Q., Ghasse
                    "Prospective Predictions Are the Future, arXiv 2006.11988 (2020); and arXiv 2003.11597. Per-image "
                    "source URL and licence in labels.csv.")
 
+_IDRID_CITATION = ("Porwal P. et al., Indian Diabetic Retinopathy Image Dataset (IDRiD): A Database for Diabetic "
+                   "Retinopathy Screening Research, Data 3(3), 25 (2018), doi:10.3390/data3030025; IEEE Dataport, "
+                   "doi:10.21227/H25W98.")
+_ISIC2016_CITATION = ("Gutman D. et al., Skin Lesion Analysis toward Melanoma Detection: A Challenge at the "
+                      "International Symposium on Biomedical Imaging (ISBI) 2016, hosted by the International Skin "
+                      "Imaging Collaboration (ISIC), arXiv 1605.01397 (2016).")
+_CHEXPERT_CITATION = ("Irvin J. et al., CheXpert: A Large Chest Radiograph Dataset with Uncertainty Labels and Expert "
+                      "Comparison, AAAI 2019, arXiv 1901.07031. Data: Stanford AIMI, "
+                      "https://stanfordmlgroup.github.io/competitions/chexpert/ (Research Use Agreement).")
+
 REGISTRY: dict[str, PublicSet] = {s.name: s for s in [
     *[_medmnist(flag, size, licence, what, md5s[i]) for flag, (licence, what, md5s) in _MEDMNIST.items()
       for i, size in enumerate(MEDMNIST_SIZES)],
@@ -163,6 +205,29 @@ REGISTRY: dict[str, PublicSet] = {s.name: s for s in [
               "CC BY 4.0", _KERMANY_CITATION, "kermany_cxr.md", prepare=prepare.prepare_kermany_cxr,
               raw="https://data.mendeley.com/datasets/rscbjbr9sj/2 (ChestXRay2017.zip) or the Kaggle copy "
                   "'chest-xray-pneumonia': the chest_xray/{train,test,val}/{NORMAL,PNEUMONIA}/ folders"),
+    PublicSet("idrid-grading", "IDRiD disease grading (ISBI 2018): 516 fundus photographs, DR grade 0-4 and DME "
+              "risk, official train / test", "CC BY 4.0", _IDRID_CITATION, "idrid.md",
+              prepare=prepare_challenges.prepare_idrid_grading,
+              raw="https://ieee-dataport.org/open-access/indian-diabetic-retinopathy-image-dataset-idrid: "
+                  "'B. Disease Grading.zip' unpacked (its '1. Original Images' and '2. Groundtruths' folders)"),
+    PublicSet("isic-2016", "ISIC 2016 Part 3 (ISBI 2016): 1,279 dermoscopy images, melanoma vs benign, official "
+              "train / test", "CC0 (ISIC 2016 challenge data); cite Gutman et al.", _ISIC2016_CITATION,
+              "isic_dermoscopy.md", prepare=prepare_challenges.prepare_isic2016,
+              raw="https://challenge.isic-archive.com/data/#2016 (files under "
+                  "https://isic-challenge-data.s3.amazonaws.com/2016/): ISBI2016_ISIC_Part3_Training_Data.zip and "
+                  "ISBI2016_ISIC_Part3_Test_Data.zip unpacked, and the two ISBI2016_ISIC_Part3_*_GroundTruth.csv"),
+    PublicSet("chexpert", "CheXpert (Stanford): chest radiographs, 13 findings mined from reports "
+              "(multi-label, with uncertain labels), official train / validation",
+              "Stanford CheXpert Research Use Agreement: non-commercial research, no redistribution",
+              _CHEXPERT_CITATION, "chexpert.md",
+              prepare=prepare_challenges.prepare_chexpert,
+              raw="https://stanfordmlgroup.github.io/competitions/chexpert/ (after accepting the agreement): "
+                  "CheXpert-v1.0-small.zip unpacked (train.csv, valid.csv, train/, valid/)",
+              options=(PrepareOption("uncertain", prepare_challenges.CHEXPERT_UNCERTAIN,
+                                     "uncertain (-1.0) findings count as absent (zeros: U-Zeros) or present (ones: "
+                                     "U-Ones), Irvin et al. 2019"),
+                       PrepareOption("views", prepare_challenges.CHEXPERT_VIEWS,
+                                     "frontal radiographs only, or all views (lateral too)"))),
 ]}
 
 
@@ -333,8 +398,23 @@ def fetch(name: str, force: bool = False, no_verify: bool = False,
 # ---- prepare -----------------------------------------------------------------------------------------------------
 
 
-def prepare_set(name: str, raw_dir: str | Path, out: str | Path | None = None,
-                overwrite: bool = False) -> tuple[Path, list[str]]:
+def _prepare_options(spec: PublicSet, options: dict[str, str | None] | None) -> dict[str, str]:
+    """The set's options with defaults filled in; an option the set does not take, or a value outside its choices,
+    is a DataError."""
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    known = {o.name: o for o in spec.options}
+    for key, value in given.items():
+        if key not in known:
+            takers = [n for n, s in REGISTRY.items() if any(o.name == key for o in s.options)]
+            raise DataError(f"--{key} does not apply to {spec.name}" + (f"; only to {', '.join(takers)}" if takers
+                            else "") + ". Leave it out.")
+        if value not in known[key].choices:
+            raise DataError(f"--{key} {short(value)}: not one of {', '.join(known[key].choices)} ({spec.name}).")
+    return {o.name: given.get(o.name, o.choices[0]) for o in spec.options}
+
+
+def prepare_set(name: str, raw_dir: str | Path, out: str | Path | None = None, overwrite: bool = False,
+                options: dict[str, str | None] | None = None) -> tuple[Path, list[str]]:
     """Write the medtricks labels.csv of a named set from its official raw download (RAW_DIR is only read).
 
     Args:
@@ -342,17 +422,20 @@ def prepare_set(name: str, raw_dir: str | Path, out: str | Path | None = None,
         raw_dir: the unpacked official download.
         out: where labels.csv goes (default the set's cache folder, so the name resolves to it).
         overwrite: allow an existing non-empty `out` (its labels.csv is replaced).
+        options: the set's own options (PublicSet.options, e.g. {"uncertain": "ones"} for chexpert); a None value
+            or a missing key takes the default, the option's first choice.
 
     Returns:
         The output folder and summary lines (counts, what was kept and dropped).
 
     Raises:
         DataError: unknown name, a set that is fetched, a RAW_DIR that does not match the official layout (naming
-            the missing file or column), or a non-empty `out` without `overwrite`.
+            the missing file or column), an option the set does not take, or a non-empty `out` without `overwrite`.
     """
     spec = find_set(name)
     if spec.prepare is None:
         raise DataError(f"{name} is downloaded ready to use: run `medtricks data fetch {name}` (no prepare step).")
+    chosen = _prepare_options(spec, options)
     raw = Path(raw_dir).expanduser()
     if not raw.is_dir():
         raise DataError(f"{raw}: RAW_DIR is not a folder. Download {spec.raw} and give the unpacked folder.")
@@ -364,7 +447,9 @@ def prepare_set(name: str, raw_dir: str | Path, out: str | Path | None = None,
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise DataError(f"--out {target}: the folder exists and is not empty; choose a new folder, or add "
                         f"--overwrite to replace its labels.csv.")
-    lines = spec.prepare(raw, target)
+    lines = spec.prepare(raw, target, **chosen)
+    settings = " ".join(f"--{k} {v}" for k, v in chosen.items())
     write_text(target / "SOURCE.txt", f"{spec.name}: {spec.title}\nprepared from: {raw_resolved}\n"
-                                      f"licence: {spec.licence}\ncitation: {spec.citation}\n")
+                                      + (f"options: {settings}\n" if settings else "")
+                                      + f"licence: {spec.licence}\ncitation: {spec.citation}\n")
     return target, lines
