@@ -3,7 +3,9 @@ their use as data.source. Nothing here touches the internet."""
 
 import csv
 import hashlib
+import io
 import os
+import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import nothing_lost
 from medtricks.cli import app
-from medtricks.data import public
+from medtricks.data import archive, public
 from medtricks.data.prepare import kermany_patient
 from medtricks.data.public import PublicSet, RemoteFile
 from medtricks.data.sources import LabelFormat, load_source
@@ -27,16 +29,17 @@ NAME = "test:blob@1"
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Serves BODY with Range support; drops the connection half way while `drops` > 0."""
+    """Serves BODY (or state["body"]) with Range support; drops the connection half way while `drops` > 0."""
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         state = self.server.state
         state["ranges"].append(self.headers.get("Range"))
         start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0]) if self.headers.get("Range") else 0
-        payload = BODY[start:]
+        body = state.get("body", BODY)
+        payload = body[start:]
         self.send_response(206 if start else 200)
         if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(BODY) - 1}/{len(BODY)}")
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         if state["drops"] > 0:
@@ -160,7 +163,7 @@ def test_the_medmnist_names_point_at_the_official_files():
     assert spec.files[0].url == "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1"
     assert spec.files[0].md5 == "28209eda62fecd6e6a2d98b1501bb15f"
     assert public.find_set("medmnist:retinamnist@224").files[0].filename == "retinamnist_224.npz"
-    assert all(f.md5 or f.sha256 for s in public.REGISTRY.values() for f in s.files)
+    assert all(f.md5 or f.sha256 or f.unchecked for s in public.REGISTRY.values() for f in s.files)
 
 
 @pytest.mark.parametrize("name, filename, md5", [  # medmnist/info.py of medmnist 3.0.2 (MD5, MD5_64, ...)
@@ -357,9 +360,9 @@ COVID_ROWS = [  # (patientid, sex, age, finding, view, modality, folder, filenam
 ]
 
 
-def test_prepare_covid19_collection_keeps_frontal_xrays_and_licences(tmp_path, cache):
-    raw = tmp_path / "covid-chestxray-dataset"
-    raw.mkdir()
+def _covid_raw(raw: Path) -> Path:
+    """A copy of the repository's layout: metadata.csv with the official header, images/ with real PNG / JPEG."""
+    raw.mkdir(parents=True)
     lines = [COVID_HEADER]
     for pid, sex, age, finding, view, modality, folder, name, licence, written in COVID_ROWS:
         lines.append(f'{pid},0,{sex},{age},{finding},Y,,,,,,,,,,,,,{view},{modality},2020,"Wuhan, China",{folder},'
@@ -367,6 +370,11 @@ def test_prepare_covid19_collection_keeps_frontal_xrays_and_licences(tmp_path, c
         if written:
             _png(raw / folder / name, 100, rgb=True)
     (raw / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return raw
+
+
+def test_prepare_covid19_collection_keeps_frontal_xrays_and_licences(tmp_path, cache):
+    raw = _covid_raw(tmp_path / "covid-chestxray-dataset")
     with nothing_lost(raw):
         result = runner.invoke(app, ["data", "prepare", "covid19-image-data-collection", str(raw)])
     assert result.exit_code == 0, result.output
@@ -418,3 +426,143 @@ def test_a_bare_word_source_stays_a_path_so_the_demo_writes_its_phantoms(tmp_pat
     assert (tmp_path / "demo_data").is_dir() and (tmp_path / "runs" / "demo" / "report.json").is_file()
     missing = runner.invoke(app, ["data", "check", "no_such_folder"])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+# ---- fetch of a repository archive (the COVID-19 image data collection) ------------------------------------------
+
+COVID = "covid19-image-data-collection"
+TOP = f"covid-chestxray-dataset-{public.COVID_COMMIT}"
+
+
+def _tar_gz(folder: Path, extra=()) -> bytes:
+    """`folder` as the repository archive (its files under TOP/), plus `extra` (TarInfo, bytes) members."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(folder, arcname=TOP)
+        for info, data in extra:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _serve_covid(server, monkeypatch, body: bytes) -> None:
+    server.state["body"] = body
+    monkeypatch.setenv(public.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}/covid/")
+
+
+def _cache_entries(cache: Path) -> list[str]:
+    """Everything under the cache, folders and hidden temporary entries included."""
+    return sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) if cache.exists() else []
+
+
+def test_the_covid_collection_is_fetched_at_the_pinned_commit():
+    spec = public.find_set(COVID)
+    assert public.COVID_COMMIT == "6a4242344473ccb5ed0d2148d8c7bfb1691e4ed8"
+    assert spec.files[0].url == ("https://codeload.github.com/ieee8023/covid-chestxray-dataset/tar.gz/"
+                                 "6a4242344473ccb5ed0d2148d8c7bfb1691e4ed8")
+    assert spec.files[0].md5 is None and spec.files[0].sha256 is None and "pinned" in spec.files[0].unchecked
+    assert spec.prepare is not None  # a clone can still be prepared
+
+
+def test_fetch_covid_archive_end_to_end_matches_prepare(server, cache, tmp_path, monkeypatch):
+    body = _tar_gz(_covid_raw(tmp_path / "repo"))
+    _serve_covid(server, monkeypatch, body)
+    server.state["drops"] = 1  # the transfer breaks half way: resumed from the .part file
+    result = runner.invoke(app, ["data", "fetch", COVID, "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert server.state["ranges"] == [None, f"bytes={len(body) // 2}-"]
+    text = " ".join(result.output.split())
+    assert f"sha256 {hashlib.sha256(body).hexdigest()} (NOT verified: --no-verify)" in text
+    spec = public.find_set(COVID)
+    assert spec.licence.split(":")[0] in text and "Cohen J.P., Morrison P." in text  # licence and citation
+    folder = cache / "data" / COVID
+    # the prepared set and the extracted repository; no archive, no .part, no temporary folder
+    assert sorted(p.name for p in (cache / "data").iterdir()) == [COVID]
+    assert sorted(p.name for p in folder.iterdir()) == ["SOURCE.txt", TOP, "labels.csv"]
+    assert public.COVID_COMMIT in (folder / "SOURCE.txt").read_text()
+    # the same rows as `data prepare` on the extracted folder, pointing into the cache folder
+    prepared = runner.invoke(app, ["data", "prepare", COVID, str(folder / TOP), "--out", str(tmp_path / "o")])
+    assert prepared.exit_code == 0, prepared.output
+    fetched_rows = list(csv.DictReader(open(folder / "labels.csv")))
+    assert fetched_rows == list(csv.DictReader(open(tmp_path / "o" / "labels.csv")))
+    assert [Path(r["path"]).name for r in fetched_rows] == ["a.jpg", "b.jpg", "c.png", "d.jpeg"]
+    assert all(Path(r["path"]).is_file() and (folder / TOP).resolve() in Path(r["path"]).parents
+               for r in fetched_rows)
+    source = load_source(public.resolve_named(COVID), ("no_finding", "covid19", "other_pneumonia"))
+    assert [r["label"] for r in source.records] == [1, 1, 2, 0]
+    again = runner.invoke(app, ["data", "fetch", COVID])
+    assert again.exit_code == 0 and "already installed" in again.output and len(server.state["ranges"]) == 2
+    server.state["drops"] = 0
+    forced = runner.invoke(app, ["data", "fetch", COVID, "--force", "--no-verify"])  # replaces the folder
+    assert forced.exit_code == 0, forced.output
+    assert sorted(p.name for p in (cache / "data").iterdir()) == [COVID]
+    assert list(csv.DictReader(open(folder / "labels.csv"))) == fetched_rows
+
+
+def test_fetch_covid_archive_without_no_verify_installs_nothing(server, cache, tmp_path, monkeypatch):
+    body = _tar_gz(_covid_raw(tmp_path / "repo"))
+    _serve_covid(server, monkeypatch, body)
+    result = runner.invoke(app, ["data", "fetch", COVID])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "--no-verify" in text and f"commit {public.COVID_COMMIT} is pinned" in text
+    assert "no published checksum" in text and hashlib.sha256(body).hexdigest() in text
+    assert _cache_entries(cache) == ["data"]
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+@pytest.mark.parametrize("extra, bounds, words", [
+    ([(_member("../evil.txt"), b"x")], {}, ["'../evil.txt'", "leaves the folder"]),
+    ([(_member(f"{TOP}/images/../../evil.txt"), b"x")], {}, ["evil.txt", "leaves the folder"]),
+    ([(_member(f"{TOP}/images/link.png", tarfile.SYMTYPE, "a.jpg"), b"")], {}, ["link.png", "symbolic link"]),
+    ([(_member(f"{TOP}/images/hard.png", tarfile.LNKTYPE, f"{TOP}/images/a.jpg"), b"")], {}, ["hard link"]),
+    ([(_member(f"/{TOP}/x.txt"), b"x")], {}, ["absolute path"]),
+    ([], {"MAX_EXTRACT_MEMBERS": 4}, ["more than 4 members", "MAX_EXTRACT_MEMBERS"]),
+    ([], {"MAX_EXTRACT_BYTES": 1000}, ["more than 1,000 bytes", "MAX_EXTRACT_BYTES"]),
+])
+def test_fetch_refuses_a_hostile_archive_and_leaves_nothing(server, cache, tmp_path, monkeypatch, extra, bounds,
+                                                             words):
+    for key, value in bounds.items():
+        monkeypatch.setattr(archive, key, value)
+    _serve_covid(server, monkeypatch, _tar_gz(_covid_raw(tmp_path / "repo"), extra))
+    result = runner.invoke(app, ["data", "fetch", COVID, "--no-verify"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    for word in words:
+        assert word in text, (word, text)
+    assert "refused as unsafe" in text
+    assert _cache_entries(cache) == ["data"]  # no half folder, no archive, no temporary folder
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_fetch_refuses_an_archive_without_the_repository_layout(server, cache, tmp_path, monkeypatch):
+    repo = _covid_raw(tmp_path / "repo")
+    (repo / "metadata.csv").unlink()
+    _serve_covid(server, monkeypatch, _tar_gz(repo))
+    result = runner.invoke(app, ["data", "fetch", COVID, "--no-verify"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "metadata.csv is missing" in " ".join(result.output.split())
+    assert _cache_entries(cache) == ["data"]
+
+
+def test_fetch_covid_offline_names_the_url_and_the_folder(cache, monkeypatch):
+    monkeypatch.setenv("MEDTRICKS_OFFLINE", "1")
+    result = runner.invoke(app, ["data", "fetch", COVID, "--no-verify"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "MEDTRICKS_OFFLINE" in text and public.COVID_ARCHIVE.url in text
+    assert str(cache / "data" / COVID) in text and f"medtricks data prepare {COVID}" in text
+    assert _cache_entries(cache) == []
+
+
+def test_data_list_shows_the_covid_collection_can_be_fetched_or_prepared(cache):
+    result = runner.invoke(app, ["data", "list"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0
+    assert (f"{COVID} not cached: `medtricks data fetch {COVID}` (or `medtricks data prepare {COVID} RAW_DIR` after "
+            f"downloading") in text

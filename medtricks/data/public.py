@@ -6,7 +6,10 @@ Each name has a folder in the data cache, `$MEDTRICKS_CACHE/data/<name>` (defaul
   downloaded into a `.part` file beside its target, resumed with an HTTP Range request when the transfer breaks,
   checked against the checksum its publisher lists, and only then renamed into place: the cache never holds a
   half or unverified file. MEDTRICKS_OFFLINE=1 never downloads; MEDTRICKS_DATA_MIRROR replaces the URL base
-  (everything before the file name), for a local mirror or a test server.
+  (everything before the file name), for a local mirror or a test server. A set published as a repository
+  (the COVID-19 image data collection) is fetched as the archive of a pinned commit, extracted safely
+  (medtricks.data.archive) and prepared by its prepare step, all in a temporary folder beside its cache folder
+  that is renamed into place at the end: the cache holds the prepared set or nothing.
 - `medtricks data prepare NAME RAW_DIR`: sets whose licence asks users to download them themselves (NIH
   ChestX-ray14, Kermany's pediatric CXR, the COVID-19 image data collection, IDRiD grading, ISIC 2016, CheXpert):
   medtricks.data.prepare and .prepare_challenges turn the official layout into a labels.csv. A set may take
@@ -20,13 +23,15 @@ import hashlib
 import http.client
 import logging
 import os
+import shutil
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtricks.data import prepare, prepare_challenges
+from medtricks.data import archive, prepare, prepare_challenges
 from medtricks.errors import DataError, short
 from medtricks.files import cache_root, write_text
 
@@ -38,12 +43,14 @@ ATTEMPTS = 3  # a broken transfer is resumed (HTTP Range) this many times within
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """One file with a direct download. The checksums are the publisher's (None: not published, not verified)."""
+    """One file with a direct download. The checksums are the publisher's (None: not published, not verified);
+    `unchecked` says why a file has none (printed when fetch refuses it without --no-verify)."""
 
     url: str
     filename: str
     md5: str | None = None
     sha256: str | None = None
+    unchecked: str = ""
 
     def source_url(self) -> str:
         """The URL, with its base replaced by $MEDTRICKS_DATA_MIRROR when that is set."""
@@ -70,9 +77,13 @@ class PublicSet:
         licence, citation: printed by fetch and prepare; also in the data card.
         card: the data card (data_cards/<card>).
         files: direct downloads (`medtricks data fetch`).
-        prepare: prepare(raw_dir, out, **options) -> summary lines (`medtricks data prepare`), for sets without
-            files.
+        prepare: prepare(raw_dir, out, **options) -> summary lines (`medtricks data prepare`).
         raw: where to download the raw data for prepare, and what RAW_DIR must hold.
+
+    A set has files, a prepare step, or both. With both (the COVID-19 image data collection), `files` is one archive
+    of the raw data (a repository at a pinned commit) with a single top folder: `data fetch` downloads it, extracts
+    it into the cache folder and runs `prepare` on that top folder, and the archive itself is not kept; `data
+    prepare` still works on a copy the user downloaded (a clone). Such a set is ready when its labels.csv is.
         options: the options `prepare` takes (none for most sets).
     """
 
@@ -93,16 +104,19 @@ class PublicSet:
     def is_ready(self, folder: Path | None = None) -> bool:
         """The set's files are in `folder` (default its cache folder): every fetched file, or a labels.csv."""
         folder = self.folder if folder is None else folder
-        if self.files:
+        if self.files and self.prepare is None:
             return all((folder / f.filename).is_file() for f in self.files)
         return (folder / "labels.csv").is_file()
 
     def how_to_get(self) -> str:
         """The command (and the download) that fills the cache folder."""
+        prepare_step = (f"`medtricks data prepare {self.name} RAW_DIR` after downloading the raw data ({self.raw}) "
+                        f"into RAW_DIR")
+        if self.files and self.prepare is not None:
+            return f"`medtricks data fetch {self.name}` (or {prepare_step})"
         if self.files:
             return f"`medtricks data fetch {self.name}`"
-        return (f"`medtricks data prepare {self.name} RAW_DIR` after downloading the raw data ({self.raw}) into "
-                f"RAW_DIR")
+        return prepare_step
 
 
 def data_dir() -> Path:
@@ -174,6 +188,14 @@ _KERMANY_CITATION = ("Kermany D. et al., Identifying Medical Diagnoses and Treat
                      "Optical Coherence Tomography (OCT) and Chest X-Ray Images for Classification, Mendeley Data v2, "
                      "doi:10.17632/rscbjbr9sj.2.")
 
+# The collection is a git repository that may still change: fetch pins one commit, so every fetch gives the same
+# metadata.csv and images. GitHub builds the archive on request and publishes no checksum of its bytes.
+COVID_COMMIT = "6a4242344473ccb5ed0d2148d8c7bfb1691e4ed8"
+COVID_ARCHIVE = RemoteFile(
+    f"https://codeload.github.com/ieee8023/covid-chestxray-dataset/tar.gz/{COVID_COMMIT}",
+    f"covid-chestxray-dataset-{COVID_COMMIT}.tar.gz",
+    unchecked=f"the repository commit {COVID_COMMIT} is pinned, but the archive bytes have no published checksum "
+              f"(GitHub builds them on request)")
 _COVID_CITATION = ("Cohen J.P., Morrison P., Dao L., Roth K., Duong T.Q., Ghassemi M., COVID-19 Image Data Collection: "
                    "Prospective Predictions Are the Future, arXiv 2006.11988 (2020); and arXiv 2003.11597. Per-image "
                    "source URL and licence in labels.csv.")
@@ -199,7 +221,7 @@ REGISTRY: dict[str, PublicSet] = {s.name: s for s in [
     PublicSet("covid19-image-data-collection", "COVID-19 image data collection (Cohen et al.): frontal CXR, "
               "covid19 / other_pneumonia / no_finding", "per image (license column of metadata.csv; CC BY, CC BY-SA, "
               "CC BY-NC-SA, Apache 2.0, ...): keep each image's attribution", _COVID_CITATION,
-              "covid19_image_data_collection.md", prepare=prepare.prepare_covid19_collection,
+              "covid19_image_data_collection.md", files=(COVID_ARCHIVE,), prepare=prepare.prepare_covid19_collection,
               raw="git clone https://github.com/ieee8023/covid-chestxray-dataset: metadata.csv and images/"),
     PublicSet("kermany-cxr", "Kermany pediatric CXR (Guangzhou): 5,856 images, normal vs pneumonia",
               "CC BY 4.0", _KERMANY_CITATION, "kermany_cxr.md", prepare=prepare.prepare_kermany_cxr,
@@ -331,16 +353,42 @@ def _verify(part: Path, remote: RemoteFile, no_verify: bool) -> str:
     actual = _digest(part, "sha256")
     if not no_verify:
         part.unlink(missing_ok=True)
-        raise DataError(f"{remote.source_url()}: no checksum is registered for {remote.filename}, so medtricks cannot "
-                        f"verify the download (sha256 {actual}); nothing was installed. Add --no-verify to install it "
-                        f"unverified.")
+        raise DataError(f"{remote.source_url()}: no checksum is registered for {remote.filename}"
+                        + (f" ({remote.unchecked})" if remote.unchecked else "") + ", so medtricks cannot verify the "
+                        f"download. It has sha256 {actual} (record it to compare later downloads); it was deleted and "
+                        f"nothing was installed. Add --no-verify to install it unverified.")
     logger.warning("%s installed UNVERIFIED (no published checksum): sha256 %s", remote.filename, actual)
     return f"sha256 {actual} (NOT verified: --no-verify)"
+
+
+def _download(name: str, url: str, part: Path, by_hand: str,
+              progress: Callable[[int, int | None], None] | None) -> None:
+    """Download `url` into `part`, resuming up to ATTEMPTS times; a DataError (with `by_hand`) when it keeps failing
+    or no network is allowed. Bytes received are kept in `part` for the next command to resume."""
+    if os.environ.get("MEDTRICKS_OFFLINE"):
+        raise DataError(f"{name}: MEDTRICKS_OFFLINE is set, so nothing is downloaded. {by_hand}")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            _transfer(url, part, progress)
+            return
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            kept = part.stat().st_size if part.is_file() else 0
+            if not kept:
+                part.unlink(missing_ok=True)
+            if attempt == ATTEMPTS or not kept:
+                raise DataError(f"{name}: cannot download {url} ({exc}). {by_hand}"
+                                + (f" The {kept} bytes received are kept in {part}; the same command resumes "
+                                   f"from there." if kept else "")) from exc
+            logger.warning("%s: transfer broke after %d bytes (%s); resuming", url, kept, exc)
 
 
 def fetch(name: str, force: bool = False, no_verify: bool = False,
           progress: Callable[[int, int | None], None] | None = None) -> tuple[Path, list[str]]:
     """Download, verify and install the files of a named set into its cache folder.
+
+    A set with a prepare step too (the COVID-19 image data collection) is downloaded as one archive, which is
+    extracted and prepared into the cache folder (`_fetch_archive`).
 
     Args:
         name: a registered name with direct downloads (`medmnist:pneumoniamnist@28`).
@@ -349,16 +397,19 @@ def fetch(name: str, force: bool = False, no_verify: bool = False,
         progress: optional callable(bytes_done, bytes_total or None) during each transfer.
 
     Returns:
-        The cache folder and one line per file (name and checksum).
+        The cache folder and one line per file (name and checksum), then the prepare step's summary, if any.
 
     Raises:
         DataError: an unknown name, a set that is prepared rather than fetched, no network (naming the URL and the
-            folder to put the file in by hand), a transfer that keeps breaking, or a checksum mismatch.
+            folder to put the file in by hand), a transfer that keeps breaking, a checksum mismatch, a file without
+            a checksum and no `no_verify`, or (archives) an unsafe archive or one whose layout prepare refuses.
     """
     spec = find_set(name)
     if not spec.files:
         raise DataError(f"{name} has no direct download (its licence asks you to download it yourself): run "
                         f"{spec.how_to_get()}.")
+    if spec.prepare is not None:
+        return _fetch_archive(spec, force, no_verify, progress)
     folder = spec.folder
     lines = []
     for remote in spec.files:
@@ -370,29 +421,85 @@ def fetch(name: str, force: bool = False, no_verify: bool = False,
         by_hand = (f"On a machine with internet, download {url} and put it at {target} (the folder is "
                    f"$MEDTRICKS_CACHE/data/..., default ~/.cache/medtricks/data), or pass --data FILE to use it where "
                    f"it is.")
-        if os.environ.get("MEDTRICKS_OFFLINE"):
-            raise DataError(f"{name}: MEDTRICKS_OFFLINE is set, so nothing is downloaded. {by_hand}")
-        folder.mkdir(parents=True, exist_ok=True)
         part = target.with_name(target.name + ".part")
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                _transfer(url, part, progress)
-                break
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                kept = part.stat().st_size if part.is_file() else 0
-                if not kept:
-                    part.unlink(missing_ok=True)
-                if attempt == ATTEMPTS or not kept:
-                    raise DataError(f"{name}: cannot download {url} ({exc}). {by_hand}"
-                                    + (f" The {kept} bytes received are kept in {part}; the same command resumes "
-                                       f"from there." if kept else "")) from exc
-                logger.warning("%s: transfer broke after %d bytes (%s); resuming", url, kept, exc)
+        _download(name, url, part, by_hand, progress)
         checked = _verify(part, remote, no_verify)
         os.replace(part, target)
         lines.append(f"{target}  {checked}")
     write_text(folder / "SOURCE.txt", f"{spec.name}: {spec.title}\nfiles: {', '.join(f.url for f in spec.files)}\n"
                                       f"licence: {spec.licence}\ncitation: {spec.citation}\n")
     return folder, lines
+
+
+def _fetch_archive(spec: PublicSet, force: bool, no_verify: bool,
+                   progress: Callable[[int, int | None], None] | None) -> tuple[Path, list[str]]:
+    """Download the set's one archive (resumable `.part` beside the cache folder), verify it, extract it safely into
+    a temporary folder beside the cache folder, prepare its single top folder there and rename the result into
+    place. On any error the temporary folder and the archive are removed (a broken transfer keeps its `.part`)."""
+    folder, remote = spec.folder, spec.files[0]
+    if spec.is_ready() and not force:
+        return folder, [f"{folder / 'labels.csv'} (already installed; --force downloads it again)"]
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise DataError(f"{folder}: the cache folder of {spec.name} exists and holds files but no labels.csv; add "
+                        f"--force to replace it, or remove it.")
+    url = remote.source_url()
+    by_hand = (f"On a machine with internet, download {url}, unpack it and run `medtricks data prepare {spec.name} "
+               f"<the unpacked folder>`, which writes labels.csv into {folder} (the folder is $MEDTRICKS_CACHE/"
+               f"data/..., default ~/.cache/medtricks/data); keep the unpacked folder where it is.")
+    part = folder.parent / (remote.filename + ".part")
+    _download(spec.name, url, part, by_hand, progress)
+    try:
+        checked = _verify(part, remote, no_verify)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        try:
+            lines = [f"{url}  {checked}", *_prepare_archive(spec, part, tmp, folder)]
+            write_text(tmp / "SOURCE.txt", f"{spec.name}: {spec.title}\narchive: {remote.url}\n{checked}\n"
+                                           f"licence: {spec.licence}\ncitation: {spec.citation}\n")
+            _rename_into_place(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        part.unlink(missing_ok=True)  # extracted (or refused): the archive is not kept
+    return folder, lines
+
+
+def _prepare_archive(spec: PublicSet, part: Path, tmp: Path, folder: Path) -> list[str]:
+    """Extract `part` into `tmp` and write `tmp/labels.csv` with paths as they will be once `tmp` is `folder`."""
+    files, size = archive.extract_tar(part, tmp)
+    tops = sorted(p.name for p in tmp.iterdir())
+    if len(tops) != 1 or not (tmp / tops[0]).is_dir():
+        raise DataError(f"{spec.files[0].source_url()}: the archive should hold one top folder (the repository at its "
+                        f"commit); it holds {tops[:5]}. Nothing was installed.")
+    try:
+        lines = spec.prepare(tmp / tops[0], tmp, **_prepare_options(spec, None))
+    except DataError as exc:
+        raise DataError(f"{spec.name}: the downloaded archive does not have the layout prepare expects: {exc} Nothing "
+                        f"was installed.") from exc
+    # prepare wrote absolute paths into tmp; they must point into the cache folder once tmp is renamed to it
+    here, there = tmp.resolve(), tmp.resolve().parent / folder.name
+    rows = prepare.read_csv(tmp / "labels.csv", ("path",))
+    for row in rows:
+        row["path"] = str(there / Path(row["path"]).relative_to(here))
+    prepare.write_labels(tmp, list(rows[0]), rows)
+    return [f"{folder / tops[0]}: {files} files ({size / 1e6:.1f} MB) extracted",
+            *(line.replace(str(tmp), str(folder)) for line in lines)]
+
+
+def _rename_into_place(tmp: Path, folder: Path) -> None:
+    """Rename the finished folder `tmp` to `folder` (same file system: atomic); an existing `folder` (--force, or
+    an empty one) is moved aside first and removed only once the new one is in place."""
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    old = tmp.with_name(tmp.name + ".old")
+    os.replace(folder, old)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- prepare -----------------------------------------------------------------------------------------------------
