@@ -546,7 +546,9 @@ def test_fetch_refuses_an_archive_without_the_repository_layout(server, cache, t
     _serve_covid(server, monkeypatch, _tar_gz(repo))
     result = runner.invoke(app, ["data", "fetch", COVID, "--no-verify"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "metadata.csv is missing" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert "the downloaded archive does not have the layout prepare expects" in text
+    assert "metadata.csv is missing" in text and "Nothing was installed" in text
     assert _cache_entries(cache) == ["data"]
 
 
