@@ -77,5 +77,5 @@ def extract_tar(archive: Path, dest: Path, max_bytes: int | None = None,
                 files += member.isfile()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:  # FilterError is a TarError
         raise DataError(f"{archive}: cannot extract it ({exc}); nothing was installed.") from exc
-    logger.info("%s: %d files, %d bytes extracted into %s", archive, files, size, dest)
+    logger.debug("%s: %d files, %d bytes extracted into %s", archive, files, size, dest)
     return files, size

@@ -354,9 +354,9 @@ def _verify(part: Path, remote: RemoteFile, no_verify: bool) -> str:
     if not no_verify:
         part.unlink(missing_ok=True)
         raise DataError(f"{remote.source_url()}: no checksum is registered for {remote.filename}"
-                        + (f" ({remote.unchecked})" if remote.unchecked else "") + ", so medtricks cannot verify the "
-                        f"download. It has sha256 {actual} (record it to compare later downloads); it was deleted and "
-                        f"nothing was installed. Add --no-verify to install it unverified.")
+                        + (f": {remote.unchecked}" if remote.unchecked else "") + ". medtricks cannot verify the "
+                        f"download, whose sha256 is {actual} (record it to compare later downloads); it was deleted "
+                        f"and nothing was installed. Add --no-verify to install it unverified.")
     logger.warning("%s installed UNVERIFIED (no published checksum): sha256 %s", remote.filename, actual)
     return f"sha256 {actual} (NOT verified: --no-verify)"
 
