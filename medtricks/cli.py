@@ -727,6 +727,8 @@ def data_fetch(
 
     An interrupted transfer resumes where it stopped; a file whose checksum does not match is deleted. Offline
     (MEDTRICKS_OFFLINE=1, or no network) the error names the URL and the folder to put the file in by hand.
+    covid19-image-data-collection is the repository's archive at a pinned commit (no published checksum:
+    --no-verify), extracted safely and prepared into the cache; on any error nothing is left there.
     Example: medtricks data fetch medmnist:pneumoniamnist@28
     """
     from medtricks.data.public import fetch, find_set
