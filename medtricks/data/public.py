@@ -350,15 +350,23 @@ def _verify(part: Path, remote: RemoteFile, no_verify: bool) -> str:
                                 f"(a proxy or an interrupted mirror can corrupt a transfer), or check the mirror "
                                 f"({MIRROR_ENV}).")
             return f"{algorithm} {actual} (verified)"
-    actual = _digest(part, "sha256")
-    if not no_verify:
+    if not no_verify:  # fetch refuses this before downloading; a guard for other callers
         part.unlink(missing_ok=True)
-        raise DataError(f"{remote.source_url()}: no checksum is registered for {remote.filename}"
-                        + (f": {remote.unchecked}" if remote.unchecked else "") + ". medtricks cannot verify the "
-                        f"download, whose sha256 is {actual} (record it to compare later downloads); it was deleted "
+        raise DataError(f"{remote.source_url()}: no checksum is registered for {remote.filename}; it was deleted "
                         f"and nothing was installed. Add --no-verify to install it unverified.")
+    actual = _digest(part, "sha256")
     logger.warning("%s installed UNVERIFIED (no published checksum): sha256 %s", remote.filename, actual)
     return f"sha256 {actual} (NOT verified: --no-verify)"
+
+
+def _refuse_unchecked(remote: RemoteFile, no_verify: bool) -> None:
+    """Refuse, before any transfer, a file without a registered checksum unless `no_verify` (a download that would
+    be deleted unverified costs the user the transfer for nothing)."""
+    if not (remote.sha256 or remote.md5) and not no_verify:
+        raise DataError(f"{remote.source_url()}: no checksum is registered for {remote.filename}"
+                        + (f": {remote.unchecked}" if remote.unchecked else "") + ", so medtricks cannot verify the "
+                        "download. Nothing was downloaded. Add --no-verify to download and install it unverified "
+                        "(fetch then prints its sha256: record it to compare later downloads).")
 
 
 def _download(name: str, url: str, part: Path, by_hand: str,
@@ -422,6 +430,7 @@ def fetch(name: str, force: bool = False, no_verify: bool = False,
                    f"$MEDTRICKS_CACHE/data/..., default ~/.cache/medtricks/data), or pass --data FILE to use it where "
                    f"it is.")
         part = target.with_name(target.name + ".part")
+        _refuse_unchecked(remote, no_verify)
         _download(name, url, part, by_hand, progress)
         checked = _verify(part, remote, no_verify)
         os.replace(part, target)
@@ -447,6 +456,7 @@ def _fetch_archive(spec: PublicSet, force: bool, no_verify: bool,
                f"<the unpacked folder>`, which writes labels.csv into {folder} (the folder is $MEDTRICKS_CACHE/"
                f"data/..., default ~/.cache/medtricks/data); keep the unpacked folder where it is.")
     part = folder.parent / (remote.filename + ".part")
+    _refuse_unchecked(remote, no_verify)
     _download(spec.name, url, part, by_hand, progress)
     try:
         checked = _verify(part, remote, no_verify)
