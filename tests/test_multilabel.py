@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from multilabel_data import FAST, FINDINGS, write_manifest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
@@ -30,50 +31,6 @@ from medtricks.tricks.label_smoothing import binary_label_smoothing_loss
 from medtricks.tricks.mixup import MixupConfig, mix_probability_gate, mixup_batch
 
 ML = LabelFormat(multilabel=True)
-FINDINGS = ["square", "stripe"]
-FAST = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "data.augment=none",
-        "data.task=multilabel", "data.classes=[square, stripe]", "train.epochs=4", "train.batch_size=16",
-        "train.eval_batch_size=32", "train.optimizer=adamw", "train.lr=0.002", "tricks.linear_scaling=null",
-        "tricks.amp=null"]
-
-
-def write_manifest(folder, rows, header=("path", "label", "patient_id")):
-    """Blank 8x8 PNGs with a labels.csv of `rows` (path, label, patient id)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        Image.new("L", (8, 8)).save(folder / row[0])
-    with open(folder / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return folder
-
-
-def write_findings_set(folder, n_patients=100, per_patient=2, seed=0, size=32):
-    """Phantoms with two independent findings: `square` (a bright 10 px square) and `stripe` (a dark 4 px band),
-    each on about half of the images; grey noisy background, two images per patient."""
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for patient in range(n_patients):
-        for k in range(per_patient):
-            pixels = rng.normal(0.45, 0.05, (size, size))
-            square, stripe = rng.random() < 0.5, rng.random() < 0.5
-            if square:
-                y, x = rng.integers(0, size - 10, 2)
-                pixels[y:y + 10, x:x + 10] = 1.0
-            if stripe:
-                y = rng.integers(0, size - 4)
-                pixels[y:y + 4, :] = 0.0
-            name = f"images/p{patient:03d}_{k}.png"
-            Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(folder / name)
-            label = "|".join(f for f, on in zip(FINDINGS, (square, stripe), strict=True) if on) or "No Finding"
-            rows.append((name, label, f"pt-{patient:03d}"))
-    with open(folder / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(("path", "label", "patient_id"))
-        writer.writerows(rows)
-    return folder
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -261,17 +218,6 @@ def test_metrics_per_label_match_sklearn_and_absent_label_is_null():
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def findings(tmp_path_factory):
-    return write_findings_set(tmp_path_factory.mktemp("findings") / "set")
-
-
-@pytest.fixture(scope="module")
-def ml_run(findings, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ml_runs") / "run"
-    return finetune("demo", data=findings, out=out, overrides=FAST)
-
 
 def test_finetune_learns_both_findings(ml_run):
     report = json.loads((ml_run / "report.json").read_text())
