@@ -546,6 +546,8 @@ def compare_cmd(
     """Compare two runs' models on the same images: DeLong test and patient-level paired bootstrap for AUROC
     (macro AUROC bootstrap for multi-class), exact McNemar test for accuracy; differences are A - B.
 
+    Multi-label runs: DeLong per finding with Holm-adjusted p, bootstrap of the mean AUROC, McNemar on exact matches.
+
     Example: medtricks compare runs/ablate-demo/runs/reference/seed-0 runs/ablate-demo/runs/without-warmup/seed-0
     """
     from medtricks.compare import compare
@@ -563,6 +565,9 @@ def compare_cmd(
     a, b, auroc, mcnemar = result["a"], result["b"], result["auroc"], result["accuracy"]["mcnemar"]
     console.print(f"{result['n']} images ({result['split']} of {result['data']}), patients: "
                   f"{result['patients'] or 'no ids, images resampled'}", highlight=False)
+    if result.get("task") == "multilabel":
+        _print_multilabel_compare(result, run_a, run_b)
+        return
     console.print(f"A {run_a}: AUROC {_num(a['auroc'])}  accuracy {_num(a['accuracy'])}", highlight=False)
     console.print(f"B {run_b}: AUROC {_num(b['auroc'])}  accuracy {_num(b['accuracy'])}", highlight=False)
     if auroc["delong"] is not None:
@@ -577,6 +582,36 @@ def compare_cmd(
     if auroc["note"]:
         console.print(f"AUROC: {auroc['note']}", highlight=False)
     console.print(f"accuracy A - B {_num(mcnemar['accuracy_difference'], True)}  exact McNemar p = "
+                  f"{mcnemar['p_value']:.4g} (A right / B wrong: {mcnemar['a_only']}, B right / A wrong: "
+                  f"{mcnemar['b_only']})", highlight=False)
+
+
+def _print_multilabel_compare(result: dict, run_a: Path, run_b: Path) -> None:
+    """compare's multi-label result: a table per finding (AUROC of A and B, DeLong difference, p, Holm p; intervals
+    and accuracies are in the JSON), then the mean AUROC with its bootstrap interval and the exact-match McNemar
+    test."""
+    table = Table(title=f"per finding, A - B: DeLong's test, p adjusted by Holm over "
+                        f"{result['multiple_comparisons']['tests']} findings", title_justify="left")
+    for name in ("finding", "positives", "AUROC A", "AUROC B", "A - B", "p", "p (Holm)"):
+        table.add_column(name, justify="left" if name == "finding" else "right", no_wrap=True)
+    for name, m in result["per_label"].items():
+        d = m["delong"]
+        table.add_row(name, str(m["positives"]), _num(m["a"]["auroc"]), _num(m["b"]["auroc"]),
+                      _num(d["difference"], True) if d else "n/a", f"{d['p_value']:.3g}" if d else "n/a",
+                      f"{m['p_holm']:.3g}" if d else "n/a")
+    console.print(table)
+    console.print(f"multiple comparisons: {result['multiple_comparisons']['note']}", highlight=False)
+    for label, side, run in (("A", result["a"], run_a), ("B", result["b"], run_b)):
+        console.print(f"{label} {run}: mean AUROC {_num(side['auroc'])}  mean accuracy {_num(side['accuracy'])}  "
+                      f"exact match {_num(side['exact_match'])}", highlight=False)
+    boot = result["auroc"]["bootstrap"]
+    if boot is not None:
+        console.print(f"mean AUROC A - B {_num(boot['difference'], True)}  paired bootstrap 95% CI "
+                      f"[{_num(boot['ci95'][0], True)}, {_num(boot['ci95'][1], True)}] ({boot['replicates']} "
+                      f"replicates)", highlight=False)
+    console.print(f"AUROC: {result['auroc']['note']}", highlight=False)
+    mcnemar = result["exact_match"]["mcnemar"]
+    console.print(f"exact match A - B {_num(mcnemar['accuracy_difference'], True)}  exact McNemar p = "
                   f"{mcnemar['p_value']:.4g} (A right / B wrong: {mcnemar['a_only']}, B right / A wrong: "
                   f"{mcnemar['b_only']})", highlight=False)
 

@@ -47,6 +47,25 @@ def predicted_sets(probs: np.ndarray, thresholds: Sequence[float] | None) -> np.
     return (p >= t[None, :]).astype(np.int64)
 
 
+def label_aurocs(labels: np.ndarray, probs: np.ndarray) -> list[float | None]:
+    """Each finding's AUROC (scikit-learn's roc_auc_score(average=None), in its Mann-Whitney form); None for a
+    finding with one class only in these labels."""
+    y, p = _check(labels, probs)
+    ones = np.ones((1, len(y)))
+    values = [float(_weighted_auroc(p[:, j], y[:, j] == 1, ones)[0]) for j in range(y.shape[1])]
+    return [v if np.isfinite(v) else None for v in values]
+
+
+def mean_auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """The multi-label M's AUROC: the mean of label_aurocs over the findings with both classes (None when none)."""
+    return _mean(label_aurocs(labels, probs))
+
+
+def finding_names(row, classes: Sequence[str], none: str = "none") -> str:
+    """A multi-hot row as the names of its findings joined by "+" (`none` when empty), for titles and file names."""
+    return "+".join(name for name, on in zip(classes, row, strict=True) if on) or none
+
+
 def _mean(values: list) -> float | None:
     defined = [v for v in values if v is not None]
     return float(np.mean(defined)) if defined else None
