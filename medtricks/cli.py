@@ -307,16 +307,18 @@ def attack_cmd(
                         overwrite=overwrite, checks=checks, explain=explain)
     except MedtricksError as exc:
         _fail(exc)
-    clean = report["clean"]
-    console.print(f"{report['attack']} {report['norm']}{' targeted' if report['targeted'] else ''} on "
-                  f"{report['n']} images ({report['split']}): clean accuracy {_num(clean['accuracy'])}",
-                  highlight=False)
-    for row in report["results"]:
-        console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {_num(row['accuracy'])}  AUROC "
-                      f"{_num(row['auroc'])}  success rate {_num(row['success_rate'])}", highlight=False)
-        if "members" in row:
-            console.print("    alone: " + ", ".join(f"{name} {_num(m['accuracy'])}" for name, m in
-                                                   row["members"].items()), highlight=False)
+    if report.get("task") == "multilabel":
+        _print_multilabel_attack(report)
+    else:
+        console.print(f"{report['attack']} {report['norm']}{' targeted' if report['targeted'] else ''} on "
+                      f"{report['n']} images ({report['split']}): clean accuracy "
+                      f"{_num(report['clean']['accuracy'])}", highlight=False)
+        for row in report["results"]:
+            console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {_num(row['accuracy'])}  AUROC "
+                          f"{_num(row['auroc'])}  success rate {_num(row['success_rate'])}", highlight=False)
+            if "members" in row:
+                console.print("    alone: " + ", ".join(f"{name} {_num(m['accuracy'])}" for name, m in
+                                                       row["members"].items()), highlight=False)
     for check in report["checks"]:
         style = {"PASS": "green", "WARN": "bold yellow"}.get(check["status"], "")
         console.print(Text(f"  check {check['check']}: {check['status']}", style=style), f"({check['detail']})",
@@ -328,6 +330,25 @@ def attack_cmd(
                       f"{min(rho):.2f} to {max(rho):.2f} (explain.png)", highlight=False)
     console.print(f"{report['images_per_second']:.1f} images/s on {report['device']}; report and plots in "
                   f"{report['files']}", highlight=False)
+
+
+def _print_multilabel_attack(report: dict) -> None:
+    """attack's multi-label rows: the means over findings and exact match per eps, then each finding's AUROC."""
+    clean = report["clean"]
+    console.print(f"{report['attack']} {report['norm']} on {report['n']} images ({report['split']}), multi-label "
+                  f"(ascends the findings' mean BCE): clean mean accuracy {_num(clean['accuracy'])}, exact match "
+                  f"{_num(clean['exact_match'])}, mean AUROC {_num(clean['auroc'])}", highlight=False)
+    for row in report["results"]:
+        console.print(f"  eps {row['eps'] * 255:6.2f}/255: mean accuracy {_num(row['accuracy'])}  exact match "
+                      f"{_num(row['exact_match'])}  mean AUROC {_num(row['auroc'])}  success rate (any finding "
+                      f"flips) {_num(row['success_rate'])}", highlight=False)
+    table = Table(title="AUROC per finding (accuracy per finding in the JSON)", title_justify="left")
+    table.add_column("finding")
+    for column in ["clean", *(f"{row['eps'] * 255:.2f}/255" for row in report["results"])]:
+        table.add_column(column, justify="right", no_wrap=True)
+    for name, m in clean["per_label"].items():
+        table.add_row(name, _num(m["auroc"]), *(_num(row["per_label"][name]["auroc"]) for row in report["results"]))
+    console.print(table)
 
 
 @app.command("corrupt")

@@ -61,9 +61,12 @@ def mean_auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return _mean(label_aurocs(labels, probs))
 
 
-def finding_names(row, classes: Sequence[str], none: str = "none") -> str:
-    """A multi-hot row as the names of its findings joined by "+" (`none` when empty), for titles and file names."""
-    return "+".join(name for name, on in zip(classes, row, strict=True) if on) or none
+def label_name(label, classes: Sequence[str]) -> str:
+    """A label or decision as text for titles and file names: a class index is its class name; a multi-hot row is
+    the names of its findings joined by "+" ("none" when empty)."""
+    if isinstance(label, int | np.integer):
+        return str(classes[int(label)])
+    return "+".join(str(name) for name, on in zip(classes, label, strict=True) if on) or "none"
 
 
 def _mean(values: list) -> float | None:

@@ -279,8 +279,7 @@ def test_predict_writes_a_probability_per_finding_and_the_set(ml_run, findings, 
     assert {r["prediction"] for r in predict(copy, images)} == {"square|stripe"}
 
 
-@pytest.mark.parametrize("args", [["attack", "{run}", "--fgsm", "--eps", "1/255"], ["corrupt", "{run}"],
-                                  ["evaluate", "{run}", "--tta"],
+@pytest.mark.parametrize("args", [["corrupt", "{run}"], ["evaluate", "{run}", "--tta"],
                                   ["ensemble", "{run}", "{tmp}/copy", "--out", "{tmp}/e"]])
 def test_unsupported_commands_say_so_without_traceback(ml_run, tmp_path, args):
     shutil.copytree(ml_run, tmp_path / "copy")  # a second member for the ensemble
