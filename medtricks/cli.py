@@ -691,19 +691,27 @@ def _print_check(report: dict) -> None:
     patients = "no ids" if report["patients"] is None else str(report["patients"])
     if report.get("patients_in_several_classes"):
         patients += f" ({report['patients_in_several_classes']} with images in several classes)"
+    multilabel = report.get("task") == "multilabel"
     console.print(f"{report['source']} ({report['kind']}): {report['n_images']} images, "
-                  f"{len(report['classes'])} classes, patients: {patients}", highlight=False)
+                  f"{len(report['classes'])} {'findings (multi-label)' if multilabel else 'classes'}, patients: "
+                  f"{patients}", highlight=False)
     if report.get("splits"):
-        table = Table(title=f"split: {report['split_origin']}", title_justify="left")
+        title = f"split: {report['split_origin']}" + (" (images with each finding)" if multilabel else "")
+        table = Table(title=title, title_justify="left")
         table.add_column("split")
         for name in report["classes"]:
             table.add_column(name, justify="right")
+        if multilabel:
+            table.add_column("no finding", justify="right")
         table.add_column("images", justify="right")
         table.add_column("patients", justify="right")
         for split, entry in report["splits"].items():
-            table.add_row(split, *[str(entry["per_class"][c]) for c in report["classes"]], str(entry["n"]),
+            table.add_row(split, *[str(entry["per_class"][c]) for c in report["classes"]],
+                          *([str(entry["no_finding"])] if multilabel else []), str(entry["n"]),
                           str(entry.get("patients", "-")))
         console.print(table)
+    if multilabel:
+        _print_multilabel_check(report)
     if report["size"]:
         s = report["size"]
         console.print(f"size: height {s['min_height']}-{s['max_height']}, width {s['min_width']}-{s['max_width']}; "
@@ -719,28 +727,61 @@ def _print_check(report: dict) -> None:
         console.print(f"  - {item['reason']}", highlight=False)
 
 
+def _print_multilabel_check(report: dict) -> None:
+    """data check's multi-label counts: no finding, findings per image, and the co-occurrence matrix (columns
+    numbered as the rows, to stay narrow with many findings)."""
+    per_image = ", ".join(f"{k}: {v}" for k, v in report["labels_per_image"].items())
+    console.print(f"no finding: {report['no_finding']} images; findings per image: {per_image}", highlight=False)
+    classes = report["classes"]
+    table = Table(title="co-occurrence: images with both findings (diagonal: with the finding)", title_justify="left")
+    table.add_column("finding")
+    for k in range(len(classes)):
+        table.add_column(str(k + 1), justify="right")
+    for k, name in enumerate(classes):
+        table.add_row(f"{k + 1} {name}", *[str(report["cooccurrence"][name][other]) for other in classes])
+    console.print(table)
+
+
 @data_app.command("check")
 def data_check(
     source: Annotated[Path, typer.Argument(help="Folder (class sub-folders or labels.csv), CSV manifest or .npz.")],
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the proposed split.")] = 0,
     classes: Annotated[str | None, typer.Option("--classes", help="Expected classes, comma separated.")] = None,
+    multilabel: Annotated[bool, typer.Option("--multilabel", help="Several findings per image (data.task: "
+                                             "multilabel): counts per finding, co-occurrence.")] = False,
+    label_column: Annotated[str, typer.Option("--label-column", help="The manifest's label column "
+                                              "(data.label_column).")] = "label",
+    label_separator: Annotated[str, typer.Option("--label-separator", help="Separates an image's findings "
+                                                 "(data.label_separator).")] = "|",
+    no_finding: Annotated[str, typer.Option("--no-finding", help="The label of an image without findings "
+                                            "(data.no_finding).")] = "No Finding",
     overwrite: OverwriteOption = False,
 ) -> None:
     """Count images per class and split and patients, list unreadable files and patients in two splits.
 
+    With --multilabel: each finding's positives per split, images with no finding, findings per image and the
+    co-occurrence matrix.
+
     Exit code 2 when a file is unreadable or a patient is in two splits.
     Example: medtricks data check ../shared/data/cxr-nih --json check.json
+    Example: medtricks data check nih-chestxray14 --multilabel
     """
     from medtricks.data.check import check_data
+    from medtricks.data.sources import LabelFormat
     from medtricks.files import check_output, write_json
 
     try:
         if json_path is not None:
             check_output(json_path, overwrite, "--json")
+        if not label_separator or label_separator != label_separator.strip():
+            raise MedtricksError(f"--label-separator {label_separator!r}: give one or more characters without "
+                                 f"surrounding spaces, e.g. '|' or ';'.")
+        labels = LabelFormat(multilabel, label_column, label_separator, no_finding)
         bar, progress = _progress("decoding")
         with bar:
-            report = check_data(source, classes.split(",") if classes else None, seed=seed, progress=progress)
+            report = check_data(source, classes.split(",") if classes else None, seed=seed, progress=progress,
+                                labels=labels)
         if json_path is not None:
             write_json(json_path, report)
     except MedtricksError as exc:
