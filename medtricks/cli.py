@@ -387,8 +387,9 @@ def corrupt_cmd(
     except MedtricksError as exc:
         _fail(exc)
     clean = report["clean"]
+    means = " (multi-label: accuracy and AUROC are means over findings)" if report.get("task") == "multilabel" else ""
     console.print(f"{report['preset']} corruptions on {report['n']} images ({report['split']}): clean accuracy "
-                  f"{_num(clean['accuracy'])}, AUROC {_num(clean['auroc'])}", highlight=False)
+                  f"{_num(clean['accuracy'])}, AUROC {_num(clean['auroc'])}{means}", highlight=False)
     versus = {r["corruption"]: r for r in report["versus"]["corruptions"]} if "versus" in report else {}
     for row in report["corruptions"]:
         extra = f"  CE vs --against {_num(versus[row['corruption']]['ce'])}" if versus else ""
@@ -481,7 +482,7 @@ def ensemble_cmd(
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
 ) -> None:
     """Average runs' probabilities into a run-like directory that evaluate, predict, compare, attack and corrupt
-    open like any run; the binary threshold is chosen again on the validation split.
+    open like any run; the binary threshold (multi-label: each finding's) is chosen again on the validation split.
 
     Example: medtricks ensemble runs/seed-0 runs/seed-1 runs/seed-2 --out runs/ensemble-3
     """

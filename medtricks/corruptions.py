@@ -61,6 +61,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from medtricks.metrics import auroc, missing_class_warning
+from medtricks.multilabel import mean_auroc
 from medtricks.recipe import AUGMENT_PRESETS
 
 logger = logging.getLogger(__name__)
@@ -456,10 +457,15 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
                          progress: Callable[[int, int | None], None] | None = None) -> dict:
     """Clean and corrupted accuracy and AUROC of a classifier, ImageNet-C style (unnormalised mCE).
 
+    Multi-label loaders ((N, L) multi-hot labels; `model` gives one logit per finding, predicted at >= 0:
+    robustness.decision_model shifts them by the run's thresholds): probabilities are sigmoids, "accuracy" the mean
+    over findings of each finding's accuracy and "auroc" the mean AUROC over the findings with both classes (as
+    report.json's multi-label M), so mce is the mean per-finding error.
+
     Args:
         model: logits (N, K) whose argmax is the decision (wrap binary single-logit models first), in eval mode.
-        loader: batches {"image": (N, C, H, W) float in [0, 1], "label": (N,)}, in a fixed order: the i-th image
-            yielded has index i for the random draws.
+        loader: batches {"image": (N, C, H, W) float in [0, 1], "label": (N,) or (N, L) multi-hot}, in a fixed order:
+            the i-th image yielded has index i for the random draws.
         names: corruptions (keys of CORRUPTIONS); checked against the images' channels.
         severities: among 1-5.
         seed: of every random draw (see corrupt).
@@ -490,20 +496,27 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
     except TypeError:
         total = None
     labels, clean, probs, gallery, done, started = [], [], {}, None, 0, time.perf_counter()
+    multilabel = False
+
+    def probabilities(x: torch.Tensor) -> np.ndarray:
+        logits = model(x).float()
+        return (logits.sigmoid() if multilabel else logits.softmax(1)).cpu().numpy()
+
     with torch.inference_mode():
         for batch in loader:
             images = batch["image"].to(device, torch.float32)
             check_corruptions(names, images.shape[1])
             offset = sum(len(y) for y in labels)
             index = torch.arange(offset, offset + len(images))
-            clean.append(model(images).float().softmax(1).cpu().numpy())
             labels.append(np.asarray(batch["label"].cpu() if torch.is_tensor(batch["label"]) else batch["label"]))
+            multilabel = labels[-1].ndim == 2
+            clean.append(probabilities(images))
             if gallery is None:
                 gallery = {"clean": images[0].cpu(), "severities": list(severities), "images": {}}
             for name in names:
                 for severity in severities:
                     corrupted = corrupt(images, name, severity, seed, index)
-                    probs.setdefault((name, severity), []).append(model(corrupted).float().softmax(1).cpu().numpy())
+                    probs.setdefault((name, severity), []).append(probabilities(corrupted))
                     if offset == 0:
                         gallery["images"].setdefault(name, []).append(corrupted[0].cpu())
                 done += 1
@@ -513,16 +526,20 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
         raise ValueError("the loader yielded no images to evaluate.")
     y = np.concatenate(labels).astype(np.int64)
     clean_probs = np.concatenate(clean)
-    missing_class_warning(y, clean_probs.shape[1], "corruption report")
-    clean_accuracy = float((clean_probs.argmax(1) == y).mean())
-    results = []
-    for (name, severity), parts in probs.items():
-        p = np.concatenate(parts)
-        results.append({"corruption": name, "severity": severity, "accuracy": float((p.argmax(1) == y).mean()),
-                        "auroc": auroc(y, p)})
-    rows, mce, relative_mce = _summarise(results, 1.0 - clean_accuracy, names)
+
+    def scores(p: np.ndarray) -> dict:
+        if multilabel:  # p >= 0.5 on the threshold-shifted logits: each finding at the run's threshold
+            return {"accuracy": float(((p >= 0.5) == y).mean()), "auroc": mean_auroc(y, p)}
+        return {"accuracy": float((p.argmax(1) == y).mean()), "auroc": auroc(y, p)}
+
+    if not multilabel:
+        missing_class_warning(y, clean_probs.shape[1], "corruption report")
+    clean_scores = scores(clean_probs)
+    results = [{"corruption": name, "severity": severity, **scores(np.concatenate(parts))}
+               for (name, severity), parts in probs.items()]
+    rows, mce, relative_mce = _summarise(results, 1.0 - clean_scores["accuracy"], names)
     seconds = time.perf_counter() - started
-    return {"clean": {"accuracy": clean_accuracy, "auroc": auroc(y, clean_probs)}, "results": results,
+    return {"clean": clean_scores, "results": results,
             "corruptions": rows, "mce": mce, "relative_mce": relative_mce, "n": len(y), "seed": seed,
             "severities": list(severities),
             "parameters": {name: [CORRUPTIONS[name].severities[s - 1] for s in severities] for name in names},
