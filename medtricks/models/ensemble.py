@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,10 +29,12 @@ class EnsembleModel(nn.Module):
 
 def mean_sigmoid_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     """The logit of the mean of the sigmoid probabilities of several multi-label logits of the same images: logits
-    again, whose sigmoid is that mean (each finding averaged on its own)."""
-    probs = torch.stack([z.float().sigmoid() for z in logits]).mean(0)
-    tiny = torch.finfo(probs.dtype).tiny
-    return probs.clamp_min(tiny).log() - (1 - probs).clamp_min(tiny).log()
+    again, whose sigmoid is that mean (each finding averaged on its own).
+
+    log(mean p) - log(mean (1 - p)), each a logsumexp of log-sigmoids (the 1 / M cancels): computing 1 - mean p
+    instead rounds to 0 in float32 once p > 1 - 6e-8, which zeroes an attack's gradient at confident images."""
+    z = torch.stack([x.float() for x in logits])
+    return torch.logsumexp(F.logsigmoid(z), 0) - torch.logsumexp(F.logsigmoid(-z), 0)
 
 
 def mean_probability_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
