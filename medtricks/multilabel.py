@@ -61,6 +61,24 @@ def mean_auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return _mean(label_aurocs(labels, probs))
 
 
+def decision_scores(labels: np.ndarray, probs: np.ndarray, wrong: np.ndarray, names: Sequence[str]) -> dict:
+    """Scores of decisions already made (e.g. an attack's per-finding worst case): "accuracy" and "auroc" the means
+    over findings (AUROC over those with both classes, None if none), "exact_match" the share of images with every
+    finding right, "per_label" {name: {"accuracy", "auroc"}}.
+
+    Args:
+        labels: (N, L) multi-hot labels.
+        probs: (N, L) probabilities the AUROCs rank.
+        wrong: (N, L) bool, each finding's decision wrong.
+        names: the findings, keys of per_label.
+    """
+    aurocs = label_aurocs(labels, probs)
+    per_label = {str(name): {"accuracy": float(np.mean(~wrong[:, j])), "auroc": aurocs[j]}
+                 for j, name in enumerate(names)}
+    return {"accuracy": float(np.mean(~wrong)), "auroc": _mean(aurocs),
+            "exact_match": float(np.mean(~wrong.any(axis=1))), "per_label": per_label}
+
+
 def label_name(label, classes: Sequence[str]) -> str:
     """A label or decision as text for titles and file names: a class index is its class name; a multi-hot row is
     the names of its findings joined by "+" ("none" when empty)."""

@@ -30,7 +30,7 @@ from medtricks.errors import AttackError, short
 from medtricks.files import atomic_write, check_output, write_json
 from medtricks.metrics import auroc, missing_class_warning
 from medtricks.models.backbones import MedModel
-from medtricks.multilabel import label_aurocs, label_name
+from medtricks.multilabel import decision_scores, label_name
 from medtricks.recipe import AttackSettings
 from medtricks.runs import Run, newest_run, open_run
 
@@ -192,7 +192,7 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     clean_p, clean_hat = np.concatenate(clean_probs), np.concatenate(clean_pred)
     clean_ok = ~_any_finding(clean_hat != labels)  # multi-label: every finding right
     if multilabel:
-        clean = _multilabel_scores(labels, clean_p, clean_hat != labels, classes)
+        clean = decision_scores(labels, clean_p, clean_hat != labels, classes)
     else:
         missing_class_warning(labels, clean_p.shape[1], "attack report")
         clean = {"accuracy": float(np.mean(clean_ok)), "auroc": auroc(labels, clean_p)}
@@ -200,11 +200,9 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     for eps in settings.eps:
         probs, wrong, hit = (np.concatenate(found[eps]) for found in (adv_probs, adv_wrong, adv_hit))
         success = float(np.mean(hit[clean_ok])) if clean_ok.any() else None
-        scores = _multilabel_scores(labels, probs, wrong, classes) if multilabel else \
+        scores = decision_scores(labels, probs, wrong, classes) if multilabel else \
             {"accuracy": float(np.mean(~wrong)), "auroc": auroc(labels, probs)}
         row = {"eps": eps, **scores, "success_rate": success, "step_size": _step_size(settings, eps)}
-        if multilabel:  # after the single-label keys, in their order
-            row["per_label"] = row.pop("per_label")
         if member_wrong[eps]:  # each member alone (the row's accuracy is the worst case over all of them)
             row["members"] = {name: {"accuracy": float(np.mean(~(np.concatenate(found) | ~clean_ok))),
                                      "success_rate": float(np.mean(np.concatenate(found)[clean_ok]))
@@ -240,16 +238,6 @@ def _label(value: torch.Tensor) -> int | tuple[int, ...]:
 def _any_finding(wrong: np.ndarray) -> np.ndarray:
     """Per image: wrong (single-label), or some finding wrong (multi-label, (N, L))."""
     return wrong.any(axis=1) if wrong.ndim == 2 else wrong
-
-
-def _multilabel_scores(labels: np.ndarray, probs: np.ndarray, wrong: np.ndarray, classes: Sequence[str]) -> dict:
-    """A multi-label row: mean accuracy and AUROC over findings (AUROC over those with both classes, None if none),
-    exact match (every finding right) and per_label {finding: {accuracy, auroc}}, from (N, L) wrong decisions."""
-    aurocs = label_aurocs(labels, probs)
-    per_label = {name: {"accuracy": float(np.mean(~wrong[:, j])), "auroc": aurocs[j]} for j, name in enumerate(classes)}
-    defined = [a for a in aurocs if a is not None]
-    return {"accuracy": float(np.mean(~wrong)), "auroc": float(np.mean(defined)) if defined else None,
-            "exact_match": float(np.mean(~wrong.any(axis=1))), "per_label": per_label}
 
 
 def craft(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None,
