@@ -12,6 +12,11 @@ and the plain logit margin below three (targeted: four) classes; on the run's de
 ThresholdShift) its zero is exactly the run's threshold. Conventions as in medtricks.attacks: [0, 1] images, eps in
 intensity units, fp32, eval mode, BatchNorm folded. Every iterate runs; the returned image of an example is the
 highest-loss iterate (of the best restart) and the broken mask is the worst case over all iterates.
+
+Multi-label models (labels (N, L) multi-hot, one logit per finding decided at >= 0: attacks.FindingThresholds):
+APGD is untargeted; "ce" ascends the findings' mean binary cross-entropy (attacks.multilabel_loss) and "margin"
+the largest logit on the wrong side of its decision (multilabel_margin), > 0 exactly when some finding is wrong;
+the broken masks are (N, L). The AutoAttack-style ensemble is not adapted to them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medtricks.attacks import TwoLogits, ascent_step, attack_mode, check_eps, fold_batchnorm, project, uniform_start
+from medtricks.attacks import (
+    TwoLogits,
+    ascent_step,
+    attack_mode,
+    attack_network,
+    check_eps,
+    finding_errors,
+    fold_batchnorm,
+    multilabel_loss,
+    project,
+    uniform_start,
+)
 from medtricks.errors import AttackError
 
 LOSSES = ("ce", "margin")
@@ -55,7 +71,16 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tenso
     return margin
 
 
+def multilabel_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, max over findings of the logit's distance to the wrong side of its decision (-z for a present
+    finding, z for an absent one, on FindingThresholds' logits): > 0 exactly when some finding is decided wrongly;
+    the multi-label counterpart of the binary margin."""
+    return ((1 - 2 * labels.float()) * logits).amax(1)
+
+
 def _objective(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None, loss: str) -> torch.Tensor:
+    if labels.ndim == 2:  # multi-label (untargeted)
+        return multilabel_margin(logits, labels) if loss == "margin" else multilabel_loss(logits, labels)
     if loss == "margin":
         return margin_loss(logits, labels, targets)
     if targets is None:
@@ -87,6 +112,9 @@ def _run_once(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, target
         losses = _objective(logits, labels, targets, loss)
         grad = torch.autograd.grad(losses.sum(), x)[0] if need_grad else None
         with torch.no_grad():
+            if labels.ndim == 2:  # multi-label: each finding's decision
+                errors = finding_errors(logits, labels)
+                return losses.detach(), grad, errors, errors
             pred = logits.argmax(1)
             return losses.detach(), grad, pred != labels, (pred == targets) if targets is not None else pred != labels
 
@@ -142,7 +170,7 @@ def apgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: floa
     Args:
         model: returns logits (N, C) or a single logit (N, 1) for binary; normalization inside.
         images: (N, C, H, W) in [0, 1].
-        labels: true classes (N,).
+        labels: true classes (N,), or (N, L) multi-hot labels of a multi-label model (untargeted; module docstring).
         eps: budget in [0, 1] intensity units (L-inf: per pixel; L2: per image).
         steps: iterations (Croce & Hein: 100).
         norm: "linf" or "l2".
@@ -155,7 +183,7 @@ def apgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: floa
     Returns:
         Adversarial images in the eps ball and in [0, 1]: each example's highest-loss iterate (of the restart with
         the highest loss); with return_broken also a bool (N,) mask: the decision was wrong (targeted: the target)
-        at some iterate of some restart, the clean image included.
+        at some iterate of some restart, the clean image included (multi-label: (N, L), each finding's decision).
     """
     adv, broken, _ = _apgd(model, images, labels, eps, steps, norm, loss, targets, restarts, generator)
     return (adv, broken) if return_broken else adv
@@ -168,12 +196,20 @@ def _apgd(model, images, labels, eps, steps, norm, loss, targets, restarts, gene
     # clones: tensors made under inference_mode (e.g. labels predicted there) cannot enter autograd
     images, labels = images.detach().float().clone(), labels.detach().clone()
     targets = targets.detach().clone() if targets is not None else None
+    multilabel = labels.ndim == 2
+    if multilabel and targets is not None:
+        raise AttackError("a multi-label APGD is untargeted: drop the targets.")
     with attack_mode(model), torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        net = net if net is not None else TwoLogits(fold_batchnorm(model, images[:2]))
+        net = net if net is not None else attack_network(model, images[:2], multilabel)
         with torch.no_grad():
-            pred = net(images).argmax(1)
-        wrong = pred != labels
-        broken = (pred == targets) if targets is not None else wrong.clone()
+            logits = net(images)
+        if multilabel:
+            wrong = finding_errors(logits, labels)
+            broken = wrong.clone()
+        else:
+            pred = logits.argmax(1)
+            wrong = pred != labels
+            broken = (pred == targets) if targets is not None else wrong.clone()
         adv = images.clone()
         if eps == 0:
             return adv, broken, wrong
@@ -220,6 +256,9 @@ def autoattack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps
         is the member's highest-loss iterate with the lowest probability of the true class (the worst case for
         scores such as AUROC); per-member masks say which member broke what.
     """
+    if labels.ndim == 2:
+        raise AttackError("the AutoAttack-style ensemble is not adapted to multi-label models; run apgd (loss ce or "
+                          "margin) or pgd.")
     images, labels = images.detach().float().clone(), labels.detach().clone()
     with attack_mode(model), torch.autocast(images.device.type, enabled=False):
         net = TwoLogits(fold_batchnorm(model, images[:2]))

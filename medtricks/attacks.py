@@ -7,7 +7,10 @@ Conventions: eps is a fraction of the displayed intensity range ([0, 1] units) w
 in fp32 with the model in eval mode and no weight gradients (on CPU with channels-last weights, see attack_mode,
 and through a copy with each conv's BatchNorm folded into it, see fold_batchnorm); the adversarial image stays in
 [0, 1]. Binary models with a single logit are wrapped into two logits ([0, z]) so one cross-entropy serves every
-head.
+head. Multi-label models (one logit per finding, labels (N, L) multi-hot) are attacked untargeted: the attack ascends
+the binary cross-entropy with logits of the true finding set, averaged over the findings (multilabel_loss), on
+logits whose sign is the run's decision (FindingThresholds); the broken mask is then (N, L), each finding's decision
+wrong at some iterate, and an image is broken when any of its findings is.
 
 What an attack returns, and which number may use what:
 - The adversarial image of an example is its final iterate: every step run (of the restart whose final iterate has
@@ -102,6 +105,43 @@ def class_probabilities(model: nn.Module, images: torch.Tensor, logits: torch.Te
     if isinstance(model, GradeCuts):
         return model.probabilities(images).cpu().numpy()
     return logits.float().softmax(1).cpu().numpy()
+
+
+class FindingThresholds(nn.Module):
+    """Shift a multi-label model's logits by -logit(threshold) per finding, so that a finding is predicted exactly
+    when its shifted logit is >= 0: the run's rule p >= threshold (chosen on validation; None: 0.5 each). Ties as
+    ThresholdShift. Each finding's probabilities change, its ranking (AUROC) does not."""
+
+    def __init__(self, model: nn.Module, thresholds: list[float] | None, n_findings: int):
+        super().__init__()
+        self.model = model
+        t = torch.tensor([0.5] * n_findings if thresholds is None else thresholds, dtype=torch.float64)
+        if t.shape != (n_findings,):
+            raise AttackError(f"{len(t)} thresholds for {n_findings} findings: give one per finding.")
+        t = t.clamp(1e-6, 1 - 1e-6)
+        device = next(model.parameters(), torch.empty(0)).device
+        self.register_buffer("shift", (t / (1 - t)).log().float().to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) - self.shift + ThresholdShift.TIE
+
+
+def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, the binary cross-entropy with logits of the true multi-hot labels (N, L), averaged over the
+    findings: what an attack on a multi-label model ascends (the training loss, without its tricks)."""
+    return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(1)
+
+
+def finding_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N, L) bool: each finding's decision (logit >= 0, on FindingThresholds' logits) differs from its label."""
+    return (logits >= 0) != labels.bool()
+
+
+def attack_network(model: nn.Module, example: torch.Tensor, multilabel: bool) -> nn.Module:
+    """What an attack differentiates: `model` with its BatchNorms folded (fold_batchnorm on `example`), a single-logit
+    head as two logits (TwoLogits); a multi-label model's logits as they are, one per finding."""
+    folded = fold_batchnorm(model, example)
+    return folded if multilabel else TwoLogits(folded)
 
 
 def check_eps(eps: float, norm: str = "linf") -> float:
@@ -257,9 +297,11 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
     """Projected gradient descent (Madry et al. 2018) on [0, 1] images.
 
     Args:
-        model: returns logits (N, C) or a single logit (N, 1) for binary; normalization inside.
+        model: returns logits (N, C) or a single logit (N, 1) for binary; normalization inside. Multi-label: one
+            logit per finding, a finding predicted at logit >= 0 (FindingThresholds).
         images: (N, C, H, W) in [0, 1].
-        labels: true classes (N,).
+        labels: true classes (N,), or (N, L) multi-hot labels of a multi-label model (untargeted, no early exit:
+            the attack ascends multilabel_loss).
         eps: budget in [0, 1] intensity units (L-inf: per pixel; L2: per image).
         steps: gradient steps (>= 1).
         step_size: per step; default 2.5 * eps / steps.
@@ -275,7 +317,8 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
     Returns:
         Adversarial images (N, C, H, W) in [0, 1] with ||adv - images|| <= eps: each example's final iterate (of the
         restart with the highest final attack loss); with return_broken also a bool (N,) mask: the decision was
-        wrong (targeted: the target) at some iterate of some restart, the clean image included.
+        wrong (targeted: the target) at some iterate of some restart, the clean image included (multi-label: (N, L),
+        each finding's decision).
     """
     if norm not in ("linf", "l2"):
         raise AttackError(f"norm {norm!r}: choose linf or l2.")
@@ -288,16 +331,26 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
     if not (step_size >= 0 and math.isfinite(step_size)):
         raise AttackError(f"step_size {step_size} must be a finite number >= 0.")
     images, labels = images.detach().float(), labels.detach()
+    multilabel = labels.ndim == 2
+    if multilabel and (targets is not None or early_exit):
+        raise AttackError("a multi-label attack is untargeted and runs every step (no targets, no early_exit).")
     goal = targets.detach() if targets is not None else labels
     sign = -1.0 if targets is not None else 1.0  # the attack ascends sign * cross-entropy towards `goal`
 
+    def objective(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if multilabel:
+            return multilabel_loss(logits, labels[idx])
+        return sign * F.cross_entropy(logits, goal[idx], reduction="none")
+
     def broken(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if multilabel:
+            return finding_errors(logits, labels[idx])
         pred = logits.argmax(1)
         return pred == goal[idx] if targets is not None else pred != goal[idx]
 
     # fp32 even inside an enclosing autocast (robustness is evaluated in full precision)
     with attack_mode(model), torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        net = TwoLogits(fold_batchnorm(model, images[:2]))
+        net = attack_network(model, images[:2], multilabel)
         adv = images.clone()
         everyone = torch.arange(len(images), device=images.device)
         with torch.no_grad():
@@ -319,14 +372,14 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
                 last = k == steps
                 delta.requires_grad_(not last)
                 logits = net(x0 + delta)
-                losses = sign * F.cross_entropy(logits, goal[active], reduction="none")
+                losses = objective(logits, active)
                 with torch.no_grad():
                     current = (x0 + delta).detach()
                     success = broken(logits, active)
                     if early_exit:  # first successful iterates of the newly broken
                         first = success & ~done[active]
                         adv[active[first]] = current[first]
-                    done[active[success]] = True
+                    done[active] |= success
                     if last:  # the final iterate replaces an earlier restart's when its loss is higher
                         keep = losses.detach() > best[active]
                         if early_exit:
@@ -334,7 +387,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
                         adv[active[keep]] = current[keep]
                         best[active[keep]] = losses.detach()[keep]
                         break
-                step = ~success if early_exit else torch.ones_like(success)
+                step = ~success if early_exit else torch.ones(len(active), dtype=torch.bool, device=images.device)
                 if not step.any():
                     break
                 (grad,) = torch.autograd.grad(losses[step].sum(), delta)

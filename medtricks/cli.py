@@ -307,16 +307,18 @@ def attack_cmd(
                         overwrite=overwrite, checks=checks, explain=explain)
     except MedtricksError as exc:
         _fail(exc)
-    clean = report["clean"]
-    console.print(f"{report['attack']} {report['norm']}{' targeted' if report['targeted'] else ''} on "
-                  f"{report['n']} images ({report['split']}): clean accuracy {_num(clean['accuracy'])}",
-                  highlight=False)
-    for row in report["results"]:
-        console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {_num(row['accuracy'])}  AUROC "
-                      f"{_num(row['auroc'])}  success rate {_num(row['success_rate'])}", highlight=False)
-        if "members" in row:
-            console.print("    alone: " + ", ".join(f"{name} {_num(m['accuracy'])}" for name, m in
-                                                   row["members"].items()), highlight=False)
+    if report.get("task") == "multilabel":
+        _print_multilabel_attack(report)
+    else:
+        console.print(f"{report['attack']} {report['norm']}{' targeted' if report['targeted'] else ''} on "
+                      f"{report['n']} images ({report['split']}): clean accuracy "
+                      f"{_num(report['clean']['accuracy'])}", highlight=False)
+        for row in report["results"]:
+            console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {_num(row['accuracy'])}  AUROC "
+                          f"{_num(row['auroc'])}  success rate {_num(row['success_rate'])}", highlight=False)
+            if "members" in row:
+                console.print("    alone: " + ", ".join(f"{name} {_num(m['accuracy'])}" for name, m in
+                                                       row["members"].items()), highlight=False)
     for check in report["checks"]:
         style = {"PASS": "green", "WARN": "bold yellow"}.get(check["status"], "")
         console.print(Text(f"  check {check['check']}: {check['status']}", style=style), f"({check['detail']})",
@@ -328,6 +330,25 @@ def attack_cmd(
                       f"{min(rho):.2f} to {max(rho):.2f} (explain.png)", highlight=False)
     console.print(f"{report['images_per_second']:.1f} images/s on {report['device']}; report and plots in "
                   f"{report['files']}", highlight=False)
+
+
+def _print_multilabel_attack(report: dict) -> None:
+    """attack's multi-label rows: the means over findings and exact match per eps, then each finding's AUROC."""
+    clean = report["clean"]
+    console.print(f"{report['attack']} {report['norm']} on {report['n']} images ({report['split']}), multi-label "
+                  f"(ascends the findings' mean BCE): clean mean accuracy {_num(clean['accuracy'])}, exact match "
+                  f"{_num(clean['exact_match'])}, mean AUROC {_num(clean['auroc'])}", highlight=False)
+    for row in report["results"]:
+        console.print(f"  eps {row['eps'] * 255:6.2f}/255: mean accuracy {_num(row['accuracy'])}  exact match "
+                      f"{_num(row['exact_match'])}  mean AUROC {_num(row['auroc'])}  success rate (any finding "
+                      f"flips) {_num(row['success_rate'])}", highlight=False)
+    table = Table(title="AUROC per finding (accuracy per finding in the JSON)", title_justify="left")
+    table.add_column("finding")
+    for column in ["clean", *(f"{row['eps'] * 255:.2f}/255" for row in report["results"])]:
+        table.add_column(column, justify="right", no_wrap=True)
+    for name, m in clean["per_label"].items():
+        table.add_row(name, _num(m["auroc"]), *(_num(row["per_label"][name]["auroc"]) for row in report["results"]))
+    console.print(table)
 
 
 @app.command("corrupt")
@@ -366,8 +387,9 @@ def corrupt_cmd(
     except MedtricksError as exc:
         _fail(exc)
     clean = report["clean"]
+    means = " (multi-label: accuracy and AUROC are means over findings)" if report.get("task") == "multilabel" else ""
     console.print(f"{report['preset']} corruptions on {report['n']} images ({report['split']}): clean accuracy "
-                  f"{_num(clean['accuracy'])}, AUROC {_num(clean['auroc'])}", highlight=False)
+                  f"{_num(clean['accuracy'])}, AUROC {_num(clean['auroc'])}{means}", highlight=False)
     versus = {r["corruption"]: r for r in report["versus"]["corruptions"]} if "versus" in report else {}
     for row in report["corruptions"]:
         extra = f"  CE vs --against {_num(versus[row['corruption']]['ce'])}" if versus else ""
@@ -460,7 +482,7 @@ def ensemble_cmd(
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
 ) -> None:
     """Average runs' probabilities into a run-like directory that evaluate, predict, compare, attack and corrupt
-    open like any run; the binary threshold is chosen again on the validation split.
+    open like any run; the binary threshold (multi-label: each finding's) is chosen again on the validation split.
 
     Example: medtricks ensemble runs/seed-0 runs/seed-1 runs/seed-2 --out runs/ensemble-3
     """
@@ -546,6 +568,8 @@ def compare_cmd(
     """Compare two runs' models on the same images: DeLong test and patient-level paired bootstrap for AUROC
     (macro AUROC bootstrap for multi-class), exact McNemar test for accuracy; differences are A - B.
 
+    Multi-label runs: DeLong per finding with Holm-adjusted p, bootstrap of the mean AUROC, McNemar on exact matches.
+
     Example: medtricks compare runs/ablate-demo/runs/reference/seed-0 runs/ablate-demo/runs/without-warmup/seed-0
     """
     from medtricks.compare import compare
@@ -563,6 +587,9 @@ def compare_cmd(
     a, b, auroc, mcnemar = result["a"], result["b"], result["auroc"], result["accuracy"]["mcnemar"]
     console.print(f"{result['n']} images ({result['split']} of {result['data']}), patients: "
                   f"{result['patients'] or 'no ids, images resampled'}", highlight=False)
+    if result.get("task") == "multilabel":
+        _print_multilabel_compare(result, run_a, run_b)
+        return
     console.print(f"A {run_a}: AUROC {_num(a['auroc'])}  accuracy {_num(a['accuracy'])}", highlight=False)
     console.print(f"B {run_b}: AUROC {_num(b['auroc'])}  accuracy {_num(b['accuracy'])}", highlight=False)
     if auroc["delong"] is not None:
@@ -577,6 +604,36 @@ def compare_cmd(
     if auroc["note"]:
         console.print(f"AUROC: {auroc['note']}", highlight=False)
     console.print(f"accuracy A - B {_num(mcnemar['accuracy_difference'], True)}  exact McNemar p = "
+                  f"{mcnemar['p_value']:.4g} (A right / B wrong: {mcnemar['a_only']}, B right / A wrong: "
+                  f"{mcnemar['b_only']})", highlight=False)
+
+
+def _print_multilabel_compare(result: dict, run_a: Path, run_b: Path) -> None:
+    """compare's multi-label result: a table per finding (AUROC of A and B, DeLong difference, p, Holm p; intervals
+    and accuracies are in the JSON), then the mean AUROC with its bootstrap interval and the exact-match McNemar
+    test."""
+    table = Table(title=f"per finding, A - B: DeLong's test, p adjusted by Holm over "
+                        f"{result['multiple_comparisons']['tests']} findings", title_justify="left")
+    for name in ("finding", "positives", "AUROC A", "AUROC B", "A - B", "p", "p (Holm)"):
+        table.add_column(name, justify="left" if name == "finding" else "right", no_wrap=True)
+    for name, m in result["per_label"].items():
+        d = m["delong"]
+        table.add_row(name, str(m["positives"]), _num(m["a"]["auroc"]), _num(m["b"]["auroc"]),
+                      _num(d["difference"], True) if d else "n/a", f"{d['p_value']:.3g}" if d else "n/a",
+                      f"{m['p_holm']:.3g}" if d else "n/a")
+    console.print(table)
+    console.print(f"multiple comparisons: {result['multiple_comparisons']['note']}", highlight=False)
+    for label, side, run in (("A", result["a"], run_a), ("B", result["b"], run_b)):
+        console.print(f"{label} {run}: mean AUROC {_num(side['auroc'])}  mean accuracy {_num(side['accuracy'])}  "
+                      f"exact match {_num(side['exact_match'])}", highlight=False)
+    boot = result["auroc"]["bootstrap"]
+    if boot is not None:
+        console.print(f"mean AUROC A - B {_num(boot['difference'], True)}  paired bootstrap 95% CI "
+                      f"[{_num(boot['ci95'][0], True)}, {_num(boot['ci95'][1], True)}] ({boot['replicates']} "
+                      f"replicates)", highlight=False)
+    console.print(f"AUROC: {result['auroc']['note']}", highlight=False)
+    mcnemar = result["exact_match"]["mcnemar"]
+    console.print(f"exact match A - B {_num(mcnemar['accuracy_difference'], True)}  exact McNemar p = "
                   f"{mcnemar['p_value']:.4g} (A right / B wrong: {mcnemar['a_only']}, B right / A wrong: "
                   f"{mcnemar['b_only']})", highlight=False)
 
@@ -635,19 +692,27 @@ def _print_check(report: dict) -> None:
     patients = "no ids" if report["patients"] is None else str(report["patients"])
     if report.get("patients_in_several_classes"):
         patients += f" ({report['patients_in_several_classes']} with images in several classes)"
+    multilabel = report.get("task") == "multilabel"
     console.print(f"{report['source']} ({report['kind']}): {report['n_images']} images, "
-                  f"{len(report['classes'])} classes, patients: {patients}", highlight=False)
+                  f"{len(report['classes'])} {'findings (multi-label)' if multilabel else 'classes'}, patients: "
+                  f"{patients}", highlight=False)
     if report.get("splits"):
-        table = Table(title=f"split: {report['split_origin']}", title_justify="left")
+        title = f"split: {report['split_origin']}" + (" (images with each finding)" if multilabel else "")
+        table = Table(title=title, title_justify="left")
         table.add_column("split")
         for name in report["classes"]:
             table.add_column(name, justify="right")
+        if multilabel:
+            table.add_column("no finding", justify="right")
         table.add_column("images", justify="right")
         table.add_column("patients", justify="right")
         for split, entry in report["splits"].items():
-            table.add_row(split, *[str(entry["per_class"][c]) for c in report["classes"]], str(entry["n"]),
+            table.add_row(split, *[str(entry["per_class"][c]) for c in report["classes"]],
+                          *([str(entry["no_finding"])] if multilabel else []), str(entry["n"]),
                           str(entry.get("patients", "-")))
         console.print(table)
+    if multilabel:
+        _print_multilabel_check(report)
     if report["size"]:
         s = report["size"]
         console.print(f"size: height {s['min_height']}-{s['max_height']}, width {s['min_width']}-{s['max_width']}; "
@@ -663,28 +728,61 @@ def _print_check(report: dict) -> None:
         console.print(f"  - {item['reason']}", highlight=False)
 
 
+def _print_multilabel_check(report: dict) -> None:
+    """data check's multi-label counts: no finding, findings per image, and the co-occurrence matrix (columns
+    numbered as the rows, to stay narrow with many findings)."""
+    per_image = ", ".join(f"{k}: {v}" for k, v in report["labels_per_image"].items())
+    console.print(f"no finding: {report['no_finding']} images; findings per image: {per_image}", highlight=False)
+    classes = report["classes"]
+    table = Table(title="co-occurrence: images with both findings (diagonal: with the finding)", title_justify="left")
+    table.add_column("finding")
+    for k in range(len(classes)):
+        table.add_column(str(k + 1), justify="right")
+    for k, name in enumerate(classes):
+        table.add_row(f"{k + 1} {name}", *[str(report["cooccurrence"][name][other]) for other in classes])
+    console.print(table)
+
+
 @data_app.command("check")
 def data_check(
     source: Annotated[Path, typer.Argument(help="Folder (class sub-folders or labels.csv), CSV manifest or .npz.")],
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the proposed split.")] = 0,
     classes: Annotated[str | None, typer.Option("--classes", help="Expected classes, comma separated.")] = None,
+    multilabel: Annotated[bool, typer.Option("--multilabel", help="Several findings per image (data.task: "
+                                             "multilabel): counts per finding, co-occurrence.")] = False,
+    label_column: Annotated[str, typer.Option("--label-column", help="The manifest's label column "
+                                              "(data.label_column).")] = "label",
+    label_separator: Annotated[str, typer.Option("--label-separator", help="Separates an image's findings "
+                                                 "(data.label_separator).")] = "|",
+    no_finding: Annotated[str, typer.Option("--no-finding", help="The label of an image without findings "
+                                            "(data.no_finding).")] = "No Finding",
     overwrite: OverwriteOption = False,
 ) -> None:
     """Count images per class and split and patients, list unreadable files and patients in two splits.
 
+    With --multilabel: each finding's positives per split, images with no finding, findings per image and the
+    co-occurrence matrix.
+
     Exit code 2 when a file is unreadable or a patient is in two splits.
     Example: medtricks data check ../shared/data/cxr-nih --json check.json
+    Example: medtricks data check nih-chestxray14 --multilabel
     """
     from medtricks.data.check import check_data
+    from medtricks.data.sources import LabelFormat
     from medtricks.files import check_output, write_json
 
     try:
         if json_path is not None:
             check_output(json_path, overwrite, "--json")
+        if not label_separator or label_separator != label_separator.strip():
+            raise MedtricksError(f"--label-separator {label_separator!r}: give one or more characters without "
+                                 f"surrounding spaces, e.g. '|' or ';'.")
+        labels = LabelFormat(multilabel, label_column, label_separator, no_finding)
         bar, progress = _progress("decoding")
         with bar:
-            report = check_data(source, classes.split(",") if classes else None, seed=seed, progress=progress)
+            report = check_data(source, classes.split(",") if classes else None, seed=seed, progress=progress,
+                                labels=labels)
         if json_path is not None:
             write_json(json_path, report)
     except MedtricksError as exc:

@@ -7,6 +7,9 @@ on (seed, corruption, severity, image index), so two runs evaluated on the same 
 corrupted images when they share an input size: `against` uses this to compare two runs, e.g. Geirhos et al.'s
 Stylized-ImageNet claim (ICLR 2019) that shape-biased pretraining resists corruptions better.
 
+Multi-label runs: accuracy is the mean over findings of each finding's accuracy at the run's thresholds and AUROC
+the mean over findings (as report.json), so the errors below are mean per-finding errors; the report adds `task`.
+
 Mean corruption error (Hendrycks & Dietterich, ICLR 2019): for run f and corruption c, E_{s,c} = 1 - accuracy at
 severity s. The report's `mce` is the unnormalised mean over corruptions and severities and `relative_mce` the mean
 of E_{s,c} - E_clean (what the corruption costs). With a reference run g (`against`), Hendrycks' normalised figures
@@ -141,14 +144,13 @@ def corruption_report(run: str | Path | None = None, data: str | Path | None = N
     if json_path is not None:
         check_output(json_path, overwrite, "--json")
     target = open_run(run if run is not None else newest_run(), device)
-    target.require_single_label("medtricks corrupt")
     preset, names = corruption_names(target, preset, corruptions)
     severities = tuple(severities) if severities is not None else target.recipe.attack.severities
     source = data if data is not None else target.source
     report = evaluate_run(target, source, split, limit, names, severities, seed, progress)
     gallery = report.pop("gallery")
-    report = {"preset": preset, "names": list(names), **report, "split": split, "data": str(source),
-              "run": str(target.path), "device": str(target.device)}
+    report = {"preset": preset, "names": list(names), **({"task": "multilabel"} if target.multilabel else {}),
+              **report, "split": split, "data": str(source), "run": str(target.path), "device": str(target.device)}
     reference = None
     if against is not None:
         other = target.open_same_task(against, "--against")

@@ -62,6 +62,7 @@ from PIL import Image
 
 from medtricks.attacks import class_probabilities
 from medtricks.metrics import auroc, missing_class_warning
+from medtricks.multilabel import mean_auroc
 from medtricks.recipe import AUGMENT_PRESETS
 
 logger = logging.getLogger(__name__)
@@ -457,10 +458,15 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
                          progress: Callable[[int, int | None], None] | None = None) -> dict:
     """Clean and corrupted accuracy and AUROC of a classifier, ImageNet-C style (unnormalised mCE).
 
+    Multi-label loaders ((N, L) multi-hot labels; `model` gives one logit per finding, predicted at >= 0:
+    robustness.decision_model shifts them by the run's thresholds): probabilities are sigmoids, "accuracy" the mean
+    over findings of each finding's accuracy and "auroc" the mean AUROC over the findings with both classes (as
+    report.json's multi-label M), so mce is the mean per-finding error.
+
     Args:
         model: logits (N, K) whose argmax is the decision (wrap binary single-logit models first), in eval mode.
-        loader: batches {"image": (N, C, H, W) float in [0, 1], "label": (N,)}, in a fixed order: the i-th image
-            yielded has index i for the random draws.
+        loader: batches {"image": (N, C, H, W) float in [0, 1], "label": (N,) or (N, L) multi-hot}, in a fixed order:
+            the i-th image yielded has index i for the random draws.
         names: corruptions (keys of CORRUPTIONS); checked against the images' channels.
         severities: among 1-5.
         seed: of every random draw (see corrupt).
@@ -490,26 +496,32 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
         total = len(loader) * len(names)
     except TypeError:
         total = None
-    labels, clean, clean_decided, probs, decided = [], [], [], {}, {}  # decided: the model's argmax, its decisions
-    gallery, done, started = None, 0, time.perf_counter()
+    labels, clean, probs, gallery, done, started = [], [], {}, None, 0, time.perf_counter()
+    multilabel = False
+
+    def scored(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (for AUROC) and decisions: sigmoids and logit >= 0 per finding for multi-label models, else
+        class_probabilities and the argmax (GradeCuts' scores decide, the model's softmax ranks)."""
+        logits = model(x).float()
+        if multilabel:
+            return logits.sigmoid().cpu().numpy(), (logits >= 0).cpu().numpy()
+        return class_probabilities(model, x, logits), logits.argmax(1).cpu().numpy()
+
     with torch.inference_mode():
         for batch in loader:
             images = batch["image"].to(device, torch.float32)
             check_corruptions(names, images.shape[1])
             offset = sum(len(y) for y in labels)
             index = torch.arange(offset, offset + len(images))
-            logits = model(images)
-            clean.append(class_probabilities(model, images, logits))
-            clean_decided.append(logits.argmax(1).cpu().numpy())
             labels.append(np.asarray(batch["label"].cpu() if torch.is_tensor(batch["label"]) else batch["label"]))
+            multilabel = labels[-1].ndim == 2
+            clean.append(scored(images))
             if gallery is None:
                 gallery = {"clean": images[0].cpu(), "severities": list(severities), "images": {}}
             for name in names:
                 for severity in severities:
                     corrupted = corrupt(images, name, severity, seed, index)
-                    logits = model(corrupted)
-                    probs.setdefault((name, severity), []).append(class_probabilities(model, corrupted, logits))
-                    decided.setdefault((name, severity), []).append(logits.argmax(1).cpu().numpy())
+                    probs.setdefault((name, severity), []).append(scored(corrupted))
                     if offset == 0:
                         gallery["images"].setdefault(name, []).append(corrupted[0].cpu())
                 done += 1
@@ -518,17 +530,20 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
     if not labels:
         raise ValueError("the loader yielded no images to evaluate.")
     y = np.concatenate(labels).astype(np.int64)
-    clean_probs = np.concatenate(clean)
-    missing_class_warning(y, clean_probs.shape[1], "corruption report")
-    clean_accuracy = float((np.concatenate(clean_decided) == y).mean())
-    results = []
-    for (name, severity), parts in probs.items():
-        p, hat = np.concatenate(parts), np.concatenate(decided[name, severity])
-        results.append({"corruption": name, "severity": severity, "accuracy": float((hat == y).mean()),
-                        "auroc": auroc(y, p)})
-    rows, mce, relative_mce = _summarise(results, 1.0 - clean_accuracy, names)
+
+    def scores(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+        p, decided = (np.concatenate(found) for found in zip(*parts, strict=True))
+        if multilabel:  # each finding at the run's threshold (decision_model shifted the logits by it)
+            return {"accuracy": float((decided == y).mean()), "auroc": mean_auroc(y, p)}
+        return {"accuracy": float((decided == y).mean()), "auroc": auroc(y, p)}
+
+    if not multilabel:
+        missing_class_warning(y, clean[0][0].shape[1], "corruption report")
+    clean_scores = scores(clean)
+    results = [{"corruption": name, "severity": severity, **scores(parts)} for (name, severity), parts in probs.items()]
+    rows, mce, relative_mce = _summarise(results, 1.0 - clean_scores["accuracy"], names)
     seconds = time.perf_counter() - started
-    return {"clean": {"accuracy": clean_accuracy, "auroc": auroc(y, clean_probs)}, "results": results,
+    return {"clean": clean_scores, "results": results,
             "corruptions": rows, "mce": mce, "relative_mce": relative_mce, "n": len(y), "seed": seed,
             "severities": list(severities),
             "parameters": {name: [CORRUPTIONS[name].severities[s - 1] for s in severities] for name in names},

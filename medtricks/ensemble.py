@@ -4,7 +4,9 @@ The directory holds what a run holds (recipe.yaml: the first member's; model.saf
 model.json: the members and the ensemble's own binary threshold; report.json), so evaluate, predict, compare,
 attack and corrupt open it like any run: its model returns the log of the mean of the members' probabilities
 (medtricks.models.ensemble), each member with its own calibration temperature. The threshold is chosen again on
-the validation split, on the averaged probabilities, by the first member's `train.threshold` method.
+the validation split, on the averaged probabilities, by the first member's `train.threshold` method. Multi-label
+members (data.task: multilabel) are averaged finding by finding (the mean of their sigmoid probabilities), and each
+finding's threshold is chosen again on validation the same way (model.json's `thresholds`).
 
 The members must have been trained on the same data source with the same split (split settings and split seed:
 `data.split.seed` fixes it across training seeds), so that the validation and test images of the ensemble are those
@@ -30,6 +32,7 @@ from medtricks.scoring import decision_keys, evaluate_split, predict_loader, rep
 
 # what the members must share: model.json keys (input and classes) and recipe keys (the split of the data)
 SAME_INPUT = ("classes", "channels", "in_chans", "image_size", "crop_fraction")
+MULTILABEL_KEYS = ("task", "label_separator", "no_finding")  # model.json keys of a multi-label run
 
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,9 @@ def _check_members(runs: Sequence[Run]) -> None:
     first = runs[0]
     for other in runs[1:]:
         differ = [k for k in SAME_INPUT if other.info[k] != first.info[k]]
+        differ += [k for k in MULTILABEL_KEYS if other.info.get(k) != first.info.get(k)]  # the task, and its labels
+        if first.multilabel and other.recipe.data.label_column != first.recipe.data.label_column:
+            differ.append("data.label_column")
         differ += [k for k, v in _split_settings(other).items() if v != _split_settings(first)[k]]
         if differ:
             raise EnsembleError(f"{other.path} differs from {first.path} in {', '.join(differ)}: ensemble members "
@@ -71,13 +77,11 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
         raise EnsembleError("the same run is given twice; each member must be another run.")
     started = time.perf_counter()
     members = [open_run(r, device) for r in runs]
-    for member in members:
-        member.require_single_label("medtricks ensemble")
     _check_members(members)
     first = members[0]
     if out is not None and Path(out).exists():
         raise RunError(f"{out}: exists; medtricks never overwrites a run. Choose another --out.")
-    model = EnsembleModel([m.model for m in members]).eval()
+    model = EnsembleModel([m.model for m in members], multilabel=first.multilabel).eval()
     outputs = {"val": predict_loader(model, first.loader(first.dataset(None, "val")), first.device)}
     try:  # the threshold needs the validation split (an error above names why it cannot be read); test may be empty
         outputs["test"] = predict_loader(model, first.loader(first.dataset(None, "test")), first.device)
@@ -92,14 +96,19 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
     described = [{**{k: m.info[k] for k in ("arch", "num_classes", "in_chans", "input_mode")},
                   "temperature": m.info.get("temperature", 1.0), "run": str(m.path.resolve()),
                   "sha256": m.info.get("sha256")} for m in members]
+    # multi-label: one threshold per finding, as finetune records them; ordinal decoding: the grade cuts
+    thresholds = {**decision_keys(threshold, first.classes, first.multilabel),
+                  **({k: first.info[k] for k in MULTILABEL_KEYS} if first.multilabel else {})}
     info = {**{k: first.info[k] for k in (*SAME_INPUT, "num_classes", "input_mode", "data")}, "arch": "ensemble",
-            "members": described, **decision_keys(threshold, first.classes, False), "medtricks_version": __version__,
+            "members": described, **thresholds, "medtricks_version": __version__,
             "threshold_method": first.recipe.train.threshold, "sha256": sha256_of(run / MODEL_FILE)}
     write_json(run / MODEL_JSON, info)
-    splits = {name: report_metrics(evaluate_split(output, threshold, first.recipe.seed, first.recipe.data.ordinal))
+    splits = {name: report_metrics(evaluate_split(output, threshold, first.recipe.seed, first.recipe.data.ordinal,
+                                                  classes=first.classes))
               for name, output in outputs.items()}
     write_json(run / REPORT_FILE, {"recipe": f"ensemble-{recipe['name']}", "seed": first.recipe.seed,
-                                   "classes": list(first.classes), "splits": splits,
+                                   "classes": list(first.classes),
+                                   **({"task": "multilabel"} if first.multilabel else {}), "splits": splits,
                                    "train": {"epochs": None, "seconds": round(time.perf_counter() - started, 2),
                                              "images_per_second": None, "members": [m["run"] for m in described]}})
     return run

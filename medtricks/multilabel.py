@@ -47,6 +47,46 @@ def predicted_sets(probs: np.ndarray, thresholds: Sequence[float] | None) -> np.
     return (p >= t[None, :]).astype(np.int64)
 
 
+def label_aurocs(labels: np.ndarray, probs: np.ndarray) -> list[float | None]:
+    """Each finding's AUROC (scikit-learn's roc_auc_score(average=None), in its Mann-Whitney form); None for a
+    finding with one class only in these labels."""
+    y, p = _check(labels, probs)
+    ones = np.ones((1, len(y)))
+    values = [float(_weighted_auroc(p[:, j], y[:, j] == 1, ones)[0]) for j in range(y.shape[1])]
+    return [v if np.isfinite(v) else None for v in values]
+
+
+def mean_auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """The multi-label M's AUROC: the mean of label_aurocs over the findings with both classes (None when none)."""
+    return _mean(label_aurocs(labels, probs))
+
+
+def decision_scores(labels: np.ndarray, probs: np.ndarray, wrong: np.ndarray, names: Sequence[str]) -> dict:
+    """Scores of decisions already made (e.g. an attack's per-finding worst case): "accuracy" and "auroc" the means
+    over findings (AUROC over those with both classes, None if none), "exact_match" the share of images with every
+    finding right, "per_label" {name: {"accuracy", "auroc"}}.
+
+    Args:
+        labels: (N, L) multi-hot labels.
+        probs: (N, L) probabilities the AUROCs rank.
+        wrong: (N, L) bool, each finding's decision wrong.
+        names: the findings, keys of per_label.
+    """
+    aurocs = label_aurocs(labels, probs)
+    per_label = {str(name): {"accuracy": float(np.mean(~wrong[:, j])), "auroc": aurocs[j]}
+                 for j, name in enumerate(names)}
+    return {"accuracy": float(np.mean(~wrong)), "auroc": _mean(aurocs),
+            "exact_match": float(np.mean(~wrong.any(axis=1))), "per_label": per_label}
+
+
+def label_name(label, classes: Sequence[str]) -> str:
+    """A label or decision as text for titles and file names: a class index is its class name; a multi-hot row is
+    the names of its findings joined by "+" ("none" when empty)."""
+    if isinstance(label, int | np.integer):
+        return str(classes[int(label)])
+    return "+".join(str(name) for name, on in zip(classes, label, strict=True) if on) or "none"
+
+
 def _mean(values: list) -> float | None:
     defined = [v for v in values if v is not None]
     return float(np.mean(defined)) if defined else None

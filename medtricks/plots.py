@@ -22,6 +22,7 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from medtricks.files import atomic_write  # noqa: E402
 from medtricks.metrics import _calibration_bins, _check  # noqa: E402
+from medtricks.multilabel import label_name  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -281,15 +282,16 @@ def plot_robustness(report: dict, path: str | Path) -> Path:
 def plot_adversarial_examples(examples: list, classes, path: str | Path, eps: float) -> Path:
     """Rows of clean image / perturbation (amplified to the full range) / adversarial image, with predictions.
 
-    `examples` holds (clean (C,H,W), adversarial (C,H,W), label, clean prediction, adversarial prediction)."""
+    `examples` holds (clean (C,H,W), adversarial (C,H,W), label, clean prediction, adversarial prediction), each
+    label a class index or a multi-hot tuple (shown as its findings joined by +)."""
     rows = max(len(examples), 1)
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.3 * rows + 0.4), squeeze=False, layout="constrained")
     for row, (clean, adv, label, pred, adv_pred) in enumerate(examples):
         delta = (adv - clean).numpy()
         scale = max(float(np.abs(delta).max()), 1e-12)
-        panels = [(clean.numpy(), f"clean: {classes[pred]} (true {classes[label]})"),
+        panels = [(clean.numpy(), f"clean: {label_name(pred, classes)} (true {label_name(label, classes)})"),
                   (0.5 + 0.5 * delta / scale, f"perturbation x{0.5 / scale:.0f}"),
-                  (adv.numpy(), f"adversarial: {classes[adv_pred]}")]
+                  (adv.numpy(), f"adversarial: {label_name(adv_pred, classes)}")]
         for col, (image, title) in enumerate(panels):
             _show_image(axes[row, col], image)
             axes[row, col].set_title(title, fontsize=8)

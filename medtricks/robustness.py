@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader
 
 from medtricks import plots
 from medtricks.apgd import apgd, autoattack, ensemble_members
-from medtricks.attacks import GradeCuts, ThresholdShift, TwoLogits, class_probabilities, fgsm, pgd
+from medtricks.attacks import FindingThresholds, GradeCuts, ThresholdShift, TwoLogits, class_probabilities, fgsm, pgd
 from medtricks.errors import AttackError, short
 from medtricks.files import atomic_write, check_output, write_json
 from medtricks.metrics import auroc, missing_class_warning
 from medtricks.models.backbones import MedModel
+from medtricks.multilabel import decision_scores, label_name
 from medtricks.recipe import AttackSettings
 from medtricks.runs import Run, newest_run, open_run
 
@@ -73,7 +74,10 @@ def attack_settings(base: AttackSettings, preset: str | None = None, **given) ->
 
 def decision_model(run: Run) -> torch.nn.Module:
     """The run's model whose argmax is the run's decision (validation threshold for binary, grade cuts for an ordinal
-    run with tricks.ordinal_decoding)."""
+    run with tricks.ordinal_decoding); multi-label: whose logits are >= 0 exactly for the findings the run predicts
+    (FindingThresholds: each finding's threshold)."""
+    if run.multilabel:
+        return FindingThresholds(run.model, run.threshold, len(run.classes)).eval()
     net = TwoLogits(run.model)
     if len(run.classes) == 2 and run.threshold is not None:
         net = ThresholdShift(net, run.threshold)
@@ -95,6 +99,23 @@ def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[s
     return torch.full_like(labels, list(classes).index(settings.target_class))
 
 
+MULTILABEL_METHODS = ("fgsm", "pgd", "apgd")  # the attacks adapted to multi-label runs
+
+
+def _check_multilabel(run: Run, settings: AttackSettings, explain: bool) -> None:
+    """Refuse, in one sentence each, what a multi-label run cannot be attacked with."""
+    if settings.targeted:
+        raise AttackError(f"{run.path} is a multi-label run: a targeted attack (--targeted, --preset finlayson, "
+                          f"attack.targeted) has no single class to aim at; run it untargeted (it raises the binary "
+                          f"cross-entropy of the true findings).")
+    if settings.method not in MULTILABEL_METHODS:
+        raise AttackError(f"{run.path} is a multi-label run: --{settings.method} is not adapted to multi-label "
+                          f"models; use --fgsm, --pgd or --apgd (--loss ce or margin).")
+    if explain:
+        raise AttackError(f"--explain: {run.path} is a multi-label run, whose Grad-CAM maps are not supported yet; "
+                          f"attack without --explain.")
+
+
 def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSettings, classes: Sequence[str],
                source: torch.nn.Module | None = None, keep_examples: int = 0,
                save_dir: str | Path | None = None, device: torch.device | None = None) -> dict:
@@ -107,8 +128,14 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     results alone are in the row's "members"); transfer (`source`), only the target's decision on the final
     perturbation of the surrogate's full run counts.
 
+    Multi-label loaders ((N, L) multi-hot labels; `model` a decision_model with FindingThresholds): the attack ascends
+    the findings' mean BCE (medtricks.attacks.multilabel_loss); "accuracy" and "auroc" are the means over findings
+    (as report.json's M: AUROC over the findings with both classes), "exact_match" the share of images with every
+    finding right and "per_label" each finding's accuracy and AUROC, all worst case per finding over the iterates;
+    an image counts as broken (success rate, clean images with every finding right) when any finding flips.
+
     Args:
-        model: the evaluated model (decisions by argmax; see decision_model), on `device`.
+        model: the evaluated model (decisions by argmax, multi-label by logit >= 0; see decision_model), on `device`.
         loader: batches of {"image", "label"}; the images are moved to `device`.
         settings: attack settings.
         classes: class names.
@@ -126,15 +153,17 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     adv_hit = {eps: [] for eps in settings.eps}  # the attack reached its goal (the target, or any wrong class)
     member_wrong = {eps: {} for eps in settings.eps}  # white-box ensembles: what each member alone broke
     examples, attacked, started = [], 0, time.perf_counter()
+    multilabel = False
     for batch in loader:
         images, labels = batch["image"].float().to(device), batch["label"].to(device)
+        multilabel = labels.ndim == 2
         offset = sum(len(x) for x in labels_all)  # index of this batch's first image
         targets = _targets(labels, settings, classes)
         with torch.inference_mode():
             logits = model(images).float()
         labels_all.append(labels.cpu().numpy())
-        clean_probs.append(class_probabilities(model, images, logits))
-        clean_pred.append(logits.argmax(1).cpu().numpy())
+        clean_probs.append(_probabilities(model, images, logits, multilabel))
+        clean_pred.append(_decisions(logits, multilabel).cpu().numpy())
         goal = targets if targets is not None else labels
         for eps in settings.eps:
             adv, broken, by_member = craft(crafter, images, labels, targets, eps, settings, generator)
@@ -143,31 +172,41 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
             attacked += len(images)
             with torch.inference_mode():
                 adv_logits = model(adv).float()
-            final = adv_logits.argmax(1)
-            hit = (final == goal if targets is not None else final != labels) | broken
-            wrong = (final != labels) | (broken & (goal != labels) if targets is not None else broken)
-            adv_probs[eps].append(class_probabilities(model, adv, adv_logits))
+            final = _decisions(adv_logits, multilabel)
+            if multilabel:  # (N, L): each finding wrong at some iterate; the image is broken when any finding is
+                wrong = (final != labels) | broken
+                hit = wrong.any(1)
+            else:
+                hit = (final == goal if targets is not None else final != labels) | broken
+                wrong = (final != labels) | (broken & (goal != labels) if targets is not None else broken)
+            adv_probs[eps].append(_probabilities(model, adv, adv_logits, multilabel))
             adv_wrong[eps].append(wrong.cpu().numpy())
             adv_hit[eps].append(hit.cpu().numpy())
             for name, member_broken in by_member.items() if source is None else ():  # transfer: no per-member
                 member_wrong[eps].setdefault(name, []).append(member_broken.cpu().numpy())
             if eps == settings.eps[-1] and save_dir is not None:
-                _save_adversarial(adv, labels, adv_logits.argmax(1), classes, Path(save_dir), start=offset)
+                _save_adversarial(adv, labels, final, classes, Path(save_dir), start=offset)
             if eps == settings.eps[-1] and len(examples) < keep_examples:
+                clean_decisions = _decisions(logits, multilabel)
                 for k in range(min(len(images), keep_examples - len(examples))):
-                    examples.append((images[k].cpu(), adv[k].cpu(), int(labels[k]), int(logits[k].argmax()),
-                                     int(adv_logits[k].argmax())))
+                    examples.append((images[k].cpu(), adv[k].cpu(), *(_label(t[k]) for t in
+                                                                      (labels, clean_decisions, final))))
     seconds = time.perf_counter() - started
     labels = np.concatenate(labels_all)
     clean_p, clean_hat = np.concatenate(clean_probs), np.concatenate(clean_pred)
-    clean_ok = clean_hat == labels
-    missing_class_warning(labels, clean_p.shape[1], "attack report")
+    clean_ok = ~_any_finding(clean_hat != labels)  # multi-label: every finding right
+    if multilabel:
+        clean = decision_scores(labels, clean_p, clean_hat != labels, classes)
+    else:
+        missing_class_warning(labels, clean_p.shape[1], "attack report")
+        clean = {"accuracy": float(np.mean(clean_ok)), "auroc": auroc(labels, clean_p)}
     results = []
     for eps in settings.eps:
         probs, wrong, hit = (np.concatenate(found[eps]) for found in (adv_probs, adv_wrong, adv_hit))
         success = float(np.mean(hit[clean_ok])) if clean_ok.any() else None
-        row = {"eps": eps, "accuracy": float(np.mean(~wrong)), "auroc": auroc(labels, probs),
-               "success_rate": success, "step_size": _step_size(settings, eps)}
+        scores = decision_scores(labels, probs, wrong, classes) if multilabel else \
+            {"accuracy": float(np.mean(~wrong)), "auroc": auroc(labels, probs)}
+        row = {"eps": eps, **scores, "success_rate": success, "step_size": _step_size(settings, eps)}
         if member_wrong[eps]:  # each member alone (the row's accuracy is the worst case over all of them)
             row["members"] = {name: {"accuracy": float(np.mean(~(np.concatenate(found) | ~clean_ok))),
                                      "success_rate": float(np.mean(np.concatenate(found)[clean_ok]))
@@ -180,10 +219,33 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
             **({"loss": settings.loss} if settings.method == "apgd" else {}),
             **({"members": [m.name for m in ensemble_members(len(classes))]} if settings.method == "autoattack"
                else {}),
+            **({"task": "multilabel"} if multilabel else {}),
             "targeted": settings.targeted, "target_class": settings.target_class, "n": int(len(labels)),
-            "clean": {"accuracy": float(np.mean(clean_ok)), "auroc": auroc(labels, clean_p)},
-            "results": results, "seconds": round(seconds, 3),
+            "clean": clean, "results": results, "seconds": round(seconds, 3),
             "images_per_second": round(attacked / max(seconds, 1e-9), 2), "examples": examples}
+
+
+def _probabilities(model: torch.nn.Module, images: torch.Tensor, logits: torch.Tensor, multilabel: bool) -> np.ndarray:
+    """Probabilities for AUROC: the findings' sigmoids, or attacks.class_probabilities (GradeCuts' scores are not
+    logits: their model's softmax)."""
+    if multilabel:
+        return logits.sigmoid().cpu().numpy()
+    return class_probabilities(model, images, logits)
+
+
+def _decisions(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """The decision model's decisions: the class (argmax), or multi-label each finding's 0/1 (logit >= 0)."""
+    return (logits >= 0).long() if multilabel else logits.argmax(1)
+
+
+def _label(value: torch.Tensor) -> int | tuple[int, ...]:
+    """A class index as an int, a multi-hot row as a tuple (as multilabel.label_name reads them)."""
+    return int(value) if value.ndim == 0 else tuple(int(v) for v in value.tolist())
+
+
+def _any_finding(wrong: np.ndarray) -> np.ndarray:
+    """Per image: wrong (single-label), or some finding wrong (multi-label, (N, L))."""
+    return wrong.any(axis=1) if wrong.ndim == 2 else wrong
 
 
 def craft(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None,
@@ -243,11 +305,12 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
     if save_images is not None:
         check_output(save_images, overwrite, "--save-images", folder=True)
     target = open_run(run if run is not None else newest_run(), device)
-    target.require_single_label("medtricks attack")
     if explain and not isinstance(target.model, MedModel):
         raise AttackError(f"--explain: {target.path} is an ensemble, whose maps would mix its members' attention; "
                           f"attack without --explain, or explain a member run.")
     settings = attack_settings(settings or target.recipe.attack, preset, **(options or {}))
+    if target.multilabel:
+        _check_multilabel(target, settings, explain)
     dataset = target.dataset(data, split, limit)
     source = decision_model(target.open_same_task(source_run, "--source-run")) if source_run is not None else None
     loader, model = target.loader(dataset), decision_model(target)
@@ -309,7 +372,8 @@ def masking_checks(model: torch.nn.Module, loader, settings: AttackSettings, cla
                          source if crafted_on_source else None, device=device)
         return run["results"][0]["success_rate"]
 
-    clean_right = round(report["clean"]["accuracy"] * report["n"])
+    clean = report["clean"]  # images decided right: multi-label, with every finding right (success: any flips)
+    clean_right = round(clean["exact_match" if "exact_match" in clean else "accuracy"] * report["n"])
     if clean_right == 0:
         return [_check("all", None, "no image is classified correctly on the clean data: nothing to check", "")]
     one = 1 / clean_right
@@ -357,11 +421,13 @@ def masking_checks(model: torch.nn.Module, loader, settings: AttackSettings, cla
 
 
 def _save_adversarial(adv: torch.Tensor, labels, preds, classes, folder: Path, start: int) -> None:
-    """Adversarial images as 16-bit grey PNGs or 8-bit RGB PNGs named by index, true and predicted class (no
-    metadata is written into the files; characters other than letters, digits, - and _ in class names become _)."""
+    """Adversarial images as 16-bit grey PNGs or 8-bit RGB PNGs named by index, true and predicted class (multi-label:
+    the findings joined by +, or none; no metadata is written into the files; characters other than letters,
+    digits, - and _ in class names become _)."""
+    safe = [re.sub(r"[^\w-]", "_", name) for name in classes]
     for k in range(len(adv)):
         pixels = adv[k].clamp(0, 1).cpu().numpy()
-        true, pred = (re.sub(r"[^\w-]", "_", classes[int(c[k])]) for c in (labels, preds))
+        true, pred = (label_name(_label(c[k]), safe) for c in (labels, preds))
         if pixels.shape[0] == 1:
             image = Image.fromarray((pixels[0] * 65535).round().astype(np.uint16))
         else:

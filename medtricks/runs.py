@@ -194,7 +194,8 @@ def _rebuild(run: Path, info: dict, weights: bytes) -> torch.nn.Module:
     """The model model.json describes (no pretrained download; an EnsembleModel when it lists `members`) with
     `weights` (model.safetensors' bytes) loaded strictly and calibration temperatures set, in eval mode on the CPU."""
     members = info.get("members")
-    model = EnsembleModel([_member(run, m) for m in members]) if members else _member(run, info)
+    model = EnsembleModel([_member(run, m) for m in members], multilabel=info.get("task") == "multilabel") \
+        if members else _member(run, info)
     try:
         state = load_safetensors(weights)
     except SafetensorError as exc:

@@ -5,6 +5,7 @@
 - `mcnemar_test`: are two classifiers' accuracies on the same images different? Exact binomial test on the
   discordant pairs (scipy's binomtest), the recommended form for small counts.
 - `paired_bootstrap`: interval of a metric difference, resampling patients (clusters) when ids exist.
+- `holm_adjust`: Holm's family-wise adjustment of several p-values (e.g. one DeLong test per finding).
 - `paired_difference`: mean paired difference over seeds with a t interval, and a plain verdict.
 """
 
@@ -102,6 +103,20 @@ def paired_bootstrap(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
     observed = metric(labels, scores_a) - metric(labels, scores_b)
     lo, hi = (np.percentile(diffs, [2.5, 97.5]).tolist() if len(diffs) >= 100 else [None, None])
     return {"difference": float(observed), "ci95": [lo, hi], "replicates": len(diffs)}
+
+
+def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (Holm 1979), controlling the family-wise error rate over the p-values
+    given; None entries (no test) are left out of the family and stay None. Written here because scipy has only
+    false-discovery-rate adjustments (false_discovery_control) and statsmodels' multipletests is not a dependency.
+    An adjusted p below 0.05 rejects at family-wise 5%."""
+    tested = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(tested)):  # smallest first, multiplied by the number still in the family
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def paired_difference(values_a: Sequence[float], values_b: Sequence[float]) -> dict:

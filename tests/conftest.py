@@ -36,6 +36,25 @@ def phantoms_train(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def findings(tmp_path_factory) -> Path:
+    """200 phantoms (32 px, 100 patients) with two planted findings, square and stripe (multilabel_data)."""
+    from multilabel_data import write_findings_set
+
+    return write_findings_set(tmp_path_factory.mktemp("findings") / "set")
+
+
+@pytest.fixture(scope="session")
+def ml_run(findings, tmp_path_factory) -> Path:
+    """A multi-label demo run trained on `findings` (4 epochs, a few seconds): test AUROC > 0.9 per finding. Tests
+    that write into it (attacks/) leave its own files alone."""
+    from multilabel_data import FAST
+
+    from medtricks.finetune import finetune
+
+    return finetune("demo", data=findings, out=tmp_path_factory.mktemp("ml_runs") / "run", overrides=FAST)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _hermetic_weights(tmp_path_factory):
     """No test downloads or reads the user's cache: offline, with an empty cache folder of its own."""

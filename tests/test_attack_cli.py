@@ -365,3 +365,124 @@ def test_attack_speed_benchmark_prints_json(method):
         assert report[name]["images_per_second"] > 0 and 0 <= report[name]["robust_accuracy"] <= 1
     assert report["speed_ratio"] > 0 and abs(report["robust_accuracy_difference"]) <= 1
     assert report["clean_accuracy"] == 1.0
+
+
+# --- multi-label runs (the session's ml_run: two planted findings) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ml_pgd(ml_run, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ml_pgd")
+    result = attack(ml_run, "--pgd", "--eps", "1/255,8/255", "--steps", "10", "--split", "val", "--json",
+                    out / "a.json", "--save-images", out / "adv", "--checks")
+    assert result.exit_code == 0, result.output
+    return {"report": json.loads((out / "a.json").read_text()), "output": result.output, "adv": out / "adv"}
+
+
+def test_multilabel_pgd_report_means_per_finding_and_exact_match(ml_run, ml_pgd):
+    from multilabel_data import FINDINGS
+
+    report, output = ml_pgd["report"], ml_pgd["output"]
+    assert set(report) >= ATTACK_KEYS and report["task"] == "multilabel" and report["targeted"] is False
+    val = json.loads((ml_run / "report.json").read_text())["splits"]["val"]
+    clean = report["clean"]
+    assert report["n"] == val["n"] and clean["auroc"] == pytest.approx(val["auroc"])  # the mean over findings
+    for name in FINDINGS:
+        assert clean["per_label"][name]["auroc"] == pytest.approx(val["per_label"][name]["auroc"])
+        # decisions at the run's own thresholds (a probability at its threshold may round either way: one image)
+        assert clean["per_label"][name]["accuracy"] == pytest.approx(val["per_label"][name]["accuracy"],
+                                                                     abs=1 / val["n"] + 1e-9)
+    for row in [clean, *report["results"]]:
+        assert set(row["per_label"]) == set(FINDINGS) and set(row) >= {"accuracy", "auroc", "exact_match"}
+        assert row["auroc"] == pytest.approx(np.mean([row["per_label"][n]["auroc"] for n in FINDINGS]))
+        assert row["accuracy"] == pytest.approx(np.mean([row["per_label"][n]["accuracy"] for n in FINDINGS]))
+        assert row["exact_match"] <= min(row["per_label"][n]["accuracy"] for n in FINDINGS)
+    small, large = report["results"]
+    assert set(small) >= RESULT_KEYS and large["eps"] == pytest.approx(8 / 255)
+    # seen: clean mean AUROC 0.998, 0.32 at 1/255 and 0.22 at 8/255 (the attack inverts the rankings)
+    assert clean["auroc"] >= 0.9 and large["auroc"] <= min(0.6, clean["auroc"] - 0.3), report
+    assert large["exact_match"] <= small["exact_match"] <= clean["exact_match"]
+    assert large["success_rate"] >= 0.9
+    assert {c["check"]: c["status"] for c in report["checks"]} == {
+        "large_eps": "PASS", "iterative_vs_one_step": "PASS", "more_steps_restarts": "PASS"}, report["checks"]
+    for words in ("exact match", "mean AUROC", "AUROC per finding", "square", "stripe", "check large_eps: PASS"):
+        assert words in output, words
+    names = sorted(p.name for p in ml_pgd["adv"].glob("*.png"))
+    assert len(names) == report["n"] and all("_true-" in n and "_pred-" in n for n in names)
+    assert any("true-square+stripe" in n for n in names) and any("true-none" in n for n in names)
+
+
+def test_multilabel_eps_0_is_the_clean_model_and_eps_8_is_not(ml_run):
+    from medtricks.recipe import AttackSettings
+    from medtricks.robustness import run_attack
+
+    opened = open_run(ml_run, "cpu")
+    settings = AttackSettings(eps=(8 / 255,), steps=5)
+    object.__setattr__(settings, "eps", (0.0, 8 / 255))  # eps 0 is the clean row: the CLI and recipes refuse it
+    report = run_attack(decision_model(opened), opened.loader(opened.dataset(None, "val")), settings,
+                        opened.classes)
+    zero, large = report["results"]
+    assert {k: zero[k] for k in ("accuracy", "auroc", "exact_match", "per_label")} == report["clean"]
+    assert zero["success_rate"] == 0.0
+    assert large["auroc"] < report["clean"]["auroc"] - 0.3
+
+
+def test_multilabel_attack_decides_at_each_findings_own_threshold(ml_run, tmp_path):
+    """The same model with its thresholds moved far apart: the attack's clean per-finding accuracy is the accuracy
+    of p >= that finding's threshold, computed here from the run's probabilities."""
+    moved = tmp_path / "moved"
+    shutil.copytree(ml_run, moved, ignore=shutil.ignore_patterns("attacks"))
+    info = json.loads((moved / "model.json").read_text())
+    info["thresholds"] = {"square": 0.97, "stripe": 0.02}
+    (moved / "model.json").write_text(json.dumps(info))
+    report = attack_json(tmp_path, moved, "--pgd", "--eps", "1/255", "--steps", "2", "--split", "val")
+    opened = open_run(moved, "cpu")
+    output = opened.predict(opened.dataset(None, "val"))
+    right = (output.probs >= [0.97, 0.02]) == output.labels
+    clean = report["clean"]
+    assert [clean["per_label"][n]["accuracy"] for n in ("square", "stripe")] == pytest.approx(right.mean(axis=0))
+    assert clean["exact_match"] == pytest.approx(right.all(axis=1).mean())
+    assert right.mean() < json.loads((ml_run / "report.json").read_text())["splits"]["val"]["accuracy"]  # moved
+
+
+def test_multilabel_attack_ascends_the_bce_of_the_true_findings(ml_run):
+    """One small signed step (FGSM, 0.2/255: where the model is still close to linear; at 2/255 one step overshoots
+    on 5 of 30 images) raises the binary cross-entropy of every image's true finding set, on the model's own
+    probabilities (not only on the threshold-shifted logits the attack differentiates); PGD-10 at 2/255 raises it
+    on average."""
+    import torch.nn.functional as F
+
+    from medtricks.attacks import fgsm
+
+    opened = open_run(ml_run, "cpu")
+    batch = next(iter(DataLoader(opened.dataset(None, "val"), batch_size=32)))
+    images, labels = batch["image"], batch["label"]
+    assert labels.shape[1] == 2
+
+    def bce(x):
+        with torch.no_grad():
+            return F.binary_cross_entropy_with_logits(opened.model(x), labels.float(), reduction="none").mean(1)
+
+    net = decision_model(opened)
+    assert (bce(fgsm(net, images, labels, 0.2 / 255)) > bce(images)).all()
+    generator = torch.Generator().manual_seed(0)
+    assert bce(pgd(net, images, labels, 2 / 255, steps=10, generator=generator)).mean() > 2 * bce(images).mean()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--targeted"], ["multi-label", "targeted", "no single class to aim at"]),
+    (["--preset", "finlayson"], ["multi-label", "--preset finlayson", "no single class to aim at"]),
+    (["--autoattack"], ["multi-label", "--autoattack", "--fgsm, --pgd or --apgd"]),
+    (["--explain"], ["multi-label", "--explain"]),
+])
+def test_multilabel_refusals_exit_2(ml_run, args, words):
+    result = attack(ml_run, "--eps", "2/255", "--limit", "4", *args)
+    assert result.exit_code == 2, result.output
+    for word in words:
+        assert word in result.output, (word, result.output)
+
+
+def test_multilabel_apgd_margin(ml_run, tmp_path):
+    report = attack_json(tmp_path, ml_run, "--apgd", "--loss", "margin", "--eps", "8/255", "--steps", "5", "--split",
+                         "val")
+    assert report["task"] == "multilabel" and report["loss"] == "margin"
+    assert report["results"][0]["exact_match"] < report["clean"]["exact_match"] - 0.5

@@ -606,3 +606,71 @@ def test_large_eps_check_counts_the_sweep_and_uses_apgd(task, monkeypatch):
     partly = {**broken_all, "results": [{"eps": 4 / 255, "success_rate": 0.2}, {"eps": 16 / 255, "success_rate": 0.5}]}
     robustness.masking_checks(task.model, loader, settings, ("a", "b"), partly)
     assert ("apgd", (8 * 16 / 255,)) in calls  # the large budget: max(64/255, 8 x the largest eps)
+
+
+# --- multi-label models: one logit per finding, (N, L) multi-hot labels -----------------------------------------------
+
+def _multilabel_batch(n: int = 48, findings: int = 3) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """An untrained 3-logit tiny CNN (seeded), blob images and random multi-hot labels: the attack primitives'
+    arithmetic does not need a trained model."""
+    from attack_tasks import blobs
+
+    torch.manual_seed(0)
+    model = tiny_cnn(findings).eval()
+    images, _ = blobs(n, seed=3)
+    labels = torch.randint(0, 2, (n, findings), generator=torch.Generator().manual_seed(4))
+    return model, images, labels
+
+
+def _bce(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean over findings of the binary cross-entropy with logits of the true set, per image (the reference)."""
+    with torch.no_grad():
+        return F.binary_cross_entropy_with_logits(model(images), labels.float(), reduction="none").mean(1)
+
+
+def test_multilabel_fgsm_is_one_signed_step_up_the_mean_bce_of_the_true_findings():
+    model, images, labels = _multilabel_batch()
+    eps = 4 / 255
+    adv, broken = fgsm(model, images, labels, eps, return_broken=True)
+    x = images.clone().requires_grad_(True)
+    F.binary_cross_entropy_with_logits(model(x), labels.float(), reduction="none").mean(1).sum().backward()
+    torch.testing.assert_close(adv, (images + eps * x.grad.sign()).clamp(0, 1))
+    assert (_bce(model, adv, labels) > _bce(model, images, labels)).all()
+
+    def errors(z):
+        return (z >= 0) != labels.bool()
+
+    with torch.no_grad():  # (N, L): each finding wrong on the clean or the adversarial image
+        assert broken.shape == labels.shape and torch.equal(broken, errors(model(images)) | errors(model(adv)))
+
+
+@pytest.mark.parametrize("method, loss", [("pgd", "ce"), ("apgd", "ce"), ("apgd", "margin")])
+def test_multilabel_pgd_and_apgd_stay_in_the_ball_and_raise_the_loss(method, loss):
+    from medtricks.apgd import multilabel_margin
+
+    model, images, labels = _multilabel_batch()
+    eps = 8 / 255
+    generator = torch.Generator().manual_seed(0)
+    if method == "pgd":
+        adv, broken = pgd(model, images, labels, eps, steps=10, generator=generator, return_broken=True)
+    else:
+        adv, broken = apgd(model, images, labels, eps, steps=10, loss=loss, generator=generator, return_broken=True)
+    assert (adv - images).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        final_errors = (model(adv) >= 0) != labels.bool()
+    assert broken.shape == labels.shape and bool((broken | ~final_errors).all())  # the worst case holds the final
+    if loss == "ce":  # an untrained model barely responds, but the loss it ascends rises on (nearly) every image
+        assert (_bce(model, adv, labels) > _bce(model, images, labels)).float().mean() >= 0.9
+    with torch.no_grad():
+        margin = multilabel_margin(model(adv), labels)
+    assert torch.equal(margin > 0, final_errors.any(1) & (margin != 0))  # > 0 exactly when some finding is wrong
+
+
+def test_multilabel_attacks_refuse_targets_and_the_ensemble():
+    model, images, labels = _multilabel_batch(8)
+    with pytest.raises(AttackError, match="untargeted"):
+        pgd(model, images, labels, 2 / 255, targets=1 - labels)
+    with pytest.raises(AttackError, match="untargeted"):
+        apgd(model, images, labels, 2 / 255, targets=1 - labels)
+    with pytest.raises(AttackError, match="not adapted to multi-label"):
+        autoattack(model, images, labels, 2 / 255)

@@ -117,3 +117,55 @@ def test_check_other_real_sets(tmp_path, name, n, classes):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert (report["n_images"], len(report["classes"]), report["unreadable"]) == (n, classes, [])
+
+
+# eight images of four patients with findings A, B, C (own splits), counted by hand in the test below
+FINDING_ROWS = [("1.png", "A|B", "p1", "train"), ("2.png", "A", "p1", "train"), ("3.png", "No Finding", "p2", "train"),
+                ("4.png", "B|C", "p2", "train"), ("5.png", "A|B|C", "p3", "val"), ("6.png", "No Finding", "p3", "val"),
+                ("7.png", "C", "p4", "test"), ("8.png", "A|C", "p4", "test")]
+
+
+def test_check_multilabel_counts_findings_cooccurrence_and_no_finding(tmp_path):
+    from multilabel_data import write_manifest
+
+    folder = write_manifest(tmp_path / "ml", FINDING_ROWS, header=("path", "label", "patient_id", "split"))
+    result = _check(folder, "--multilabel", "--json", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["task"] == "multilabel" and report["classes"] == ["A", "B", "C"] and report["n_images"] == 8
+    assert report["per_class"] == {"A": 4, "B": 3, "C": 4}  # rows 1 2 5 8; 1 4 5; 4 5 7 8
+    assert report["no_finding"] == 2  # rows 3 and 6
+    assert report["labels_per_image"] == {"0": 2, "1": 2, "2": 3, "3": 1}  # 3 6; 2 7; 1 4 8; 5
+    assert report["cooccurrence"] == {"A": {"A": 4, "B": 2, "C": 2},  # A+B: 1 5; A+C: 5 8; B+C: 4 5
+                                      "B": {"A": 2, "B": 3, "C": 2},
+                                      "C": {"A": 2, "B": 2, "C": 4}}
+    splits = report["splits"]
+    assert report["split_origin"] == "the source's own splits"
+    assert {name: (s["n"], s["per_class"], s["no_finding"], s["patients"]) for name, s in splits.items()} == {
+        "train": (4, {"A": 2, "B": 2, "C": 1}, 1, 2), "val": (2, {"A": 1, "B": 1, "C": 1}, 1, 1),
+        "test": (2, {"A": 1, "B": 0, "C": 2}, 0, 1)}
+    assert report["patients_in_several_classes"] is None and report["patients_in_several_splits"] == {}
+    for words in ("3 findings (multi-label)", "no finding", "no finding: 2 images", "findings per image: 0: 2, 1: 2, "
+                  "2: 3, 3: 1", "co-occurrence", "1 A", "3 C"):
+        assert words in result.output, (words, result.output)
+
+    plain = _check(folder, "--json", str(tmp_path / "plain.json"))  # single-label reads whole cells, as before
+    assert plain.exit_code == 0, plain.output
+    single = json.loads((tmp_path / "plain.json").read_text())
+    assert "task" not in single and "cooccurrence" not in single and "A|B" in single["classes"]
+    assert "no_finding" not in single["splits"]["train"]
+
+
+def test_check_multilabel_label_format_options(tmp_path):
+    from multilabel_data import write_manifest
+
+    rows = [(p, label.replace("|", ";").replace("No Finding", "none"), pid, split)
+            for p, label, pid, split in FINDING_ROWS]
+    folder = write_manifest(tmp_path / "ml", rows, header=("path", "findings", "patient_id", "split"))
+    result = _check(folder, "--multilabel", "--label-column", "findings", "--label-separator", ";", "--no-finding",
+                    "none", "--json", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["per_class"] == {"A": 4, "B": 3, "C": 4} and report["no_finding"] == 2
+    result = _check(folder, "--multilabel", "--label-column", "findings", "--label-separator", " ")
+    assert result.exit_code == 2 and "--label-separator" in result.output

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from medtricks.cli import app
-from medtricks.compare import _auroc, compare, compare_predictions
+from medtricks.compare import _auroc, compare, compare_multilabel_predictions, compare_predictions
 from medtricks.data.pipeline import load_eval_data
 from medtricks.devices import place_model
 from medtricks.errors import MedtricksError
@@ -138,3 +138,119 @@ def test_other_classes_or_other_split_exit_2(two_runs, tmp_path):
         compare(a, other_seed)
     result = runner.invoke(app, ["compare", str(a), str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not a finished medtricks run" in result.output
+
+
+# --- multi-label runs (the session's ml_run: two planted findings) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ml_pair(ml_run, findings, tmp_path_factory):
+    """ml_run (4 epochs) and a weaker run of the same recipe and seed (1 epoch: the same split)."""
+    from multilabel_data import FAST
+
+    weak = finetune("demo", data=findings, out=tmp_path_factory.mktemp("ml_compare") / "weak",
+                    overrides=[*FAST, "train.epochs=1"])
+    return ml_run, weak
+
+
+def sk_mean_auroc(labels, probs):
+    """Mean of sklearn's per-finding AUROC over the findings with both classes in these labels."""
+    both = [j for j in range(labels.shape[1]) if len(np.unique(labels[:, j])) == 2]
+    if not both:
+        raise ValueError("no finding has both classes")
+    return float(np.mean(roc_auc_score(labels[:, both], probs[:, both], average=None)))
+
+
+def test_holm_adjust_by_hand():
+    from medtricks.stats import holm_adjust
+
+    # sorted 0.01, 0.03, 0.04 of 3 tests: 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04); None is no test
+    assert holm_adjust([0.04, 0.01, None, 0.03]) == pytest.approx([0.06, 0.03, None, 0.06])
+    assert holm_adjust([0.5, 0.9]) == [1.0, 1.0] and holm_adjust([None]) == [None]
+
+
+def test_compare_multilabel_predictions_with_a_rare_and_an_untestable_finding():
+    """A finding on 3 of 60 images is missing from many bootstrap replicates: the mean is then over the others (not
+    a skipped replicate); a finding on 1 image has no DeLong test and leaves the Holm family."""
+    rng = np.random.default_rng(1)
+    labels = np.zeros((60, 3), int)
+    labels[:, 0] = rng.integers(0, 2, 60)
+    labels[[5, 20, 41], 1] = 1
+    labels[7, 2] = 1
+    probs_a = np.clip(0.4 * labels + 0.6 * rng.random((60, 3)), 0, 1)
+    probs_b = rng.random((60, 3))
+    groups = [f"p{i // 2}" for i in range(60)]
+    result = compare_multilabel_predictions(labels, probs_a, probs_b, groups=groups, names=["a", "rare", "one"],
+                                            n_boot=300)
+    reference = paired_bootstrap(labels, probs_a, probs_b, sk_mean_auroc, groups=groups, n_boot=300)
+    boot = result["auroc"]["bootstrap"]
+    assert boot["difference"] == pytest.approx(reference["difference"])
+    assert boot["ci95"] == pytest.approx(reference["ci95"]) and boot["replicates"] == reference["replicates"] == 300
+    assert result["per_label"]["one"]["delong"] is None and "two of each class" in result["per_label"]["one"]["note"]
+    assert result["per_label"]["one"]["p_holm"] is None and result["multiple_comparisons"]["tests"] == 2
+    assert result["per_label"]["rare"]["a"]["auroc"] == pytest.approx(roc_auc_score(labels[:, 1], probs_a[:, 1]))
+
+
+def test_multilabel_compare_per_finding_delong_and_mean_auroc_bootstrap(ml_pair):
+    a, b = ml_pair
+    result = compare(a, b)
+    labels, probs_a, patients, _ = predictions(a)
+    labels_b, probs_b, _, _ = predictions(b)
+    assert np.array_equal(labels, labels_b) and labels.shape == (result["n"], 2)
+    assert result["task"] == "multilabel" and list(result["per_label"]) == ["square", "stripe"]
+    for side, probs in (("a", probs_a), ("b", probs_b)):
+        reference = roc_auc_score(labels, probs, average=None)  # per finding
+        assert [result["per_label"][n][side]["auroc"] for n in ("square", "stripe")] == pytest.approx(reference)
+        assert result[side]["auroc"] == pytest.approx(reference.mean())
+    for j, name in enumerate(("square", "stripe")):
+        delong = result["per_label"][name]["delong"]
+        assert delong == delong_test(labels[:, j], probs_a[:, j], probs_b[:, j])
+    from medtricks.stats import holm_adjust
+
+    p_values = [result["per_label"][n]["delong"]["p_value"] for n in ("square", "stripe")]
+    assert [result["per_label"][n]["p_holm"] for n in ("square", "stripe")] == holm_adjust(p_values)
+    assert result["multiple_comparisons"]["method"] == "holm" and result["multiple_comparisons"]["tests"] == 2
+    boot = result["auroc"]["bootstrap"]
+    assert boot["difference"] == pytest.approx(result["a"]["auroc"] - result["b"]["auroc"])
+    assert boot["difference"] > 0  # 4 epochs against 1
+    assert boot["replicates"] >= 1900 and boot["ci95"][0] < boot["difference"] < boot["ci95"][1]
+    # the interval resamples patients and averages the findings with both classes in each replicate (sklearn's AUROC
+    # in the reference; 300 replicates, for time)
+    few = compare_multilabel_predictions(labels, probs_a, probs_b, groups=patients, n_boot=300)["auroc"]["bootstrap"]
+    reference = paired_bootstrap(labels, probs_a, probs_b, sk_mean_auroc, groups=patients, n_boot=300)
+    assert few["ci95"] == pytest.approx(reference["ci95"]) and few["replicates"] == reference["replicates"]
+    thresholds = json.loads((a / "model.json").read_text())["thresholds"]
+    right = (probs_a >= [thresholds["square"], thresholds["stripe"]]) == labels  # each finding at its threshold
+    assert result["per_label"]["square"]["a"]["accuracy"] == pytest.approx(right[:, 0].mean())
+    assert result["a"]["exact_match"] == pytest.approx(right.all(axis=1).mean())
+    val = json.loads((a / "report.json").read_text())["splits"]["val"]
+    assert result["a"]["accuracy"] == pytest.approx(val["accuracy"]) and result["a"]["auroc"] == pytest.approx(
+        val["auroc"])
+    json.dumps(result, allow_nan=False)
+
+
+def test_multilabel_compare_of_a_run_with_its_copy_finds_nothing(ml_run, tmp_path):
+    copy = shutil.copytree(ml_run, tmp_path / "copy", ignore=shutil.ignore_patterns("attacks"))
+    result = compare(ml_run, copy)
+    for m in result["per_label"].values():
+        assert m["delong"]["difference"] == 0 and m["delong"]["p_value"] == 1.0 and m["p_holm"] == 1.0
+    assert result["auroc"]["bootstrap"]["difference"] == 0 and result["auroc"]["bootstrap"]["ci95"] == [0.0, 0.0]
+    assert result["exact_match"]["mcnemar"]["p_value"] == 1.0
+
+
+def test_multilabel_cli_compare_table_json_and_other_findings_exit_2(ml_pair, tmp_path):
+    a, b = ml_pair
+    result = runner.invoke(app, ["compare", str(a), str(b), "--json", str(tmp_path / "c.json")])
+    assert result.exit_code == 0, result.output
+    for words in ("per finding", "Holm", "square", "stripe", "mean AUROC A - B", "exact McNemar"):
+        assert words in result.output, words
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["task"] == "multilabel" and set(saved["per_label"]) == {"square", "stripe"}
+    other = _fake_run(b, tmp_path, "blob", "model.json", "classes", ["square", "blob"])
+    info = json.loads((other / "model.json").read_text())
+    info["thresholds"] = {"square": 0.5, "blob": 0.5}
+    (other / "model.json").write_text(json.dumps(info))
+    result = runner.invoke(app, ["compare", str(a), str(other)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "different findings" in result.output and "['stripe']" in result.output and "['blob']" in result.output
+    result = runner.invoke(app, ["compare", str(a), str(ml_pair[0].parent)])  # not a run at all
+    assert result.exit_code == 2

@@ -86,3 +86,19 @@ def test_a_damaged_member_list_is_refused_before_any_model_is_built(members, tmp
     (run / "model.json").write_text(json.dumps(info))
     with pytest.raises(RunError, match="members"):
         open_run(run, device="cpu")
+
+
+def test_mean_sigmoid_logits_is_the_logit_of_the_mean_and_keeps_its_gradient_when_confident():
+    from medtricks.models.ensemble import mean_sigmoid_logits
+
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 3) * 3, torch.randn(6, 3) * 3
+    mean = (a.sigmoid() + b.sigmoid()) / 2
+    torch.testing.assert_close(mean_sigmoid_logits([a, b]).sigmoid(), mean)
+    torch.testing.assert_close(mean_sigmoid_logits([a, b]), torch.logit(mean.double()).float(), atol=1e-4, rtol=1e-4)
+    # members confident at z = 30 and 25: 1 - mean p rounds to 0 in float32, the logit stays finite and
+    # differentiable (an attack on the ensemble needs that gradient)
+    z = torch.tensor([30.0, 25.0], requires_grad=True)
+    out = mean_sigmoid_logits([z[:1], z[1:]])
+    out.backward()
+    assert torch.isfinite(out).all() and out.item() > 25 and z.grad.abs().min() > 0.001

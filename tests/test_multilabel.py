@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from multilabel_data import FAST, FINDINGS, write_manifest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
@@ -30,50 +31,6 @@ from medtricks.tricks.label_smoothing import binary_label_smoothing_loss
 from medtricks.tricks.mixup import MixupConfig, mix_probability_gate, mixup_batch
 
 ML = LabelFormat(multilabel=True)
-FINDINGS = ["square", "stripe"]
-FAST = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "data.augment=none",
-        "data.task=multilabel", "data.classes=[square, stripe]", "train.epochs=4", "train.batch_size=16",
-        "train.eval_batch_size=32", "train.optimizer=adamw", "train.lr=0.002", "tricks.linear_scaling=null",
-        "tricks.amp=null"]
-
-
-def write_manifest(folder, rows, header=("path", "label", "patient_id")):
-    """Blank 8x8 PNGs with a labels.csv of `rows` (path, label, patient id)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        Image.new("L", (8, 8)).save(folder / row[0])
-    with open(folder / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return folder
-
-
-def write_findings_set(folder, n_patients=100, per_patient=2, seed=0, size=32):
-    """Phantoms with two independent findings: `square` (a bright 10 px square) and `stripe` (a dark 4 px band),
-    each on about half of the images; grey noisy background, two images per patient."""
-    rng = np.random.default_rng(seed)
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for patient in range(n_patients):
-        for k in range(per_patient):
-            pixels = rng.normal(0.45, 0.05, (size, size))
-            square, stripe = rng.random() < 0.5, rng.random() < 0.5
-            if square:
-                y, x = rng.integers(0, size - 10, 2)
-                pixels[y:y + 10, x:x + 10] = 1.0
-            if stripe:
-                y = rng.integers(0, size - 4)
-                pixels[y:y + 4, :] = 0.0
-            name = f"images/p{patient:03d}_{k}.png"
-            Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(folder / name)
-            label = "|".join(f for f, on in zip(FINDINGS, (square, stripe), strict=True) if on) or "No Finding"
-            rows.append((name, label, f"pt-{patient:03d}"))
-    with open(folder / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(("path", "label", "patient_id"))
-        writer.writerows(rows)
-    return folder
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -262,17 +219,6 @@ def test_metrics_per_label_match_sklearn_and_absent_label_is_null():
 
 # --- end to end ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def findings(tmp_path_factory):
-    return write_findings_set(tmp_path_factory.mktemp("findings") / "set")
-
-
-@pytest.fixture(scope="module")
-def ml_run(findings, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ml_runs") / "run"
-    return finetune("demo", data=findings, out=out, overrides=FAST)
-
-
 def test_finetune_learns_both_findings(ml_run):
     report = json.loads((ml_run / "report.json").read_text())
     assert report["task"] == "multilabel" and report["classes"] == FINDINGS
@@ -333,14 +279,54 @@ def test_predict_writes_a_probability_per_finding_and_the_set(ml_run, findings, 
     assert {r["prediction"] for r in predict(copy, images)} == {"square|stripe"}
 
 
-@pytest.mark.parametrize("args", [["attack", "{run}", "--fgsm", "--eps", "1/255"], ["compare", "{run}", "{run}"],
-                                  ["corrupt", "{run}"], ["evaluate", "{run}", "--tta"],
-                                  ["ensemble", "{run}", "{tmp}/copy", "--out", "{tmp}/e"]])
-def test_unsupported_commands_say_so_without_traceback(ml_run, tmp_path, args):
-    shutil.copytree(ml_run, tmp_path / "copy")  # a second member for the ensemble
-    result = CliRunner().invoke(app, [a.format(run=ml_run, tmp=tmp_path) for a in args])
+def test_tta_says_it_is_unsupported_without_traceback(ml_run):
+    result = CliRunner().invoke(app, ["evaluate", str(ml_run), "--tta"])
     assert result.exit_code == 2, result.output
     assert "not supported" in result.output and "Traceback" not in result.output
+
+
+def test_corrupt_reports_mean_accuracy_and_auroc_over_findings(ml_run, tmp_path):
+    from medtricks.corruption_report import corruption_report
+
+    report = corruption_report(ml_run, split="val", corruptions=["gaussian_noise", "contrast"], severities=(1, 5),
+                               json_path=tmp_path / "c.json", device="cpu")
+    assert report["task"] == "multilabel" and len(report["results"]) == 4
+    opened = open_run(ml_run, "cpu")
+    output = opened.predict(opened.dataset(None, "val"))
+    thresholds = json.loads((ml_run / "model.json").read_text())["thresholds"]
+    right = (output.probs >= [thresholds[n] for n in FINDINGS]) == output.labels  # each finding at its threshold
+    assert report["clean"]["accuracy"] == pytest.approx(right.mean(), abs=1 / right.size + 1e-9)
+    assert report["clean"]["auroc"] == pytest.approx(roc_auc_score(output.labels, output.probs, average=None).mean())
+    for row in report["results"]:
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["auroc"] <= 1
+    noise = {r["severity"]: r for r in report["results"] if r["corruption"] == "gaussian_noise"}
+    assert noise[5]["auroc"] < report["clean"]["auroc"]  # seen: 0.998 clean, 0.75 at severity 5
+    assert report["mce"] == pytest.approx(np.mean([1 - r["accuracy"] for r in report["results"]]))
+
+
+def test_ensemble_averages_sigmoids_and_chooses_thresholds_again(ml_run, findings, tmp_path):
+    from medtricks.ensemble import ensemble
+
+    weak = finetune("demo", data=findings, out=tmp_path / "weak", overrides=[*FAST, "train.epochs=1"])  # same split
+    folder = ensemble([ml_run, weak], out=tmp_path / "ens", device="cpu")
+    info = json.loads((folder / "model.json").read_text())
+    assert info["task"] == "multilabel" and info["threshold"] is None and list(info["thresholds"]) == FINDINGS
+    outputs = {}
+    for run in (ml_run, weak, folder):
+        opened = open_run(run, "cpu")
+        outputs[run] = {split: opened.predict(opened.dataset(None, split)) for split in ("val", "test")}
+    for split in ("val", "test"):
+        mean = (outputs[ml_run][split].probs + outputs[weak][split].probs) / 2
+        np.testing.assert_allclose(outputs[folder][split].probs, mean, atol=1e-6)
+    val = outputs[folder]["val"]
+    assert [info["thresholds"][n] for n in FINDINGS] == pytest.approx(choose_thresholds(val.labels, val.probs))
+    report = json.loads((folder / "report.json").read_text())
+    test = outputs[folder]["test"]
+    assert report["task"] == "multilabel" and list(report["splits"]["test"]["per_label"]) == FINDINGS
+    assert [report["splits"]["test"]["per_label"][n]["auroc"] for n in FINDINGS] == pytest.approx(
+        roc_auc_score(test.labels, test.probs, average=None))
+    again = evaluate(folder, split="test")  # the ensemble opens like a run
+    assert {k: again[k] for k in report["splits"]["test"]} == report["splits"]["test"]
 
 
 def test_ablate_refuses_multilabel(findings):

@@ -5,22 +5,41 @@ depths and formats; decodes every image and lists each unreadable one with its r
 in more than one split. A source without splits is shown with the split finetune would make (seeded,
 stratified, patient-level) so the leakage check covers it too. Safe metadata only: no patient identifiers
 beyond the pseudonymous patient_id column.
+
+A multi-label source (`labels` LabelFormat(multilabel=True): data.task: multilabel, or `data check --multilabel`)
+adds `task`, the images with no finding (overall and per split; `per_class` counts each finding's positives), the
+number of findings per image (`labels_per_image`: {"0": images, "1": ..., ...}) and the co-occurrence matrix
+(`cooccurrence`: {finding: {finding: images with both}}, its diagonal each finding's positives);
+`patients_in_several_classes` is null there (a patient's images may well carry different findings).
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+import numpy as np
+
 from medtricks.data.dataset import ImageStore, prepare_images
 from medtricks.data.public import resolve_named
-from medtricks.data.sources import SPLITS, count_labels, load_source
+from medtricks.data.sources import SPLITS, LabelFormat, count_labels, load_source
 from medtricks.data.splits import find_leaks, split_source
 from medtricks.errors import DataError
 from medtricks.recipe import SplitConfig
 
 
+def multilabel_counts(records: list[dict], classes) -> dict:
+    """Of multi-hot records: images with no finding, images per number of findings and the co-occurrence counts
+    (images with both findings; the diagonal: each finding's positives)."""
+    labels = np.array([r["label"] for r in records], dtype=np.int64).reshape(len(records), len(classes))
+    both = labels.T @ labels
+    per_image = Counter(labels.sum(axis=1).tolist())
+    return {"no_finding": int((labels.sum(axis=1) == 0).sum()),
+            "labels_per_image": {str(k): per_image.get(k, 0) for k in range(max(per_image, default=0) + 1)},
+            "cooccurrence": {a: {b: int(both[i, j]) for j, b in enumerate(classes)} for i, a in enumerate(classes)}}
+
+
 def check_data(path, classes=None, split: SplitConfig | None = None, seed: int = 0, workers: int | None = None,
-               progress=None) -> dict:
+               progress=None, labels: LabelFormat | None = None) -> dict:
     """Inspect a data source; return a JSON-ready report (see the module docstring).
 
     Args:
@@ -30,23 +49,29 @@ def check_data(path, classes=None, split: SplitConfig | None = None, seed: int =
         seed: seed of the proposed split.
         workers: decode processes.
         progress: optional callable(n_done, n_total) while images are decoded.
+        labels: how labels are written (LabelFormat; multilabel=True for findings joined by a separator); None:
+            single-label, column `label`.
 
     Raises:
         DataError: when the source itself cannot be read (missing, empty, malformed manifest, unknown labels).
     """
-    source = load_source(resolve_named(path) or path, classes)  # a public data set name: its cache folder
+    source = load_source(resolve_named(path) or path, classes, labels)  # a public data set name: its cache folder
     records = source.records
     report: dict = {
         "source": str(path), "kind": source.kind, "n_images": len(records) + len(source.missing),
+        **({"task": "multilabel"} if source.multilabel else {}),
         "classes": list(source.classes), "per_class": count_labels(records, source.classes) if source.labelled
         else {}, "warnings": [],
     }
+    if source.multilabel:
+        report.update(multilabel_counts(records, source.classes))
     if source.has_patient_ids:
         patients = defaultdict(set)
         for rec in records:
             patients[rec["patient_id"]].add(rec["label"])
         report["patients"] = len(patients)
-        report["patients_in_several_classes"] = sum(len(labels) > 1 for labels in patients.values())
+        report["patients_in_several_classes"] = None if source.multilabel else \
+            sum(len(found) > 1 for found in patients.values())
     else:
         report["patients"] = None
         report["warnings"].append("no patient ids: splits are per image, and patient leakage cannot be checked")
@@ -64,6 +89,8 @@ def check_data(path, classes=None, split: SplitConfig | None = None, seed: int =
         for name in SPLITS:
             chosen = [records[i] for i in indices[name]]
             entry = {"n": len(chosen), "per_class": count_labels(chosen, source.classes)}
+            if source.multilabel:
+                entry["no_finding"] = sum(not any(r["label"]) for r in chosen)
             if source.has_patient_ids:
                 entry["patients"] = len({r["patient_id"] for r in chosen})
             report["splits"][name] = entry
