@@ -426,8 +426,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
         preds = (p[:, 1] >= threshold).astype(np.int64)
     elif threshold is not None:  # grade cuts on the expected grade (tricks.ordinal_decoding)
         if np.ndim(threshold) != 1:
-            raise ValueError(f"a multi-class threshold must be the {n_classes - 1} grade cuts of "
-                             f"tricks.ordinal_decoding (or None: argmax); got {threshold}.")
+            raise ValueError(f"a threshold number applies to binary tasks only; a {n_classes}-class task takes None "
+                             f"(argmax) or the {n_classes - 1} grade cuts of tricks.ordinal_decoding; got {threshold}.")
         threshold = check_cuts(threshold, n_classes)
         preds = grade_decisions(p, threshold)
     else:

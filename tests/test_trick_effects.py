@@ -28,7 +28,7 @@ FAST = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "
 T, W = 4.0, 0.5  # distillation temperature and soft-term weight (the default)
 
 
-def train(out: Path, data: Path, tricks: str = "{}") -> dict:
+def train(out: Path, data: Path, tricks: str = "{}", overrides: tuple[str, ...] = ()) -> dict:
     """Fine-tune the demo recipe with `tricks=<tricks>` (the recipe's own tricks replaced) and return its trace: per
     optimizer step ("steps") what the loss saw (logits, targets, images, loss, each param group's lr and lr_mult, the
     parameters before the update); per batch ("mixes") mix_batch's input and output; the model, optimizer, train
@@ -83,7 +83,7 @@ def train(out: Path, data: Path, tricks: str = "{}") -> dict:
         patch.setattr(medtricks.train, "create_optimizer", create_optimizer)
         patch.setattr(medtricks.train, "mix_batch", mix_batch)
         patch.setattr(FINETUNE, "_plots", lambda *args: None)  # no part of training, half of a tiny run's time
-        trace["run"] = FINETUNE.finetune("demo", data=data, out=out, overrides=[*FAST, f"tricks={tricks}"])
+        trace["run"] = FINETUNE.finetune("demo", data=data, out=out, overrides=[*FAST, f"tricks={tricks}", *overrides])
     assert len(trace["steps"]) == len(trace["mixes"]) == STEPS
     return trace
 
@@ -288,10 +288,21 @@ def check_class_balance(run, base):
     assert trained != torch.cat([mix["labels"] for mix in base["mixes"]]).tolist()
 
 
+def check_ordinal_decoding(run, base):
+    trace = run("{}", ("data.ordinal=true",))  # the phantoms are binary: the trick needs 3 or more grades
+    for step, reference in zip(trace["steps"], base["steps"], strict=True):  # a decision rule: training untouched
+        assert_close(step["loss"], reference["loss"])
+    for name, weights in trace["final"].items():
+        assert_close(weights, base["final"][name])
+    info, plain = (json.loads((t["run"] / "model.json").read_text()) for t in (trace, base))
+    assert "grade_cuts" not in info and info["threshold"] == plain["threshold"]  # two classes keep their threshold
+
+
 CHECKS = {"linear_scaling": check_linear_scaling, "warmup": check_warmup, "cosine": check_cosine,
           "step_decay": check_step_decay, "label_smoothing": check_label_smoothing, "mixup": check_mixup,
           "cutmix": check_cutmix, "distillation": check_distillation, "no_bias_decay": check_no_bias_decay,
-          "amp": check_amp, "zero_gamma": check_zero_gamma, "ema": check_ema, "class_balance": check_class_balance}
+          "amp": check_amp, "zero_gamma": check_zero_gamma, "ema": check_ema, "class_balance": check_class_balance,
+          "ordinal_decoding": check_ordinal_decoding}
 
 
 @pytest.mark.parametrize("name", list(TRICKS))
@@ -299,8 +310,8 @@ def test_trick_alone_changes_what_it_should(name, baseline, phantoms_train, tmp_
     assert name in CHECKS, f"new trick {name}: add a check of what it changes to CHECKS"
     runs = []
 
-    def run(settings: str = "{}") -> dict:
-        runs.append(train(tmp_path / f"{name}-{len(runs)}", phantoms_train, f"{{{name}: {settings}}}"))
+    def run(settings: str = "{}", overrides: tuple[str, ...] = ()) -> dict:
+        runs.append(train(tmp_path / f"{name}-{len(runs)}", phantoms_train, f"{{{name}: {settings}}}", overrides))
         assert json.loads((runs[-1]["run"] / "report.json").read_text())["train"]["tricks"] == [name]
         return runs[-1]
 

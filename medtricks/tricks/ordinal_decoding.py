@@ -25,15 +25,18 @@ Measured effect: RetinaMNIST quadratic kappa +0.126 [+0.074, +0.178], accuracy -
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.metrics import cohen_kappa_score
 
 from medtricks.errors import RecipeError, short
 
 logger = logging.getLogger(__name__)
 
 MAX_SWEEPS = 20  # coordinate-ascent sweeps over the cuts; it stops earlier once a sweep changes nothing
+MAX_CANDIDATES = 256  # cut positions tried per cut: every midpoint on small splits, evenly spaced ones on large
 
 
 @dataclass(frozen=True)
@@ -78,19 +81,21 @@ def fit_grade_cuts(labels: np.ndarray, probs: np.ndarray, weights: str = "quadra
 
     Starts from rounding (cuts at k + 0.5) and moves one cut at a time to the candidate that raises kappa most, a
     candidate being a point halfway between adjacent distinct scores within its neighbours' range; a move must raise
-    kappa strictly, so ties keep the rounding cut. Falls back to rounding, with a warning, when kappa is undefined
-    on these labels (a single grade).
+    kappa strictly, so ties keep the rounding cut. At most MAX_CANDIDATES midpoints are tried per cut (evenly spaced
+    in score order on a large split). Falls back to rounding, with a warning, when kappa is undefined on these labels
+    (a single grade).
     """
-    from medtricks.metrics import weighted_kappa
-
     y = np.asarray(labels, dtype=np.int64)
     n_classes = np.asarray(probs).shape[1]
     scores = expected_grade(probs)
     cuts = np.arange(n_classes - 1, dtype=np.float64) + 0.5
 
-    def kappa(c: np.ndarray) -> float:
-        value = weighted_kappa(y, np.searchsorted(c, scores, side="right"), n_classes, weights, n_boot=0)[0]
-        return -np.inf if value is None else value
+    def kappa(c: np.ndarray) -> float:  # scikit-learn's weighted kappa (medtricks.metrics imports this module)
+        decided = np.searchsorted(c, scores, side="right")
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore")  # undefined kappa (one grade) is handled below
+            value = cohen_kappa_score(y, decided, labels=list(range(n_classes)), weights=weights)
+        return value if np.isfinite(value) else -np.inf
 
     best = kappa(cuts)
     if not np.isfinite(best):
@@ -99,6 +104,8 @@ def fit_grade_cuts(labels: np.ndarray, probs: np.ndarray, weights: str = "quadra
         return cuts.tolist()
     distinct = np.unique(scores)
     candidates = (distinct[:-1] + distinct[1:]) / 2.0
+    if len(candidates) > MAX_CANDIDATES:
+        candidates = candidates[np.linspace(0, len(candidates) - 1, MAX_CANDIDATES).round().astype(int)]
     for _ in range(MAX_SWEEPS):
         moved = False
         for j in range(n_classes - 1):
