@@ -33,6 +33,12 @@ def write_labels(out: Path, columns: list[str], rows: list[dict]) -> Path:
     return out / "labels.csv"
 
 
+def summary(first: str, left_out: list[tuple[int, str]]) -> list[str]:
+    """A prepare step's summary: its first line, then "left out: N <what>" for each non-zero count (a prepare never
+    drops a row or an image without saying so)."""
+    return [first, *(f"left out: {n} {what}" for n, what in left_out if n)]
+
+
 def read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
     """The rows of a CSV with a header row, keyed by the header's names with surrounding spaces stripped (IDRiD's
     official header ends in 'Risk of macular edema '); a DataError names any `required` column that is missing."""
@@ -112,13 +118,10 @@ def prepare_nih_chestxray14(raw: Path, out: Path) -> list[str]:
                         f"named in 'Image Index').")
     labels = write_labels(out, ["path", "label", "patient_id", "split", "follow_up", "view", "age", "sex"], out_rows)
     splits = Counter(r["split"] for r in out_rows)
-    lines = [f"{labels}: {len(out_rows)} images of {len({r['patient_id'] for r in out_rows})} patients "
-             f"(train {splits['train']}, test {splits['test']}; val is carved from train by patient)"]
-    if absent:
-        lines.append(f"left out: {absent} rows of {entry.name} whose PNG is not under RAW_DIR (parts not downloaded?)")
-    if unlisted:
-        lines.append(f"left out: {unlisted} images in neither train_val_list.txt nor test_list.txt")
-    return lines
+    return summary(f"{labels}: {len(out_rows)} images of {len({r['patient_id'] for r in out_rows})} patients "
+                   f"(train {splits['train']}, test {splits['test']}; val is carved from train by patient)",
+                   [(absent, f"rows of {entry.name} whose PNG is not under RAW_DIR (parts not downloaded?)"),
+                    (unlisted, "images in neither train_val_list.txt nor test_list.txt")])
 
 
 # ---- Kermany pediatric CXR ---------------------------------------------------------------------------------------

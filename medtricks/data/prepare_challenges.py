@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from medtricks.data.prepare import read_csv, write_labels
+from medtricks.data.prepare import read_csv, summary, write_labels
 from medtricks.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -100,13 +100,10 @@ def prepare_idrid_grading(raw: Path, out: Path) -> list[str]:
         raise DataError(f"{raw}: none of the images named in the two label CSVs is in {IDRID_FOLDER}/1. Original "
                         f"Images/ (looked for <Image name>.jpg).")
     labels = write_labels(out, ["path", "label", "split", "label_name", "dme_grade", "image_id"], out_rows)
-    lines = [f"{labels}: {len(out_rows)} images, DR grades {_split_counts(out_rows)} (val is carved from train; no "
-             f"patient ids: image by image)"]
-    if absent:
-        lines.append(f"left out: {absent} graded images whose file is not in {IDRID_FOLDER}/1. Original Images/")
-    if ungraded:
-        lines.append(f"left out: {ungraded} image files that no row of the label CSVs grades")
-    return lines
+    return summary(f"{labels}: {len(out_rows)} images, DR grades {_split_counts(out_rows)} (val is carved from train; "
+                   f"no patient ids: image by image)",
+                   [(absent, f"graded images whose file is not in {IDRID_FOLDER}/1. Original Images/"),
+                    (ungraded, "image files that no row of the label CSVs grades")])
 
 
 # ---- ISIC 2016 Part 3 (lesion classification) --------------------------------------------------------------------
@@ -179,13 +176,10 @@ def prepare_isic2016(raw: Path, out: Path) -> list[str]:
         raise DataError(f"{raw}: none of the images named in the two ground-truth CSVs is in "
                         f"{ISIC2016['train'][0]}/ or {ISIC2016['test'][0]}/ (looked for <ISIC id>.jpg).")
     labels = write_labels(out, ["path", "label", "split", "benign_malignant", "isic_id"], out_rows)
-    lines = [f"{labels}: {len(out_rows)} images ({_split_counts(out_rows)}; val is carved from train; no patient "
-             f"ids: image by image)"]
-    if absent:
-        lines.append(f"left out: {absent} ground-truth rows whose image is not under RAW_DIR")
-    if unlabelled:
-        lines.append(f"left out: {unlabelled} image files with no ground-truth row")
-    return lines
+    return summary(f"{labels}: {len(out_rows)} images ({_split_counts(out_rows)}; val is carved from train; no "
+                   f"patient ids: image by image)",
+                   [(absent, "ground-truth rows whose image is not under RAW_DIR"),
+                    (unlabelled, "image files with no ground-truth row")])
 
 
 # ---- CheXpert ----------------------------------------------------------------------------------------------------
