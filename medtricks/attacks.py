@@ -98,13 +98,21 @@ class GradeCuts(nn.Module):
 
 
 @torch.inference_mode()
-def class_probabilities(model: nn.Module, images: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
-    """(N, C) class probabilities for AUROC of a decision model's output `logits` on `images`: their softmax (a
+def class_probabilities(model: nn.Module, images: torch.Tensor, logits: torch.Tensor,
+                        multilabel: bool = False) -> np.ndarray:
+    """Probabilities for AUROC of a decision model's output `logits` on `images`: (N, C) their softmax (a
     ThresholdShift reorders no image), or the scored model's own softmax where the decision scores are not logits
-    (GradeCuts)."""
+    (GradeCuts); multi-label, (N, L) the findings' sigmoids (FindingThresholds reorders no image either)."""
+    if multilabel:
+        return logits.float().sigmoid().cpu().numpy()
     if isinstance(model, GradeCuts):
         return model.probabilities(images).cpu().numpy()
     return logits.float().softmax(1).cpu().numpy()
+
+
+def decided(logits: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """A decision model's decisions: the class (argmax), or multi-label each finding's 0/1 (logit >= 0)."""
+    return (logits >= 0).long() if multilabel else logits.argmax(1)
 
 
 class FindingThresholds(nn.Module):

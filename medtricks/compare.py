@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from medtricks.errors import MedtricksError
-from medtricks.metrics import _weighted_auroc
+from medtricks.metrics import _weighted_auroc, decisions
 from medtricks.multilabel import label_aurocs, predicted_sets
 from medtricks.runs import Run, open_run
-from medtricks.scoring import decisions
 from medtricks.stats import delong_test, holm_adjust, mcnemar_test, paired_bootstrap
 
 

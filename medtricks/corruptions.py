@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from medtricks.attacks import class_probabilities
+from medtricks.attacks import class_probabilities, decided
 from medtricks.metrics import auroc, missing_class_warning
 from medtricks.multilabel import mean_auroc
 from medtricks.recipe import AUGMENT_PRESETS
@@ -503,9 +503,7 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
         """Probabilities (for AUROC) and decisions: sigmoids and logit >= 0 per finding for multi-label models, else
         class_probabilities and the argmax (GradeCuts' scores decide, the model's softmax ranks)."""
         logits = model(x).float()
-        if multilabel:
-            return logits.sigmoid().cpu().numpy(), (logits >= 0).cpu().numpy()
-        return class_probabilities(model, x, logits), logits.argmax(1).cpu().numpy()
+        return class_probabilities(model, x, logits, multilabel), decided(logits, multilabel).cpu().numpy()
 
     with torch.inference_mode():
         for batch in loader:
@@ -532,10 +530,9 @@ def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: 
     y = np.concatenate(labels).astype(np.int64)
 
     def scores(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict:
-        p, decided = (np.concatenate(found) for found in zip(*parts, strict=True))
-        if multilabel:  # each finding at the run's threshold (decision_model shifted the logits by it)
-            return {"accuracy": float((decided == y).mean()), "auroc": mean_auroc(y, p)}
-        return {"accuracy": float((decided == y).mean()), "auroc": auroc(y, p)}
+        p, hat = (np.concatenate(found) for found in zip(*parts, strict=True))
+        # multi-label: each finding at the run's threshold (decision_model shifted the logits by it)
+        return {"accuracy": float((hat == y).mean()), "auroc": (mean_auroc if multilabel else auroc)(y, p)}
 
     if not multilabel:
         missing_class_warning(y, clean[0][0].shape[1], "corruption report")

@@ -21,10 +21,9 @@ from medtricks.data.sources import load_source
 from medtricks.data.splits import fold_assignment
 from medtricks.errors import MedtricksError
 from medtricks.files import write_json
-from medtricks.metrics import auroc
+from medtricks.metrics import auroc, decisions
 from medtricks.recipe import Recipe
 from medtricks.runs import open_run
-from medtricks.scoring import decisions
 from medtricks.stats import delong_test, mcnemar_test
 
 SCORES_FILE = "fold_scores.json"

@@ -36,9 +36,9 @@ from medtricks.data.sources import image_inputs
 from medtricks.data.transforms import create_eval_transform
 from medtricks.errors import DataError, MedtricksError, short
 from medtricks.files import atomic_write, check_output, write_json
+from medtricks.metrics import decisions
 from medtricks.models.backbones import ARCHS, MedModel
 from medtricks.runs import Run, open_run
-from medtricks.scoring import decisions
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from medtricks.files import (
     write_json,
     write_text,
 )
-from medtricks.metrics import expected_calibration_error
+from medtricks.metrics import decisions, expected_calibration_error
 from medtricks.models.build import build_model, check_model_config
 from medtricks.models.weights import sha256_of
 from medtricks.multilabel import predicted_sets
@@ -54,7 +54,6 @@ from medtricks.runs import (
 from medtricks.scoring import (
     EvalOutput,
     decision_keys,
-    decisions,
     evaluate_split,
     predict_loader,
     report_metrics,

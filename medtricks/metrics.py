@@ -386,6 +386,14 @@ def missing_class_warning(labels: np.ndarray, n_classes: int, what: str) -> None
                        missing, len(labels), what)
 
 
+def decisions(probs: np.ndarray, threshold: float | list[float] | None) -> np.ndarray:
+    """A run's decisions (every report and command decides this way): binary, class 1 when p1 >= threshold (0.5 when
+    None); multi-class, argmax, or the expected grade cut at the grade cuts of tricks.ordinal_decoding."""
+    if probs.shape[1] == 2:
+        return (probs[:, 1] >= (0.5 if threshold is None else threshold)).astype(np.int64)
+    return probs.argmax(axis=1) if threshold is None else grade_decisions(probs, threshold)
+
+
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence[str] | None = None,
                     threshold: float | None = None, n_boot: int = 1000, seed: int = 0, ordinal: bool = False) -> dict:
     """The metrics `M` of report.json, plus the threshold used and the confusion matrix.
@@ -423,15 +431,12 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
         threshold = 0.5 if threshold is None else float(threshold)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1] (a positive-class probability); got {threshold}.")
-        preds = (p[:, 1] >= threshold).astype(np.int64)
     elif threshold is not None:  # grade cuts on the expected grade (tricks.ordinal_decoding)
         if np.ndim(threshold) != 1:
             raise ValueError(f"a threshold number applies to binary tasks only; a {n_classes}-class task takes None "
                              f"(argmax) or the {n_classes - 1} grade cuts of tricks.ordinal_decoding; got {threshold}.")
         threshold = check_cuts(threshold, n_classes)
-        preds = grade_decisions(p, threshold)
-    else:
-        preds = p.argmax(axis=1)
+    preds = decisions(p, threshold)
     cm = confusion_matrix(y, preds, labels=list(range(n_classes)))
     present = [c for c in range(n_classes) if cm[c].sum() > 0]
     recall = [cm[c, c] / cm[c].sum() for c in present]

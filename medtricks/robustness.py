@@ -25,7 +25,16 @@ from torch.utils.data import DataLoader
 
 from medtricks import plots
 from medtricks.apgd import apgd, autoattack, ensemble_members
-from medtricks.attacks import FindingThresholds, GradeCuts, ThresholdShift, TwoLogits, class_probabilities, fgsm, pgd
+from medtricks.attacks import (
+    FindingThresholds,
+    GradeCuts,
+    ThresholdShift,
+    TwoLogits,
+    class_probabilities,
+    decided,
+    fgsm,
+    pgd,
+)
 from medtricks.errors import AttackError, short
 from medtricks.files import atomic_write, check_output, write_json
 from medtricks.metrics import auroc, missing_class_warning
@@ -84,7 +93,6 @@ def decision_model(run: Run) -> torch.nn.Module:
     elif isinstance(run.threshold, list):
         net = GradeCuts(net, run.threshold)
     return net.eval()
-
 
 
 def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[str]) -> torch.Tensor | None:
@@ -162,8 +170,8 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
         with torch.inference_mode():
             logits = model(images).float()
         labels_all.append(labels.cpu().numpy())
-        clean_probs.append(_probabilities(model, images, logits, multilabel))
-        clean_pred.append(_decisions(logits, multilabel).cpu().numpy())
+        clean_probs.append(class_probabilities(model, images, logits, multilabel))
+        clean_pred.append(decided(logits, multilabel).cpu().numpy())
         goal = targets if targets is not None else labels
         for eps in settings.eps:
             adv, broken, by_member = craft(crafter, images, labels, targets, eps, settings, generator)
@@ -172,14 +180,14 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
             attacked += len(images)
             with torch.inference_mode():
                 adv_logits = model(adv).float()
-            final = _decisions(adv_logits, multilabel)
+            final = decided(adv_logits, multilabel)
             if multilabel:  # (N, L): each finding wrong at some iterate; the image is broken when any finding is
                 wrong = (final != labels) | broken
                 hit = wrong.any(1)
             else:
                 hit = (final == goal if targets is not None else final != labels) | broken
                 wrong = (final != labels) | (broken & (goal != labels) if targets is not None else broken)
-            adv_probs[eps].append(_probabilities(model, adv, adv_logits, multilabel))
+            adv_probs[eps].append(class_probabilities(model, adv, adv_logits, multilabel))
             adv_wrong[eps].append(wrong.cpu().numpy())
             adv_hit[eps].append(hit.cpu().numpy())
             for name, member_broken in by_member.items() if source is None else ():  # transfer: no per-member
@@ -187,7 +195,7 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
             if eps == settings.eps[-1] and save_dir is not None:
                 _save_adversarial(adv, labels, final, classes, Path(save_dir), start=offset)
             if eps == settings.eps[-1] and len(examples) < keep_examples:
-                clean_decisions = _decisions(logits, multilabel)
+                clean_decisions = decided(logits, multilabel)
                 for k in range(min(len(images), keep_examples - len(examples))):
                     examples.append((images[k].cpu(), adv[k].cpu(), *(_label(t[k]) for t in
                                                                       (labels, clean_decisions, final))))
@@ -223,19 +231,6 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
             "targeted": settings.targeted, "target_class": settings.target_class, "n": int(len(labels)),
             "clean": clean, "results": results, "seconds": round(seconds, 3),
             "images_per_second": round(attacked / max(seconds, 1e-9), 2), "examples": examples}
-
-
-def _probabilities(model: torch.nn.Module, images: torch.Tensor, logits: torch.Tensor, multilabel: bool) -> np.ndarray:
-    """Probabilities for AUROC: the findings' sigmoids, or attacks.class_probabilities (GradeCuts' scores are not
-    logits: their model's softmax)."""
-    if multilabel:
-        return logits.sigmoid().cpu().numpy()
-    return class_probabilities(model, images, logits)
-
-
-def _decisions(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
-    """The decision model's decisions: the class (argmax), or multi-label each finding's 0/1 (logit >= 0)."""
-    return (logits >= 0).long() if multilabel else logits.argmax(1)
 
 
 def _label(value: torch.Tensor) -> int | tuple[int, ...]:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from medtricks import distributed
 from medtricks.metrics import choose_threshold, compute_metrics
 from medtricks.multilabel import choose_thresholds, compute_multilabel_metrics
-from medtricks.tricks.ordinal_decoding import OrdinalDecodingConfig, fit_grade_cuts, grade_decisions
+from medtricks.tricks.ordinal_decoding import OrdinalDecodingConfig, fit_grade_cuts
 
 # the keys of a report.json split (DESIGN.md's M): what evaluate returns and what finetune reports
 REPORT_KEYS = ("n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece")
@@ -120,10 +120,3 @@ def decision_keys(threshold: float | list[float] | None, classes: Sequence[str],
         return {"threshold": None, "grade_cuts": threshold}
     return {"threshold": threshold}
 
-
-def decisions(probs: np.ndarray, threshold: float | list[float] | None) -> np.ndarray:
-    """A run's decisions: binary, class 1 when p1 >= threshold (0.5 when None); multi-class, argmax, or the
-    expected grade cut at the grade cuts of tricks.ordinal_decoding."""
-    if probs.shape[1] == 2:
-        return (probs[:, 1] >= (0.5 if threshold is None else threshold)).astype(np.int64)
-    return probs.argmax(axis=1) if threshold is None else grade_decisions(probs, threshold)
