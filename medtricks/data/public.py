@@ -338,8 +338,9 @@ def _transfer(url: str, part: Path, progress: Callable[[int, int | None], None] 
             raise http.client.IncompleteRead(b"", total - done)
 
 
-def _verify(part: Path, remote: RemoteFile, no_verify: bool) -> str:
-    """Check the downloaded file against the published checksum; delete it on a mismatch. Returns a description."""
+def _verify(part: Path, remote: RemoteFile) -> str:
+    """Check the downloaded file against the published checksum; delete it on a mismatch. Returns a description. A
+    file without one got here only with --no-verify (_refuse_unchecked runs before its download)."""
     for algorithm, expected in (("sha256", remote.sha256), ("md5", remote.md5)):
         if expected:
             actual = _digest(part, algorithm)
@@ -350,10 +351,6 @@ def _verify(part: Path, remote: RemoteFile, no_verify: bool) -> str:
                                 f"(a proxy or an interrupted mirror can corrupt a transfer), or check the mirror "
                                 f"({MIRROR_ENV}).")
             return f"{algorithm} {actual} (verified)"
-    if not no_verify:  # fetch refuses this before downloading; a guard for other callers
-        part.unlink(missing_ok=True)
-        raise DataError(f"{remote.source_url()}: no checksum is registered for {remote.filename}; it was deleted "
-                        f"and nothing was installed. Add --no-verify to install it unverified.")
     actual = _digest(part, "sha256")
     logger.warning("%s installed UNVERIFIED (no published checksum): sha256 %s", remote.filename, actual)
     return f"sha256 {actual} (NOT verified: --no-verify)"
@@ -432,7 +429,7 @@ def fetch(name: str, force: bool = False, no_verify: bool = False,
         part = target.with_name(target.name + ".part")
         _refuse_unchecked(remote, no_verify)
         _download(name, url, part, by_hand, progress)
-        checked = _verify(part, remote, no_verify)
+        checked = _verify(part, remote)
         os.replace(part, target)
         lines.append(f"{target}  {checked}")
     write_text(folder / "SOURCE.txt", f"{spec.name}: {spec.title}\nfiles: {', '.join(f.url for f in spec.files)}\n"
@@ -459,7 +456,7 @@ def _fetch_archive(spec: PublicSet, force: bool, no_verify: bool,
     _refuse_unchecked(remote, no_verify)
     _download(spec.name, url, part, by_hand, progress)
     try:
-        checked = _verify(part, remote, no_verify)
+        checked = _verify(part, remote)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
         try:
             lines = [f"{url}  {checked}", *_prepare_archive(spec, part, tmp, folder)]
