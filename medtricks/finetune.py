@@ -329,16 +329,15 @@ def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics:
 
 
 def _open_for_scoring(run: str | Path, device: str | None, tta: bool) -> tuple[Run, float | None, dict]:
-    """The opened run, its binary threshold and the JSON keys of --tta: with `tta`, the model averaged over the
-    views its augment preset allows (medtricks.tta) and the threshold chosen again, with those views, on the run's
-    own validation split (the run's threshold when that split cannot be read, with a warning)."""
+    """The opened run, its decision rule (Run.threshold) and the JSON keys of --tta: with `tta`, the model averaged
+    over the views its augment preset allows (medtricks.tta) and the rule chosen again, with those views, on the
+    run's own validation split (the run's rule when that split cannot be read, with a warning)."""
     opened = open_run(run, device)
     if not tta:
         return opened, opened.threshold, {}
-    opened.require_single_label("--tta")
-    opened.model, views = tta_module.wrap(opened.model, opened.recipe.data.augment)
+    opened.model, views = tta_module.wrap(opened.model, opened.recipe.data.augment, opened.multilabel)
     threshold = opened.threshold
-    if len(opened.classes) == 2 or threshold is not None:  # a binary threshold or grade cuts: chosen again
+    if len(opened.classes) == 2 or threshold is not None:  # binary threshold, per-finding thresholds, grade cuts
         try:
             val = opened.predict(opened.dataset(None, "val"))
             threshold = val_threshold(val, len(opened.classes), opened.recipe.train.threshold,
@@ -346,7 +345,9 @@ def _open_for_scoring(run: str | Path, device: str | None, tta: bool) -> tuple[R
         except MedtricksError as exc:
             logger.warning("--tta: the run's validation split cannot be scored (%s); using the run's threshold %s, "
                            "chosen without test-time augmentation", exc, threshold)
-    return opened, threshold, {"tta": list(views), "threshold": threshold}
+    rule = ({"thresholds": None if threshold is None else dict(zip(opened.classes, threshold, strict=True))}
+            if opened.multilabel else {"threshold": threshold})
+    return opened, threshold, {"tta": list(views), **rule}
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val",

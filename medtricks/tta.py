@@ -2,8 +2,9 @@
 augmentation drew (medtricks.data.transforms.PRESET_FLIPS), never another: no left-right flip of a radiograph.
 
 `evaluate --tta` and `predict --tta` wrap the run's model in `TTAModel`, whose output is the log of the mean softmax
-over the views, so every scorer reads it as logits; a binary threshold is then chosen again on the run's validation
-split with the same views (tta_threshold), since averaging moves the scores the run's threshold was chosen on.
+over the views (multi-label: the logit of each finding's mean sigmoid), so every scorer reads it as logits; the
+run's decision rule (binary threshold, grade cuts, per-finding thresholds) is then chosen again on its validation
+split with the same views, since averaging moves the scores the run's rule was chosen on.
 
 Written here rather than with MONAI's TestTimeAugmentation, which draws random transforms per image and returns their
 spread for uncertainty; this is the deterministic flip average of classification TTA (e.g. Simonyan & Zisserman 2015).
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from medtricks.data.transforms import PRESET_FLIPS
-from medtricks.models.ensemble import mean_probability_logits
+from medtricks.models.ensemble import mean_probability_logits, mean_sigmoid_logits
 
 logger = logging.getLogger(__name__)
 
@@ -39,24 +40,27 @@ def tta_views(preset: str) -> tuple[str, ...]:
 
 
 class TTAModel(nn.Module):
-    """`model` averaged over `views`: forward returns log(mean over views of softmax(model(view(x))))."""
+    """`model` averaged over `views`: forward returns log(mean over views of softmax(model(view(x)))), or with
+    `multilabel` the logit of the mean over views of each finding's sigmoid."""
 
-    def __init__(self, model: nn.Module, views: tuple[str, ...]):
+    def __init__(self, model: nn.Module, views: tuple[str, ...], multilabel: bool = False):
         super().__init__()
         unknown = [v for v in views if v not in VIEWS]
         if unknown:
             raise ValueError(f"unknown TTA views {unknown}; choose from {list(VIEWS)}.")
         self.model, self.views = model, tuple(views)
+        self.average = mean_sigmoid_logits if multilabel else mean_probability_logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mean_probability_logits([self.model(x.flip(VIEWS[v]) if VIEWS[v] else x) for v in self.views])
+        return self.average([self.model(x.flip(VIEWS[v]) if VIEWS[v] else x) for v in self.views])
 
 
-def wrap(model: nn.Module, preset: str) -> tuple[TTAModel, tuple[str, ...]]:
-    """`model` under the views of `preset`, with a warning when the preset allows no flip (only the identity)."""
+def wrap(model: nn.Module, preset: str, multilabel: bool = False) -> tuple[TTAModel, tuple[str, ...]]:
+    """`model` under the views of `preset` (a multi-label model: sigmoids averaged), with a warning when the preset
+    allows no flip (only the identity)."""
     views = tta_views(preset)
     if len(views) == 1:
         logger.warning("--tta: the run's augment preset %r draws no flips (%s), so the only view is the image "
                        "itself and the scores are those without --tta.", preset,
                        "left/right anatomy of radiographs" if preset == "cxr" else "no augmentation")
-    return TTAModel(model, views), views
+    return TTAModel(model, views, multilabel), views

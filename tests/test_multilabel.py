@@ -14,10 +14,8 @@ import torch.nn.functional as F
 from multilabel_data import FAST, FINDINGS, write_manifest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from typer.testing import CliRunner
 
 from conftest import shared
-from medtricks.cli import app
 from medtricks.data.sources import LabelFormat, load_source
 from medtricks.data.splits import assign_splits, find_leaks
 from medtricks.errors import DataError, MedtricksError, RecipeError
@@ -277,12 +275,6 @@ def test_predict_writes_a_probability_per_finding_and_the_set(ml_run, findings, 
     info = json.loads((copy / "model.json").read_text())
     (copy / "model.json").write_text(json.dumps({**info, "thresholds": {"square": 0.0, "stripe": 0.0}}))
     assert {r["prediction"] for r in predict(copy, images)} == {"square|stripe"}
-
-
-def test_tta_says_it_is_unsupported_without_traceback(ml_run):
-    result = CliRunner().invoke(app, ["evaluate", str(ml_run), "--tta"])
-    assert result.exit_code == 2, result.output
-    assert "not supported" in result.output and "Traceback" not in result.output
 
 
 def test_corrupt_reports_mean_accuracy_and_auroc_over_findings(ml_run, tmp_path):

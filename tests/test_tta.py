@@ -1,6 +1,6 @@
 """Test-time augmentation (issue 18, part 5): only the flips a run's augment preset draws are ever applied, the
-output is the average of the views' probabilities, and evaluate / predict --tta choose the binary threshold again on
-validation with the same views."""
+output is the average of the views' probabilities (multi-label: of each finding's sigmoid), and evaluate / predict
+--tta choose the binary threshold (multi-label: each finding's) again on validation with the same views."""
 
 import logging
 
@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 from medtricks.data.transforms import create_train_transform
 from medtricks.finetune import evaluate, finetune, predict
 from medtricks.metrics import choose_threshold
+from medtricks.multilabel import choose_thresholds
 from medtricks.recipe import AUGMENT_PRESETS
 from medtricks.runs import open_run
 from medtricks.tta import VIEWS, TTAModel, tta_views, wrap
@@ -59,6 +60,14 @@ def test_the_output_is_the_log_of_the_mean_probability_over_the_views():
     assert torch.allclose(probs, expected, atol=1e-6)
 
 
+def test_a_multilabel_output_is_the_logit_of_each_findings_mean_sigmoid():
+    model, x = Recorder(), torch.rand(3, 1, 8, 8)
+    views = tta_views("fundus")
+    probs = TTAModel(model, views, multilabel=True)(x).sigmoid()
+    expected = torch.stack([model(x.flip(VIEWS[v]) if VIEWS[v] else x).sigmoid() for v in views]).mean(0)
+    assert torch.allclose(probs, expected, atol=1e-6)
+
+
 def test_a_preset_without_flips_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="medtricks.tta"):
         _, views = wrap(Recorder(), "cxr")
@@ -88,3 +97,35 @@ def test_evaluate_and_predict_with_tta(phantoms_train, tmp_path):
             p1 = opened.model(image).softmax(-1)[0, 1].item()
             assert row[f"p_{opened.classes[1]}"] == pytest.approx(p1, abs=1e-6)
             assert row["prediction"] == opened.classes[int(p1 >= scored["threshold"])]
+
+
+def test_multilabel_evaluate_and_predict_with_tta(findings, tmp_path):
+    from multilabel_data import FAST as ML_FAST
+    from sklearn.metrics import roc_auc_score
+
+    run = finetune("demo", data=findings, out=tmp_path / "run", overrides=[*ML_FAST, "train.epochs=2",
+                                                                         "data.augment=fundus"])
+    scored = evaluate(run, split="test", tta=True)
+    assert scored["tta"] == ["identity", "hflip", "vflip", "hvflip"]
+    opened = open_run(run, device="cpu")
+    opened.model = TTAModel(opened.model, tuple(scored["tta"]), multilabel=True)
+    val = opened.predict(opened.dataset(None, "val"))
+    chosen = choose_thresholds(val.labels, val.probs, opened.recipe.train.threshold)
+    assert scored["thresholds"] == dict(zip(opened.classes, chosen, strict=True))
+    test = opened.predict(opened.dataset(None, "test"))
+    assert scored["auroc"] == pytest.approx(roc_auc_score(test.labels, test.probs, average=None).mean())
+    for k, finding in enumerate(opened.classes):
+        decided = test.probs[:, k] >= chosen[k]
+        assert scored["per_label"][finding]["accuracy"] == pytest.approx(np.mean(decided == test.labels[:, k]))
+    images = sorted((findings / "images").glob("*.png"))[:3]
+    rows = predict(run, images, tta=True)
+    with torch.inference_mode():
+        from medtricks.data.images import read_image
+        from medtricks.data.transforms import create_eval_transform
+        transform = create_eval_transform(32, opened.info["crop_fraction"])
+        for row, path in zip(rows, images, strict=True):
+            probs = opened.model(transform(torch.from_numpy(read_image(path, 1)[0]))[None]).sigmoid()[0]
+            for k, finding in enumerate(opened.classes):
+                assert row[f"p_{finding}"] == pytest.approx(probs[k].item(), abs=1e-6)
+            found = [f for k, f in enumerate(opened.classes) if probs[k].item() >= chosen[k]]
+            assert row["prediction"] == ("|".join(found) or "No Finding")
