@@ -16,6 +16,8 @@ Design:
   their largest eps (`--set attack.eps=[0.0078]` chooses it; `--set attack.method=autoattack` the ensemble), saved
   beside the run as robust.json; with `corruptions=True` also the mean accuracy over the corruptions of the
   recipe's preset (attack.corruptions, else the modality's) and severities, saved as corruption.json.
+  Multi-label recipes: every metric is the mean over findings of report.json's top level (and `task: multilabel`
+  joins ablation.json); the pooled cross-validation tests exact matches (medtricks.crossval).
 - Resuming: OUT/runs/<variant>/seed-<k>/ is an ordinary run directory. Calling again with the same OUT reuses every
   finished run (report.json present) once its recipe.yaml is checked to be the recipe that would run now (else an
   error: use another OUT). An unfinished run (killed during training) is continued with finetune's `resume` where
@@ -54,7 +56,7 @@ from medtricks.recipe import (
     recipe_differences,
     resolve_recipe,
 )
-from medtricks.robustness import decision_model, run_attack
+from medtricks.robustness import MULTILABEL_METHODS, decision_model, run_attack
 from medtricks.runs import RunError, open_run, save_recipe
 from medtricks.stats import detectable_difference, paired_difference
 from medtricks.tricks import TRICKS
@@ -317,10 +319,12 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         >>> result = ablate("demo", seeds=3, tricks=["warmup", "label_smoothing"], out="runs/ablate-demo")
     """
     base = resolve_recipe(recipe, overrides)
-    if base.data.multilabel:
-        raise AblationError("multi-label recipes (data.task: multilabel) are not supported by medtricks ablate yet.")
     if seeds < 1:
         raise AblationError(f"--seeds {seeds}: must be >= 1 (>= 2 for an interval; 3-5 are usual).")
+    if attack and base.data.multilabel and (base.attack.targeted or base.attack.method not in MULTILABEL_METHODS):
+        raise AblationError(f"--attack: a multi-label recipe is attacked untargeted with "
+                            f"{', '.join(MULTILABEL_METHODS)} (attack.method is {base.attack.method}, attack.targeted "
+                            f"{base.attack.targeted}); --set attack.method=pgd --set attack.targeted=false.")
     if data is not None:
         base = load_recipe_from_dict(base.to_dict(), [f"data.source={json.dumps(str(Path(data).resolve()))}"])
     grid = variants(base, tricks, mode, custom)
@@ -371,6 +375,7 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
                 "values": {m: v[k] for m, v in values[variant].items()}})
     result = {
         "recipe": base.name, "data": str(data) if data is not None else base.data.source, "mode": mode,
+        **({"task": "multilabel"} if base.data.multilabel else {}),
         "tricks": names, "seeds": list(range(seeds)), "folds": folds or None,
         "units": [{"seed": seed, **({"fold": fold} if folds else {})} for seed, fold in units],
         "split": "held-out folds" if folds else "val", "overrides": list(overrides),
@@ -447,6 +452,9 @@ def markdown_table(result: dict) -> str:
                     "n/a" if row["auroc"] is None else f"{row['auroc']:.4f}", f"{row['accuracy']:.4f}",
                     f"{delong['difference']:+.4f} ({delong['p_value']:.3g})" if delong else "—",
                     f"{mcnemar['accuracy_difference']:+.4f} ({mcnemar['p_value']:.3g})" if mcnemar else "—"]) + " |")
+        if result.get("task") == "multilabel":
+            lines += ["", "Multi-label: AUROC and accuracy are means over the findings (each at its fold's own "
+                          "threshold); McNemar's test and its Δ are those of exact matches (every finding right)."]
     detectable = {m: p["detectable"] for m, p in result.get("power", {}).items() if p["detectable"] is not None}
     if detectable:
         n = next(iter(result["power"].values()))["n"]

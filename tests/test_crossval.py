@@ -110,6 +110,55 @@ def test_ablate_folds_end_to_end_and_resumed(phantoms_train, tmp_path, monkeypat
     assert again["variants"] == result["variants"] and again["pooled"] == result["pooled"]
 
 
+def test_multilabel_ablate_folds_pools_means_over_findings_and_exact_matches(findings, tmp_path):
+    import shutil
+
+    from multilabel_data import FAST as ML_FAST
+    from sklearn.metrics import roc_auc_score
+
+    data = shutil.copytree(findings, tmp_path / "data")  # the findings under another column name: folds.json reads it
+    lines = (data / "labels.csv").read_text().splitlines()
+    (data / "labels.csv").write_text("\n".join(["path,finding_labels,patient_id", *lines[1:]]) + "\n")
+    out = tmp_path / "cv"
+    overrides = [*ML_FAST, "train.epochs=1", "data.label_column=finding_labels"]
+    with pytest.raises(MedtricksError, match="attack.method is autoattack"):  # refused before any training
+        ablate("demo", data=data, out=out, seeds=1, folds=2, attack=True,
+               overrides=[*overrides, "attack.method=autoattack"])
+    assert not (out / "runs").exists()
+    result = ablate("demo", data=data, out=out, seeds=1, folds=2, overrides=overrides, attack=True,
+                    custom=["slow:train.lr=0.0005"])
+    assert result["task"] == "multilabel"
+    for variant in ("reference", "slow"):  # robust accuracy: the mean over findings of the multi-label attack
+        for k, run in enumerate(result["variants"][variant]["runs"]):
+            robust = json.loads((Path(run) / "robust.json").read_text())
+            assert result["variants"][variant]["values"]["robust_accuracy"][k] == robust["accuracy"]
+            assert 0 <= robust["accuracy"] <= robust["clean_accuracy"] <= 1
+    pooled_scores = {}
+    for variant in ("reference", "slow"):
+        runs = result["variants"][variant]["runs"]
+        for k, run in enumerate(runs):
+            report = json.loads((Path(run) / "report.json").read_text())
+            assert result["variants"][variant]["values"]["auroc"][k] == report["splits"]["test"]["auroc"]
+        parts = [json.loads((Path(run) / "fold_scores.json").read_text()) for run in runs]
+        labels = np.concatenate([p["labels"] for p in parts])
+        probs = np.concatenate([p["probs"] for p in parts])
+        right = np.concatenate([(np.asarray(p["probs"]) >= p["threshold"]) == np.asarray(p["labels"])
+                                for p in parts])
+        assert labels.shape == probs.shape == (len(labels), 2)
+        row = result["pooled"][variant][0]
+        assert row["auroc"] == pytest.approx(roc_auc_score(labels, probs, average=None).mean())
+        assert row["accuracy"] == pytest.approx(right.mean())
+        assert row["exact_match"] == pytest.approx(right.all(1).mean())
+        pooled_scores[variant] = right.all(1)
+    mcnemar = result["pooled"]["slow"][0]["mcnemar"]
+    assert mcnemar["accuracy_difference"] == pytest.approx(pooled_scores["slow"].mean()
+                                                           - pooled_scores["reference"].mean())
+    assert "delong" not in result["pooled"]["slow"][0]
+    record = json.loads((out / "folds.json").read_text())
+    assert sum(f is not None for f in record["fold_of_record"]["0"]) == result["pooled"]["reference"][0]["n"]
+    assert "Multi-label" in (out / "ablation.md").read_text()
+
+
 def colour_data(folder: Path, patients: int = 40) -> Path:
     """RGB images whose class is only in the colour: red- or green-tinted noise of equal BT.601 luma (106 x 0.299 ~
     54 x 0.587, within 0.004 of a grey level), so a grey model sees two identical distributions and a colour model

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from conftest import shared
 from medtricks.data.sources import LabelFormat, load_source
 from medtricks.data.splits import assign_splits, find_leaks
-from medtricks.errors import DataError, MedtricksError, RecipeError
+from medtricks.errors import DataError, RecipeError
 from medtricks.finetune import evaluate, finetune, predict
 from medtricks.multilabel import choose_thresholds, compute_multilabel_metrics
 from medtricks.recipe import DataConfig, TricksConfig, build_dataclass, load_recipe
@@ -319,10 +319,3 @@ def test_ensemble_averages_sigmoids_and_chooses_thresholds_again(ml_run, finding
         roc_auc_score(test.labels, test.probs, average=None))
     again = evaluate(folder, split="test")  # the ensemble opens like a run
     assert {k: again[k] for k in report["splits"]["test"]} == report["splits"]["test"]
-
-
-def test_ablate_refuses_multilabel(findings):
-    from medtricks.ablate import ablate
-
-    with pytest.raises(MedtricksError, match="multi-label recipes .* not supported by medtricks ablate"):
-        ablate("demo", data=findings, overrides=FAST, tricks=["warmup"])
