@@ -530,7 +530,8 @@ def explain_cmd(
             extra["shortcuts"] = shortcut_screen(result.maps)
         if sanity:
             pixels = torch.from_numpy(result.images).to(opened.device)
-            extra["sanity"] = sanity_check(opened.model, pixels, result.classes, method, layer)
+            extra["sanity"] = sanity_check(opened.model, pixels, result.classes, method, layer,
+                                           multilabel=opened.multilabel)
         folder = write_explanations(result, out or Path(f"explain-{run.resolve().name}-{method}"), method, overwrite,
                                     extra)
     except MedtricksError as exc:

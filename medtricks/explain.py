@@ -2,7 +2,8 @@
 
 MONAI computes the maps (monai.visualize.GradCAM, GradCAMpp, OcclusionSensitivity); written here is only what it
 does not do: the target layer of each architecture, the class each map explains (the run's own decision, with its
-validation threshold for binary tasks), one image at a time (MONAI's class score indexes a batch with a per-image
+validation threshold for binary tasks; multi-label: a finding's logit, by default the run's most confident finding), one
+image at a time (MONAI's class score indexes a batch with a per-image
 class as a B x B matrix), a map per image scaled to [0, 1] by its maximum (MONAI's default post-processing maps
 (min, max) to (1, 0)), overlays and raw maps on disk, and two screens a reviewer asks for:
 
@@ -22,6 +23,7 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -86,13 +88,14 @@ def _scaled(maps: torch.Tensor) -> np.ndarray:
 class Explainer:
     """Saliency maps of one model by one method (hooks are registered once, so build one per model)."""
 
-    def __init__(self, model: MedModel, method: str = "gradcam", layer: str | None = None):
+    def __init__(self, model: MedModel, method: str = "gradcam", layer: str | None = None, multilabel: bool = False):
         if method not in METHODS:
             raise ExplainError(f"--method {short(method)}: choose one of {', '.join(METHODS)}.")
         if not isinstance(model, MedModel):
             raise ExplainError("explain takes a single model; an ensemble's maps would mix its members' attention "
                                "(explain each member run instead).")
         self.model, self.method = model.eval(), method
+        self.activate = torch.sigmoid if multilabel else partial(torch.softmax, dim=-1)  # a finding's or class's p
         self.layer = _layer(model, layer) if method != "occlusion" else None
         identity = lambda x: x  # noqa: E731  (MONAI's default post-processing flips the map: we scale it ourselves)
         if method == "gradcam":
@@ -110,9 +113,10 @@ class Explainer:
             if self.method == "occlusion":
                 if self._cam is None:
                     self._cam = OcclusionSensitivity(self.model, mask_size=max(4, x.shape[-1] // 8), n_batch=16,
-                                                     verbose=False, mode="mean_img", overlap=0.5)
+                                                     verbose=False, mode="mean_img", overlap=0.5,
+                                                     activate=self.activate)
                 with torch.no_grad():
-                    base = self.model(x).float().softmax(-1)[0, cls]
+                    base = self.activate(self.model(x).float())[0, cls]
                     occluded, _ = self._cam(x)  # (1, classes, H, W): the class probability with each region hidden
                 maps.append((base - occluded[0, cls]).clamp_min(0))
             else:
@@ -121,10 +125,16 @@ class Explainer:
 
 
 def decided_classes(run: Run, images: torch.Tensor) -> tuple[list[int], np.ndarray]:
-    """The run's decision per image (validation threshold for binary tasks, argmax otherwise) and the
-    probabilities."""
+    """The class each image's map explains and the probabilities: the run's decision (validation threshold for binary
+    tasks, argmax otherwise); multi-label, the finding whose sigmoid lies furthest above its validation threshold
+    (the most confident finding; with none found, the one closest to being found)."""
     with torch.no_grad():
-        probs = run.model(images.to(run.device)).float().softmax(-1).cpu().numpy()
+        logits = run.model(images.to(run.device)).float()
+    if run.multilabel:
+        probs = logits.sigmoid().cpu().numpy()
+        thresholds = np.full(probs.shape[1], 0.5) if run.threshold is None else np.asarray(run.threshold)
+        return (probs - thresholds).argmax(axis=1).tolist(), probs
+    probs = logits.softmax(-1).cpu().numpy()
     return decisions(probs, run.threshold).tolist(), probs
 
 
@@ -183,18 +193,19 @@ def _randomize(module: nn.Module, seed: int) -> None:
 
 
 def sanity_check(model: MedModel, images: torch.Tensor, classes: Sequence[int], method: str = "gradcam",
-                 layer: str | None = None, seed: int = 0) -> dict:
-    """Cascading randomization (Adebayo et al. 2018): the maps after randomizing the stages from the head down.
+                 layer: str | None = None, seed: int = 0, multilabel: bool = False) -> dict:
+    """Cascading randomization (Adebayo et al. 2018): the maps after randomizing the stages from the head down
+    (`multilabel`: `classes` are findings; occlusion reads their sigmoids).
 
     Returns:
         {"steps": [{"randomized": [stages], "spearman", "ssim"}], "head_only": {...}, "flagged", "note"}: the mean
         over images of the Spearman rank correlation and SSIM between each step's maps and the trained model's.
     """
-    original = Explainer(model, method, layer)(images, classes)
+    original = Explainer(model, method, layer, multilabel)(images, classes)
     stages = list(ARCHS[model.arch].stages)[::-1]  # head first
 
     def compare(randomized: MedModel) -> dict:
-        maps = Explainer(randomized, method, layer)(images, classes)
+        maps = Explainer(randomized, method, layer, multilabel)(images, classes)
         rho = [r for a, b in zip(original, maps, strict=True) if (r := _spearman(a, b)) is not None]
         ssim = SSIMMetric(spatial_dims=2, data_range=1.0)(torch.from_numpy(maps)[:, None],
                                                           torch.from_numpy(original)[:, None])
@@ -289,12 +300,12 @@ def explain(run: str | Path | Run, inputs: Sequence[str | Path], method: str = "
         run: a finished run directory (or an opened Run).
         inputs: image files or folders (recursively).
         method: gradcam, gradcam++ or occlusion.
-        target_class: the class to explain (a name of the run's classes); None = the run's decision per image.
+        target_class: the class to explain (a name of the run's classes; multi-label: a finding); None = the run's
+            decision per image (multi-label: its most confident finding, decided_classes).
         layer: Grad-CAM layer (a module name); None = cam_layer.
         device: auto, cpu, cuda or cuda:N (default: the recipe's).
     """
     opened = run if isinstance(run, Run) else open_run(run, device)
-    opened.require_single_label("medtricks explain")
     images, paths, unreadable = load_images(opened, inputs)
     decided, probs = decided_classes(opened, images)
     if target_class is not None:
@@ -302,7 +313,7 @@ def explain(run: str | Path | Run, inputs: Sequence[str | Path], method: str = "
             raise ExplainError(f"--class {short(target_class)} is not one of the run's classes "
                                f"{list(opened.classes)}.")
         decided = [opened.classes.index(target_class)] * len(paths)
-    maps = Explainer(opened.model, method, layer)(images.to(opened.device), decided)
+    maps = Explainer(opened.model, method, layer, opened.multilabel)(images.to(opened.device), decided)
     return Explained(maps, images.numpy(), decided, [opened.classes[c] for c in decided], probs, paths, unreadable)
 
 
@@ -320,9 +331,8 @@ def explain_split(run: Run, split: str = "test", data: str | Path | None = None,
     decision; with `gallery`, a PNG of the most border-focused images."""
     from medtricks import plots
 
-    run.require_single_label("evaluate --explain-summary")
     dataset = run.dataset(data, split)
-    explainer = Explainer(run.model, method, layer)
+    explainer = Explainer(run.model, method, layer, run.multilabel)
     images, maps, decided = [], [], []
     for batch in run.loader(dataset):
         pixels = batch["image"].to(run.device)

@@ -239,12 +239,6 @@ class Run:
             return [float(c) for c in self.info["grade_cuts"]]
         return self.info.get("threshold")
 
-    def require_single_label(self, command: str) -> None:
-        """Refuse a command that does not support multi-label runs yet, in one sentence."""
-        if self.multilabel:
-            raise RunError(f"{self.path}: multi-label runs (data.task: multilabel) are not supported by {command} "
-                           f"yet.")
-
     @property
     def source(self) -> str:
         """The data source the run was trained on."""

@@ -4,18 +4,28 @@ the cascading-randomization sanity check, and the command's files and errors."""
 
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from typer.testing import CliRunner
 
 from medtricks.cli import app
-from medtricks.explain import Explainer, cam_layer, explain, region_masks, sanity_check, shortcut_screen
+from medtricks.explain import (
+    Explainer,
+    cam_layer,
+    decided_classes,
+    explain,
+    region_masks,
+    sanity_check,
+    shortcut_screen,
+)
 from medtricks.finetune import finetune
-from medtricks.models.backbones import ARCHS, create_model
+from medtricks.models.backbones import ARCHS, MedModel, create_model
 from medtricks.runs import open_run
 
 runner = CliRunner()
@@ -191,3 +201,100 @@ def test_evaluate_explain_summary_screens_a_whole_split(lesion_run, tmp_path, mo
     report = json.loads((run / "report.json").read_text())
     assert screen["images"] == report["splits"]["test"]["n"] and not screen["flagged"]
     assert len(screen["most_border_focused"]) == 8 and (tmp_path / screen["gallery"]).is_file()
+
+
+def two_findings_set(folder, n: int = 200, seed: int = 0):
+    """Grey 128 px images with two independent findings, each on about half of them: `disk` (a bright disk of
+    radius 14 in the upper half) and `bar` (a dark horizontal band 10 px high in the lower half). Returns each
+    image's disk centre and bar rows (None when absent)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    rows, planted = [], {}
+    for i in range(n):
+        image = rng.normal(0.45, 0.05, (SIZE, SIZE))
+        disk = bar = None
+        if rng.random() < 0.5:
+            disk = tuple(int(v) for v in (rng.integers(28, 50), rng.integers(30, 98)))
+            image[(y - disk[0]) ** 2 + (x - disk[1]) ** 2 <= 14 ** 2] += 0.4
+        if rng.random() < 0.5:
+            top = int(rng.integers(80, 100))
+            bar = (top, top + 10)
+            image[top:top + 10, 20:108] -= 0.35
+        name = f"img{i:03d}.png"
+        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(folder / name)
+        found = [f for f, on in (("disk", disk), ("bar", bar)) if on is not None]
+        rows.append({"path": name, "label": "|".join(found) or "No Finding", "patient_id": f"p{i}"})
+        planted[name] = (disk, bar)
+    with open(folder / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "patient_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return planted
+
+
+def test_multilabel_maps_explain_each_finding_where_it_lies(tmp_path):
+    planted = two_findings_set(tmp_path / "data")
+    run = finetune("demo", data=tmp_path / "data", out=tmp_path / "run",
+                   overrides=[*TRAIN, "data.task=multilabel", "data.classes=[disk, bar]", "train.optimizer=adamw",
+                              "train.lr=0.002"])
+    report = json.loads((run / "report.json").read_text())
+    assert all(report["splits"]["test"]["per_label"][f]["auroc"] > 0.9 for f in ("disk", "bar"))
+    opened = open_run(run, device="cpu")
+    test = opened.dataset(split="test")
+    both = [tmp_path / "data" / test.store.records[i]["key"] for i in test.indices
+            if None not in planted[test.store.records[i]["key"]]]  # held-out images with both findings
+    assert len(both) >= 6
+    for finding in ("disk", "bar"):  # one image, two maps: each finding's peak on that finding (half a cell: 8 px)
+        result = explain(opened, both, layer="blocks.4", target_class=finding)
+        assert result.class_names == [finding] * len(both)
+        near = []
+        for path, saliency in zip(result.paths, result.maps, strict=True):
+            disk, bar = planted[path.rsplit("/", 1)[-1]]
+            py, px = np.unravel_index(np.argmax(saliency), saliency.shape)
+            near.append(np.hypot(py - disk[0], px - disk[1]) <= 14 + 8 if finding == "disk"
+                        else bar[0] - 8 <= py < bar[1] + 8 and 20 - 8 <= px < 108 + 8)
+        assert np.mean(near) >= 0.6, (finding, np.mean(near))
+    only_disk = [tmp_path / "data" / k for k, (disk, bar) in planted.items() if disk and bar is None][:4]
+    result = explain(opened, only_disk, method="occlusion")  # default: the most confident finding, by sigmoid
+    thresholds = json.loads((run / "model.json").read_text())["thresholds"]
+    for path, probs, name, saliency in zip(result.paths, result.probabilities, result.class_names, result.maps,
+                                           strict=True):
+        assert name == ["disk", "bar"][int(np.argmax(probs - [thresholds["disk"], thresholds["bar"]]))]
+        if name == "disk":  # hiding the disk lowers its sigmoid most: the occlusion peak is on it (a mask: 16 px)
+            disk, _ = planted[path.rsplit("/", 1)[-1]]
+            py, px = np.unravel_index(np.argmax(saliency), saliency.shape)
+            assert np.hypot(py - disk[0], px - disk[1]) <= 14 + 16
+    assert result.class_names.count("disk") >= 3
+    check = sanity_check(opened.model, torch.from_numpy(result.images), result.classes, multilabel=True)
+    assert check["steps"][-1]["spearman"] < 0.5 and not check["flagged"]
+
+
+class TwoRegions(MedModel):
+    """Logits of two regions' mean brightness: class 0 = 8 x mean(left half), class 1 = 8 x mean(right half)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.arch, self.scale = "resnet18", nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.scale * torch.stack([8 * x[..., :16].mean((1, 2, 3)), 8 * x[..., 16:].mean((1, 2, 3))], 1)
+
+
+def test_multilabel_occlusion_reads_each_findings_own_sigmoid():
+    x = torch.full((1, 1, 32, 32), 0.9)
+    x[..., 16:] = 0.2  # occlusion fills with the image mean: hiding the bright left half lowers class 0's logit,
+    # hiding the dark right half raises class 1's
+    maps = {multilabel: Explainer(TwoRegions(), "occlusion", multilabel=multilabel)(x, [0])[0]
+            for multilabel in (False, True)}
+    # a finding's sigmoid depends on its own logit only: hiding the right half leaves finding 0 alone; a softmax
+    # couples the classes, so there class 1's rise shows up in class 0's map
+    assert maps[True][:, 24:].max() == 0 and maps[True][:, :8].max() > 0
+    assert maps[False][:, 24:].max() > 0
+
+
+def test_multilabel_maps_default_to_the_finding_furthest_above_its_threshold():
+    logits = torch.logit(torch.tensor([[0.9, 0.6], [0.8, 0.1]]))  # margins (-0.05, 0.3) and (-0.15, -0.2)
+    run = SimpleNamespace(model=lambda images: logits, device="cpu", multilabel=True, threshold=[0.95, 0.3])
+    decided, probs = decided_classes(run, torch.zeros(2, 1, 8, 8))
+    assert decided == [1, 0] and probs == pytest.approx(logits.sigmoid().numpy())  # not the largest sigmoid: 0
