@@ -397,7 +397,8 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
     result["power"] = _power(result["variants"], list(values[REFERENCE]))
     if folds:
         notify({"status": "pooling", "done": done, "total": len(plan), "variant": "", "seed": "", "run": str(out)})
-        result["pooled"] = pooled_comparison({v: result["variants"][v]["runs"] for v in grid}, units, REFERENCE)
+        result["pooled"] = pooled_comparison({v: result["variants"][v]["runs"] for v in grid}, units, REFERENCE,
+                                             base.data.ordinal)
         write_json(out / "folds.json", fold_record(Path(base.data.source), grid[REFERENCE], seeds, folds))
     write_json(out / "ablation.json", result)
     write_text(out / "ablation.md", markdown_table(result))
@@ -407,6 +408,10 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
     design = f"{seeds} seed(s) x {folds} folds" if folds else f"{seeds} seed(s)"
     plots.plot_forest(effects, out / "forest.png", title=f"{base.name}: {mode}, {design}, paired vs reference")
     return {**result, "files": {name: str(out / name) for name in ("ablation.json", "ablation.md", "forest.png")}}
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def markdown_table(result: dict) -> str:
@@ -427,8 +432,7 @@ def markdown_table(result: dict) -> str:
     for variant, entry in result["variants"].items():
         cells = [variant]
         for m in metrics:
-            cells.append(" ± ".join("n/a" if x is None else f"{x:.4f}" for x in (entry["summary"][m]["mean"],
-                                                                                 entry["summary"][m]["sd"])))
+            cells.append(" ± ".join(_cell(entry["summary"][m][k]) for k in ("mean", "sd")))
             if entry["vs_reference"] is None:
                 cells += ["—", "—"]
                 continue
@@ -440,16 +444,17 @@ def markdown_table(result: dict) -> str:
     if len(result.get("units", result["seeds"])) < 2:
         lines += ["", "One seed: no interval, so every verdict is \"no detectable effect\". Use --seeds 3 or more."]
     if result.get("pooled"):
+        kappa = any("kappa_quadratic" in row for rows in result["pooled"].values() for row in rows)
         lines += ["", "Pooled held-out folds (one score per image and seed; tests against the reference):", "",
-                  "| variant | seed | n | pooled AUROC | accuracy | DeLong Δ AUROC (p) | McNemar Δ accuracy (p) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| variant | seed | n | pooled AUROC | accuracy | " + ("quadratic kappa | " if kappa else "")
+                  + "DeLong Δ AUROC (p) | McNemar Δ accuracy (p) |", "|---|---|---|---|---|" + "---|" * (2 + kappa)]
         for variant, rows in result["pooled"].items():
             for row in rows:
                 delong = row.get("delong")
                 mcnemar = row.get("mcnemar")
                 lines.append("| " + " | ".join([
-                    variant, str(row["seed"]), str(row["n"]),
-                    "n/a" if row["auroc"] is None else f"{row['auroc']:.4f}", f"{row['accuracy']:.4f}",
+                    variant, str(row["seed"]), str(row["n"]), _cell(row["auroc"]), f"{row['accuracy']:.4f}",
+                    *([_cell(row.get("kappa_quadratic"))] if kappa else []),
                     f"{delong['difference']:+.4f} ({delong['p_value']:.3g})" if delong else "—",
                     f"{mcnemar['accuracy_difference']:+.4f} ({mcnemar['p_value']:.3g})" if mcnemar else "—"]) + " |")
         if result.get("task") == "multilabel":

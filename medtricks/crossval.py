@@ -23,7 +23,7 @@ from medtricks.data.sources import LabelFormat, load_source
 from medtricks.data.splits import fold_assignment
 from medtricks.errors import MedtricksError
 from medtricks.files import write_json
-from medtricks.metrics import auroc, decisions
+from medtricks.metrics import auroc, decisions, weighted_kappa
 from medtricks.multilabel import mean_auroc, predicted_sets
 from medtricks.recipe import Recipe
 from medtricks.runs import open_run
@@ -57,23 +57,28 @@ def _pool(runs: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.concatenate([p["decisions"] for p in parts]).astype(int))
 
 
-def _pooled_row(labels: np.ndarray, probs: np.ndarray, decided: np.ndarray) -> tuple[dict, np.ndarray]:
-    """The pooled metrics of one variant and seed, and each image's right/wrong for McNemar's test (multi-label:
-    every finding right)."""
+def _pooled_row(labels: np.ndarray, probs: np.ndarray, decided: np.ndarray, ordinal: bool) -> tuple[dict, np.ndarray]:
+    """The pooled metrics of one variant and seed (`ordinal`: with the quadratic weighted kappa of the decisions),
+    and each image's right/wrong for McNemar's test (multi-label: every finding right)."""
     right = decided == labels
     if labels.ndim == 2:  # multi-label
         return ({"auroc": mean_auroc(labels, probs), "accuracy": float(right.mean()),
                  "exact_match": float(right.all(1).mean())}, right.all(1))
-    return {"auroc": auroc(labels, probs), "accuracy": float(right.mean())}, right
+    row = {"auroc": auroc(labels, probs), "accuracy": float(right.mean())}
+    if ordinal:
+        row["kappa_quadratic"] = weighted_kappa(labels, decided, probs.shape[1], n_boot=0)[0]
+    return row, right
 
 
-def pooled_comparison(runs: dict[str, list[str]], units: Sequence[tuple[int, int]], reference: str) -> dict:
+def pooled_comparison(runs: dict[str, list[str]], units: Sequence[tuple[int, int]], reference: str,
+                      ordinal: bool = False) -> dict:
     """Per seed, each variant's pooled held-out metrics and its tests against the reference.
 
     Args:
         runs: variant -> run directories in the order of `units`.
         units: (seed, fold) of each run.
         reference: the variant the others are compared with.
+        ordinal: the classes are ordered grades (data.ordinal): rows add "kappa_quadratic" of the pooled decisions.
 
     Returns:
         {variant: [{"seed", "n", "auroc", "accuracy" (multi-label: means over findings, and "exact_match"), and
@@ -85,14 +90,14 @@ def pooled_comparison(runs: dict[str, list[str]], units: Sequence[tuple[int, int
     for seed in seeds:
         chosen = [i for i, (s, _) in enumerate(units) if s == seed]
         ref_labels, ref_probs, ref_decisions = _pool([runs[reference][i] for i in chosen])
-        _, ref_right = _pooled_row(ref_labels, ref_probs, ref_decisions)
+        _, ref_right = _pooled_row(ref_labels, ref_probs, ref_decisions, ordinal)
         for variant, paths in runs.items():
             labels, probs, decided = _pool([paths[i] for i in chosen])
             if not np.array_equal(labels, ref_labels):
                 raise MedtricksError(f"variant {variant}, seed {seed}: its held-out folds hold other images than the "
                                      f"reference's (a variant that changes the data or its split cannot be compared "
                                      f"image by image).")
-            metrics, right = _pooled_row(labels, probs, decided)
+            metrics, right = _pooled_row(labels, probs, decided, ordinal)
             row = {"seed": seed, "n": int(len(labels)), **metrics}
             if variant != reference:
                 if labels.ndim == 1 and probs.shape[1] == 2 and row["auroc"] is not None:

@@ -97,6 +97,7 @@ def test_ablate_folds_end_to_end_and_resumed(phantoms_train, tmp_path, monkeypat
     n_pool = sum(f is not None for f in record["fold_of_record"]["0"])
     assert pooled["reference"][0]["n"] == pooled["fast"][0]["n"] == n_pool  # every image scored once
     assert "mcnemar" in pooled["fast"][0] and "delong" in pooled["fast"][0]
+    assert "kappa_quadratic" not in pooled["fast"][0]  # not an ordinal recipe
     assert "Pooled held-out folds" in (out / "ablation.md").read_text()
 
     ablate_module = importlib.import_module("medtricks.ablate")  # the module: medtricks.ablate is the function
@@ -157,6 +158,39 @@ def test_multilabel_ablate_folds_pools_means_over_findings_and_exact_matches(fin
     record = json.loads((out / "folds.json").read_text())
     assert sum(f is not None for f in record["fold_of_record"]["0"]) == result["pooled"]["reference"][0]["n"]
     assert "Multi-label" in (out / "ablation.md").read_text()
+
+
+def test_pooled_ordinal_folds_add_the_quadratic_kappa_of_the_pooled_decisions(tmp_path):
+    from sklearn.metrics import cohen_kappa_score
+
+    from medtricks.ablate import markdown_table
+    from medtricks.crossval import pooled_comparison
+
+    rng = np.random.default_rng(0)
+    runs = {"reference": [], "other": []}
+    for variant in runs:
+        for fold in range(2):  # held-out scores as fold_scores.json caches them: 5 grades, decisions by argmax
+            labels = np.arange(30) % 5
+            probs = rng.dirichlet(np.ones(5), 30) + np.eye(5)[labels] * (0.5 if variant == "reference" else 0.1)
+            probs /= probs.sum(1, keepdims=True)
+            run = tmp_path / variant / f"fold-{fold}"
+            run.mkdir(parents=True)
+            (run / "fold_scores.json").write_text(json.dumps({
+                "labels": labels.tolist(), "probs": probs.tolist(), "decisions": probs.argmax(1).tolist(),
+                "threshold": None}))
+            runs[variant].append(str(run))
+    pooled = pooled_comparison(runs, [(0, 0), (0, 1)], "reference", ordinal=True)
+    for variant, paths in runs.items():
+        parts = [json.loads((Path(p) / "fold_scores.json").read_text()) for p in paths]
+        expected = cohen_kappa_score(np.concatenate([p["labels"] for p in parts]),
+                                     np.concatenate([p["decisions"] for p in parts]), weights="quadratic")
+        assert pooled[variant][0]["kappa_quadratic"] == pytest.approx(expected)
+    assert pooled["reference"][0]["kappa_quadratic"] > pooled["other"][0]["kappa_quadratic"]
+    assert "kappa_quadratic" not in pooled_comparison(runs, [(0, 0), (0, 1)], "reference")["other"][0]
+    result = {"recipe": "r", "mode": "leave-one-out", "folds": 2, "seeds": [0], "units": [{}, {}], "command": "c",
+              "pooled": pooled, "variants": {v: {"summary": {}, "vs_reference": None, "values": {}} for v in runs}}
+    table = markdown_table(result)
+    assert "quadratic kappa" in table and f"{pooled['other'][0]['kappa_quadratic']:.4f}" in table
 
 
 def colour_data(folder: Path, patients: int = 40) -> Path:
