@@ -2,10 +2,10 @@
 
 MONAI computes the maps (monai.visualize.GradCAM, GradCAMpp, OcclusionSensitivity); written here is only what it
 does not do: the target layer of each architecture, the class each map explains (the run's own decision, with its
-validation threshold for binary tasks; multi-label: a finding's logit, by default the run's most confident finding), one
-image at a time (MONAI's class score indexes a batch with a per-image
-class as a B x B matrix), a map per image scaled to [0, 1] by its maximum (MONAI's default post-processing maps
-(min, max) to (1, 0)), overlays and raw maps on disk, and two screens a reviewer asks for:
+validation threshold for binary tasks; multi-label: one finding's logit, by default the run's most confident
+finding), one image at a time (MONAI's class score indexes a batch with a per-image class as a B x B matrix), a map
+per image scaled to [0, 1] by its maximum (MONAI's default post-processing maps (min, max) to (1, 0)), overlays and
+raw maps on disk, and two screens a reviewer asks for:
 
 - sanity (Adebayo et al., NeurIPS 2018, "Sanity checks for saliency maps"): the maps again after randomizing the
   model's stages one by one from the head down (cascading randomization), with the Spearman rank correlation and
