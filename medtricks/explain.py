@@ -85,6 +85,12 @@ def _scaled(maps: torch.Tensor) -> np.ndarray:
     return torch.where(peak > 0, maps / peak.clamp_min(1e-30), torch.zeros_like(maps)).cpu().numpy()
 
 
+def activation(multilabel: bool):
+    """What turns a run's logits into the probabilities a map explains: each finding's sigmoid (multi-label) or the
+    classes' softmax."""
+    return torch.sigmoid if multilabel else partial(torch.softmax, dim=-1)
+
+
 class Explainer:
     """Saliency maps of one model by one method (hooks are registered once, so build one per model)."""
 
@@ -95,7 +101,7 @@ class Explainer:
             raise ExplainError("explain takes a single model; an ensemble's maps would mix its members' attention "
                                "(explain each member run instead).")
         self.model, self.method = model.eval(), method
-        self.activate = torch.sigmoid if multilabel else partial(torch.softmax, dim=-1)  # a finding's or class's p
+        self.activate = activation(multilabel)
         self.layer = _layer(model, layer) if method != "occlusion" else None
         identity = lambda x: x  # noqa: E731  (MONAI's default post-processing flips the map: we scale it ourselves)
         if method == "gradcam":
@@ -129,12 +135,10 @@ def decided_classes(run: Run, images: torch.Tensor) -> tuple[list[int], np.ndarr
     tasks, argmax otherwise); multi-label, the finding whose sigmoid lies furthest above its validation threshold
     (the most confident finding; with none found, the one closest to being found)."""
     with torch.no_grad():
-        logits = run.model(images.to(run.device)).float()
+        probs = activation(run.multilabel)(run.model(images.to(run.device)).float()).cpu().numpy()
     if run.multilabel:
-        probs = logits.sigmoid().cpu().numpy()
         thresholds = np.full(probs.shape[1], 0.5) if run.threshold is None else np.asarray(run.threshold)
         return (probs - thresholds).argmax(axis=1).tolist(), probs
-    probs = logits.softmax(-1).cpu().numpy()
     return decisions(probs, run.threshold).tolist(), probs
 
 
