@@ -40,6 +40,7 @@ from medtricks.errors import DataError, MedtricksError, short
 from medtricks.files import atomic_write, check_output, write_json
 from medtricks.metrics import decisions
 from medtricks.models.backbones import ARCHS, MedModel
+from medtricks.multilabel import label_name
 from medtricks.runs import Run, open_run
 
 logger = logging.getLogger(__name__)
@@ -243,6 +244,9 @@ def attention_shift(model: MedModel, examples: Sequence[tuple], classes: Sequenc
     """Does an attack move the model's attention? The map of each attack example's true class on the clean and on
     the adversarial image (`attack --explain`), side by side in `path`, with their rank correlation.
 
+    Multi-label examples (label and decisions are multi-hot tuples) map one finding each, named in the row's
+    "finding": the first whose decision the attack flipped, else the first present, else the first (_mapped_finding).
+
     Args:
         examples: (clean (C, H, W), adversarial (C, H, W), label, clean prediction, adversarial prediction), as
             medtricks.robustness.run_attack keeps them.
@@ -252,17 +256,28 @@ def attention_shift(model: MedModel, examples: Sequence[tuple], classes: Sequenc
     if not examples:
         return []
     device = next(model.parameters()).device
-    explainer = Explainer(model, method)
-    labels = [int(e[2]) for e in examples]
-    clean = explainer(torch.stack([e[0] for e in examples]).to(device), labels)
-    adversarial = explainer(torch.stack([e[1] for e in examples]).to(device), labels)
-    rows = [{"label": classes[label], "clean_prediction": classes[e[3]], "adversarial_prediction": classes[e[4]],
-             "spearman": _spearman(a, b)} for label, e, a, b in zip(labels, examples, clean, adversarial, strict=True)]
-    titles = [f"{r['label']}: {r['clean_prediction']} -> {r['adversarial_prediction']}, Spearman "
+    multilabel = not isinstance(examples[0][2], int | np.integer)
+    mapped = [_mapped_finding(*e[2:5]) if multilabel else int(e[2]) for e in examples]
+    explainer = Explainer(model, method, multilabel=multilabel)
+    clean = explainer(torch.stack([e[0] for e in examples]).to(device), mapped)
+    adversarial = explainer(torch.stack([e[1] for e in examples]).to(device), mapped)
+    rows = [{"label": label_name(e[2], classes), "clean_prediction": label_name(e[3], classes),
+             "adversarial_prediction": label_name(e[4], classes), **({"finding": classes[k]} if multilabel else {}),
+             "spearman": _spearman(a, b)} for k, e, a, b in zip(mapped, examples, clean, adversarial, strict=True)]
+    titles = [(f"map of {r['finding']}; " if multilabel else "")
+              + f"{r['label']}: {r['clean_prediction']} -> {r['adversarial_prediction']}, Spearman "
               + ("n/a (both maps empty)" if r["spearman"] is None else f"{r['spearman']:.2f}") for r in rows]
     plots.plot_attention_shift([e[0].numpy() for e in examples], [e[1].numpy() for e in examples], clean,
                                adversarial, titles, path, method)
     return rows
+
+
+def _mapped_finding(label: Sequence[int], clean: Sequence[int], adversarial: Sequence[int]) -> int:
+    """The finding whose maps show a multi-label attack's effect: the first whose decision it flipped, else the first
+    the image has, else the first."""
+    flipped = [k for k, (before, after) in enumerate(zip(clean, adversarial, strict=True)) if before != after]
+    present = [k for k, on in enumerate(label) if on]
+    return (flipped or present or [0])[0]
 
 
 @dataclass

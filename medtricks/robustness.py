@@ -110,7 +110,7 @@ def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[s
 MULTILABEL_METHODS = ("fgsm", "pgd", "apgd")  # the attacks adapted to multi-label runs
 
 
-def _check_multilabel(run: Run, settings: AttackSettings, explain: bool) -> None:
+def _check_multilabel(run: Run, settings: AttackSettings) -> None:
     """Refuse, in one sentence each, what a multi-label run cannot be attacked with."""
     if settings.targeted:
         raise AttackError(f"{run.path} is a multi-label run: a targeted attack (--targeted, --preset finlayson, "
@@ -119,9 +119,6 @@ def _check_multilabel(run: Run, settings: AttackSettings, explain: bool) -> None
     if settings.method not in MULTILABEL_METHODS:
         raise AttackError(f"{run.path} is a multi-label run: --{settings.method} is not adapted to multi-label "
                           f"models; use --fgsm, --pgd or --apgd (--loss ce or margin).")
-    if explain:
-        raise AttackError(f"--explain: {run.path} is a multi-label run, whose Grad-CAM maps are not supported yet; "
-                          f"attack without --explain.")
 
 
 def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSettings, classes: Sequence[str],
@@ -305,7 +302,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
                           f"attack without --explain, or explain a member run.")
     settings = attack_settings(settings or target.recipe.attack, preset, **(options or {}))
     if target.multilabel:
-        _check_multilabel(target, settings, explain)
+        _check_multilabel(target, settings)
     dataset = target.dataset(data, split, limit)
     source = decision_model(target.open_same_task(source_run, "--source-run")) if source_run is not None else None
     loader, model = target.loader(dataset), decision_model(target)

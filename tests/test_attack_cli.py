@@ -473,13 +473,33 @@ def test_multilabel_attack_ascends_the_bce_of_the_true_findings(ml_run):
     (["--targeted"], ["multi-label", "targeted", "no single class to aim at"]),
     (["--preset", "finlayson"], ["multi-label", "--preset finlayson", "no single class to aim at"]),
     (["--autoattack"], ["multi-label", "--autoattack", "--fgsm, --pgd or --apgd"]),
-    (["--explain"], ["multi-label", "--explain"]),
 ])
 def test_multilabel_refusals_exit_2(ml_run, args, words):
     result = attack(ml_run, "--eps", "2/255", "--limit", "4", *args)
     assert result.exit_code == 2, result.output
     for word in words:
         assert word in result.output, (word, result.output)
+
+
+def test_multilabel_attack_explain_maps_the_finding_the_attack_flipped(ml_run, tmp_path):
+    """Each gallery image's maps explain one finding: the first whose decision the attack changed, else one the image
+    has; the rows name the label and both decisions as finding sets."""
+    report = attack_json(tmp_path, ml_run, "--pgd", "--eps", "8/255", "--steps", "5", "--limit", "6", "--split", "val",
+                         "--explain")
+    rows, names = report["explain"], ["square", "stripe"]
+    assert len(rows) == 6 and {row["finding"] for row in rows} <= set(names)
+    flipped = 0
+    for row in rows:
+        sets = [set() if row[k] == "none" else set(row[k].split("+")) for k in
+                ("label", "clean_prediction", "adversarial_prediction")]
+        changed = [n for n in names if (n in sets[1]) != (n in sets[2])]
+        assert row["finding"] == (changed or [n for n in names if n in sets[0]] or names)[0], row
+        flipped += bool(changed)
+    assert flipped >= 3  # at 8/255 the attack flips most images' decisions: the flipped branch is exercised
+    rho = [row["spearman"] for row in rows if row["spearman"] is not None]
+    assert rho and all(-1 <= r <= 1 for r in rho)
+    folder = sorted((ml_run / "attacks").iterdir())[-1]
+    assert (folder / "explain.png").is_file()
 
 
 def test_multilabel_apgd_margin(ml_run, tmp_path):
