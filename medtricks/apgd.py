@@ -16,7 +16,9 @@ highest-loss iterate (of the best restart) and the broken mask is the worst case
 Multi-label models (labels (N, L) multi-hot, one logit per finding decided at >= 0: attacks.FindingThresholds):
 APGD is untargeted; "ce" ascends the findings' mean binary cross-entropy (attacks.multilabel_loss) and "margin"
 the largest logit on the wrong side of its decision (multilabel_margin), > 0 exactly when some finding is wrong;
-the broken masks are (N, L). The AutoAttack-style ensemble is not adapted to them.
+the broken masks are (N, L). The AutoAttack-style ensemble has no target to aim at there, so it runs the two
+untargeted members of the two-class case (APGD-CE on the mean BCE, APGD on multilabel_margin) and keeps, per image,
+the member's image with the highest mean BCE of the true findings.
 """
 
 from __future__ import annotations
@@ -29,13 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtricks.attacks import (
-    TwoLogits,
     ascent_step,
     attack_mode,
     attack_network,
     check_eps,
     finding_errors,
-    fold_batchnorm,
     multilabel_loss,
     project,
     uniform_start,
@@ -234,12 +234,12 @@ class Member:
     rank: int = 0
 
 
-def ensemble_members(n_classes: int, n_targets: int = 9) -> list[Member]:
+def ensemble_members(n_classes: int, n_targets: int = 9, multilabel: bool = False) -> list[Member]:
     """AutoAttack's white-box members: APGD-CE, then targeted APGD on the margin loss towards each of the
     min(n_targets, classes - 1) most likely wrong classes (APGD-T); for two classes, where the only target is the
-    other class, one untargeted APGD on the margin (the same attack)."""
+    other class, and for multi-label models, which have no class to aim at, one untargeted APGD on the margin."""
     members = [Member("apgd-ce", "ce")]
-    if n_classes == 2:
+    if n_classes == 2 or multilabel:
         return [*members, Member("apgd-margin", "margin")]
     ranks = range(1, min(n_targets, n_classes - 1) + 1)
     return [*members, *(Member(f"apgd-t{rank}", "margin", rank) for rank in ranks)]
@@ -254,28 +254,41 @@ def autoattack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps
         (adversarial images, broken, per-member broken): an image is broken when some member made the decision
         wrong at some iterate (the per-image worst case: robust accuracy = 1 - mean(broken)); its adversarial image
         is the member's highest-loss iterate with the lowest probability of the true class (the worst case for
-        scores such as AUROC); per-member masks say which member broke what.
+        scores such as AUROC; multi-label: the highest mean BCE of the true findings); per-member masks say which
+        member broke what. Multi-label: broken is (N, L) per finding, the per-member masks (N,) per image (some
+        finding wrong).
     """
-    if labels.ndim == 2:
-        raise AttackError("the AutoAttack-style ensemble is not adapted to multi-label models; run apgd (loss ce or "
-                          "margin) or pgd.")
     images, labels = images.detach().float().clone(), labels.detach().clone()
+    multilabel = labels.ndim == 2
     with attack_mode(model), torch.autocast(images.device.type, enabled=False):
-        net = TwoLogits(fold_batchnorm(model, images[:2]))
+        net = attack_network(model, images[:2], multilabel)
         with torch.no_grad():
             logits = net(images)
-        members = ensemble_members(logits.shape[1], n_targets)
-        order = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), -math.inf).argsort(1, descending=True)
-        adv, lowest = images.clone(), torch.full((len(images),), math.inf, device=images.device)
-        broken, per_member = logits.argmax(1) != labels, {}
+        members = ensemble_members(logits.shape[1], n_targets, multilabel)
+        if multilabel:
+            broken = finding_errors(logits, labels)
+        else:
+            order = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), -math.inf).argsort(1,
+                                                                                                     descending=True)
+            broken = logits.argmax(1) != labels
+        adv, worst = images.clone(), torch.full((len(images),), -math.inf, device=images.device)
+        per_member = {}
         for member in members:
             targets = order[:, member.rank - 1] if member.rank else None
             x, _, wrong = _apgd(model, images, labels, eps, steps, norm, member.loss, targets, restarts, generator,
                                 net=net)
             with torch.no_grad():
-                p_true = net(x).softmax(1).gather(1, labels[:, None])[:, 0]
-            keep = p_true < lowest
-            adv[keep], lowest[keep] = x[keep], p_true[keep]
-            per_member[member.name] = wrong
+                adversity = _adversity(net(x), labels)
+            keep = adversity > worst
+            adv[keep], worst[keep] = x[keep], adversity[keep]
+            per_member[member.name] = wrong.any(1) if multilabel else wrong
             broken |= wrong
     return adv, broken, per_member
+
+
+def _adversity(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How bad an image is for its true label, per image: minus the true class's probability; multi-label, the mean
+    binary cross-entropy of the true findings."""
+    if labels.ndim == 2:
+        return multilabel_loss(logits, labels)
+    return -logits.softmax(1).gather(1, labels[:, None])[:, 0]

@@ -107,7 +107,7 @@ def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[s
     return torch.full_like(labels, list(classes).index(settings.target_class))
 
 
-MULTILABEL_METHODS = ("fgsm", "pgd", "apgd")  # the attacks adapted to multi-label runs
+MULTILABEL_METHODS = ("fgsm", "pgd", "apgd", "autoattack")  # the attacks adapted to multi-label runs
 
 
 def _check_multilabel(run: Run, settings: AttackSettings) -> None:
@@ -118,7 +118,7 @@ def _check_multilabel(run: Run, settings: AttackSettings) -> None:
                           f"cross-entropy of the true findings).")
     if settings.method not in MULTILABEL_METHODS:
         raise AttackError(f"{run.path} is a multi-label run: --{settings.method} is not adapted to multi-label "
-                          f"models; use --fgsm, --pgd or --apgd (--loss ce or margin).")
+                          f"models; use --fgsm, --pgd, --apgd (--loss ce or margin) or --autoattack.")
 
 
 def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSettings, classes: Sequence[str],
@@ -222,7 +222,8 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
     return {"attack": settings.method, "norm": settings.norm, "steps": settings.steps if iterative else 1,
             "step_size": settings.step_size, "restarts": settings.restarts if iterative else 1,
             **({"loss": settings.loss} if settings.method == "apgd" else {}),
-            **({"members": [m.name for m in ensemble_members(len(classes))]} if settings.method == "autoattack"
+            **({"members": [m.name for m in ensemble_members(len(classes), multilabel=multilabel)]}
+               if settings.method == "autoattack"
                else {}),
             **({"task": "multilabel"} if multilabel else {}),
             "targeted": settings.targeted, "target_class": settings.target_class, "n": int(len(labels)),

@@ -472,7 +472,6 @@ def test_multilabel_attack_ascends_the_bce_of_the_true_findings(ml_run):
 @pytest.mark.parametrize("args, words", [
     (["--targeted"], ["multi-label", "targeted", "no single class to aim at"]),
     (["--preset", "finlayson"], ["multi-label", "--preset finlayson", "no single class to aim at"]),
-    (["--autoattack"], ["multi-label", "--autoattack", "--fgsm, --pgd or --apgd"]),
 ])
 def test_multilabel_refusals_exit_2(ml_run, args, words):
     result = attack(ml_run, "--eps", "2/255", "--limit", "4", *args)
@@ -500,6 +499,16 @@ def test_multilabel_attack_explain_maps_the_finding_the_attack_flipped(ml_run, t
     assert rho and all(-1 <= r <= 1 for r in rho)
     folder = sorted((ml_run / "attacks").iterdir())[-1]
     assert (folder / "explain.png").is_file()
+
+
+def test_multilabel_autoattack_reports_both_members_and_their_worst_case(ml_run, tmp_path):
+    report = attack_json(tmp_path, ml_run, "--autoattack", "--eps", "1/255", "--steps", "5", "--split", "val",
+                         "--limit", "16")
+    assert report["task"] == "multilabel" and report["members"] == ["apgd-ce", "apgd-margin"]
+    row = report["results"][0]
+    assert set(row["members"]) == {"apgd-ce", "apgd-margin"} and set(row["per_label"]) == {"square", "stripe"}
+    assert row["exact_match"] <= min(m["accuracy"] for m in row["members"].values())
+    assert row["exact_match"] < report["clean"]["exact_match"]
 
 
 def test_multilabel_apgd_margin(ml_run, tmp_path):

@@ -666,11 +666,28 @@ def test_multilabel_pgd_and_apgd_stay_in_the_ball_and_raise_the_loss(method, los
     assert torch.equal(margin > 0, final_errors.any(1) & (margin != 0))  # > 0 exactly when some finding is wrong
 
 
-def test_multilabel_attacks_refuse_targets_and_the_ensemble():
+def test_multilabel_attacks_refuse_targets():
     model, images, labels = _multilabel_batch(8)
     with pytest.raises(AttackError, match="untargeted"):
         pgd(model, images, labels, 2 / 255, targets=1 - labels)
     with pytest.raises(AttackError, match="untargeted"):
         apgd(model, images, labels, 2 / 255, targets=1 - labels)
-    with pytest.raises(AttackError, match="not adapted to multi-label"):
-        autoattack(model, images, labels, 2 / 255)
+
+
+def test_multilabel_ensemble_is_apgd_ce_then_margin_with_the_worst_case_of_both():
+    """The ensemble on a multi-label model: its APGD-CE member is exactly a lone APGD-CE with the same seed (the
+    member runs first), its broken mask (N, L) holds both members' per-finding masks, and each image's adversarial
+    image is the member's with the higher mean BCE of the true findings: at least the lone APGD-CE's."""
+    model, images, labels = _multilabel_batch()
+    eps = 4 / 255
+    adv, broken, members = autoattack(model, images, labels, eps, steps=10, generator=torch.Generator().manual_seed(0))
+    assert list(members) == ["apgd-ce", "apgd-margin"] and broken.shape == labels.shape
+    lone_ce, lone_broken = apgd(model, images, labels, eps, steps=10, loss="ce",
+                                generator=torch.Generator().manual_seed(0), return_broken=True)
+    assert torch.equal(members["apgd-ce"], lone_broken.any(1))  # per-member masks are per image
+    assert bool((broken | ~lone_broken).all())
+    assert torch.equal(broken.any(1), members["apgd-ce"] | members["apgd-margin"])
+    assert (_bce(model, adv, labels) >= _bce(model, lone_ce, labels) - 1e-6).all()
+    assert float((adv - images).abs().max()) <= eps + 1e-6
+    with torch.no_grad():
+        assert bool((broken | ((model(adv) >= 0) == labels.bool())).all())  # the final errors are in the mask
