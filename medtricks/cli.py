@@ -804,7 +804,7 @@ def data_list() -> None:
 
     Example: medtricks data list
     """
-    from medtricks.data.public import REGISTRY, data_dir
+    from medtricks.data.catalog import REGISTRY, data_dir
 
     for spec in REGISTRY.values():
         state = "cached" if spec.is_ready() else f"not cached: {spec.how_to_get()}"
@@ -830,7 +830,8 @@ def data_fetch(
     --no-verify), extracted safely and prepared into the cache; on any error nothing is left there.
     Example: medtricks data fetch medmnist:pneumoniamnist@28
     """
-    from medtricks.data.public import fetch, find_set
+    from medtricks.data.catalog import find_set
+    from medtricks.data.public import fetch
 
     bar = Progress(TextColumn(name, markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeElapsedColumn(), console=err_console, transient=True)
@@ -865,7 +866,8 @@ def data_prepare(
 
     Example: medtricks data prepare nih-chestxray14 ~/Downloads/ChestXray-NIHCC
     """
-    from medtricks.data.public import find_set, prepare_set
+    from medtricks.data.catalog import find_set
+    from medtricks.data.public import prepare_set
 
     try:
         spec = find_set(name)

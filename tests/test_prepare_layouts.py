@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import nothing_lost
 from medtricks.cli import app
-from medtricks.data import public
+from medtricks.data import catalog
 from medtricks.data.images import read_image
 from medtricks.data.prepare_challenges import CHEXPERT_FINDINGS
 from medtricks.data.sources import LabelFormat, load_source
@@ -159,7 +159,7 @@ def test_prepare_isic2016_row_by_row(tmp_path, cache):
     ]
     assert "left out: 1 ground-truth rows whose image" in " ".join(result.output.split())
     # the dermoscopy recipe's classes (nevus = 0, melanoma = 1), by the name alone
-    source = load_source(public.resolve_named("isic-2016"), _classes("dermoscopy"))
+    source = load_source(catalog.resolve_named("isic-2016"), _classes("dermoscopy"))
     assert [r["label"] for r in source.records] == [0, 0, 1, 0, 1]
     assert source.has_splits and not source.has_patient_ids
     assert read_image(source.records[4]["image"], channels=3)[0].shape == (3, 12, 16)
@@ -309,7 +309,7 @@ def test_data_list_and_known_names_show_the_new_sets(cache):
     text = " ".join(result.output.split())
     for name in ("idrid-grading", "isic-2016", "chexpert"):
         assert f"{name} not cached: `medtricks data prepare {name} RAW_DIR`" in text
-        assert name in public.known_names()
+        assert name in catalog.known_names()
     assert "--uncertain zeros|ones (default zeros)" in text and "--views frontal|all (default frontal)" in text
     for flag in ("pathmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist"):
-        assert f"medmnist:{flag}@224" in text and flag in public.known_names()
+        assert f"medmnist:{flag}@224" in text and flag in catalog.known_names()

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from conftest import nothing_lost
 from medtricks.cli import app
-from medtricks.data import archive, public
+from medtricks.data import archive, catalog, public
+from medtricks.data.catalog import PublicSet, RemoteFile
 from medtricks.data.prepare import kermany_patient
-from medtricks.data.public import PublicSet, RemoteFile
 from medtricks.data.sources import LabelFormat, load_source
 
 runner = CliRunner()
@@ -67,14 +67,14 @@ def cache(tmp_path, monkeypatch):
     """An empty MEDTRICKS_CACHE of the test's own; network allowed (the conftest sets MEDTRICKS_OFFLINE)."""
     monkeypatch.setenv("MEDTRICKS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MEDTRICKS_OFFLINE", raising=False)
-    monkeypatch.delenv(public.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(catalog.MIRROR_ENV, raising=False)
     return tmp_path / "cache"
 
 
 def _register(monkeypatch, url: str, sha256: str | None = SHA) -> PublicSet:
     spec = PublicSet(NAME, "test blob", "CC0 test licence", "Tester T., The Blob (2025).", "README.md",
                      files=(RemoteFile(url, "blob.bin", sha256=sha256),))
-    monkeypatch.setitem(public.REGISTRY, NAME, spec)
+    monkeypatch.setitem(catalog.REGISTRY, NAME, spec)
     return spec
 
 
@@ -92,7 +92,7 @@ def _files(folder: Path) -> list[str]:
 
 def test_fetch_installs_the_verified_file_and_prints_the_licence(server, cache, monkeypatch):
     spec = _register(monkeypatch, "https://example.invalid/record/blob.bin?download=1")
-    monkeypatch.setenv(public.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}/files/")  # the URL base
+    monkeypatch.setenv(catalog.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}/files/")  # the URL base
     result = _fetch()
     assert result.exit_code == 0, result.output
     assert spec.folder == cache / "data" / "test" / "blob@1"
@@ -160,11 +160,11 @@ def test_fetch_offline_names_the_url_and_the_folder(cache, monkeypatch):
 
 
 def test_the_medmnist_names_point_at_the_official_files():
-    spec = public.find_set("medmnist:pneumoniamnist@28")
+    spec = catalog.find_set("medmnist:pneumoniamnist@28")
     assert spec.files[0].url == "https://zenodo.org/records/10519652/files/pneumoniamnist.npz?download=1"
     assert spec.files[0].md5 == "28209eda62fecd6e6a2d98b1501bb15f"
-    assert public.find_set("medmnist:retinamnist@224").files[0].filename == "retinamnist_224.npz"
-    assert all(f.md5 or f.sha256 or f.unchecked for s in public.REGISTRY.values() for f in s.files)
+    assert catalog.find_set("medmnist:retinamnist@224").files[0].filename == "retinamnist_224.npz"
+    assert all(f.md5 or f.sha256 or f.unchecked for s in catalog.REGISTRY.values() for f in s.files)
 
 
 @pytest.mark.parametrize("name, filename, md5", [  # medmnist/info.py of medmnist 3.0.2 (MD5, MD5_64, ...)
@@ -174,10 +174,10 @@ def test_the_medmnist_names_point_at_the_official_files():
     ("medmnist:organsmnist@224", "organsmnist_224.npz", "b354719e553fbbb2513d5533f52a4cb1"),
 ])
 def test_new_medmnist_names_carry_the_published_md5(name, filename, md5):
-    remote = public.find_set(name).files[0]
+    remote = catalog.find_set(name).files[0]
     assert (remote.filename, remote.md5) == (filename, md5)
     assert remote.url == f"https://zenodo.org/records/10519652/files/{filename}?download=1"
-    md5s = [f.md5 for s in public.REGISTRY.values() for f in s.files]
+    md5s = [f.md5 for s in catalog.REGISTRY.values() for f in s.files]
     assert len(md5s) == len(set(md5s))  # no checksum pasted twice
 
 
@@ -230,7 +230,7 @@ def test_prepare_nih_chestxray14_writes_the_manifest_row_by_row(tmp_path, cache)
     ]
     assert "left out: 1 rows" in " ".join(result.output.split())
     # medtricks reads it as a multi-label source with the official split, by the name alone
-    source = load_source(public.resolve_named("nih-chestxray14"), ("Cardiomegaly", "Emphysema", "Hernia", "Pneumonia"),
+    source = load_source(catalog.resolve_named("nih-chestxray14"), ("Cardiomegaly", "Emphysema", "Hernia", "Pneumonia"),
                          LabelFormat(multilabel=True))
     assert [r["label"] for r in source.records] == [(1, 0, 0, 0), (1, 1, 0, 0), (0, 0, 0, 0), (0, 0, 1, 1)]
     assert source.has_splits and source.has_patient_ids
@@ -392,7 +392,7 @@ def test_prepare_covid19_collection_keeps_frontal_xrays_and_licences(tmp_path, c
     for word in ["not a frontal view", "not X-ray", "finding outside the three classes", "image file absent"]:
         assert f"left out: 1 rows ({word})" in text
     assert "none given 1" in text
-    source = load_source(public.resolve_named("covid19-image-data-collection"),
+    source = load_source(catalog.resolve_named("covid19-image-data-collection"),
                          ("no_finding", "covid19", "other_pneumonia"))
     assert [r["label"] for r in source.records] == [1, 1, 2, 0] and not source.has_splits
 
@@ -411,7 +411,7 @@ def test_shipped_recipes_name_registered_public_sets():
     assert sources["fundus_dr"] == "medmnist:retinamnist@28"
     assert sources["covid_cxr"] == "covid19-image-data-collection"
     for name, source in sources.items():
-        if source is not None and source in public.REGISTRY:
+        if source is not None and source in catalog.REGISTRY:
             assert "shared" not in source
         elif source is not None:  # a path: only the demo's own synthetic folder
             assert name == "demo" and ".." not in Path(source).parts, (name, source)
@@ -432,7 +432,7 @@ def test_a_bare_word_source_stays_a_path_so_the_demo_writes_its_phantoms(tmp_pat
 # ---- fetch of a repository archive (the COVID-19 image data collection) ------------------------------------------
 
 COVID = "covid19-image-data-collection"
-TOP = f"covid-chestxray-dataset-{public.COVID_COMMIT}"
+TOP = f"covid-chestxray-dataset-{catalog.COVID_COMMIT}"
 
 
 def _tar_gz(folder: Path, extra=()) -> bytes:
@@ -448,7 +448,7 @@ def _tar_gz(folder: Path, extra=()) -> bytes:
 
 def _serve_covid(server, monkeypatch, body: bytes) -> None:
     server.state["body"] = body
-    monkeypatch.setenv(public.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}/covid/")
+    monkeypatch.setenv(catalog.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}/covid/")
 
 
 def _cache_entries(cache: Path) -> list[str]:
@@ -457,8 +457,8 @@ def _cache_entries(cache: Path) -> list[str]:
 
 
 def test_the_covid_collection_is_fetched_at_the_pinned_commit():
-    spec = public.find_set(COVID)
-    assert public.COVID_COMMIT == "6a4242344473ccb5ed0d2148d8c7bfb1691e4ed8"
+    spec = catalog.find_set(COVID)
+    assert catalog.COVID_COMMIT == "6a4242344473ccb5ed0d2148d8c7bfb1691e4ed8"
     assert spec.files[0].url == ("https://codeload.github.com/ieee8023/covid-chestxray-dataset/tar.gz/"
                                  "6a4242344473ccb5ed0d2148d8c7bfb1691e4ed8")
     assert spec.files[0].md5 is None and spec.files[0].sha256 is None and "pinned" in spec.files[0].unchecked
@@ -474,13 +474,13 @@ def test_fetch_covid_archive_end_to_end_matches_prepare(server, cache, tmp_path,
     assert server.state["ranges"] == [None, f"bytes={len(body) // 2}-"]
     text = " ".join(result.output.split())
     assert f"sha256 {hashlib.sha256(body).hexdigest()} (NOT verified: --no-verify)" in text
-    spec = public.find_set(COVID)
+    spec = catalog.find_set(COVID)
     assert spec.licence.split(":")[0] in text and "Cohen J.P., Morrison P." in text  # licence and citation
     folder = cache / "data" / COVID
     # the prepared set and the extracted repository; no archive, no .part, no temporary folder
     assert sorted(p.name for p in (cache / "data").iterdir()) == [COVID]
     assert sorted(p.name for p in folder.iterdir()) == ["SOURCE.txt", TOP, "labels.csv"]
-    assert public.COVID_COMMIT in (folder / "SOURCE.txt").read_text()
+    assert catalog.COVID_COMMIT in (folder / "SOURCE.txt").read_text()
     # the same rows as `data prepare` on the extracted folder, pointing into the cache folder
     prepared = runner.invoke(app, ["data", "prepare", COVID, str(folder / TOP), "--out", str(tmp_path / "o")])
     assert prepared.exit_code == 0, prepared.output
@@ -489,7 +489,7 @@ def test_fetch_covid_archive_end_to_end_matches_prepare(server, cache, tmp_path,
     assert [Path(r["path"]).name for r in fetched_rows] == ["a.jpg", "b.jpg", "c.png", "d.jpeg"]
     assert all(Path(r["path"]).is_file() and (folder / TOP).resolve() in Path(r["path"]).parents
                for r in fetched_rows)
-    source = load_source(public.resolve_named(COVID), ("no_finding", "covid19", "other_pneumonia"))
+    source = load_source(catalog.resolve_named(COVID), ("no_finding", "covid19", "other_pneumonia"))
     assert [r["label"] for r in source.records] == [1, 1, 2, 0]
     again = runner.invoke(app, ["data", "fetch", COVID])
     assert again.exit_code == 0 and "already installed" in again.output and len(server.state["ranges"]) == 2
@@ -506,7 +506,7 @@ def test_fetch_covid_archive_without_no_verify_installs_nothing(server, cache, t
     result = runner.invoke(app, ["data", "fetch", COVID])
     assert result.exit_code == 2 and "Traceback" not in result.output
     text = " ".join(result.output.split())
-    assert "--no-verify" in text and f"commit {public.COVID_COMMIT} is pinned" in text
+    assert "--no-verify" in text and f"commit {catalog.COVID_COMMIT} is pinned" in text
     assert "no published checksum" in text and "Nothing was downloaded" in text
     assert server.state["ranges"] == [] and _cache_entries(cache) in ([], ["data"])  # refused before the transfer
 
@@ -558,7 +558,7 @@ def test_fetch_covid_offline_names_the_url_and_the_folder(cache, monkeypatch):
     result = runner.invoke(app, ["data", "fetch", COVID, "--no-verify"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     text = " ".join(result.output.split())
-    assert "MEDTRICKS_OFFLINE" in text and public.COVID_ARCHIVE.url in text
+    assert "MEDTRICKS_OFFLINE" in text and catalog.COVID_ARCHIVE.url in text
     assert str(cache / "data" / COVID) in text and f"medtricks data prepare {COVID}" in text
     assert _cache_entries(cache) == []
 

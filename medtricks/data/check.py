@@ -19,8 +19,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from medtricks.data.catalog import resolve_named
 from medtricks.data.dataset import ImageStore, prepare_images
-from medtricks.data.public import resolve_named
 from medtricks.data.sources import SPLITS, LabelFormat, count_labels, load_source
 from medtricks.data.splits import find_leaks, split_source
 from medtricks.errors import DataError

@@ -12,6 +12,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Sampler
 
 from medtricks import distributed
+from medtricks.data.catalog import resolve_named
 from medtricks.data.dataset import (
     ImageDataset,
     ImageStore,
@@ -20,7 +21,6 @@ from medtricks.data.dataset import (
     report_problems,
     resolve_cache_mode,
 )
-from medtricks.data.public import resolve_named
 from medtricks.data.sources import SPLITS, LabelFormat, Source, load_source
 from medtricks.data.splits import split_source
 from medtricks.data.transforms import cache_size, create_eval_transform, create_train_transform
@@ -46,7 +46,7 @@ class DataBundle:
 
 def resolve_source(config: DataConfig, data: str | Path | None) -> Path:
     """`--data` wins over the recipe's data.source; one of them is required. A public data set name
-    (`medmnist:pneumoniamnist@28`, `nih-chestxray14`) becomes its cache folder (medtricks.data.public)."""
+    (`medmnist:pneumoniamnist@28`, `nih-chestxray14`) becomes its cache folder (medtricks.data.catalog)."""
     path = data if data is not None else config.source
     if path is None:
         raise DataError("no data source: pass --data DIR|FILE|NAME or set data.source in the recipe (a folder, a "
