@@ -56,7 +56,7 @@ from medtricks.recipe import (
     recipe_differences,
     resolve_recipe,
 )
-from medtricks.robustness import MULTILABEL_METHODS, decision_model, run_attack
+from medtricks.robustness import decision_model, refuse_targeted_multilabel, run_attack
 from medtricks.runs import RunError, open_run, save_recipe
 from medtricks.stats import detectable_difference, paired_difference
 from medtricks.tricks import TRICKS
@@ -321,10 +321,8 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
     base = resolve_recipe(recipe, overrides)
     if seeds < 1:
         raise AblationError(f"--seeds {seeds}: must be >= 1 (>= 2 for an interval; 3-5 are usual).")
-    if attack and base.data.multilabel and (base.attack.targeted or base.attack.method not in MULTILABEL_METHODS):
-        raise AblationError(f"--attack: a multi-label recipe is attacked untargeted with "
-                            f"{', '.join(MULTILABEL_METHODS)} (attack.method is {base.attack.method}, attack.targeted "
-                            f"{base.attack.targeted}); --set attack.method=pgd --set attack.targeted=false.")
+    if attack and base.data.multilabel:
+        refuse_targeted_multilabel(base.attack, "--attack: the recipe")
     if data is not None:
         base = load_recipe_from_dict(base.to_dict(), [f"data.source={json.dumps(str(Path(data).resolve()))}"])
     grid = variants(base, tricks, mode, custom)

@@ -107,18 +107,13 @@ def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[s
     return torch.full_like(labels, list(classes).index(settings.target_class))
 
 
-MULTILABEL_METHODS = ("fgsm", "pgd", "apgd", "autoattack")  # the attacks adapted to multi-label runs
-
-
-def _check_multilabel(run: Run, settings: AttackSettings) -> None:
-    """Refuse, in one sentence each, what a multi-label run cannot be attacked with."""
+def refuse_targeted_multilabel(settings: AttackSettings, what: str) -> None:
+    """Every attack method works on multi-label models, untargeted only: `what` (a run, a recipe) is refused when
+    `settings` ask for a target."""
     if settings.targeted:
-        raise AttackError(f"{run.path} is a multi-label run: a targeted attack (--targeted, --preset finlayson, "
+        raise AttackError(f"{what} is multi-label: a targeted attack (--targeted, --preset finlayson, "
                           f"attack.targeted) has no single class to aim at; run it untargeted (it raises the binary "
                           f"cross-entropy of the true findings).")
-    if settings.method not in MULTILABEL_METHODS:
-        raise AttackError(f"{run.path} is a multi-label run: --{settings.method} is not adapted to multi-label "
-                          f"models; use --fgsm, --pgd, --apgd (--loss ce or margin) or --autoattack.")
 
 
 def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSettings, classes: Sequence[str],
@@ -303,7 +298,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
                           f"attack without --explain, or explain a member run.")
     settings = attack_settings(settings or target.recipe.attack, preset, **(options or {}))
     if target.multilabel:
-        _check_multilabel(target, settings)
+        refuse_targeted_multilabel(settings, str(target.path))
     dataset = target.dataset(data, split, limit)
     source = decision_model(target.open_same_task(source_run, "--source-run")) if source_run is not None else None
     loader, model = target.loader(dataset), decision_model(target)

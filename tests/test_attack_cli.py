@@ -470,7 +470,7 @@ def test_multilabel_attack_ascends_the_bce_of_the_true_findings(ml_run):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--targeted"], ["multi-label", "targeted", "no single class to aim at"]),
+    (["--targeted"], ["is multi-label", "targeted", "no single class to aim at"]),
     (["--preset", "finlayson"], ["multi-label", "--preset finlayson", "no single class to aim at"]),
 ])
 def test_multilabel_refusals_exit_2(ml_run, args, words):

@@ -122,7 +122,7 @@ def test_multilabel_ablate_folds_pools_means_over_findings_and_exact_matches(fin
     (data / "labels.csv").write_text("\n".join(["path,finding_labels,patient_id", *lines[1:]]) + "\n")
     out = tmp_path / "cv"
     overrides = [*ML_FAST, "train.epochs=1", "data.label_column=finding_labels"]
-    with pytest.raises(MedtricksError, match="attack.targeted True"):  # refused before any training
+    with pytest.raises(MedtricksError, match="recipe is multi-label: a targeted"):  # refused before any training
         ablate("demo", data=data, out=out, seeds=1, folds=2, attack=True,
                overrides=[*overrides, "attack.targeted=true"])
     assert not (out / "runs").exists()
