@@ -322,7 +322,8 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
     amp_dtype = resolve_amp_dtype(device, tricks.amp.dtype) if tricks.amp is not None else None
     parts = _Parts(model, model, create_optimizer(model, config, tricks, base_lr, lr_multipliers),
                    create_grad_scaler(device, amp_dtype),
-                   create_ema(model, tricks.ema.decay) if tricks.ema is not None else None, amp_dtype,
+                   create_ema(model, tricks.ema.decay, len(train_loader) * config.epochs)
+                   if tricks.ema is not None else None, amp_dtype,
                    torch.Generator())
     progress = Progress.restore(state, parts) if state is not None else Progress()
     parts.trained = distributed.wrap_model(model, device)

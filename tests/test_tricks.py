@@ -314,6 +314,20 @@ def test_ema_update_formula():
     torch.testing.assert_close(ema.module[1].running_mean, 0.9 * old_mean + 0.1 * model[1].running_mean)
 
 
+def test_ema_warns_when_the_average_would_still_be_the_pretrained_start(caplog):
+    """decay 0.98 over 75 steps (NIH pneumonia_cxr folds: 5 steps x 15 epochs) keeps 0.98^74 = 22% on the first
+    step's weights; the warning names the share and the largest decay that keeps it at 5% (0.05^(1/74) = 0.960)."""
+    model = nn.Linear(2, 2)
+    with caplog.at_level(logging.WARNING, logger="medtricks.tricks.ema"):
+        create_ema(model, 0.98, steps=75)
+    assert "22%" in caplog.text and "at most 0.960" in caplog.text and "75 optimizer steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medtricks.tricks.ema"):
+        create_ema(model, 0.98, steps=400)  # 0.98^399 < 0.001
+        create_ema(model, 0.96, steps=75)  # 0.96^74 = 4.9%
+    assert not caplog.text
+
+
 def test_amp_bfloat16_on_cpu():
     cpu = torch.device("cpu")
     dtype = resolve_amp_dtype(cpu)
