@@ -144,8 +144,11 @@ def test_limit_and_recipe_defaults(run, tmp_path):
     # no --eps: the eps of the run recipe's attack section
     recipe_eps = yaml.safe_load((run / "recipe.yaml").read_text())["attack"]["eps"]
     assert len(recipe_eps) > 1 and [row["eps"] for row in report["results"]] == pytest.approx(recipe_eps)
+    # each eps is attacked on its own, so a 2-step attack need not be monotone in eps (seen: 0.4, 0.2, 0, 0, 0, 0.4);
+    # what holds by design is the per-image worst case, which counts the clean image too
     accuracies = [row["accuracy"] for row in report["results"]]
-    assert all(b <= a for a, b in zip(accuracies, accuracies[1:], strict=False)), accuracies
+    assert all(a <= report["clean"]["accuracy"] for a in accuracies), (accuracies, report["clean"])
+    assert min(accuracies) < report["clean"]["accuracy"]  # and the attack does something
 
 
 def test_save_images_writes_16_bit_grey_pngs(run, tmp_path):
