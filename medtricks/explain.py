@@ -240,11 +240,11 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def attention_shift(model: MedModel, examples: Sequence[tuple], classes: Sequence[str], path: str | Path,
-                    method: str = "gradcam") -> list[dict]:
+                    method: str = "gradcam", multilabel: bool = False) -> list[dict]:
     """Does an attack move the model's attention? The map of each attack example's true class on the clean and on
     the adversarial image (`attack --explain`), side by side in `path`, with their rank correlation.
 
-    Multi-label examples (label and decisions are multi-hot tuples) map one finding each, named in the row's
+    `multilabel` examples (label and decisions are multi-hot tuples) map one finding each, named in the row's
     "finding": the first whose decision the attack flipped, else the first present, else the first (_mapped_finding).
 
     Args:
@@ -256,7 +256,6 @@ def attention_shift(model: MedModel, examples: Sequence[tuple], classes: Sequenc
     if not examples:
         return []
     device = next(model.parameters()).device
-    multilabel = not isinstance(examples[0][2], int | np.integer)
     mapped = [_mapped_finding(*e[2:5]) if multilabel else int(e[2]) for e in examples]
     explainer = Explainer(model, method, multilabel=multilabel)
     clean = explainer(torch.stack([e[0] for e in examples]).to(device), mapped)

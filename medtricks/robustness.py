@@ -218,8 +218,7 @@ def run_attack(model: torch.nn.Module, loader: DataLoader, settings: AttackSetti
             "step_size": settings.step_size, "restarts": settings.restarts if iterative else 1,
             **({"loss": settings.loss} if settings.method == "apgd" else {}),
             **({"members": [m.name for m in ensemble_members(len(classes), multilabel=multilabel)]}
-               if settings.method == "autoattack"
-               else {}),
+               if settings.method == "autoattack" else {}),
             **({"task": "multilabel"} if multilabel else {}),
             "targeted": settings.targeted, "target_class": settings.target_class, "n": int(len(labels)),
             "clean": clean, "results": results, "seconds": round(seconds, 3),
@@ -319,7 +318,8 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
     if explain:
         from medtricks.explain import attention_shift  # MONAI is imported only when maps are asked for
 
-        report["explain"] = attention_shift(target.model, examples, target.classes, out_dir / "explain.png")
+        report["explain"] = attention_shift(target.model, examples, target.classes, out_dir / "explain.png",
+                                            multilabel=target.multilabel)
     write_json(out_dir / "attack.json", report)
     if json_path is not None:
         write_json(Path(json_path), report)
