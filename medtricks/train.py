@@ -131,21 +131,29 @@ class Progress:
     seen: int = 0  # images trained on, all ranks
     seconds: float = 0.0
     best_value: float | None = None
+    best_loss: float | None = None  # the selected epoch's validation loss: breaks ties of best_value
     best_epoch: int = 0
     threshold: float | list[float] | None = None  # multi-label: one per finding
     stale: int = 0  # epochs since the selected metric last improved
     stopped: bool = False  # early stopping fired
 
     def select(self, metric: str, value: float | None, threshold: float | list[float] | None,
-               patience: int | None) -> bool:
-        """Record the epoch's selection metric; True when it is the best so far (then also keep its threshold)."""
+               patience: int | None, loss: float | None = None) -> bool:
+        """Record the epoch's selection metric; True when it is the best so far (then also keep its threshold).
+
+        A tie with the best so far goes to the epoch with the lower validation `loss`: on a small validation split
+        AUROC and accuracy take few distinct values, and the first of two equal epochs is often a lucky early one."""
         if value is None:
             improved = self.best_value is None
+        elif self.best_value is None:
+            improved = True
+        elif value == self.best_value:
+            improved = loss is not None and self.best_loss is not None and loss < self.best_loss
         else:
-            improved = self.best_value is None or (value < self.best_value if metric == "loss"
-                                                   else value > self.best_value)
+            improved = value < self.best_value if metric == "loss" else value > self.best_value
         if improved:
-            self.best_value, self.best_epoch, self.threshold, self.stale = value, self.epoch, threshold, 0
+            self.best_value, self.best_loss, self.best_epoch, self.threshold, self.stale = (
+                value, loss, self.epoch, threshold, 0)
         else:
             self.stale += 1
         self.stopped = patience is not None and self.stale >= patience
@@ -169,7 +177,7 @@ class Progress:
                                 "own recipe.")
         if parts.ema is not None:
             parts.ema.load_state_dict(state["ema"])
-        progress = cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+        progress = cls(**{f.name: state.get(f.name, f.default) for f in dataclasses.fields(cls)})  # older states
         logger.info("resuming after epoch %d (global step %d)", progress.epoch, progress.step)
         return progress
 
@@ -344,7 +352,8 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
             row.update(val_row)
         else:  # no validation split: the last epoch is kept
             value, threshold = row["train_loss"] if config.select_metric == "loss" else -row["train_loss"], None
-        row["best"] = progress.select(config.select_metric, value, threshold, config.early_stopping)
+        row["best"] = progress.select(config.select_metric, value, threshold, config.early_stopping,
+                                      row.get("val_loss"))
         progress.seconds = time.perf_counter() - started
         distributed.on_main(partial(callbacks.after_epoch, row, evaluated if row["best"] else None,
                                     progress.state(parts)))  # files and progress on rank 0; its errors reach all

@@ -13,7 +13,7 @@ from medtricks.errors import MedtricksError
 from medtricks.finetune import evaluate, finetune, predict
 from medtricks.recipe import TricksConfig, build_dataclass, load_recipe
 from medtricks.runs import RunError
-from medtricks.train import TrainingError, lr_factor
+from medtricks.train import Progress, TrainingError, lr_factor
 
 runner = CliRunner()
 FAST = ["data.image_size=32", "data.workers=0", "data.synth_if_missing=false", "train.epochs=2",
@@ -95,6 +95,25 @@ def test_schedule_warmup_cosine_and_step():
     step = build_dataclass(TricksConfig, {"step_decay": {}}, "tricks")
     assert [lr_factor(s, 120, 0, step) for s in (0, 30, 60, 90)] == pytest.approx([1, 0.1, 0.01, 0.001])
     assert lr_factor(7, 100, 0, build_dataclass(TricksConfig, {}, "tricks")) == 1.0
+
+
+def test_a_tie_on_the_selection_metric_goes_to_the_lower_validation_loss():
+    progress = Progress()
+    chosen = []
+    for epoch, (auroc, loss) in enumerate([(0.84, 0.66), (0.99, 0.59), (0.91, 0.50), (0.99, 0.22), (0.99, 0.30)], 1):
+        progress.epoch = epoch
+        chosen.append(progress.select("auroc", auroc, 0.5 + epoch / 100, patience=None, loss=loss))
+    assert chosen == [True, True, False, True, False]
+    assert (progress.best_epoch, progress.best_loss, progress.threshold, progress.stale) == (4, 0.22, 0.54, 1)
+    loss_selected = Progress()
+    for epoch, loss in enumerate([0.5, 0.4, 0.4], 1):
+        loss_selected.epoch = epoch
+        loss_selected.select("loss", loss, None, patience=None, loss=loss)
+    assert loss_selected.best_epoch == 2  # an equal loss is no improvement
+    unknown = Progress()
+    unknown.select("auroc", 0.9, None, patience=None)
+    unknown.epoch = 2
+    assert not unknown.select("auroc", 0.9, None, patience=None, loss=0.1)  # no loss recorded to compare with
 
 
 def test_cosine_and_step_decay_together_is_an_error():
