@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medtricks.bootstrap import weighted_auroc
 from medtricks.errors import MedtricksError
-from medtricks.metrics import _weighted_auroc, decisions
+from medtricks.metrics import decisions
 from medtricks.multilabel import label_aurocs, predicted_sets
 from medtricks.runs import Run, open_run
 from medtricks.stats import delong_test, holm_adjust, mcnemar_test, paired_bootstrap
@@ -41,7 +42,7 @@ def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
         raise ValueError("a class is absent")
     ones = np.ones((1, len(labels)))
     classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
-    return float(np.mean([_weighted_auroc(probs[:, c], labels == c, ones)[0] for c in classes]))
+    return float(np.mean([weighted_auroc(probs[:, c], labels == c, ones)[0] for c in classes]))
 
 
 def compare_predictions(labels: Sequence[int], probs_a: np.ndarray, probs_b: np.ndarray,
@@ -84,7 +85,7 @@ def _mean_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
     """Mean AUROC over the findings with both classes in these (resampled) labels; ValueError when none has (the
     bootstrap skips the replicate). The fast Mann-Whitney form, as `_auroc`."""
     ones = np.ones((1, len(labels)))
-    values = [_weighted_auroc(probs[:, j], labels[:, j] == 1, ones)[0] for j in range(labels.shape[1])]
+    values = [weighted_auroc(probs[:, j], labels[:, j] == 1, ones)[0] for j in range(labels.shape[1])]
     if np.all(np.isnan(values)):
         raise ValueError("no finding has both classes")
     return float(np.nanmean(values))

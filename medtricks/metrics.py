@@ -2,8 +2,9 @@
 
 scikit-learn computes every point metric (roc_auc_score, balanced_accuracy_score, f1_score, confusion_matrix,
 roc_curve). Written here, because scikit-learn lacks them:
-- the cluster (patient-level) bootstrap of AUROC: images of one patient are correlated, so resampling images
-  instead of patients gives intervals that are too narrow (Field & Welsh 2007, "Bootstrapping clustered data");
+- the cluster (patient-level) bootstrap of AUROC, kappa and the operating points: images of one patient are
+  correlated, so resampling images instead of patients gives intervals that are too narrow (the engine is
+  medtricks.bootstrap);
 - the top-label expected calibration error with equal-width bins (Guo et al. 2017, "On Calibration of Modern
   Neural Networks", ICML);
 - the binary operating threshold maximizing Youden's J = sensitivity + specificity - 1 (Youden 1950), chosen on
@@ -21,19 +22,18 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
+from medtricks.bootstrap import cluster_bootstrap, group_index, weighted_auroc, weighted_kappas, weighted_roc
 from medtricks.recipe import threshold_target
 from medtricks.tricks.ordinal_decoding import check_cuts, grade_decisions
 
 logger = logging.getLogger(__name__)
 
-_MIN_VALID_REPLICATES = 100
-_BOOT_CHUNK_ELEMENTS = 4_000_000  # replicates x images per vectorized chunk (~32 MB of float64)
 
 
 def _as_probs(probs: np.ndarray) -> np.ndarray:
@@ -51,7 +51,7 @@ def _as_probs(probs: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _check(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def check_probs(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validated (labels int64 (N,), probs float64 (N, C))."""
     p = _as_probs(probs)
     y = np.asarray(labels)
@@ -92,7 +92,7 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str = "youde
         a warning) when only one class is present.
     """
     target = threshold_target(method)
-    y, p = _check(labels, probs)
+    y, p = check_probs(labels, probs)
     if p.shape[1] != 2:
         raise ValueError(f"choose_threshold is for binary tasks; probs have {p.shape[1]} classes.")
     if len(np.unique(y)) < 2:
@@ -106,7 +106,7 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str = "youde
         logger.warning("choose_threshold: the logistic fit of the %d labels on the scores has no positive slope "
                        "(the scores do not rank the classes); using the Youden threshold.", len(y))
     distinct = np.unique(p[:, 1])[::-1]  # descending; cut k makes the k highest distinct scores positive
-    tpr, fpr = (rate[0] for rate in _weighted_roc(p[:, 1], y == 1, np.ones((1, len(y)))))
+    tpr, fpr = (rate[0] for rate in weighted_roc(p[:, 1], y == 1, np.ones((1, len(y)))))
     cuts = np.r_[(distinct[0] + 1.0) / 2, (distinct[:-1] + distinct[1:]) / 2, distinct[-1] / 2]
     if distinct[0] >= 1.0:  # a score of exactly 1 (a saturated softmax) is positive at every threshold in [0, 1]
         cuts, tpr, fpr = cuts[1:], tpr[1:], fpr[1:]
@@ -126,20 +126,6 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, method: str = "youde
     return float(cuts[keeps[-1]])  # the lowest cut that keeps it
 
 
-def _weighted_roc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(TPR, FPR), each (B, G + 1), of each row of image weights (B, N) at the G + 1 cuts between distinct scores:
-    cut 0 makes nothing positive, cut k the k highest distinct scores; NaN rows where a class has no weight."""
-    order = np.argsort(-scores, kind="stable")
-    s = scores[order]
-    ends = np.r_[s[1:] != s[:-1], True]  # the last image of each distinct score
-    w, pos = weights[:, order], positive[order]
-    zeros = np.zeros((w.shape[0], 1))
-    true_pos = np.concatenate([zeros, np.cumsum(w * pos, axis=1)[:, ends]], axis=1)
-    false_pos = np.concatenate([zeros, np.cumsum(w * ~pos, axis=1)[:, ends]], axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return true_pos / true_pos[:, -1:], false_pos / false_pos[:, -1:]
-
-
 def _logistic_threshold(labels: np.ndarray, p1: np.ndarray) -> float | None:
     """p where sigmoid(a * logit(p) + b) = 1/2 for the class-balanced L2 logistic fit; None when a <= 0."""
     eps = 1e-6
@@ -152,11 +138,11 @@ def _logistic_threshold(labels: np.ndarray, p1: np.ndarray) -> float | None:
     return float(np.clip(1.0 / (1.0 + np.exp(intercept / slope)), 0.0, 1.0))
 
 
-def _calibration_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int) -> tuple[np.ndarray, ...]:
+def calibration_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int) -> tuple[np.ndarray, ...]:
     """Per equal-width confidence bin (lo, hi]: image count, accuracy and mean top-label confidence (0 if empty)."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1; got {n_bins}.")
-    y, p = _check(labels, probs)
+    y, p = check_probs(labels, probs)
     confidence = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
     index = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
@@ -178,71 +164,8 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
     Returns:
         ECE in [0, 1]; 0 is perfectly calibrated.
     """
-    counts, accuracy, confidence = _calibration_bins(labels, probs, n_bins)
+    counts, accuracy, confidence = calibration_bins(labels, probs, n_bins)
     return float(np.sum(counts / counts.sum() * np.abs(accuracy - confidence)))
-
-
-def _weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Mann-Whitney AUROC (ties count 1/2) for each row of image weights (B, N); NaN where a class has no weight."""
-    order = np.argsort(scores, kind="stable")
-    s, pos, w = scores[order], positive[order], weights[:, order]
-    new = np.r_[True, s[1:] != s[:-1]]
-    group = np.cumsum(new) - 1
-    start = np.flatnonzero(new)
-    end = np.r_[start[1:], len(s)]
-    neg_cum = np.zeros((w.shape[0], len(s) + 1))
-    np.cumsum(w * ~pos, axis=1, out=neg_cum[:, 1:])  # neg_cum[:, k]: negative weight among the k lowest scores
-    pos_idx = np.flatnonzero(pos)
-    below = neg_cum[:, start[group[pos_idx]]]
-    tied = neg_cum[:, end[group[pos_idx]]] - below
-    w_pos = w[:, pos_idx]
-    n_pos, n_neg = w_pos.sum(axis=1), neg_cum[:, -1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        auc = (w_pos * (below + 0.5 * tied)).sum(axis=1) / (n_pos * n_neg)
-    auc[(n_pos == 0) | (n_neg == 0)] = np.nan
-    return auc
-
-
-def _group_index(groups: Sequence[str] | None, n: int) -> np.ndarray:
-    """(N,) resampling unit per image: its patient (None ids and groups=None: the image itself)."""
-    if groups is None:
-        return np.arange(n)
-    if len(groups) != n:
-        raise ValueError(f"groups must have one patient id per image: {len(groups)} ids for {n} images.")
-    keys = [g if g is not None else f"\0image-{i}" for i, g in enumerate(groups)]
-    return np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)[1].ravel()
-
-
-def _bootstrap(statistic: Callable[[np.ndarray], np.ndarray], group_of: np.ndarray, n_boot: int, seed: int,
-               alpha: float, what: str) -> tuple[float, float] | None:
-    """Percentile interval of `statistic` over cluster-bootstrap replicates.
-
-    Each replicate draws the groups with replacement and weights every image by how often its group was drawn;
-    `statistic` maps (B, N) image weights to (B,) values, NaN where a replicate is undefined (skipped). None, with
-    the reason logged, when fewer than 100 replicates were valid.
-    """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1); got {alpha}.")
-    if n_boot <= 0:
-        return None
-    n, n_groups = len(group_of), int(group_of.max()) + 1
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _BOOT_CHUNK_ELEMENTS // max(n, n_groups))
-    replicates = []
-    for first in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - first)
-        draws = rng.integers(0, n_groups, size=(b, n_groups)) + n_groups * np.arange(b)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups).astype(np.float64)
-        replicates.append(statistic(counts[:, group_of]))  # (b, N): how often each image is in the replicate
-    values = np.concatenate(replicates)
-    valid = values[np.isfinite(values)]
-    if len(valid) < _MIN_VALID_REPLICATES:
-        logger.warning("%s interval not computed: only %d of %d bootstrap replicates were defined (need %d); %d "
-                       "resampling units are too few or a class is too rare.", what, len(valid), n_boot,
-                       _MIN_VALID_REPLICATES, n_groups)
-        return None
-    lo, hi = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
 
 
 def bootstrap_auroc_ci(labels: np.ndarray, probs: np.ndarray, groups: Sequence[str] | None = None,
@@ -264,39 +187,18 @@ def bootstrap_auroc_ci(labels: np.ndarray, probs: np.ndarray, groups: Sequence[s
     Returns:
         (lo, hi) in [0, 1], or None when fewer than 100 replicates were valid (the reason is logged).
     """
-    y, p = _check(labels, probs)
+    y, p = check_probs(labels, probs)
     n_classes = p.shape[1]
 
     def statistic(weights: np.ndarray) -> np.ndarray:
         if n_classes == 2:
-            return _weighted_auroc(p[:, 1], y == 1, weights)
-        return np.mean([_weighted_auroc(p[:, c], y == c, weights) for c in range(n_classes)], axis=0)  # NaN: absent
+            return weighted_auroc(p[:, 1], y == 1, weights)
+        return np.mean([weighted_auroc(p[:, c], y == c, weights) for c in range(n_classes)], axis=0)  # NaN: absent
 
-    return _bootstrap(statistic, _group_index(groups, len(y)), n_boot, seed, alpha, "AUROC")
+    return cluster_bootstrap(statistic, group_index(groups, len(y)), n_boot, seed, alpha, "AUROC")
 
 
 KAPPA_WEIGHTS = ("quadratic", "linear")
-
-
-def _weighted_kappas(labels: np.ndarray, preds: np.ndarray, n_classes: int, weights: np.ndarray,
-                     kind: str) -> np.ndarray:
-    """Cohen's weighted kappa for each row of image weights (B, N): 1 - sum(W O) / sum(W E), with O the weighted
-    confusion matrix and E the product of its margins (scikit-learn's cohen_kappa_score with sample_weight, for
-    many weightings at once); NaN where the chance disagreement is 0."""
-    b = weights.shape[0]
-    cells = (np.arange(b)[:, None] * n_classes * n_classes + (labels * n_classes + preds)[None, :]).ravel()
-    observed = np.bincount(cells, weights=weights.ravel(), minlength=b * n_classes * n_classes)
-    observed = observed.reshape(b, n_classes, n_classes)
-    total = observed.sum(axis=(1, 2))
-    expected = observed.sum(axis=2)[:, :, None] * observed.sum(axis=1)[:, None, :] / np.maximum(total, 1e-300)[
-        :, None, None]
-    distance = np.abs(np.arange(n_classes)[:, None] - np.arange(n_classes)[None, :]).astype(np.float64)
-    w = distance ** 2 if kind == "quadratic" else distance
-    chance = (w * expected).sum(axis=(1, 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kappa = 1.0 - (w * observed).sum(axis=(1, 2)) / chance
-    kappa[chance <= 0] = np.nan
-    return kappa
 
 
 def weighted_kappa(labels: np.ndarray, preds: np.ndarray, n_classes: int, kind: str = "quadratic",
@@ -317,8 +219,8 @@ def weighted_kappa(labels: np.ndarray, preds: np.ndarray, n_classes: int, kind: 
     if kind not in KAPPA_WEIGHTS:
         raise ValueError(f"unknown kappa weighting {kind!r}; choose one of {list(KAPPA_WEIGHTS)}.")
     y, d = np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)
-    point = float(_weighted_kappas(y, d, n_classes, np.ones((1, len(y))), kind)[0])
-    interval = _bootstrap(lambda w: _weighted_kappas(y, d, n_classes, w, kind), _group_index(groups, len(y)),
+    point = float(weighted_kappas(y, d, n_classes, np.ones((1, len(y))), kind)[0])
+    interval = cluster_bootstrap(lambda w: weighted_kappas(y, d, n_classes, w, kind), group_index(groups, len(y)),
                           n_boot, seed, alpha, f"{kind} kappa") if np.isfinite(point) else None
     return (point if np.isfinite(point) else None), interval
 
@@ -349,11 +251,11 @@ def operating_points(labels: np.ndarray, probs: np.ndarray, groups: Sequence[str
         {"sensitivity_at_specificity": {"0.9": {"value", "ci95"}, ...}, "specificity_at_sensitivity": {...}};
         values None when a class is absent.
     """
-    y, p = _check(labels, probs)
+    y, p = check_probs(labels, probs)
     if p.shape[1] != 2:
         raise ValueError(f"operating_points is for binary tasks; probs have {p.shape[1]} classes.")
-    group_of = _group_index(groups, len(y))
-    tpr, fpr = _weighted_roc(p[:, 1], y == 1, np.ones((1, len(y))))
+    group_of = group_index(groups, len(y))
+    tpr, fpr = weighted_roc(p[:, 1], y == 1, np.ones((1, len(y))))
     out = {}
     for point in ("sensitivity_at_specificity", "specificity_at_sensitivity"):
         out[point] = {}
@@ -362,7 +264,7 @@ def operating_points(labels: np.ndarray, probs: np.ndarray, groups: Sequence[str
             if not np.isfinite(value):
                 out[point][f"{rate:g}"] = {"value": None, "ci95": None}
                 continue
-            interval = _bootstrap(lambda w, r=rate, pt=point: _rate_at(*_weighted_roc(p[:, 1], y == 1, w), pt, r),
+            interval = cluster_bootstrap(lambda w, r=rate, pt=point: _rate_at(*weighted_roc(p[:, 1], y == 1, w), pt, r),
                                   group_of, n_boot, seed, 0.05, point.replace("_", " "))
             out[point][f"{rate:g}"] = {"value": value, "ci95": None if interval is None else list(interval)}
     return out
@@ -372,7 +274,7 @@ def auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     """compute_metrics' AUROC (binary, or macro one-vs-rest) without its interval, None where a class is absent
     from the labels, and without a warning: callers that score many perturbed copies of one set (attacks,
     corruptions) say it once (missing_class_warning)."""
-    labels, probs = _check(labels, probs)
+    labels, probs = check_probs(labels, probs)
     if _missing_classes(labels, probs.shape[1]):
         return None
     return compute_metrics(labels, probs, n_boot=0)["auroc"]
@@ -423,7 +325,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
         add "sensitivity_at_specificity" and "specificity_at_sensitivity" (operating_points); ordinal ones
         "kappa_quadratic", "kappa_quadratic_ci95" and "kappa_linear" (None when undefined).
     """
-    y, p = _check(labels, probs)
+    y, p = check_probs(labels, probs)
     n, n_classes = p.shape
     if patient_ids is not None and len(patient_ids) != n:
         raise ValueError(f"patient_ids must have one id per image: {len(patient_ids)} ids for {n} images.")

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medtricks.metrics import _bootstrap, _group_index, _weighted_auroc, choose_threshold, compute_metrics
+from medtricks.bootstrap import cluster_bootstrap, group_index, weighted_auroc
+from medtricks.metrics import choose_threshold, compute_metrics
 
 MEAN_KEYS = ("accuracy", "balanced_accuracy", "auroc", "sensitivity", "specificity", "f1", "ece")
 
@@ -52,7 +53,7 @@ def label_aurocs(labels: np.ndarray, probs: np.ndarray) -> list[float | None]:
     finding with one class only in these labels."""
     y, p = _check(labels, probs)
     ones = np.ones((1, len(y)))
-    values = [float(_weighted_auroc(p[:, j], y[:, j] == 1, ones)[0]) for j in range(y.shape[1])]
+    values = [float(weighted_auroc(p[:, j], y[:, j] == 1, ones)[0]) for j in range(y.shape[1])]
     return [v if np.isfinite(v) else None for v in values]
 
 
@@ -124,9 +125,9 @@ def compute_multilabel_metrics(labels: np.ndarray, probs: np.ndarray, patient_id
     ranked = [j for j, name in enumerate(names) if per_label[name]["auroc"] is not None]
 
     def mean_auroc(weights: np.ndarray) -> np.ndarray:  # NaN where a ranked finding lacks a class: skipped
-        return np.mean([_weighted_auroc(p[:, j], y[:, j] == 1, weights) for j in ranked], axis=0)
+        return np.mean([weighted_auroc(p[:, j], y[:, j] == 1, weights) for j in ranked], axis=0)
 
-    interval = _bootstrap(mean_auroc, _group_index(patient_ids, n), n_boot, seed, 0.05, "mean AUROC") \
+    interval = cluster_bootstrap(mean_auroc, group_index(patient_ids, n), n_boot, seed, 0.05, "mean AUROC") \
         if ranked else None
     means = {key: _mean([per_label[name][key] for name in names]) for key in MEAN_KEYS}
     return {"n": int(n), **means, "auroc_ci95": None if interval is None else list(interval), "threshold": None,

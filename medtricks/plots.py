@@ -21,7 +21,7 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from medtricks.files import atomic_write  # noqa: E402
-from medtricks.metrics import _calibration_bins, _check  # noqa: E402
+from medtricks.metrics import calibration_bins, check_probs  # noqa: E402
 from medtricks.multilabel import label_name  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path
         path. Binary: one curve for class 1 (index 1 positive). Multi-class: one one-vs-rest curve per class that
         has both positive and negative images; classes without them are listed in the title instead.
     """
-    y, p = _check(labels, probs)
+    y, p = check_probs(labels, probs)
     names = _check_classes(classes, p.shape[1])
     binary = p.shape[1] == 2
     if threshold is not None and not binary:
@@ -143,7 +143,7 @@ def plot_reliability(labels: np.ndarray, probs: np.ndarray, path: str | Path, n_
         path. Empty bins have no bar; hatched red bars show the gap between accuracy and mean confidence; a lower
         panel shows the number of images per bin.
     """
-    counts, accuracy, confidence = _calibration_bins(labels, probs, n_bins)
+    counts, accuracy, confidence = calibration_bins(labels, probs, n_bins)
     ece = float(np.sum(counts / counts.sum() * np.abs(accuracy - confidence)))
     filled = counts > 0
     centres = (np.arange(n_bins) + 0.5) / n_bins

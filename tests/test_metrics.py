@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from medtricks.bootstrap import weighted_auroc
 from medtricks.metrics import (
-    _weighted_auroc,
     bootstrap_auroc_ci,
     choose_threshold,
     compute_metrics,
@@ -220,7 +220,7 @@ def test_weighted_auroc_equals_sklearn_on_the_resampled_images():
     labels, probs = softmax_data(60, 2, seed=6)
     scores = np.round(probs[:, 1], 1)  # many ties
     counts = np.random.default_rng(6).integers(0, 4, size=(5, 60))
-    got = _weighted_auroc(scores, labels == 1, counts.astype(float))
+    got = weighted_auroc(scores, labels == 1, counts.astype(float))
     for row, value in zip(counts, got, strict=True):
         idx = np.repeat(np.arange(60), row)
         assert value == pytest.approx(roc_auc_score(labels[idx], scores[idx]))
@@ -258,7 +258,7 @@ def test_cluster_bootstrap_is_wider_when_images_of_a_patient_are_copies():
 
 def test_bootstrap_gives_none_with_too_few_valid_replicates(caplog):
     labels, probs = softmax_data(40, 2, seed=9)
-    with caplog.at_level(logging.WARNING, logger="medtricks.metrics"):
+    with caplog.at_level(logging.WARNING, logger="medtricks.bootstrap"):
         assert bootstrap_auroc_ci(labels, probs, n_boot=50) is None
     assert "50 bootstrap replicates" in caplog.text
     assert bootstrap_auroc_ci(np.zeros(10, dtype=int), np.full(10, 0.3)) is None  # no positive ever

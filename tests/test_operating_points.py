@@ -107,9 +107,9 @@ def test_weighted_kappa_matches_scikit_learn_with_and_without_weights(kind):
     kappa, interval = weighted_kappa(labels, preds, 5, kind, n_boot=400)
     assert kappa == pytest.approx(cohen_kappa_score(labels, preds, weights=kind))
     assert interval[0] < kappa < interval[1]
-    from medtricks.metrics import _weighted_kappas
+    from medtricks.bootstrap import weighted_kappas
     weights = rng.integers(0, 3, (3, 400)).astype(float)  # bootstrap-like replicate weights
-    for w, k in zip(weights, _weighted_kappas(labels, preds, 5, weights, kind), strict=True):
+    for w, k in zip(weights, weighted_kappas(labels, preds, 5, weights, kind), strict=True):
         assert k == pytest.approx(cohen_kappa_score(labels, preds, weights=kind, sample_weight=w))
 
 
