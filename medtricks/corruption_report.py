@@ -1,5 +1,8 @@
 """`medtricks corrupt`: a run's accuracy and AUROC under natural corruptions, and how it compares with another run.
 
+`evaluate_corruptions` scores any classifier on a loader under the corruptions of medtricks.corruptions;
+`corruption_report` does it for a run directory and writes the report.
+
 Reads only the run directory (+ data), like attack. The images go through the run's own evaluation transform, then
 each corruption of the preset (medtricks.corruptions) at each severity, at the model's input resolution; decisions
 are the run's (robustness.decision_model: the validation threshold for binary models). The random draws depend only
@@ -19,29 +22,155 @@ CE_c = sum_s (E^f_{s,c} - E^f_clean) / sum_s (E^g_{s,c} - E^g_clean); below 1 me
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from medtricks import plots
+from medtricks.attacks import class_probabilities, decided
 from medtricks.corruptions import (
     CORRUPTIONS,
     PRESETS,
+    SEVERITIES,
     check_corruptions,
     check_preset,
+    corrupt,
     default_preset,
-    evaluate_corruptions,
 )
 from medtricks.errors import MedtricksError, short
 from medtricks.files import check_output, write_json
+from medtricks.metrics import auroc, missing_class_warning
+from medtricks.multilabel import mean_auroc
 from medtricks.robustness import decision_model
 from medtricks.runs import Run, newest_run, open_run
+
+logger = logging.getLogger(__name__)
 
 REPORT_NAME = "corruptions.json"
 
 
 class CorruptionError(MedtricksError):
     """Bad corruption settings (preset, corruption names, severities)."""
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _summarise(results: list[dict], clean_error: float, names: Sequence[str]) -> tuple[list[dict], float, float]:
+    """Per-corruption means and sums, mCE (mean error) and relative mCE (mean error - clean error), unnormalised."""
+    rows = []
+    for name in names:
+        mine = [r for r in results if r["corruption"] == name]
+        errors = [1.0 - r["accuracy"] for r in mine]
+        rows.append({"corruption": name, "accuracy": float(np.mean([r["accuracy"] for r in mine])),
+                     "auroc": _mean([r["auroc"] for r in mine]), "error_sum": float(np.sum(errors)),
+                     "relative_error_sum": float(np.sum([e - clean_error for e in errors]))})
+    n_sev = len(results) // len(names)
+    mce = float(np.mean([row["error_sum"] / n_sev for row in rows]))
+    relative_mce = float(np.mean([row["relative_error_sum"] / n_sev for row in rows]))
+    return rows, mce, relative_mce
+
+
+def evaluate_corruptions(model: torch.nn.Module, loader: Iterable[dict], names: Sequence[str],
+                         severities: Sequence[int] = SEVERITIES, seed: int = 0, device: torch.device | None = None,
+                         progress: Callable[[int, int | None], None] | None = None) -> dict:
+    """Clean and corrupted accuracy and AUROC of a classifier, ImageNet-C style (unnormalised mCE).
+
+    Multi-label loaders ((N, L) multi-hot labels; `model` gives one logit per finding, predicted at >= 0:
+    robustness.decision_model shifts them by the run's thresholds): probabilities are sigmoids, "accuracy" the mean
+    over findings of each finding's accuracy and "auroc" the mean AUROC over the findings with both classes (as
+    report.json's multi-label M), so mce is the mean per-finding error.
+
+    Args:
+        model: logits (N, K) whose argmax is the decision (wrap binary single-logit models first), in eval mode.
+        loader: batches {"image": (N, C, H, W) float in [0, 1], "label": (N,) or (N, L) multi-hot}, in a fixed order:
+            the i-th image yielded has index i for the random draws.
+        names: corruptions (keys of CORRUPTIONS); checked against the images' channels.
+        severities: among 1-5.
+        seed: of every random draw (see corrupt).
+        device: where the model and images run (default: the model's).
+        progress: called as progress(done, total) after each batch x corruption (total None if len(loader) fails).
+
+    Returns:
+        {"clean": {"accuracy", "auroc"}, "results": [{"corruption", "severity", "accuracy", "auroc"}],
+        "corruptions": [{"corruption", "accuracy" and "auroc" (means over severities; auroc None if any is None),
+        "error_sum" (sum over severities of 1 - accuracy), "relative_error_sum" (sum of error - clean error)}],
+        "mce" (mean over corruptions of the mean error over severities), "relative_mce" (mean over corruptions and
+        severities of error - clean error), "n", "seed", "severities", "parameters" ({name: parameter per
+        severity}), "seconds", "images_per_second" (clean and corrupted images through the model per second),
+        "gallery": {"clean": (C, H, W), "severities", "images": {name: [(C, H, W) per severity]}} of the first image
+        (CPU tensors: pop it before writing JSON)}. AUROC is None where undefined (one class in the labels).
+    """
+    names, severities = tuple(names), tuple(severities)
+    check_corruptions(names, 3)  # the names now; the channels on the first batch
+    if (not names or not severities or any(s not in SEVERITIES for s in severities)
+            or len(set(names)) < len(names) or len(set(severities)) < len(severities)):
+        raise ValueError(f"need distinct corruptions (at least one) and distinct severities among {SEVERITIES}; got "
+                         f"{list(names)}, {list(severities)}.")
+    if model.training:
+        logger.warning("evaluate_corruptions: the model is in training mode (dropout, batch statistics); call .eval().")
+    device = device or next(model.parameters(), torch.empty(0)).device
+    try:
+        total = len(loader) * len(names)
+    except TypeError:
+        total = None
+    labels, clean, probs, gallery, done, started = [], [], {}, None, 0, time.perf_counter()
+    multilabel = False
+
+    def scored(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (for AUROC) and decisions: sigmoids and logit >= 0 per finding for multi-label models, else
+        class_probabilities and the argmax (GradeCuts' scores decide, the model's softmax ranks)."""
+        logits = model(x).float()
+        return class_probabilities(model, x, logits, multilabel), decided(logits, multilabel).cpu().numpy()
+
+    with torch.inference_mode():
+        for batch in loader:
+            images = batch["image"].to(device, torch.float32)
+            check_corruptions(names, images.shape[1])
+            offset = sum(len(y) for y in labels)
+            index = torch.arange(offset, offset + len(images))
+            labels.append(np.asarray(batch["label"].cpu() if torch.is_tensor(batch["label"]) else batch["label"]))
+            multilabel = labels[-1].ndim == 2
+            clean.append(scored(images))
+            if gallery is None:
+                gallery = {"clean": images[0].cpu(), "severities": list(severities), "images": {}}
+            for name in names:
+                for severity in severities:
+                    corrupted = corrupt(images, name, severity, seed, index)
+                    probs.setdefault((name, severity), []).append(scored(corrupted))
+                    if offset == 0:
+                        gallery["images"].setdefault(name, []).append(corrupted[0].cpu())
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    if not labels:
+        raise ValueError("the loader yielded no images to evaluate.")
+    y = np.concatenate(labels).astype(np.int64)
+
+    def scores(parts: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+        p, hat = (np.concatenate(found) for found in zip(*parts, strict=True))
+        # multi-label: each finding at the run's threshold (decision_model shifted the logits by it)
+        return {"accuracy": float((hat == y).mean()), "auroc": (mean_auroc if multilabel else auroc)(y, p)}
+
+    if not multilabel:
+        missing_class_warning(y, clean[0][0].shape[1], "corruption report")
+    clean_scores = scores(clean)
+    results = [{"corruption": name, "severity": severity, **scores(parts)} for (name, severity), parts in probs.items()]
+    rows, mce, relative_mce = _summarise(results, 1.0 - clean_scores["accuracy"], names)
+    seconds = time.perf_counter() - started
+    return {"clean": clean_scores, "results": results,
+            "corruptions": rows, "mce": mce, "relative_mce": relative_mce, "n": len(y), "seed": seed,
+            "severities": list(severities),
+            "parameters": {name: [CORRUPTIONS[name].severities[s - 1] for s in severities] for name in names},
+            "seconds": seconds, "images_per_second": len(y) * (1 + len(names) * len(severities)) / seconds,
+            "gallery": gallery}
+
 
 
 def parse_severities(text: str) -> tuple[int, ...]:

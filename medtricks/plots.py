@@ -343,7 +343,8 @@ def plot_corruptions(report: dict, path: str | Path, against: dict | None = None
     """Accuracy versus corruption severity (0 = clean), one thin line per corruption and their mean as a thick line.
 
     Args:
-        report: a medtricks.corruptions.evaluate_corruptions result ("clean", "results", "n", "mce"; "run" optional).
+        report: a medtricks.corruption_report.evaluate_corruptions result ("clean", "results", "n", "mce"; "run"
+            optional).
         path: the PNG to write.
         against: another such report (e.g. the baseline run): its mean is drawn dashed, labelled with its "run".
 

@@ -9,6 +9,7 @@ from skimage.filters import gaussian
 from torch.testing import assert_close
 
 from medtricks import corruptions
+from medtricks.corruption_report import evaluate_corruptions
 from medtricks.corruptions import (
     CORRUPTIONS,
     PRESET_OF_AUGMENT,
@@ -16,7 +17,6 @@ from medtricks.corruptions import (
     check_preset,
     corrupt,
     default_preset,
-    evaluate_corruptions,
 )
 from medtricks.plots import plot_corruption_gallery, plot_corruptions
 from medtricks.recipe import AUGMENT_PRESETS

@@ -178,7 +178,7 @@ def test_damaged_grade_cuts_are_named(tmp_path):
 
 
 def test_corruption_reports_decide_by_the_cuts_and_rank_by_the_probabilities():
-    from medtricks.corruptions import evaluate_corruptions
+    from medtricks.corruption_report import evaluate_corruptions
 
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
