@@ -2,6 +2,7 @@
 resource bombs, predict over mixed files, recipe edge cases): through the CLI, each bad case exits 2 with a message
 naming the file or key and no traceback, and changes no file of the data (nothing_lost); each good edge case works."""
 
+import io
 import zipfile
 from pathlib import Path
 
@@ -108,6 +109,47 @@ def test_object_arrays_and_truncated_archives_are_refused(tmp_path):
     with zipfile.ZipFile(empty / "set.npz", "w"):
         pass
     refused(["data", "check", empty / "set.npz"], ["set.npz", "train_images"], tmp_path)
+
+
+def _npy_header(shape: tuple, descr: str = "|u1") -> bytes:
+    """The .npy 1.0 header of an array of `shape`, padded as numpy pads it (10 + header bytes: a multiple of 64)."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
+    text += " " * (-(10 + len(text) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode()
+
+
+def _labels_member() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, GOOD_LABELS)
+    return buffer.getvalue()
+
+
+def test_array_archives_cannot_make_us_allocate_what_they_do_not_hold(tmp_path):
+    folder = tmp_path / "bombs"
+    folder.mkdir()
+    claims = folder / "claims.npz"  # a 1 kB file whose header claims 9 TiB
+    with zipfile.ZipFile(claims, "w") as z:
+        z.writestr("train_images.npy", _npy_header((100_000, 10_000, 10_000)) + bytes(1000))
+        z.writestr("train_labels.npy", _labels_member())
+    refused(["data", "check", claims], [claims, "train_images", "(100000, 10000, 10000)", "memory"], tmp_path)
+    short_of = folder / "short.npz"  # claims 8 images of 16 x 16, holds 100 bytes
+    with zipfile.ZipFile(short_of, "w") as z:
+        z.writestr("train_images.npy", _npy_header((8, 16, 16)) + bytes(100))
+        z.writestr("train_labels.npy", _labels_member())
+    refused(["data", "check", short_of], [short_of, "train_images", "2048 bytes", "holds 100"], tmp_path)
+    bomb = folder / "bomb.npz"  # 64 MiB of zeros in a ~70 kB member: honest header, implausible compression
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("train_images.npy", _npy_header((1024, 256, 256)) + bytes(1024 * 256 * 256))
+        z.writestr("train_labels.npy", _labels_member())
+    refused(["data", "check", bomb], [bomb, "train_images", "zip bomb"], tmp_path)
+    plain = folder / "plain.npz"  # np.save's single array under an .npz name
+    with plain.open("wb") as f:
+        np.save(f, np.zeros((8, 16, 16), np.uint8))
+    refused(["data", "check", plain], [plain, "single array", "savez"], tmp_path)
+    labels = np.array([0, 1] * 4)
+    labels[3] = 10**9  # without data.classes, classes would be 0..1e9
+    big_label = _npz(tmp_path / "label", np.zeros((8, 16, 16), np.uint8), labels)
+    refused(["data", "check", big_label], [big_label, "1000000000", "data.classes"], tmp_path)
 
 
 @pytest.mark.parametrize("images, scale", [

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from medtricks.data.images import check_pixels, read_image, to_channels
-from medtricks.data.sources import NPZ_SCALES
+from medtricks.data.npz import NPZ_SCALES
 from medtricks.errors import DataError, MedtricksError
 
 logger = logging.getLogger(__name__)

@@ -24,20 +24,19 @@ from __future__ import annotations
 
 import csv
 import logging
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from medtricks.data.dicom import is_dicom, read_dicom_header
 from medtricks.data.images import IMAGE_SUFFIXES
+from medtricks.data.npz import check_images, check_labels, check_multi_hot, npz_array, open_npz
 from medtricks.errors import DataError, short
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+MAX_INFERRED_CLASSES = 1000  # classes 0..max(label) of an array source without data.classes
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "test": "test", "testing": "test"}
 NO_PATIENT_IDS = ("{source}: no patient ids, so images are split one by one; images of one patient can land in two "
@@ -241,75 +240,9 @@ def _from_csv(csv_path: Path, classes, labels: LabelFormat) -> Source:
                   labels.multilabel)
 
 
-# what an array source's pixels may be: integer types scaled by their full range, floats already in [0, 1]
-NPZ_SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
-
-
-def _npz_array(data, npz_path: Path, key: str) -> np.ndarray:
-    """One array of an .npz archive; a truncated archive or an object array (which needs pickle) is a DataError."""
-    try:
-        return data[key]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        reason = "it holds Python objects, which medtricks never unpickles" if "pickle" in str(exc) else str(exc)
-        raise DataError(f"{npz_path}: array '{key}' cannot be read ({reason}). Save images as uint8, uint16 or float "
-                        f"arrays and labels as integers.") from exc
-
-
-def _check_npz_images(images: np.ndarray, npz_path: Path, key: str) -> np.ndarray:
-    """(N, H, W) or (N, H, W, 1|3) pixels of a known dtype (NPZ_SCALES, or float within [0, 1]); else a DataError."""
-    if images.ndim == 4 and images.shape[-1] == 1:
-        images = images[..., 0]
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
-        raise DataError(f"{npz_path}: '{key}' has shape {images.shape}; expected (N, H, W) or (N, H, W, 3).")
-    if 0 in images.shape:
-        raise DataError(f"{npz_path}: '{key}' has shape {images.shape}: no images, or images without pixels.")
-    if images.dtype in NPZ_SCALES:
-        return images
-    if images.dtype.kind != "f":
-        raise DataError(f"{npz_path}: '{key}' has dtype {images.dtype}; medtricks reads uint8 (0..255), uint16 "
-                        f"(0..65535) or float in [0, 1]. Convert the array first.")
-    finite = np.isfinite(images)
-    if not finite.all():
-        raise DataError(f"{npz_path}: '{key}' holds {int((~finite).sum())} NaN or infinite value(s); fix or drop "
-                        f"those images.")
-    if images.min() < 0 or images.max() > 1:
-        raise DataError(f"{npz_path}: '{key}' is float with values in [{images.min():.4g}, {images.max():.4g}]; "
-                        f"float pixels must lie in [0, 1] (or store uint8/uint16).")
-    return images
-
-
-def _check_npz_multi_hot(labels: np.ndarray, npz_path: Path, key: str) -> np.ndarray:
-    """(N, L) labels of 0/1 (a multi-label set); else a DataError."""
-    if labels.ndim != 2:
-        raise DataError(f"{npz_path}: '{key}' has shape {labels.shape}; data.task: multilabel needs (N, L) labels of "
-                        f"0/1, one column per finding.")
-    if labels.dtype.kind not in "iufb" or not np.all(np.isin(labels, (0, 1))):
-        raise DataError(f"{npz_path}: '{key}' holds values other than 0 and 1; multi-label labels are 0/1 per "
-                        f"finding.")
-    return labels.astype(np.int64)
-
-
-def _check_npz_labels(labels: np.ndarray, npz_path: Path, key: str) -> np.ndarray:
-    """One integral class index >= 0 per image; else a DataError."""
-    if labels.ndim == 2 and labels.shape[1] > 1:
-        raise DataError(f"{npz_path}: '{key}' has shape {labels.shape}: a multi-label set (one column per finding); "
-                        f"set data.task: multilabel, or give one class index per image.")
-    labels = labels.reshape(-1)
-    if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(np.isfinite(labels))):
-        raise DataError(f"{npz_path}: '{key}' has dtype {labels.dtype}; labels must be integer class indices.")
-    if labels.size and (np.any(labels != np.round(labels)) or labels.min() < 0):
-        bad = labels[(labels != np.round(labels)) | (labels < 0)][:3].tolist()
-        raise DataError(f"{npz_path}: '{key}' holds values such as {bad}; labels must be integer class indices "
-                        f">= 0.")
-    return labels.astype(np.int64)
-
-
 def _from_npz(npz_path: Path, classes, labels: LabelFormat) -> Source:
-    try:
-        data = np.load(npz_path, allow_pickle=False)
-        keys = set(data.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{npz_path}: not a readable .npz file ({exc}).") from exc
+    data = open_npz(npz_path)
+    keys = set(data.files)
     present = [s for s in SPLITS if f"{s}_images" in keys]
     if not present:
         raise DataError(f"{npz_path}: no '<split>_images' arrays; found keys {sorted(keys)}. Expected MedMNIST keys "
@@ -318,9 +251,9 @@ def _from_npz(npz_path: Path, classes, labels: LabelFormat) -> Source:
     for split in present:
         if f"{split}_labels" not in keys:
             raise DataError(f"{npz_path}: '{split}_images' has no matching '{split}_labels' array.")
-        images = _check_npz_images(_npz_array(data, npz_path, f"{split}_images"), npz_path, f"{split}_images")
-        check = _check_npz_multi_hot if labels.multilabel else _check_npz_labels
-        values = check(_npz_array(data, npz_path, f"{split}_labels"), npz_path, f"{split}_labels")
+        images = check_images(npz_array(data, npz_path, f"{split}_images"), npz_path, f"{split}_images")
+        check = check_multi_hot if labels.multilabel else check_labels
+        values = check(npz_array(data, npz_path, f"{split}_labels"), npz_path, f"{split}_labels")
         if len(images) != len(values):
             raise DataError(f"{npz_path}: '{split}_images' holds {len(images)} images but '{split}_labels' "
                             f"{len(values)} labels.")
@@ -332,6 +265,10 @@ def _from_npz(npz_path: Path, classes, labels: LabelFormat) -> Source:
     if labels.multilabel:
         return _multi_hot_npz(npz_path, classes, records, label_values)
     if classes is None:
+        if max(label_values) >= MAX_INFERRED_CLASSES:
+            raise DataError(f"{npz_path}: a label is {max(label_values)}, so its classes would be "
+                            f"0..{max(label_values)} (over {MAX_INFERRED_CLASSES}): a corrupt label? Fix it, or name "
+                            f"the classes with data.classes.")
         classes = tuple(str(v) for v in range(max(label_values) + 1))
     bad = [r["key"] for r in records if not 0 <= r["label"] < len(classes)]
     if bad:
