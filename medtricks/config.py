@@ -9,6 +9,7 @@ recipe user (the dotted key, the value, the expected type or the valid keys).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -53,10 +54,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise RecipeError(f"recipe key '{key}' must be a list, got {short(value)}.")
         (inner, _) = typing.get_args(tp)
         return tuple(coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+    if tp is float and (isinstance(value, int | float) and not isinstance(value, bool)
+                        or isinstance(value, str) and _FLOAT.fullmatch(value.strip())):  # YAML 1.1: 1e-3 is a str
+        if not math.isfinite(float(value)):
+            raise RecipeError(f"recipe key '{key}' = {short(value)}: give a finite number.")
         return float(value)
-    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)  # class names such as 0..4 for DR grades
     if tp is dict or origin is dict:
@@ -96,19 +98,47 @@ def build_dataclass(cls, raw: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+MAX_DEPTH = 32  # nesting of a YAML value; a recipe needs 4 (tricks.bn_reset[0].stages[0])
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                continue  # unhashable: construct_mapping names it
+            if key in seen:
+                raise RecipeError(f"the key {short(key)} is given twice in one section (line "
+                                  f"{key_node.start_mark.line + 1}); keep one.")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str, where: str):
-    """YAML text as plain data (safe_load), refusing aliases (`*name`): a few lines of nested aliases expand to
-    billions of items ("billion laughs") once printed or walked, and a recipe never needs them.
+    """YAML text as plain data (safe_load), refusing what a recipe never needs and an attacker could use: aliases
+    (`*name`: a few lines of nested aliases expand to billions of items, "billion laughs"), nesting deeper than
+    MAX_DEPTH (PyYAML's composer recurses once per level: RecursionError) and a key given twice in one mapping
+    (the last one would win silently).
 
     Raises:
-        RecipeError: invalid YAML or an alias, naming `where`.
+        RecipeError: invalid YAML, an alias, deep nesting or a repeated key, naming `where`.
     """
     try:
+        depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
                 raise RecipeError(f"{where}: uses the YAML alias *{event.anchor}; write the value out instead "
                                   f"(aliases can expand without bound).")
-        return yaml.safe_load(text)
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_DEPTH:
+                raise RecipeError(f"{where}: nests lists or mappings more than {MAX_DEPTH} deep (line "
+                                  f"{event.start_mark.line + 1}); a recipe needs a handful of levels.")
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc)) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{where}: not valid YAML ({short(str(exc), 300)}).") from exc
 

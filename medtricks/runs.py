@@ -34,10 +34,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from medtricks.config import parse_yaml
 from medtricks.data.dataset import ImageDataset
 from medtricks.data.pipeline import eval_loader, load_eval_data
 from medtricks.devices import place_model, resolve_device
-from medtricks.errors import MedtricksError, short
+from medtricks.errors import MedtricksError, RecipeError, short
 from medtricks.files import MODEL_FILE, MODEL_JSON, RECIPE_FILE, REPORT_FILE, RESUME_FILE, atomic_write, write_text
 from medtricks.models.backbones import MedModel, create_model
 from medtricks.models.ensemble import EnsembleModel
@@ -96,8 +97,8 @@ def read_run(run: str | Path) -> tuple[dict, dict]:
                            f"`medtricks finetune` wrote.")
     try:
         info = json.loads((run / MODEL_JSON).read_text())
-        recipe = yaml.safe_load((run / RECIPE_FILE).read_text())
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        recipe = parse_yaml((run / RECIPE_FILE).read_text(), f"{run / RECIPE_FILE}")
+    except (ValueError, RecipeError, UnicodeDecodeError) as exc:
         raise RunError(f"{run}: {MODEL_JSON} or {RECIPE_FILE} is damaged ({str(exc).splitlines()[0]}); the run "
                        f"cannot be read. Train it again.") from exc
     if not isinstance(info, dict) or not isinstance(recipe, dict):

@@ -222,6 +222,23 @@ def test_yaml_aliases_in_a_recipe_are_refused(tmp_path):
             tmp_path)
 
 
+def test_deep_nesting_and_repeated_keys_in_a_recipe_are_refused(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: deep\na: " + "[" * 5000 + "]" * 5000 + "\n")  # PyYAML would recurse 5000 deep
+    refused(["finetune", "--recipe", deep, "--out", tmp_path / "run"], ["deep.yaml", "32 deep"], tmp_path)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: twice\ntrain:\n  epochs: 1\n  lr: 0.1\n  epochs: 6\n")
+    refused(["finetune", "--recipe", twice, "--out", tmp_path / "run"], ["twice.yaml", "'epochs'", "twice", "line 5"],
+            tmp_path)
+    refused(["finetune", "--set", "train={epochs: 1, epochs: 2}", "--out", tmp_path / "run"], ["--set", "'epochs'"],
+            tmp_path)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e400"])
+def test_a_float_key_must_be_finite(tmp_path, value):
+    refused(["finetune", "--set", f"train.lr={value}", "--out", tmp_path / "run"], ["train.lr", "finite"], tmp_path)
+
+
 def test_a_huge_value_is_cut_in_the_message(tmp_path):
     result = invoke(["finetune", "--set", f"data.augment={'x' * 100_000}", "--out", tmp_path / "run"], tmp_path)
     assert result.exit_code == 2 and "data.augment" in result.output and len(result.output) < 2_000
