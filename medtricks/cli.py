@@ -268,7 +268,8 @@ def attack_cmd(
     restarts: Annotated[int | None, typer.Option("--restarts", help="PGD random restarts.")] = None,
     norm: Annotated[str | None, typer.Option("--norm", help="linf or l2.")] = None,
     targeted: Annotated[bool, typer.Option("--targeted", help="Binary: flipped label; else --target-class.")] = False,
-    target_class: Annotated[str | None, typer.Option("--target-class", help="Target for multi-class.")] = None,
+    target_class: Annotated[str | None, typer.Option(
+        "--target-class", help="Class to aim at (multi-class: required; binary default: the flipped label).")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="finlayson: their PGD in [0, 1] units.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the run's own).")] = None,
     split: Annotated[str, typer.Option("--split", help="val, test, train or all.")] = "test",

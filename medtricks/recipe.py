@@ -358,8 +358,8 @@ class AttackSettings:
         corruptions: preset of `medtricks corrupt` and `ablate --corruptions` (one of CORRUPTION_PRESETS); None =
             the modality of data.augment (medtricks.corruptions.default_preset).
         severities: corruption severities among 1-5.
-        targeted: binary: towards the flipped label; multi-class: towards target_class.
-        target_class: class name of a targeted multi-class attack.
+        targeted: towards target_class; without one, binary: towards the flipped label.
+        target_class: class name of a targeted attack (required with more than two classes).
         seed: seed of the random starts.
     """
 

@@ -98,12 +98,12 @@ def decision_model(run: Run) -> torch.nn.Module:
 def _targets(labels: torch.Tensor, settings: AttackSettings, classes: Sequence[str]) -> torch.Tensor | None:
     if not settings.targeted:
         return None
-    if len(classes) == 2:
+    if settings.target_class is not None and settings.target_class not in classes:
+        raise AttackError(f"--target-class {short(settings.target_class)} is not one of {list(classes)}.")
+    if settings.target_class is None and len(classes) == 2:
         return 1 - labels  # Finlayson et al.: the flipped label
     if settings.target_class is None:
         raise AttackError(f"a targeted attack on {len(classes)} classes needs --target-class, one of {list(classes)}.")
-    if settings.target_class not in classes:
-        raise AttackError(f"--target-class {short(settings.target_class)} is not one of {list(classes)}.")
     return torch.full_like(labels, list(classes).index(settings.target_class))
 
 

@@ -20,7 +20,8 @@ from medtricks.attacks import pgd
 from medtricks.cli import app
 from medtricks.finetune import finetune
 from medtricks.models.backbones import MedModel
-from medtricks.robustness import decision_model
+from medtricks.recipe import AttackSettings
+from medtricks.robustness import _targets, decision_model
 from medtricks.runs import open_run
 
 runner = CliRunner()
@@ -122,6 +123,14 @@ def test_l2(run, tmp_path):
     assert report["norm"] == "l2" and report["results"][0]["eps"] == 0.5 and report["steps"] == 5
     assert report["results"][0]["accuracy"] <= report["clean"]["accuracy"]
     assert next((run / "attacks").glob("pgd-l2-*/attack.json")).is_file()
+
+
+def test_a_binary_target_class_is_aimed_at_not_ignored():
+    labels, classes = torch.tensor([0, 1, 1, 0]), ("normal", "opacity")
+    aimed = _targets(labels, AttackSettings(targeted=True, target_class="opacity"), classes)
+    assert aimed.tolist() == [1, 1, 1, 1]
+    assert _targets(labels, AttackSettings(targeted=True), classes).tolist() == [1, 0, 0, 1]  # Finlayson: flipped
+    assert _targets(labels, AttackSettings(target_class="opacity"), classes) is None  # untargeted
 
 
 def test_targeted_flips_the_binary_label(run, tmp_path):
@@ -260,6 +269,7 @@ def test_no_run_argument_in_an_empty_folder(tmp_path, monkeypatch):
     (["--apgd", "--step-size", "0.01"], ["--step-size", "apgd"]),
     (["--apgd", "--loss", "dlr"], ["--loss", "dlr", "margin"]),
     (["--pgd", "--loss", "margin"], ["--loss", "--apgd only"]),
+    (["--targeted", "--target-class", "cancer", "--eps", "1/255", "--steps", "2"], ["cancer", "normal", "opacity"]),
 ])
 def test_bad_options_exit_2_with_a_message(run, args, words):
     result = attack(run, *args)
