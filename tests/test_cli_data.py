@@ -43,6 +43,16 @@ def test_synth_storage_variants_do_not_predict_the_class(tmp_path):
         assert 0.3 < share < 0.7
 
 
+def test_synth_refuses_what_it_cannot_or_should_not_write(tmp_path, monkeypatch):
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "many"), "--n", "100000000000"])
+    assert result.exit_code == 2 and "--n 100000000000" in result.output and "100000" in result.output
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "full"), "--n", "1000", "--size", "512"])
+    assert result.exit_code == 2 and "GB free" in result.output and "full" in result.output, result.output
+    assert not (tmp_path / "many").exists() and not (tmp_path / "full").exists()  # refused before writing
+
+
 def test_synth_refuses_to_overwrite(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")

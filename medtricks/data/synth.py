@@ -13,6 +13,7 @@ or without a VOI window. Read back through medtricks.data.dicom, every variant d
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from medtricks.errors import DataError
 
 CLASSES = ("normal", "opacity")
+MAX_IMAGES = 100_000  # a synthetic set for tests and demos; bounds what a typo in --n can write
 
 
 def _ellipse(y, x, cy, cx, ry, rx):
@@ -116,12 +118,17 @@ def synthesize(out_dir: str | Path, n: int = 200, seed: int = 0, size: int = 256
         The path of labels.csv.
     """
     out = Path(out_dir)
-    if n < 4:
-        raise DataError(f"--n {n}: make at least 4 images (two per class) for a usable data set.")
+    if not 4 <= n <= MAX_IMAGES:
+        raise DataError(f"--n {n}: make 4 to {MAX_IMAGES} images (at least two per class).")
     if not 32 <= size <= 4096:
         raise DataError(f"--size {size}: choose a side between 32 and 4096 pixels.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: already exists and is not empty; choose a new folder (nothing was overwritten).")
+    needed = n * (size * size * 2 + 2048)  # 16-bit pixels and a DICOM header per image
+    free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
+    if needed > free:
+        raise DataError(f"{out}: {n} images of {size} px need about {needed / 1024**3:.3g} GB, but the disk has "
+                        f"{free / 1024**3:.3g} GB free; make fewer or smaller images.")
     for name in CLASSES:
         (out / "images" / name).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
