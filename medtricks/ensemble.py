@@ -27,7 +27,15 @@ from medtricks.errors import DataError, MedtricksError
 from medtricks.files import MODEL_FILE, MODEL_JSON, REPORT_FILE, write_json
 from medtricks.models.ensemble import EnsembleModel
 from medtricks.models.weights import sha256_of
-from medtricks.runs import MAX_MEMBERS, Run, RunError, new_run_dir, open_run, save_recipe, save_weights
+from medtricks.runs import (
+    MAX_MEMBERS,
+    Run,
+    check_new_run_dir,
+    new_run_dir,
+    open_run,
+    save_recipe,
+    save_weights,
+)
 from medtricks.scoring import decision_keys, evaluate_split, predict_loader, report_metrics, val_threshold
 
 # what the members must share: model.json keys (input and classes) and recipe keys (the split of the data)
@@ -79,8 +87,8 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
     members = [open_run(r, device) for r in runs]
     _check_members(members)
     first = members[0]
-    if out is not None and Path(out).exists():
-        raise RunError(f"{out}: exists; medtricks never overwrites a run. Choose another --out.")
+    if out is not None:
+        check_new_run_dir(Path(out))  # exists, or inside a run's own folders
     model = EnsembleModel([m.model for m in members], multilabel=first.multilabel).eval()
     outputs = {"val": predict_loader(model, first.loader(first.dataset(None, "val")), first.device)}
     try:  # the threshold needs the validation split (an error above names why it cannot be read); test may be empty

@@ -114,6 +114,9 @@ def check_output(path: str | Path, overwrite: bool = False, option: str = "--jso
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{option} {path}: no permission to write in {parent}; choose a writable folder.")
     if folder:
+        if _is_run_dir(target):
+            raise OutputError(f"{option} {path}: that is a run directory, whose own files only `medtricks finetune` "
+                              f"writes; choose a folder outside it (or a new folder inside it).")
         if target.exists() and not target.is_dir():
             raise OutputError(f"{option} {path}: a file of that name exists; give a folder.")
         if target.is_dir() and any(target.iterdir()) and not overwrite:

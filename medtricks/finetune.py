@@ -43,6 +43,7 @@ from medtricks.recipe import Recipe, recipe_for_run
 from medtricks.runs import (
     Run,
     RunError,
+    check_new_run_dir,
     load_resume_state,
     load_run_model,
     new_run_dir,
@@ -107,6 +108,8 @@ def finetune(recipe: Recipe | str | Path | None, data: str | Path | None = None,
             recipe, data, state = resumed["recipe"], resumed["data"], resumed["state"]
         else:
             recipe, state = recipe_for_run(recipe, overrides, seed), None
+            if out is not None:
+                distributed.on_main(lambda: check_new_run_dir(Path(out)))  # before any data or weights are read
         check_model_config(recipe.model, recipe.tricks.zero_gamma)
         if on_start is not None and distributed.is_main():
             on_start(recipe)

@@ -39,7 +39,16 @@ from medtricks.data.dataset import ImageDataset
 from medtricks.data.pipeline import eval_loader, load_eval_data
 from medtricks.devices import place_model, resolve_device
 from medtricks.errors import MedtricksError, RecipeError, short
-from medtricks.files import MODEL_FILE, MODEL_JSON, RECIPE_FILE, REPORT_FILE, RESUME_FILE, atomic_write, write_text
+from medtricks.files import (
+    MODEL_FILE,
+    MODEL_JSON,
+    RECIPE_FILE,
+    REPORT_FILE,
+    RESUME_FILE,
+    atomic_write,
+    run_owning,
+    write_text,
+)
 from medtricks.models.backbones import MedModel, create_model
 from medtricks.models.ensemble import EnsembleModel
 from medtricks.recipe import Recipe, load_recipe_from_dict
@@ -57,15 +66,26 @@ def save_weights(path: Path, model: torch.nn.Module) -> None:
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
+def check_new_run_dir(out: Path) -> None:
+    """Refuse, before any work, a run directory `out` that exists or lies inside another run's own files."""
+    if out.is_file():
+        raise RunError(f"{out}: a file of that name exists; --out names the new run directory. Choose another --out.")
+    if out.exists():
+        raise RunError(f"{out}: the run directory already exists; medtricks never overwrites a run. Choose another "
+                       f"--out, or resume it with --resume.")
+    owner = run_owning(out)
+    if owner is not None:
+        raise RunError(f"{out}: that is inside the run {owner} ({out.resolve().relative_to(owner)}), whose own "
+                       f"folders only its fine-tune writes; choose an --out outside them.")
+
+
 def new_run_dir(recipe_name: str, out: str | Path | None = None, root: str | Path = "runs") -> Path:
     """Create the run directory: `out`, or runs/<recipe>-<timestamp>. An existing directory is an error."""
     if out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path(root) / f"{recipe_name}-{stamp}"
     out = Path(out)
-    if out.exists():
-        raise RunError(f"{out}: the run directory already exists; medtricks never overwrites a run. Choose another "
-                       f"--out, or resume it with --resume.")
+    check_new_run_dir(out)
     try:
         out.mkdir(parents=True)
         (out / "plots").mkdir()

@@ -3,6 +3,7 @@ resource bombs, predict over mixed files, recipe edge cases): through the CLI, e
 naming the file or key and no traceback, and changes no file of the data (nothing_lost); each good edge case works."""
 
 import io
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def test_array_images_of_unknown_meaning_are_refused(tmp_path, images, words):
     (np.array([0.0, 1.5] * 4), ["train_labels", "1.5", "integer"]),
     (np.array(["a", "b"] * 4), ["train_labels", "integer class indices"]),
     (np.array([0, -1] * 4), ["train_labels", "-1"]),
+    (np.array([0.0, np.nan] * 4), ["train_labels", "4 NaN or infinite"]),
     (np.array([0, 1, 0]), ["8 images", "3 labels"]),
 ])
 def test_array_labels_must_be_class_indices(tmp_path, labels, words):
@@ -175,8 +177,9 @@ def _first_dicom(data: Path) -> Path:
     return sorted((data / "images").rglob("*.dcm"))[0]
 
 
-@pytest.mark.parametrize("slope, intercept", [("NaN", "0"), ("1", "inf")])
+@pytest.mark.parametrize("slope, intercept", [("NaN", "0"), ("1", "inf"), ("1e308", "0")])
 @pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's overflow warning must not leak to the user
 def test_non_finite_display_mapping_makes_the_image_unreadable(data, slope, intercept):
     victim = _first_dicom(data)
     ds = pydicom.dcmread(victim)
@@ -272,6 +275,22 @@ def test_predict_without_any_readable_image_exits_2(run, tmp_path):
     refused(["predict", run, empty], ["no image files", "empty"], run)
     (empty / "broken.png").write_text("not a picture")
     refused(["predict", run, empty], ["none of the 1 image file(s)", "broken.png"], run)
+
+
+def test_no_command_writes_a_run_inside_a_run_or_into_its_root(run, phantoms_train, tmp_path):
+    inside = run / "plots" / "sub"
+    refused(["finetune", "--data", phantoms_train, "--out", inside, *[f"--set={o}" for o in TINY]],
+            [inside, "inside the run", "plots"], run)
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    refused(["ensemble", run, twin, "--out", inside], [inside, "inside the run"], run)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    refused(["finetune", "--data", phantoms_train, "--out", afile], [afile, "a file of that name"], tmp_path)
+    assert afile.read_text() == "mine"
+    refused(["attack", run, "--pgd", "--eps", "1/255", "--steps", "2", "--limit", "2", "--no-checks",
+             "--save-images", run, "--overwrite"], ["--save-images", "run directory"], run)
+    assert not inside.exists()
 
 
 # --- recipe edge cases ----------------------------------------------------------------------------------------------

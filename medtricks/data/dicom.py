@@ -195,7 +195,8 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
         return np.moveaxis(rgb.astype(np.float32) / scale, -1, 0), meta
 
     bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    values = pydicom.pixels.apply_modality_lut(arr, ds)
+    with np.errstate(over="ignore", invalid="ignore"):  # an absurd slope overflows: refused just below, by name
+        values = pydicom.pixels.apply_modality_lut(arr, ds)
     if not np.all(np.isfinite(values)):  # a VOI window would clip inf to white or black: a silently wrong image
         raise DataError(f"{path}: the modality mapping (rescale slope/intercept or modality LUT) gives NaN or "
                         f"infinite values; the header is damaged. {_FIX}")

@@ -131,8 +131,11 @@ def check_labels(labels: np.ndarray, npz_path: Path, key: str) -> np.ndarray:
         raise DataError(f"{npz_path}: '{key}' has shape {labels.shape}: a multi-label set (one column per finding); "
                         f"set data.task: multilabel, or give one class index per image.")
     labels = labels.reshape(-1)
-    if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(np.isfinite(labels))):
+    if labels.dtype.kind not in "iuf":
         raise DataError(f"{npz_path}: '{key}' has dtype {labels.dtype}; labels must be integer class indices.")
+    if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
+        raise DataError(f"{npz_path}: '{key}' holds {int((~np.isfinite(labels)).sum())} NaN or infinite label(s); "
+                        f"labels must be integer class indices.")
     if labels.size and (np.any(labels != np.round(labels)) or labels.min() < 0):
         bad = labels[(labels != np.round(labels)) | (labels < 0)][:3].tolist()
         raise DataError(f"{npz_path}: '{key}' holds values such as {bad}; labels must be integer class indices "
