@@ -71,6 +71,19 @@ def test_16_bit_tiff(tmp_path):
     assert meta["format"] == "tif"
 
 
+def test_a_multi_page_tiff_reads_its_first_page_and_says_so(tmp_path, caplog):
+    pages = [Image.fromarray(np.full((4, 6), value, np.uint8)) for value in (10, 200, 90)]
+    path = tmp_path / "stack.tif"
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    with caplog.at_level("WARNING", logger="medtricks.data.images"):
+        pixels, _ = read_image(path)
+    assert_pixels(pixels[0], np.full((4, 6), 10 / 255.0))
+    assert "stack.tif holds 3 frames" in caplog.text and "first" in caplog.text
+    caplog.clear()
+    read_image(write(Image.fromarray(np.zeros((4, 6), np.uint8)), tmp_path / "one.tif"))
+    assert "frames" not in caplog.text
+
+
 def test_32_bit_integer_tiff_within_16_bit_range(tmp_path):
     arr = np.array([[0, 4095], [30000, 65535]], dtype=np.int32)
     img = Image.fromarray(arr)

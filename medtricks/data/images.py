@@ -8,6 +8,7 @@ channel (ITU-R BT.601 luma, as Pillow's "L" mode), or repeats grey into 3.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medtricks.data.dicom import is_dicom, read_dicom
 from medtricks.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -50,6 +53,9 @@ def read_picture(path: Path) -> tuple[np.ndarray, dict]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
+                if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":  # MPO: a phone JPEG and its preview
+                    logger.warning("%s holds %d frames (a stack or an animation); only the first is read.", path,
+                                   img.n_frames)
                 img = ImageOps.exif_transpose(img)  # phone/dermatoscope JPEGs store their rotation in EXIF
                 arr, bits, photometric = _pil_to_array(img, path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
