@@ -101,6 +101,10 @@ def build_dataclass(cls, raw: dict, prefix: str = ""):
 MAX_DEPTH = 32  # nesting of a YAML value; a recipe needs 4 (tricks.bn_reset[0].stages[0])
 
 
+class _RepeatedKey(Exception):
+    """A key given twice in one mapping (raised by _UniqueKeyLoader, named by parse_yaml)."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
 
@@ -111,8 +115,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key, list | dict):
                 continue  # unhashable: construct_mapping names it
             if key in seen:
-                raise RecipeError(f"the key {short(key)} is given twice in one section (line "
-                                  f"{key_node.start_mark.line + 1}); keep one.")
+                raise _RepeatedKey(f"the key {short(key)} is given twice in one section (line "
+                                   f"{key_node.start_mark.line + 1}); keep one.")
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -137,8 +141,8 @@ def parse_yaml(text: str, where: str):
                 raise RecipeError(f"{where}: nests lists or mappings more than {MAX_DEPTH} deep (line "
                                   f"{event.start_mark.line + 1}); a recipe needs a handful of levels.")
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except RecipeError as exc:
-        raise RecipeError(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc)) from None
+    except _RepeatedKey as exc:
+        raise RecipeError(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{where}: not valid YAML ({short(str(exc), 300)}).") from exc
 
