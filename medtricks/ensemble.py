@@ -3,8 +3,9 @@
 The directory holds what a run holds (recipe.yaml: the first member's; model.safetensors: every member's weights;
 model.json: the members and the ensemble's own binary threshold; report.json), so evaluate, predict, compare,
 attack and corrupt open it like any run: its model returns the log of the mean of the members' probabilities
-(medtricks.models.ensemble), each member with its own calibration temperature. The threshold is chosen again on
-the validation split, on the averaged probabilities, by the first member's `train.threshold` method. Multi-label
+(medtricks.models.ensemble), each member with its own calibration temperature and test-time views (train.tta).
+The threshold is chosen again on the validation split, on the averaged probabilities, by the first member's
+`train.threshold` method. Multi-label
 members (data.task: multilabel) are averaged finding by finding (the mean of their sigmoid probabilities), and each
 finding's threshold is chosen again on validation the same way (model.json's `thresholds`).
 
@@ -37,6 +38,7 @@ from medtricks.runs import (
     save_weights,
 )
 from medtricks.scoring import decision_keys, evaluate_split, predict_loader, report_metrics, val_threshold
+from medtricks.tta import unwrap
 
 # what the members must share: model.json keys (input and classes) and recipe keys (the split of the data)
 SAME_INPUT = ("classes", "channels", "in_chans", "image_size", "crop_fraction")
@@ -100,10 +102,10 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
     run = new_run_dir("ensemble", out)  # only now: a member split that cannot be read leaves nothing behind
     recipe = first.recipe.to_dict()
     save_recipe(run, {**recipe, "name": f"ensemble-{recipe['name']}"})
-    save_weights(run / MODEL_FILE, model)
+    save_weights(run / MODEL_FILE, EnsembleModel([unwrap(m.model) for m in members]))  # the bare networks' state
     described = [{**{k: m.info[k] for k in ("arch", "num_classes", "in_chans", "input_mode")},
-                  "temperature": m.info.get("temperature", 1.0), "run": str(m.path.resolve()),
-                  "sha256": m.info.get("sha256")} for m in members]
+                  "temperature": m.info.get("temperature", 1.0), **({"tta": m.info["tta"]} if "tta" in m.info else {}),
+                  "run": str(m.path.resolve()), "sha256": m.info.get("sha256")} for m in members]
     # multi-label: one threshold per finding, as finetune records them; ordinal decoding: the grade cuts
     thresholds = {**decision_keys(threshold, first.classes, first.multilabel),
                   **({k: first.info[k] for k in MULTILABEL_KEYS} if first.multilabel else {})}

@@ -42,6 +42,7 @@ from medtricks.metrics import decisions
 from medtricks.models.backbones import ARCHS, MedModel
 from medtricks.multilabel import label_name
 from medtricks.runs import Run, open_run
+from medtricks.tta import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class Explainer:
     def __init__(self, model: MedModel, method: str = "gradcam", layer: str | None = None, multilabel: bool = False):
         if method not in METHODS:
             raise ExplainError(f"--method {short(method)}: choose one of {', '.join(METHODS)}.")
+        model = unwrap(model)  # a train.tta run: the network's maps of the image as it is, not of its flips
         if not isinstance(model, MedModel):
             raise ExplainError("explain takes a single model; an ensemble's maps would mix its members' attention "
                                "(explain each member run instead).")
@@ -206,6 +208,7 @@ def sanity_check(model: MedModel, images: torch.Tensor, classes: Sequence[int], 
         {"steps": [{"randomized": [stages], "spearman", "ssim"}], "head_only": {...}, "flagged", "note"}: the mean
         over images of the Spearman rank correlation and SSIM between each step's maps and the trained model's.
     """
+    model = unwrap(model)  # a train.tta run: the network itself (Explainer's maps are of it)
     original = Explainer(model, method, layer, multilabel)(images, classes)
     stages = list(ARCHS[model.arch].stages)[::-1]  # head first
 

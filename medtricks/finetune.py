@@ -186,16 +186,20 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
     # rank 0 reads the selected epoch's weights back from the run (checking they load); every rank predicts with
     # them (the run directory need not be on a filesystem the other nodes see)
     model.load_state_dict(distributed.on_main(lambda: load_run_model(run)[0].state_dict()))
+    # train.tta: from here on the run is the model averaged over its test-time views (the epoch was selected without)
+    scorer, views = tta_module.wrap(model, recipe.data.augment, multilabel) if recipe.train.tta else (model, None)
     loaders = {name: loader for name in ("val", "test") if (loader := _eval_loader(bundle, name, recipe)) is not None}
-    outputs = {name: predict_loader(model, loader, device) for name, loader in loaders.items()}
+    outputs = {name: predict_loader(scorer, loader, device) for name, loader in loaders.items()}
     threshold, calibration = result.threshold, None
+    if views is not None and "val" in outputs:  # averaging moves the scores the epoch's threshold was chosen on
+        threshold = val_threshold(outputs["val"], len(classes), recipe.train.threshold)
     if recipe.train.calibrate == "temperature":
         if "val" not in outputs:
             logger.warning("train.calibrate: temperature needs a validation split to fit on; not calibrated")
         else:  # fitted after the epoch was selected, then every split is scored (and the threshold chosen) with it
             calibration = {"method": "temperature", **fit_temperature(outputs["val"].labels, outputs["val"].probs)}
-            model.temperature = calibration["temperature"]
-            outputs = {name: predict_loader(model, loader, device) for name, loader in loaders.items()}
+            scorer.temperature = calibration["temperature"]
+            outputs = {name: predict_loader(scorer, loader, device) for name, loader in loaders.items()}
             threshold = val_threshold(outputs["val"], len(classes), recipe.train.threshold)
     if recipe.tricks.ordinal_decoding is not None:
         if len(classes) < 3 or "val" not in outputs:
@@ -213,6 +217,7 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
                 full[name]["ece_before"] = expected_calibration_error(
                     output.labels, temper(output.probs, 1.0 / calibration["temperature"]))
         write_json(run / MODEL_JSON, {**info, "best_epoch": result.best_epoch,
+                                      **({"tta": list(views)} if views is not None else {}),
                                       **decision_keys(threshold, classes, multilabel),
                                       "select_metric": recipe.train.select_metric,
                                       **({"temperature": calibration["temperature"], "calibration": calibration}
@@ -334,12 +339,15 @@ def _plots(run: Path, rows: list[dict], outputs: dict[str, EvalOutput], metrics:
 def _open_for_scoring(run: str | Path, device: str | None, tta: bool) -> tuple[Run, float | None, dict]:
     """The opened run, its decision rule (Run.threshold) and the JSON keys of --tta: with `tta`, the model averaged
     over the views its augment preset allows (medtricks.tta) and the rule chosen again, with those views, on the
-    run's own validation split (the run's rule when that split cannot be read, with a warning)."""
+    run's own validation split (the run's rule when that split cannot be read, with a warning). A run trained with
+    train.tta is scored with its own views and rule, with or without `tta`."""
     opened = open_run(run, device)
-    if not tta:
-        return opened, opened.threshold, {}
-    opened.model, views = tta_module.wrap(opened.model, opened.recipe.data.augment, opened.multilabel)
     threshold = opened.threshold
+    if "tta" in opened.info:  # a train.tta run: its model and rule are already those of its views
+        return opened, threshold, {"tta": opened.info["tta"], **_rule_keys(opened, threshold)}
+    if not tta:
+        return opened, threshold, {}
+    opened.model, views = tta_module.wrap(opened.model, opened.recipe.data.augment, opened.multilabel)
     if len(opened.classes) == 2 or threshold is not None:  # binary threshold, per-finding thresholds, grade cuts
         try:
             val = opened.predict(opened.dataset(None, "val"))
@@ -348,9 +356,14 @@ def _open_for_scoring(run: str | Path, device: str | None, tta: bool) -> tuple[R
         except MedtricksError as exc:
             logger.warning("--tta: the run's validation split cannot be scored (%s); using the run's threshold %s, "
                            "chosen without test-time augmentation", exc, threshold)
-    rule = ({"thresholds": None if threshold is None else dict(zip(opened.classes, threshold, strict=True))}
-            if opened.multilabel else {"threshold": threshold})
-    return opened, threshold, {"tta": list(views), **rule}
+    return opened, threshold, {"tta": list(views), **_rule_keys(opened, threshold)}
+
+
+def _rule_keys(opened: Run, threshold: float | list[float] | None) -> dict:
+    """The decision rule as evaluate's JSON gives it with test-time augmentation."""
+    if opened.multilabel:
+        return {"thresholds": None if threshold is None else dict(zip(opened.classes, threshold, strict=True))}
+    return {"threshold": threshold}
 
 
 def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val",

@@ -262,6 +262,10 @@ class TrainConfig:
             specificity there) or specificity@0.9 (the lowest threshold with validation specificity >= 0.9).
         calibrate: temperature (fit one temperature on validation after the epoch is selected, Guo et al. 2017:
             medtricks.calibration; stored in model.json and applied by every command that opens the run) or None.
+        tta: score with test-time augmentation (medtricks.tta): after the epoch is selected (on scores without it),
+            validation and test are scored as the mean over the flips data.augment draws, the threshold and any
+            temperature are chosen on those scores, and every command that opens the run uses the averaged model.
+            An augment preset without flips (cxr, none) has nothing to average and is refused.
         early_stopping: stop after this many epochs without improvement of select_metric; None = never.
         eval_batch_size: images per evaluation batch (on each process of a distributed run).
         device: auto (CUDA when available), cpu or cuda.
@@ -281,6 +285,7 @@ class TrainConfig:
     select_metric: str = "auroc"
     threshold: str = "youden"
     calibrate: str | None = None
+    tta: bool = False
     early_stopping: int | None = None
     eval_batch_size: int = 64
     device: str = "auto"
@@ -435,6 +440,13 @@ class Recipe:
             raise RecipeError(f"recipe key 'seed' = {self.seed} must lie in [0, 2^32) (NumPy's seed range).")
         if self.data.multilabel:
             _check_multilabel(self)
+        if self.train.tta:
+            from medtricks.data.transforms import PRESET_FLIPS  # imports this module
+
+            if not PRESET_FLIPS[self.data.augment]:
+                raise RecipeError(f"recipe key 'train.tta' is on but data.augment {self.data.augment!r} draws no flips"
+                                  f"{' (left/right anatomy of radiographs)' if self.data.augment == 'cxr' else ''}, so "
+                                  f"test-time augmentation would average the image with itself; set train.tta: false.")
         if self.tricks.ordinal_decoding is not None and not self.data.ordinal:
             raise RecipeError("recipe key 'tricks.ordinal_decoding' is on but 'data.ordinal' is false: the decoding "
                               "cuts an expected grade, so the classes must be ordered grades; set data.ordinal: true "

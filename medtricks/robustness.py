@@ -42,6 +42,7 @@ from medtricks.models.backbones import MedModel
 from medtricks.multilabel import decision_scores, label_name
 from medtricks.recipe import AttackSettings
 from medtricks.runs import Run, newest_run, open_run
+from medtricks.tta import unwrap
 
 # Finlayson et al.: eps 0.02 and step 0.01 on a [-1, 1] input scale, 20 iterations, targeted at the flipped label
 FINLAYSON = {"eps": (0.01,), "step_size": 0.005, "steps": 20, "targeted": True, "random_start": False}
@@ -292,7 +293,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
     if save_images is not None:
         check_output(save_images, overwrite, "--save-images", folder=True)
     target = open_run(run if run is not None else newest_run(), device)
-    if explain and not isinstance(target.model, MedModel):
+    if explain and not isinstance(unwrap(target.model), MedModel):
         raise AttackError(f"--explain: {target.path} is an ensemble, whose maps would mix its members' attention; "
                           f"attack without --explain, or explain a member run.")
     settings = attack_settings(settings or target.recipe.attack, preset, **(options or {}))

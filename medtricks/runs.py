@@ -54,6 +54,7 @@ from medtricks.models.ensemble import EnsembleModel
 from medtricks.recipe import Recipe, load_recipe_from_dict
 from medtricks.scoring import EvalOutput, predict_loader
 from medtricks.tricks.ordinal_decoding import check_cuts
+from medtricks.tta import VIEWS, TTAModel
 
 
 class RunError(MedtricksError):
@@ -196,27 +197,41 @@ def _read_weights(run: Path) -> bytes:
 
 
 def _member(run: Path, description: dict) -> MedModel:
-    """An untrained model as `description` (model.json, or one of an ensemble's members) gives it, with its
-    calibration temperature set."""
+    """An untrained model as `description` (model.json, or one of an ensemble's members) gives it."""
     try:
-        model = create_model(description["arch"], description["num_classes"], description["in_chans"],
-                             weights="none", input_mode=description["input_mode"])  # normalization: in the state
+        return create_model(description["arch"], description["num_classes"], description["in_chans"],
+                            weights="none", input_mode=description["input_mode"])  # normalization: in the state
     except MedtricksError as exc:
         raise RunError(f"{run}: {MODEL_JSON} describes a model that cannot be built ({exc}).") from exc
+
+
+def _as_scored(run: Path, model: MedModel, description: dict, multilabel: bool) -> torch.nn.Module:
+    """`model` as the run scores it: with its calibration temperature, and averaged over its test-time views when
+    it was trained with train.tta (the temperature then divides the averaged logits, where it was fitted)."""
     temperature = description.get("temperature", 1.0)  # a calibrated run's (train.calibrate)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise RunError(f"{run}: {MODEL_JSON} has temperature {short(temperature)}; a calibration temperature is a "
                        f"positive number. The file was edited or damaged: train the run again.")
-    model.temperature = float(temperature)
-    return model
+    views = description.get("tta")
+    if views is None:
+        model.temperature = float(temperature)
+        return model
+    if not isinstance(views, list) or not views or not all(isinstance(v, str) and v in VIEWS for v in views):
+        raise RunError(f"{run}: {MODEL_JSON} has tta {short(views)}; test-time views are a list of "
+                       f"{', '.join(VIEWS)}. The file was edited or damaged: train the run again.")
+    scored = TTAModel(model, tuple(views), multilabel)
+    scored.temperature = float(temperature)
+    return scored
 
 
 def _rebuild(run: Path, info: dict, weights: bytes) -> torch.nn.Module:
     """The model model.json describes (no pretrained download; an EnsembleModel when it lists `members`) with
-    `weights` (model.safetensors' bytes) loaded strictly and calibration temperatures set, in eval mode on the CPU."""
+    `weights` (model.safetensors' bytes, the bare networks' state) loaded strictly, then calibration temperatures
+    and test-time views applied (_as_scored), in eval mode on the CPU."""
     members = info.get("members")
-    model = EnsembleModel([_member(run, m) for m in members], multilabel=info.get("task") == "multilabel") \
-        if members else _member(run, info)
+    multilabel = info.get("task") == "multilabel"
+    model = EnsembleModel([_member(run, m) for m in members], multilabel=multilabel) if members \
+        else _member(run, info)
     try:
         state = load_safetensors(weights)
     except SafetensorError as exc:
@@ -225,7 +240,11 @@ def _rebuild(run: Path, info: dict, weights: bytes) -> torch.nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise RunError(f"{run}: {MODEL_FILE} does not fit {info['arch']} ({str(exc).splitlines()[0]}).") from exc
-    return model.eval()
+    if members:
+        model.members = torch.nn.ModuleList([_as_scored(run, m, d, multilabel)
+                                             for m, d in zip(model.members, members, strict=True)])
+        return model.eval()
+    return _as_scored(run, model, info, multilabel).eval()
 
 
 @dataclass

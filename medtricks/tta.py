@@ -6,6 +6,11 @@ over the views (multi-label: the logit of each finding's mean sigmoid), so every
 run's decision rule (binary threshold, grade cuts, per-finding thresholds) is then chosen again on its validation
 split with the same views, since averaging moves the scores the run's rule was chosen on.
 
+A recipe with `train.tta: true` makes the averaged model the run's own: finetune scores validation and test with it
+(threshold and calibration temperature chosen on its averaged validation scores), model.json records the views
+(`tta`), and every command that opens the run (evaluate, predict, attack, corrupt, compare, ensemble, ablate)
+scores, and attacks, the averaged model; explain maps the network on the image as it is (`unwrap`).
+
 Written here rather than with MONAI's TestTimeAugmentation, which draws random transforms per image and returns their
 spread for uncertainty; this is the deterministic flip average of classification TTA (e.g. Simonyan & Zisserman 2015).
 """
@@ -41,7 +46,8 @@ def tta_views(preset: str) -> tuple[str, ...]:
 
 class TTAModel(nn.Module):
     """`model` averaged over `views`: forward returns log(mean over views of softmax(model(view(x)))), or with
-    `multilabel` the logit of the mean over views of each finding's sigmoid."""
+    `multilabel` the logit of the mean over views of each finding's sigmoid; divided by `temperature`, the
+    calibration of a train.tta run, fitted on these averaged scores (medtricks.calibration; 1 = none)."""
 
     def __init__(self, model: nn.Module, views: tuple[str, ...], multilabel: bool = False):
         super().__init__()
@@ -50,9 +56,16 @@ class TTAModel(nn.Module):
             raise ValueError(f"unknown TTA views {unknown}; choose from {list(VIEWS)}.")
         self.model, self.views = model, tuple(views)
         self.average = mean_sigmoid_logits if multilabel else mean_probability_logits
+        self.temperature = 1.0  # not a parameter nor in the state dict, as MedModel.temperature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.average([self.model(x.flip(VIEWS[v]) if VIEWS[v] else x) for v in self.views])
+        logits = self.average([self.model(x.flip(VIEWS[v]) if VIEWS[v] else x) for v in self.views])
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a TTAModel (any other model as it is)."""
+    return model.model if isinstance(model, TTAModel) else model
 
 
 def wrap(model: nn.Module, preset: str, multilabel: bool = False) -> tuple[TTAModel, tuple[str, ...]]:

@@ -132,6 +132,10 @@ def _drop(key):
     return lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != key})
 
 
+def _set(key, value):
+    return lambda text: json.dumps({**json.loads(text), key: value})
+
+
 def _bad_recipe(run: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "bad_recipe"
     shutil.copytree(run, copy)
@@ -148,6 +152,8 @@ def _bad_recipe(run: Path, tmp_path: Path) -> Path:
     (_model_json(lambda text: "[1, 2]"), ["model.json", "mapping"]),
     (_model_json(_drop("classes")), ["model.json", "classes"]),
     (_model_json(_drop("data")), ["model.json", "data"]),
+    (_model_json(_set("tta", ["identity", "rot90"])), ["model.json", "tta", "views"]),
+    (_model_json(_set("tta", "hflip")), ["model.json", "tta", "views"]),
     (_bad_recipe, ["recipe.yaml", "surprise"]),
 ])
 @pytest.mark.parametrize("command", ["evaluate", "predict", "attack"])

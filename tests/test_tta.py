@@ -2,6 +2,7 @@
 output is the average of the views' probabilities (multi-label: of each finding's sigmoid), and evaluate / predict
 --tta choose the binary threshold (multi-label: each finding's) again on validation with the same views."""
 
+import json
 import logging
 
 import numpy as np
@@ -129,3 +130,72 @@ def test_multilabel_evaluate_and_predict_with_tta(findings, tmp_path):
                 assert row[f"p_{finding}"] == pytest.approx(probs[k].item(), abs=1e-6)
             found = [f for k, f in enumerate(opened.classes) if probs[k].item() >= chosen[k]]
             assert row["prediction"] == ("|".join(found) or "No Finding")
+
+
+def _mean_over_flips(network, images, views, temperature):
+    """softmax(log(mean over views of softmax(network(view))) / T), computed here from the bare network."""
+    with torch.inference_mode():
+        probs = torch.stack([network(images.flip(VIEWS[v]) if VIEWS[v] else images).float().softmax(-1)
+                             for v in views]).mean(0)
+        return (probs.log() / temperature).softmax(-1).numpy()
+
+
+def test_a_tta_recipe_makes_the_averaged_model_the_runs_own(phantoms_train, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from medtricks.calibration import nll
+    from medtricks.ensemble import ensemble
+    from medtricks.explain import explain
+
+    tta_recipe = [*FAST, "data.augment=dermoscopy", "train.tta=true", "data.split.seed=0"]
+    runs = [finetune("demo", data=phantoms_train, out=tmp_path / "run0",  # calibrated, and not
+                     overrides=[*tta_recipe, "train.calibrate=temperature"]),
+            finetune("demo", data=phantoms_train, out=tmp_path / "run1", overrides=[*tta_recipe, "seed=1"])]
+    info = json.loads((runs[0] / "model.json").read_text())
+    views = ("identity", "hflip", "vflip", "hvflip")
+    assert info["tta"] == list(views)
+    opened = open_run(runs[0], device="cpu")
+    assert isinstance(opened.model, TTAModel) and opened.model.views == views
+    network, temperature = opened.model.model, info.get("temperature", 1.0)
+    assert network.temperature == 1.0  # the temperature divides the averaged logits, where it was fitted
+    val, test = (opened.dataset(None, split) for split in ("val", "test"))
+    val_images, test_images = (torch.stack([ds[i]["image"] for i in range(len(ds))]) for ds in (val, test))
+    val_labels, test_labels = (np.array([ds[i]["label"] for i in range(len(ds))]) for ds in (val, test))
+    val_probs = _mean_over_flips(network, val_images, views, temperature)
+    test_probs = _mean_over_flips(network, test_images, views, temperature)
+    # the threshold is chosen on the averaged validation scores; the temperature is fitted on them (never raising
+    # their NLL); the test report is of the averaged model, as is every later command's
+    assert info["threshold"] == pytest.approx(choose_threshold(val_labels, val_probs, "youden"))
+    calibration = info["calibration"]
+    assert calibration["nll_after"] <= calibration["nll_before"]
+    assert nll(val_labels, val_probs) == pytest.approx(calibration["nll_after"], abs=1e-5)
+    report = json.loads((runs[0] / "report.json").read_text())["splits"]["test"]
+    assert report["auroc"] == pytest.approx(roc_auc_score(test_labels, test_probs[:, 1]))
+    for scored in (evaluate(runs[0], split="test"), evaluate(runs[0], split="test", tta=True)):  # not wrapped twice
+        assert scored["tta"] == list(views) and scored["auroc"] == pytest.approx(report["auroc"])
+        assert scored["threshold"] == info["threshold"]
+    second = open_run(runs[1], device="cpu")  # uncalibrated: its threshold is still chosen on the averaged scores
+    assert "temperature" not in second.info
+    assert second.threshold == pytest.approx(choose_threshold(
+        val_labels, _mean_over_flips(second.model.model, val_images, views, 1.0), "youden"))
+    # an ensemble of two tta runs averages their averaged probabilities, and opens again as such
+    both = ensemble(runs, out=tmp_path / "ens")
+    members = [open_run(r, device="cpu") for r in runs]
+    expected = np.mean([_mean_over_flips(m.model.model, test_images, views, m.info.get("temperature", 1.0))
+                        for m in members], axis=0)
+    with torch.inference_mode():
+        got = open_run(both, device="cpu").model(test_images).softmax(-1).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # explain maps the network on the image as it is
+    maps = explain(opened, sorted(phantoms_train.rglob("*.dcm"))[:2])
+    assert maps.maps.shape[0] == 2 and np.isfinite(maps.maps).all()
+
+
+def test_a_tta_recipe_needs_a_preset_with_flips():
+    from medtricks.errors import RecipeError
+    from medtricks.recipe import load_recipe
+
+    for preset in ("cxr", "none"):
+        with pytest.raises(RecipeError, match=r"train\.tta.*draws no flips"):
+            load_recipe("demo", [f"data.augment={preset}", "train.tta=true"])
+    assert load_recipe("demo", ["data.augment=fundus", "train.tta=true"]).train.tta
