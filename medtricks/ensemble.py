@@ -87,6 +87,15 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
         raise EnsembleError("the same run is given twice; each member must be another run.")
     started = time.perf_counter()
     members = [open_run(r, device) for r in runs]
+    nested = [str(m.path) for m in members if "members" in m.info]
+    if nested:
+        raise EnsembleError(f"{', '.join(nested)} is itself an ensemble; give the runs it averages as members instead "
+                            f"(its model.json lists them under members[].run).")
+    seen: dict[str, Path] = {}
+    for m in members:  # a copied run directory is the same model under another path
+        if (same := seen.setdefault(m.info["sha256"], m.path)) != m.path:
+            raise EnsembleError(f"{m.path} and {same} hold the same weights (one is a copy of the other); each member "
+                                f"must be another trained model.")
     _check_members(members)
     first = members[0]
     if out is not None:

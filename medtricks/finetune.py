@@ -272,6 +272,9 @@ def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, da
     run = Path(out)
     if (run / REPORT_FILE).is_file():
         raise RunError(f"{run}: the run is finished (report.json exists); there is nothing to resume.")
+    if _recorded(run, "members") is not None:
+        raise RunError(f"{run}: that is an ensemble (`medtricks ensemble`), not a training run, so there is nothing "
+                       f"to resume; run `medtricks ensemble` again with a new --out.")
     saved = recipe_for_run(recipe, overrides, seed, resume_from=run)
     state = load_resume_state(run)
     recorded = _recorded_source(run)
@@ -286,10 +289,17 @@ def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, da
 def _recorded_source(run: Path) -> str | None:
     """The data source in the run's model.json, written when the run opens and again with every best epoch (None
     for a run that stopped before its first epoch under a version that did not write it then)."""
+    data = _recorded(run, "data")
+    return data.get("source") if isinstance(data, dict) else None
+
+
+def _recorded(run: Path, key: str):
+    """model.json's `key` in an unfinished run (None when the file or the key is missing or unreadable)."""
     try:
-        return json.loads((run / MODEL_JSON).read_text())["data"]["source"]
-    except (OSError, ValueError, KeyError, TypeError):
+        info = json.loads((run / MODEL_JSON).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
+    return info.get(key) if isinstance(info, dict) else None
 
 
 def _check_findings(train_labels: list[tuple], classes: tuple[str, ...], source: Path) -> None:

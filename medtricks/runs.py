@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -145,8 +146,15 @@ def _check_info(run: Path, info: dict) -> None:
              or (kind is int and isinstance(info.get(key), bool))]
     if not wrong:
         classes, threshold = info["classes"], info.get("threshold")
-        if len(classes) != info["num_classes"] or not all(isinstance(c, str) for c in classes):
+        if len(classes) != info["num_classes"] or not all(isinstance(c, str) and c for c in classes) \
+                or len(set(classes)) < len(classes):
             wrong.append("classes")
+        if not 8 <= info["image_size"] <= 4096:  # the recipe's bounds (DataConfig): no allocation a run never made
+            wrong.append("image_size")
+        if not 0.1 <= info["crop_fraction"] <= 1.0:  # also NaN
+            wrong.append("crop_fraction")
+        if info["channels"] not in (1, 3) or info["channels"] != info["in_chans"]:
+            wrong.append("channels")
         if not isinstance(info["data"].get("source"), str):
             wrong.append("data.source")
         if threshold is not None and not (isinstance(threshold, float | int) and 0 <= threshold <= 1):
@@ -324,11 +332,16 @@ def open_run(run: str | Path, device: str | torch.device | None = None) -> Run:
     run = Path(run)
     info, raw = read_run(run)
     if not (run / REPORT_FILE).is_file():
-        raise RunError(f"{run}: the run is not finished ({REPORT_FILE} is missing: training stopped before the end). "
-                       f"Continue it with `medtricks finetune --out {run} --resume`, or pass a finished run.")
-    weights = _read_weights(run)  # read once: hashed, then loaded
+        again = "it was never completed: run `medtricks ensemble` again" if "members" in info else \
+            f"training stopped before the end). Continue it with `medtricks finetune --out {run} --resume`"
+        raise RunError(f"{run}: the run is not finished ({REPORT_FILE} is missing: {again}, or pass a finished run.")
+    _check_report(run, info)
     recorded = info.get("sha256")
-    if recorded is not None and hashlib.sha256(weights).hexdigest() != recorded:
+    if not (isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded)):
+        raise RunError(f"{run}: {MODEL_JSON} records no sha256 of {MODEL_FILE} (a finished run always does), so its "
+                       f"weights cannot be checked; the file was edited or damaged. Train it again.")
+    weights = _read_weights(run)  # read once: hashed, then loaded
+    if hashlib.sha256(weights).hexdigest() != recorded:
         raise RunError(f"{run}: {MODEL_FILE} does not match the sha256 in {MODEL_JSON} (the file was changed or "
                        f"damaged after training); the run cannot be trusted. Train it again.")
     try:
@@ -337,6 +350,20 @@ def open_run(run: str | Path, device: str | torch.device | None = None) -> Run:
         raise RunError(f"{run}: its {RECIPE_FILE} is not a valid recipe ({exc}); the run cannot be used.") from exc
     target = resolve_device(device if device is not None else recipe.train.device)
     return Run(run, place_model(_rebuild(run, info, weights), target).eval(), info, recipe, target)
+
+
+def _check_report(run: Path, info: dict) -> None:
+    """report.json parses, and names the classes model.json names, in the same order."""
+    try:
+        report = json.loads((run / REPORT_FILE).read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise RunError(f"{run}: {REPORT_FILE} is damaged ({str(exc).splitlines()[0]}); the run cannot be trusted. "
+                       f"Train it again.") from exc
+    if not isinstance(report, dict) or report.get("classes") != info["classes"]:
+        raise RunError(f"{run}: {REPORT_FILE} and {MODEL_JSON} disagree on the classes ("
+                       f"{short(report.get('classes') if isinstance(report, dict) else report)} against "
+                       f"{short(info['classes'])}); one was edited or damaged, so the run's predictions cannot be "
+                       f"named. Train it again.")
 
 
 def _split_tensors(value, tensors: dict[str, torch.Tensor], path: str):

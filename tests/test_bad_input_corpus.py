@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from conftest import nothing_lost
 from medtricks.cli import app
 from medtricks.models.backbones import create_model
+from medtricks.models.weights import sha256_of
 from medtricks.recipe import load_recipe
 from medtricks.runs import save_weights
 
@@ -28,7 +29,7 @@ def _fake_run(folder, classes, source):
     model = create_model("efficientnet_lite0", len(classes), 1, weights="none")
     save_weights(folder / "model.safetensors", model)
     info = {**model.describe(), "classes": list(classes), "image_size": 32, "channels": 1, "crop_fraction": 0.875,
-            "threshold": 0.5, "data": {"source": str(source)}}
+            "threshold": 0.5, "data": {"source": str(source)}, "sha256": sha256_of(folder / "model.safetensors")}
     (folder / "model.json").write_text(json.dumps(info))
     (folder / "recipe.yaml").write_text(yaml.safe_dump(load_recipe("demo", ["data.image_size=32",
                                                                             "data.workers=0"]).to_dict()))

@@ -102,3 +102,23 @@ def test_mean_sigmoid_logits_is_the_logit_of_the_mean_and_keeps_its_gradient_whe
     out = mean_sigmoid_logits([z[:1], z[1:]])
     out.backward()
     assert torch.isfinite(out).all() and out.item() > 25 and z.grad.abs().min() > 0.001
+
+
+def test_an_ensemble_is_no_member_a_copy_is_no_second_member_and_nothing_resumes_over_one(members, tmp_path):
+    import shutil
+
+    from conftest import nothing_lost
+
+    ens = ensemble(members, out=tmp_path / "ens", device="cpu")
+    with pytest.raises(EnsembleError, match="is itself an ensemble"):
+        ensemble([ens, members[0]], out=tmp_path / "nested", device="cpu")
+    shutil.copytree(members[0], tmp_path / "copy")
+    with pytest.raises(EnsembleError, match="the same weights"):
+        ensemble([members[0], tmp_path / "copy"], out=tmp_path / "twice", device="cpu")
+    assert not (tmp_path / "nested").exists() and not (tmp_path / "twice").exists()
+    (ens / "report.json").unlink()  # as if the ensemble were killed before its last write
+    result = runner.invoke(app, ["evaluate", str(ens)])
+    assert result.exit_code == 2 and "medtricks ensemble` again" in result.output and "--resume" not in result.output
+    with nothing_lost(ens):
+        result = runner.invoke(app, ["finetune", "--out", str(ens), "--resume"])
+    assert result.exit_code == 2 and "is an ensemble" in result.output and "Traceback" not in result.output

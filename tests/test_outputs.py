@@ -132,6 +132,15 @@ def _drop(key):
     return lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != key})
 
 
+def _report_json(text):
+    def damage(run: Path, tmp_path: Path) -> Path:
+        copy = tmp_path / "damaged"
+        shutil.copytree(run, copy)
+        (copy / "report.json").write_text(text)
+        return copy
+    return damage
+
+
 def _set(key, value):
     return lambda text: json.dumps({**json.loads(text), key: value})
 
@@ -154,6 +163,13 @@ def _bad_recipe(run: Path, tmp_path: Path) -> Path:
     (_model_json(_drop("data")), ["model.json", "data"]),
     (_model_json(_set("tta", ["identity", "rot90"])), ["model.json", "tta", "views"]),
     (_model_json(_set("tta", "hflip")), ["model.json", "tta", "views"]),
+    (_model_json(_drop("sha256")), ["model.json", "sha256"]),
+    (_model_json(_set("image_size", 60000)), ["model.json", "image_size"]),
+    (_model_json(_set("crop_fraction", float("nan"))), ["model.json", "crop_fraction"]),
+    (_model_json(_set("channels", 3)), ["model.json", "channels"]),
+    (_model_json(_set("classes", ["opacity", "normal"])), ["report.json", "model.json", "classes"]),
+    (_model_json(_set("classes", ["normal", "normal"])), ["model.json", "classes"]),
+    (_report_json("{not json"), ["report.json", "damaged"]),
     (_bad_recipe, ["recipe.yaml", "surprise"]),
 ])
 @pytest.mark.parametrize("command", ["evaluate", "predict", "attack"])
