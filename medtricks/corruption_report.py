@@ -211,6 +211,12 @@ def corruption_names(run: Run, preset: str | None, names: Sequence[str] | None) 
         raise CorruptionError(str(exc)) from exc
 
 
+def _image_keys(run: Run, data, split: str, limit: int | None) -> list:
+    """The images (their keys, in order) that `run` scores on a split of `data`."""
+    dataset = run.dataset(data, split, limit)
+    return [dataset.store.records[i]["key"] for i in dataset.indices]
+
+
 def evaluate_run(run: Run, data, split: str, limit: int | None, names, severities, seed: int,
                  progress=None) -> dict:
     """evaluate_corruptions on a split of the run's data (its first `limit` images), with the run's decisions."""
@@ -276,13 +282,19 @@ def corruption_report(run: str | Path | None = None, data: str | Path | None = N
     preset, names = corruption_names(target, preset, corruptions)
     severities = tuple(severities) if severities is not None else target.recipe.attack.severities
     source = data if data is not None else target.source
+    if isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise CorruptionError(f"--seed {seed}: must lie in [0, 2^32).")
+    other = target.open_same_task(against, "--against") if against is not None else None
+    if other is not None and _image_keys(other, source, split, limit) != _image_keys(target, source, split, limit):
+        raise CorruptionError(f"--against {against}: its {split} split of {source} holds other images than that of "
+                              f"{target.path} (another split seed or split settings), so the two error rates would "
+                              f"not compare like with like; pass --data with --split all, or a run of the same split.")
     report = evaluate_run(target, source, split, limit, names, severities, seed, progress)
     gallery = report.pop("gallery")
     report = {"preset": preset, "names": list(names), **({"task": "multilabel"} if target.multilabel else {}),
               **report, "split": split, "data": str(source), "run": str(target.path), "device": str(target.device)}
     reference = None
-    if against is not None:
-        other = target.open_same_task(against, "--against")
+    if other is not None:
         reference = evaluate_run(other, source, split, limit, names, severities, seed, progress)
         reference.pop("gallery")
         reference["run"] = str(other.path)

@@ -133,6 +133,9 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
     elif len(set(train_labels)) < 2:
         raise DataError(f"{source}: the train split needs images of at least two classes; it has "
                         f"{sorted({classes[label] for label in train_labels})}.")
+    elif absent := [c for k, c in enumerate(classes) if k not in set(train_labels)]:
+        logger.warning("class(es) %s have no image in the train split (of %d); the model cannot learn them, and "
+                       "their scores are what chance gives", absent, len(train_labels))
     if teacher is not None and teacher.classes != tuple(classes):
         raise MedtricksError(f"tricks.distillation.teacher {teacher.path}: its classes {list(teacher.classes)} "
                              f"differ from this run's {list(classes)}; use a teacher trained on the same classes.")

@@ -192,6 +192,9 @@ class DataConfig:
             raise RecipeError(f"recipe key 'data.on_error' = {short(self.on_error)}; choose 'raise' or 'skip'.")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise RecipeError(f"recipe key 'data.classes' = {list(self.classes)} has duplicate names.")
+        if self.classes is not None and not all(c.strip() for c in self.classes):
+            raise RecipeError(f"recipe key 'data.classes' = {list(self.classes)} has an empty name; every class needs "
+                              f"one (it is matched against the labels and names reports and files).")
         if self.workers is not None and self.workers < 0:
             raise RecipeError(f"recipe key 'data.workers' = {self.workers} must be >= 0 (0 = main process).")
 
@@ -400,6 +403,8 @@ class AttackSettings:
         if self.method == "autoattack" and self.targeted:
             raise AttackError("--autoattack is untargeted: its APGD-T members pick their own targets (the most likely "
                               "wrong classes); drop --targeted, or use --apgd --targeted.")
+        if isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise AttackError(f"--seed {self.seed} (attack.seed): must lie in [0, 2^32) (the random starts' seed).")
         if not self.eps:
             raise AttackError("give at least one eps (e.g. --eps 1/255,2/255).")
         for eps in self.eps:

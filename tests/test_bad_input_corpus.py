@@ -146,6 +146,8 @@ SET_CASES = [
     (["--set", "data.channels=2"], ["data.channels"]),
     (["--set", "data.split.train=0.9"], ["sum to 1"]),
     (["--recipe", "no_such_recipe"], ["unknown recipe", "demo"]),
+    (["--set", "data.classes=[normal, '', opacity]"], ["data.classes", "empty name"]),
+    (["--set", "attack.seed=-5"], ["attack.seed", "[0, 2^32)"]),
 ]
 
 

@@ -27,8 +27,8 @@ def run(phantoms_train, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def other_run(phantoms_train, tmp_path_factory) -> Path:
-    return finetune("demo", data=phantoms_train, out=tmp_path_factory.mktemp("runs") / "other", overrides=FAST,
-                    seed=1)
+    return finetune("demo", data=phantoms_train, out=tmp_path_factory.mktemp("runs") / "other", seed=1,
+                    overrides=[*FAST, "data.split.seed=0"])  # another training seed, the same images in each split
 
 
 def corrupt(*args) -> object:
@@ -154,6 +154,17 @@ def test_bad_options_exit_2_with_a_message(run, args, words):
     assert result.exit_code == 2, result.output
     for word in words:
         assert word in result.output, (word, result.output)
+
+
+def test_against_a_run_of_another_split_is_refused_before_any_work(run, phantoms_train, tmp_path):
+    resplit = finetune("demo", data=phantoms_train, out=tmp_path / "resplit", seed=1,
+                       overrides=[*FAST, "train.epochs=1"])  # the split follows the seed: other test images
+    with nothing_lost(run, resplit):
+        result = corrupt(run, "--against", resplit, "--limit", 4)
+    assert result.exit_code == 2 and "other images" in result.output and "--split all" in result.output
+    for seed in ("-1", str(2**32)):
+        result = corrupt(run, "--seed", seed, "--limit", 4)
+        assert result.exit_code == 2 and "--seed" in result.output
 
 
 def test_against_a_run_of_another_task_is_refused(run, tmp_path):

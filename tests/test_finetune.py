@@ -220,3 +220,13 @@ def test_a_diverging_loss_gets_a_warning(phantoms_train, tmp_path, monkeypatch, 
         finetune("demo", data=phantoms_train, out=tmp_path / "run",
                  overrides=[*FAST, "train.epochs=1", "train.limit_train_batches=2", "train.lr=1e-9"])
     assert "grew from" in caplog.text and "epoch 1 (step 2)" in caplog.text and "train.grad_clip" in caplog.text
+
+
+def test_a_declared_class_without_training_images_is_named(phantoms_train, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="medtricks.finetune"):
+        finetune("demo", data=phantoms_train, out=tmp_path / "run",
+                 overrides=[*FAST, "train.epochs=1", "train.limit_train_batches=1",
+                            "data.classes=[normal, opacity, effusion]"])
+    assert "['effusion'] have no image in the train split" in caplog.text

@@ -55,6 +55,8 @@ def test_manifest_multi_hot_with_separator_and_no_finding(tmp_path):
     ("Pneumonia|Hernia", ["labels.csv line 3", "Hernia", "data.classes"]),
     ("", ["labels.csv line 3", "empty label", "No Finding"]),
     ("No Finding|Pneumonia", ["labels.csv line 3", "together with findings"]),
+    ("|", ["labels.csv line 3", "empty label", "only the separator"]),
+    (" | ", ["labels.csv line 3", "empty label", "only the separator"]),
 ])
 def test_manifest_label_errors_name_the_row(tmp_path, label, words):
     folder = write_manifest(tmp_path, [("1.png", "Pneumonia", "p1"), ("2.png", label, "p2")])

@@ -75,6 +75,8 @@ def test_csv_file_path_and_missing_file_listed(tmp_path):
     ("path,label\na.png,\n", ["empty label", "line 2"]),
     ("path,label,split\na.png,normal,train\nb.png,normal,\n", ["split column is filled for some rows"]),
     ("path,label,split\na.png,normal,holdout\n", ["holdout", "train, val, test"]),
+    ("path,label,label\na.png,normal,opacity\n", ["column 'label' appears more than once"]),
+    ('path,label,note\na.png,normal,"two\nlines"\nb.png,\n', ["empty label", "line 4"]),  # physical line, not row
 ])
 def test_bad_manifests(tmp_path, text, words):
     _png(tmp_path / "a.png")
@@ -149,3 +151,17 @@ def test_real_sets_are_detected():
     assert retina.classes == ("0", "1", "2", "3", "4")
     assert sum(r["split"] == "train" for r in retina.records) == 1080
     assert sum(r["split"] == "val" for r in retina.records) == 120
+
+
+def test_an_empty_patient_id_column_is_no_patient_ids(tmp_path, caplog):
+    for name in ("a", "b"):
+        _png(tmp_path / f"{name}.png")
+    assert not load_source(_csv(tmp_path, "path,label,patient_id\na.png,x,\nb.png,y, \n")).has_patient_ids
+    partial = load_source(_csv(tmp_path, "path,label,patient_id\na.png,x,p1\nb.png,y,\n"))
+    assert partial.has_patient_ids and "1 of 2 rows have an empty patient_id" in caplog.text
+
+
+def test_class_names_that_look_numeric_but_are_not_ascii_digits_sort_as_text(tmp_path):
+    for name in ("²", "1"):  # '²'.isdigit() is True, but int('²') fails
+        _png(tmp_path / name / "a.png")
+    assert load_source(tmp_path).classes == ("1", "²")

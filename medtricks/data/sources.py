@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,7 @@ def image_inputs(inputs) -> list[Path]:
 
 def _sort_names(names) -> tuple[str, ...]:
     names = set(names)
-    if all(n.lstrip("-").isdigit() for n in names):
+    if all(re.fullmatch(r"-?[0-9]+", n) for n in names):  # ASCII digits: '²'.isdigit() is True, int('²') fails
         return tuple(sorted(names, key=int))  # DR grades 0..4 sort numerically, not as text
     return tuple(sorted(names))
 
@@ -136,6 +137,9 @@ def _multi_hot(classes: tuple[str, ...] | None, cells: list[str], where: list[st
     no-finding name is all zeros. Unknown names and a finding listed with the no-finding name are errors."""
     names = [[part.strip() for part in cell.split(labels.separator) if part.strip()] for cell in cells]
     for w, found in zip(where, names, strict=True):
+        if not found:  # '|' alone: not a no-finding image, an empty label
+            raise DataError(f"{w}: empty label (only the separator {short(labels.separator)}). Every row needs "
+                            f"findings from data.classes, or {short(labels.no_finding)} (data.no_finding) for none.")
         if labels.no_finding in found and len(found) > 1:
             raise DataError(f"{w}: label {short(labels.separator.join(found))} lists {short(labels.no_finding)} "
                             f"(data.no_finding) together with findings; keep one or the other.")
@@ -186,11 +190,20 @@ def _pseudonymize_dicom_patients(records: list[dict]) -> bool:
 
 def _from_csv(csv_path: Path, classes, labels: LabelFormat) -> Source:
     root = csv_path.parent
+    rows, lines = [], []  # lines: the physical line each row ends on (a quoted field may hold a newline)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            for row in reader:
+                rows.append(row)
+                lines.append(reader.line_num)
+            header = reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{csv_path}: cannot read the CSV manifest ({exc}).") from exc
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:  # csv.DictReader would keep the last of them without a word
+        raise DataError(f"{csv_path}: column {', '.join(map(short, repeated))} appears more than once in the header "
+                        f"line; keep one, or rename the others.")
     columns = set(rows[0].keys()) if rows else set()
     if not rows:
         raise DataError(f"{csv_path}: the manifest has no rows. Expected columns path,label[,patient_id][,split].")
@@ -199,7 +212,7 @@ def _from_csv(csv_path: Path, classes, labels: LabelFormat) -> Source:
         if need not in columns:
             raise DataError(f"{csv_path}: column {short(need)} is missing; found {sorted(columns)}. Expected columns "
                             f"path,{column}[,patient_id][,split] (the label column is data.label_column).")
-    where = [f"{csv_path.name} line {i + 2} ({row['path']})" for i, row in enumerate(rows)]
+    where = [f"{csv_path.name} line {line} ({row['path']})" for line, row in zip(lines, rows, strict=True)]
     seen: dict[Path, str] = {}
     resolved = []
     for w, row in zip(where, rows, strict=True):
@@ -219,10 +232,11 @@ def _from_csv(csv_path: Path, classes, labels: LabelFormat) -> Source:
     cells = [row[column].strip() for row in rows]
     classes, values = (_multi_hot(classes, cells, where, labels) if labels.multilabel
                        else _class_index(classes, cells, where))
-    has_patient = "patient_id" in columns and all((row["patient_id"] or "").strip() for row in rows)
-    if "patient_id" in columns and not has_patient:
-        logger.warning("%s: some rows have an empty patient_id; those images are split as their own patients.",
-                       csv_path)
+    given = [bool((row["patient_id"] or "").strip()) for row in rows] if "patient_id" in columns else []
+    has_patient = any(given)  # an empty patient_id column is no patient ids at all
+    if has_patient and not all(given):
+        logger.warning("%s: %d of %d rows have an empty patient_id; those images are split as their own patients.",
+                       csv_path, given.count(False), len(given))
     split_values = [(row.get("split") or "").strip() for row in rows] if "split" in columns else []
     has_splits = bool(split_values) and all(split_values)
     if split_values and any(split_values) and not has_splits:
@@ -236,8 +250,7 @@ def _from_csv(csv_path: Path, classes, labels: LabelFormat) -> Source:
         patient = (row.get("patient_id") or "").strip() or None
         records.append({"image": path, "label": values[i], "patient_id": patient,
                         "split": _normalize_split(split_values[i], w) if has_splits else None, "key": row["path"]})
-    return Source(root, "csv", classes, records, bool(has_patient or "patient_id" in columns), has_splits, missing,
-                  labels.multilabel)
+    return Source(root, "csv", classes, records, has_patient, has_splits, missing, labels.multilabel)
 
 
 def _from_npz(npz_path: Path, classes, labels: LabelFormat) -> Source:
