@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from medtricks.errors import MedtricksError
+from medtricks.errors import MedtricksError, short
 
 MODEL_FILE, MODEL_JSON, RECIPE_FILE, METRICS_FILE, REPORT_FILE, RESUME_FILE = (
     "model.safetensors", "model.json", "recipe.yaml", "metrics.jsonl", "report.json", "resume.safetensors")
@@ -44,11 +44,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     tmp = None
     try:
+        if path.is_symlink():  # replace the file the link names (the one check_output checked), not the link
+            path = path.resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # the name is cut so that a legal long file name still leaves room for the temporary one's affixes
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:80]}.", suffix=".tmp")
         os.close(fd)
         tmp = Path(name)
         write(tmp)
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
@@ -61,6 +65,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
                               f"continues with --resume).") from exc
         raise OutputError(f"{path}: cannot write it ({exc.strerror or exc}). Choose a writable place (a missing "
                           f"folder, a file where a folder is expected, or a read-only disk cause this).") from exc
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions a written file gets: those of the file it replaces, else what the umask gives a new file
+    (mkstemp's own 0600 would hide every output from the user's group)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_text(path: Path, text: str) -> None:
@@ -102,6 +117,14 @@ def check_output(path: str | Path, overwrite: bool = False, option: str = "--jso
         OutputError: naming the path, the option and what to do.
     """
     path = Path(path)
+    try:
+        return _check_output(path, overwrite, option, folder)
+    except OSError as exc:  # a name over the file system's limit, a loop of links, ...
+        raise OutputError(f"{option} {short(str(path))}: cannot use that path ({exc.strerror or exc}); choose another "
+                          f"(a name of at most 255 bytes in an existing, writable folder).") from exc
+
+
+def _check_output(path: Path, overwrite: bool, option: str, folder: bool) -> Path:
     target = path.resolve()
     run = run_owning(target)
     if run is not None:

@@ -184,3 +184,33 @@ def test_unfinished_and_damaged_runs_are_refused(run, phantoms_train, tmp_path, 
 def test_a_device_is_never_replaced_by_an_output(run):
     refused(["evaluate", run, "--json", "/dev/null", "--overwrite"], "not a regular file", folders=[run])
     assert Path("/dev/null").is_char_device()
+
+
+def test_outputs_follow_the_umask_keep_a_replaced_files_mode_and_write_through_a_link(run, phantoms_train, tmp_path):
+    old = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.json"
+        assert CliRunner().invoke(app, ["evaluate", str(run), "--json", str(fresh)]).exit_code == 0
+        assert fresh.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        kept = tmp_path / "kept.json"
+        kept.write_text("{}")
+        kept.chmod(0o640)
+        assert CliRunner().invoke(app, ["evaluate", str(run), "--json", str(kept), "--overwrite"]).exit_code == 0
+        assert kept.stat().st_mode & 0o777 == 0o640 and json.loads(kept.read_text())["n"] > 0
+    finally:
+        os.umask(old)
+    target, link = tmp_path / "target.csv", tmp_path / "link.csv"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    result = CliRunner().invoke(app, ["predict", str(run), str(phantoms_train / "images" / "normal"), "--out",
+                                      str(link), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and link.resolve() == target and target.read_text().startswith("path,prediction")
+
+
+def test_a_long_output_name_is_used_and_an_impossible_one_is_refused(run, tmp_path):
+    legal = tmp_path / ("r" * 245 + ".json")  # 250 bytes: legal, though a temporary name beside it would not be
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--json", str(legal)])
+    assert result.exit_code == 0 and legal.is_file(), result.output
+    refused(["evaluate", run, "--json", tmp_path / ("r" * 300 + ".json")], "cannot use that path", "255 bytes",
+            folders=[run, tmp_path])
