@@ -114,6 +114,17 @@ class Explainer:
         else:
             self._cam = None  # built at the first image: its mask is 1/8 of the image side
 
+    def _grad_cam(self, x: torch.Tensor, cls: int) -> torch.Tensor:
+        try:
+            return self._cam(x, class_idx=cls)[0, 0]
+        except (ValueError, IndexError, RuntimeError) as exc:  # MONAI's errors where the layer gives no map
+            if self.layer == cam_layer(self.model):
+                raise
+            shown = ", ".join(f"backbone.{p}" for stage in ARCHS[self.model.arch].stages.values() for p in stage)
+            raise ExplainError(f"--layer {short(self.layer)}: Grad-CAM cannot read a spatial feature map and its "
+                               f"gradient there ({str(exc).splitlines()[0][:120]}); give a convolutional stage, such "
+                               f"as one of {shown}.") from exc
+
     def __call__(self, images: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
         """(B, H, W) maps in [0, 1] of `images` (B, C, H, W) in [0, 1], each for its class in `classes`."""
         maps = []
@@ -129,7 +140,7 @@ class Explainer:
                     occluded, _ = self._cam(x)  # (1, classes, H, W): the class probability with each region hidden
                 maps.append((base - occluded[0, cls]).clamp_min(0))
             else:
-                maps.append(self._cam(x, class_idx=int(cls))[0, 0])
+                maps.append(self._grad_cam(x, int(cls)))
         return _scaled(torch.stack(maps))
 
 

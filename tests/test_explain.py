@@ -176,6 +176,11 @@ def test_explain_command_writes_maps_and_refuses_what_it_should(lesion_run, tmp_
     occlusion = runner.invoke(app, ["explain", str(run), str(images[1]), "--method", "occlusion", "--out",
                                     str(tmp_path / "occ")])
     assert occlusion.exit_code == 0, occlusion.output
+    for layer in ("", "backbone.classifier", "backbone.global_pool", "normalize"):  # modules without a feature map
+        flat = runner.invoke(app, ["explain", str(run), str(images[0]), "--layer", layer, "--out",
+                                   str(tmp_path / "flat")])
+        assert flat.exit_code == 2 and "cannot read a spatial feature map" in flat.output, (layer, flat.output)
+        assert "Traceback" not in flat.output and "backbone.blocks.6" in flat.output
 
 
 def test_attack_explain_maps_the_gallery_clean_and_adversarial(lesion_run):

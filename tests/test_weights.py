@@ -331,9 +331,10 @@ def test_cli_verify_refuses_unsafe_file(cache, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("text", ["hello world\n", "a: 1\n"])
-def test_cli_verify_text_file_exits_2(cache, tmp_path, text):
-    path = tmp_path / "notes.txt"
+@pytest.mark.parametrize("text, name", [("hello world\n", "notes.txt"), ("a: 1\n", "notes.txt"),
+                                        ("hello world\n", "damaged.safetensors")])
+def test_cli_verify_text_file_exits_2(cache, tmp_path, text, name):
+    path = tmp_path / name
     path.write_text(text)
     result = runner.invoke(app, ["weights", "verify", str(path)])
     assert result.exit_code == 2, result.output

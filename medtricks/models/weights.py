@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from medtricks.errors import MedtricksError, short
@@ -201,7 +202,11 @@ def load_checkpoint(path: str | Path) -> dict:
         raise WeightsError(f"{path}: weights file not found. Check model.weights, or use a registry name "
                            f"(medtricks weights list).")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise WeightsError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]}); the "
+                               f"file is damaged or of another format. Download or convert it again.") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 (torch raises UnpicklingError, KeyError, RuntimeError, ... here)
