@@ -194,9 +194,12 @@ def evaluate_cmd(
     (under torchrun --nproc_per_node N -m medtricks evaluate ...: each process predicts a shard, rank 0 prints).
     """
     from medtricks import distributed
+    from medtricks.files import check_output
     from medtricks.finetune import evaluate
 
     try:
+        gallery = check_output(Path(f"shortcuts-{run.resolve().name}-{split}.png"), overwrite,
+                               "--explain-summary gallery") if explain_summary else None  # before any output
         with distributed.process_group():
             metrics = evaluate(run, data=data, split=split, json_path=json_path, device=device, overwrite=overwrite,
                                tta=tta)
@@ -205,11 +208,9 @@ def evaluate_cmd(
     if explain_summary and distributed.is_main():
         try:
             from medtricks.explain import explain_split
-            from medtricks.files import check_output, write_json
+            from medtricks.files import write_json
             from medtricks.runs import open_run
 
-            gallery = check_output(Path(f"shortcuts-{run.resolve().name}-{split}.png"), overwrite,
-                                   "--explain-summary gallery")
             metrics["explain_summary"] = explain_split(open_run(run, device), split, data, gallery=gallery)
             if json_path is not None:  # the file evaluate just wrote, now with the screen
                 write_json(json_path, metrics)

@@ -86,6 +86,8 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
     if len({Path(r).resolve() for r in runs}) < len(runs):
         raise EnsembleError("the same run is given twice; each member must be another run.")
     started = time.perf_counter()
+    if out is not None:
+        check_new_run_dir(Path(out))  # exists, or inside a run's own folders: before any member is read
     members = [open_run(r, device) for r in runs]
     nested = [str(m.path) for m in members if "members" in m.info]
     if nested:
@@ -98,8 +100,6 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
                                 f"must be another trained model.")
     _check_members(members)
     first = members[0]
-    if out is not None:
-        check_new_run_dir(Path(out))  # exists, or inside a run's own folders
     model = EnsembleModel([m.model for m in members], multilabel=first.multilabel).eval()
     outputs = {"val": predict_loader(model, first.loader(first.dataset(None, "val")), first.device)}
     try:  # the threshold needs the validation split (an error above names why it cannot be read); test may be empty

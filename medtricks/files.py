@@ -124,12 +124,21 @@ def check_output(path: str | Path, overwrite: bool = False, option: str = "--jso
                           f"(a name of at most 255 bytes in an existing, writable folder).") from exc
 
 
-def _check_output(path: Path, overwrite: bool, option: str, folder: bool) -> Path:
-    target = path.resolve()
+def refuse_run_files(path: Path, option: str, folder: bool = False) -> None:
+    """Refuse an output that is (or lies in) a run's own files, or, with `folder`, a run directory itself."""
+    target = Path(path).resolve()
     run = run_owning(target)
     if run is not None:
         raise OutputError(f"{option} {path}: that is part of the run {run} ({target.relative_to(run)}), which only "
                           f"`medtricks finetune` writes; choose a path outside the run's own files.")
+    if folder and _is_run_dir(target):
+        raise OutputError(f"{option} {path}: that is a run directory, whose own files only `medtricks finetune` "
+                          f"writes; choose a folder outside it (or a new folder inside it).")
+
+
+def _check_output(path: Path, overwrite: bool, option: str, folder: bool) -> Path:
+    target = path.resolve()
+    refuse_run_files(path, option, folder)
     parent = target.parent
     if not parent.is_dir():
         raise OutputError(f"{option} {path}: the folder {parent} does not exist (or is not a folder); create it "
@@ -137,9 +146,6 @@ def _check_output(path: Path, overwrite: bool, option: str, folder: bool) -> Pat
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{option} {path}: no permission to write in {parent}; choose a writable folder.")
     if folder:
-        if _is_run_dir(target):
-            raise OutputError(f"{option} {path}: that is a run directory, whose own files only `medtricks finetune` "
-                              f"writes; choose a folder outside it (or a new folder inside it).")
         if target.exists() and not target.is_dir():
             raise OutputError(f"{option} {path}: a file of that name exists; give a folder.")
         if target.is_dir() and any(target.iterdir()) and not overwrite:

@@ -290,7 +290,21 @@ def test_no_command_writes_a_run_inside_a_run_or_into_its_root(run, phantoms_tra
     assert afile.read_text() == "mine"
     refused(["attack", run, "--pgd", "--eps", "1/255", "--steps", "2", "--limit", "2", "--no-checks",
              "--save-images", run, "--overwrite"], ["--save-images", "run directory"], run)
+    refused(["data", "synth", inside, "--n", "8", "--size", "32"], [inside, "part of the run", "plots"], run)
+    (tmp_path / "raw").mkdir()
+    for out in (run, run / "plots"):
+        refused(["data", "prepare", "nih-chestxray14", tmp_path / "raw", "--out", out, "--overwrite"],
+                ["--out", "run"], run)
     assert not inside.exists()
+
+
+def test_evaluate_checks_its_gallery_before_writing_its_json(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gallery = tmp_path / f"shortcuts-{run.name}-test.png"
+    gallery.write_text("mine")
+    refused(["evaluate", run, "--split", "test", "--json", tmp_path / "m.json", "--explain-summary"],
+            ["--explain-summary gallery", "--overwrite"], tmp_path)
+    assert not (tmp_path / "m.json").exists() and gallery.read_text() == "mine"
 
 
 # --- recipe edge cases ----------------------------------------------------------------------------------------------

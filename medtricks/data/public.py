@@ -33,7 +33,7 @@ from pathlib import Path
 from medtricks.data import archive, prepare
 from medtricks.data.catalog import MIRROR_ENV, REGISTRY, PublicSet, RemoteFile, find_set
 from medtricks.errors import DataError, short
-from medtricks.files import write_text
+from medtricks.files import refuse_run_files, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,10 @@ def prepare_set(name: str, raw_dir: str | Path, out: str | Path | None = None, o
     if target_resolved == raw_resolved or raw_resolved in target_resolved.parents:
         raise DataError(f"--out {target}: it lies inside RAW_DIR {raw}, which prepare never writes into; choose "
                         f"another folder (the default is the cache folder {spec.folder}).")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+    refuse_run_files(target, "--out", folder=True)
+    if target.exists() and not target.is_dir():
+        raise DataError(f"--out {target}: a file of that name exists; give a folder.")
+    if target.exists() and any(target.iterdir()) and not overwrite:
         raise DataError(f"--out {target}: the folder exists and is not empty; choose a new folder, or add "
                         f"--overwrite to replace its labels.csv.")
     lines = spec.prepare(raw, target, **chosen)

@@ -24,6 +24,7 @@ from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from medtricks.errors import DataError
+from medtricks.files import refuse_run_files
 
 CLASSES = ("normal", "opacity")
 MAX_IMAGES = 100_000  # a synthetic set for tests and demos; bounds what a typo in --n can write
@@ -122,7 +123,10 @@ def synthesize(out_dir: str | Path, n: int = 200, seed: int = 0, size: int = 256
         raise DataError(f"--n {n}: make 4 to {MAX_IMAGES} images (at least two per class).")
     if not 32 <= size <= 4096:
         raise DataError(f"--size {size}: choose a side between 32 and 4096 pixels.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    refuse_run_files(out, "data synth", folder=True)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: a file of that name exists; give a new folder (nothing was overwritten).")
+    if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: already exists and is not empty; choose a new folder (nothing was overwritten).")
     needed = n * (size * size * 2 + 2048)  # 16-bit pixels and a DICOM header per image
     free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
