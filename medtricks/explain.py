@@ -393,7 +393,7 @@ def write_explanations(result: Explained, out: str | Path, method: str, overwrit
     out.mkdir(exist_ok=True)
     rows = []
     for i, path in enumerate(result.paths):
-        stem = f"{i:04d}-{Path(path).stem}"
+        stem = f"{i:04d}-{Path(path).stem[:100]}"  # the index keeps names unique; the cut keeps them legal
         _save_map(out / f"{stem}-{method}.npy", result.maps[i])
         plots.plot_saliency(result.images[i], result.maps[i], out / f"{stem}-{method}.png",
                             title=f"{Path(path).name}: {result.class_names[i]} "

@@ -411,12 +411,12 @@ def masking_checks(model: torch.nn.Module, loader, settings: AttackSettings, cla
 
 def _save_adversarial(adv: torch.Tensor, labels, preds, classes, folder: Path, start: int) -> None:
     """Adversarial images as 16-bit grey PNGs or 8-bit RGB PNGs named by index, true and predicted class (multi-label:
-    the findings joined by +, or none; no metadata is written into the files; characters other than letters,
-    digits, - and _ in class names become _)."""
-    safe = [re.sub(r"[^\w-]", "_", name) for name in classes]
+    the findings joined by +, or none; no metadata is written into the files; characters other than ASCII letters,
+    digits, - and _ in class names become _, and long names are cut so that a file name stays legal)."""
+    safe = [re.sub(r"[^\w-]", "_", name, flags=re.ASCII)[:40] for name in classes]  # the index keeps names unique
     for k in range(len(adv)):
         pixels = adv[k].clamp(0, 1).cpu().numpy()
-        true, pred = (label_name(_label(c[k]), safe) for c in (labels, preds))
+        true, pred = (label_name(_label(c[k]), safe)[:100] for c in (labels, preds))  # at most 255 bytes in all
         if pixels.shape[0] == 1:
             image = Image.fromarray((pixels[0] * 65535).round().astype(np.uint16))
         else:

@@ -176,6 +176,10 @@ def test_explain_command_writes_maps_and_refuses_what_it_should(lesion_run, tmp_
     occlusion = runner.invoke(app, ["explain", str(run), str(images[1]), "--method", "occlusion", "--out",
                                     str(tmp_path / "occ")])
     assert occlusion.exit_code == 0, occlusion.output
+    long = tmp_path / ("l" * 245 + ".png")  # a legal 249-byte name: the maps named after it must stay legal
+    long.write_bytes(images[0].read_bytes())
+    named = runner.invoke(app, ["explain", str(run), str(long), "--out", str(tmp_path / "long")])
+    assert named.exit_code == 0 and len(list((tmp_path / "long").glob("0000-l*"))) == 2, named.output
     for layer in ("", "backbone.classifier", "backbone.global_pool", "normalize"):  # modules without a feature map
         flat = runner.invoke(app, ["explain", str(run), str(images[0]), "--layer", layer, "--out",
                                    str(tmp_path / "flat")])

@@ -354,3 +354,14 @@ def test_a_recipe_name_cannot_leave_the_runs_folder(tmp_path, monkeypatch):
     spaced = tmp_path / "my recipe (v2).yaml"
     spaced.write_text("train: {epochs: 1}\n")
     assert load_recipe(spaced).name == "my_recipe__v2_"  # a file name becomes a safe run-folder name
+
+
+def test_adversarial_image_names_stay_legal_whatever_the_class_names(tmp_path):
+    import torch
+
+    from medtricks.robustness import _save_adversarial
+
+    classes = ["n" * 300, "é" * 200]  # 300 and 400 bytes as they are
+    _save_adversarial(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), torch.tensor([1, 0]), classes, tmp_path, 0)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and all(len(n.encode()) <= 255 for n in names), names
