@@ -413,10 +413,11 @@ def _save_adversarial(adv: torch.Tensor, labels, preds, classes, folder: Path, s
     """Adversarial images as 16-bit grey PNGs or 8-bit RGB PNGs named by index, true and predicted class (multi-label:
     the findings joined by +, or none; no metadata is written into the files; characters other than ASCII letters,
     digits, - and _ in class names become _, and long names are cut so that a file name stays legal)."""
-    safe = [re.sub(r"[^\w-]", "_", name, flags=re.ASCII)[:40] for name in classes]  # the index keeps names unique
+    safe = [re.sub(r"[^\w-]", "_", name, flags=re.ASCII) for name in classes]
     for k in range(len(adv)):
         pixels = adv[k].clamp(0, 1).cpu().numpy()
-        true, pred = (label_name(_label(c[k]), safe)[:100] for c in (labels, preds))  # at most 255 bytes in all
+        # cut to keep the name within 255 bytes (the index keeps it unique)
+        true, pred = (label_name(_label(c[k]), safe)[:100] for c in (labels, preds))
         if pixels.shape[0] == 1:
             image = Image.fromarray((pixels[0] * 65535).round().astype(np.uint16))
         else:

@@ -363,5 +363,7 @@ def test_adversarial_image_names_stay_legal_whatever_the_class_names(tmp_path):
 
     classes = ["n" * 300, "é" * 200]  # 300 and 400 bytes as they are
     _save_adversarial(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), torch.tensor([1, 0]), classes, tmp_path, 0)
+    findings = [f"finding_{k}_{'x' * 30}" for k in range(14)]  # multi-label: every finding present, joined by +
+    _save_adversarial(torch.rand(1, 1, 8, 8), torch.ones(1, 14), torch.ones(1, 14), findings, tmp_path, 2)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert len(names) == 2 and all(len(n.encode()) <= 255 for n in names), names
+    assert len(names) == 3 and all(len(n.encode()) <= 255 for n in names), names
