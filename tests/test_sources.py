@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -165,3 +167,16 @@ def test_class_names_that_look_numeric_but_are_not_ascii_digits_sort_as_text(tmp
     for name in ("²", "1"):  # '²'.isdigit() is True, but int('²') fails
         _png(tmp_path / name / "a.png")
     assert load_source(tmp_path).classes == ("1", "²")
+
+
+def test_predict_inputs_list_what_a_folder_scan_leaves_out(tmp_path, caplog):
+    from medtricks.data.sources import image_inputs
+
+    _png(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "b").write_bytes((tmp_path / "in" / "a.png").read_bytes())  # a PNG without its extension
+    (tmp_path / "in" / ".hidden.txt").write_text("x")
+    assert image_inputs([tmp_path / "in"]) == [tmp_path / "in" / "a.png"]
+    assert "1 file(s) are not read" in caplog.text and ": b;" in caplog.text and "hidden" not in caplog.text
+    if Path("/dev/zero").exists():
+        with pytest.raises(DataError, match="not a regular file or folder"):
+            image_inputs(["/dev/zero"])

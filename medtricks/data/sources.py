@@ -99,9 +99,21 @@ def image_inputs(inputs) -> list[Path]:
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files.extend(image_files(item))
+            found = image_files(item)
+            files.extend(found)
+            taken = set(found)
+            left = sorted(p for p in item.rglob("*") if p.is_file() and p not in taken and not any(
+                part.startswith(".") for part in p.relative_to(item).parts))
+            if left:  # never drop a file without listing it: an image saved without its extension is one
+                logger.warning("%s: %d file(s) are not read, being neither an image by extension (PNG, JPEG, TIFF, "
+                               "BMP, DICOM) nor DICOM by content: %s%s; give such a file by name to score it.", item,
+                               len(left), ", ".join(str(p.relative_to(item)) for p in left[:5]),
+                               " ..." if len(left) > 5 else "")
         elif item.is_file():
             files.append(item)
+        elif item.exists():
+            raise DataError(f"{item}: not a regular file or folder (a device, a pipe or a socket); give image files "
+                            f"or folders.")
         else:
             raise DataError(f"{item}: no such file or folder.")
     if not files:
