@@ -911,8 +911,11 @@ def weights_verify(file: Annotated[Path, typer.Argument(help="A .pth, .pth.tar o
     from medtricks.models.weights import find_by_file, sha256_of
 
     try:
+        if not file.is_file():
+            raise MedtricksError(f"{file}: {'a folder' if file.is_dir() else 'no such file'}; give a weights file "
+                                 f"(.pth, .pth.tar or .safetensors).")
         spec = find_by_file(file)
-        digest = sha256_of(file) if file.is_file() else ""
+        digest = sha256_of(file)
         fits = archs_fitting(file)
     except MedtricksError as exc:
         _fail(exc)

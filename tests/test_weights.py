@@ -331,6 +331,12 @@ def test_cli_verify_refuses_unsafe_file(cache, tmp_path):
     assert not marker.exists()
 
 
+def test_cli_verify_a_folder_or_missing_file_exits_2(tmp_path):
+    for path, words in ((tmp_path, "a folder"), (tmp_path / "gone.pth", "no such file")):
+        result = runner.invoke(app, ["weights", "verify", str(path)])
+        assert result.exit_code == 2 and words in result.output and "resnet" not in result.output, result.output
+
+
 @pytest.mark.parametrize("text, name", [("hello world\n", "notes.txt"), ("a: 1\n", "notes.txt"),
                                         ("hello world\n", "damaged.safetensors")])
 def test_cli_verify_text_file_exits_2(cache, tmp_path, text, name):
