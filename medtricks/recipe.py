@@ -42,6 +42,10 @@ from medtricks.tricks.zero_gamma import ZeroGammaConfig
 ATTACK_METHODS = ("pgd", "fgsm", "apgd", "autoattack")
 CORRUPTION_PRESETS = ("radiograph", "fundus", "dermoscopy")  # medtricks.corruptions.PRESETS (a test keeps them equal)
 AUGMENT_PRESETS = ("bag_of_tricks", "cxr", "fundus", "dermoscopy", "none")
+# The flips each train-time preset draws (medtricks.data.transforms): the symmetries its modality allows (none for
+# radiographs: left/right anatomy). Test-time augmentation (medtricks.tta) averages over exactly these.
+PRESET_FLIPS = {"bag_of_tricks": ("horizontal",), "cxr": (), "fundus": ("horizontal", "vertical"),
+                "dermoscopy": ("horizontal", "vertical"), "none": ()}
 CACHE_MODES = ("auto", "memory", "disk", "none")
 TASKS = ("single", "multilabel")  # data.task
 INPUT_MODES = ("sum", "repeat")
@@ -445,13 +449,10 @@ class Recipe:
             raise RecipeError(f"recipe key 'seed' = {self.seed} must lie in [0, 2^32) (NumPy's seed range).")
         if self.data.multilabel:
             _check_multilabel(self)
-        if self.train.tta:
-            from medtricks.data.transforms import PRESET_FLIPS  # imports this module
-
-            if not PRESET_FLIPS[self.data.augment]:
-                raise RecipeError(f"recipe key 'train.tta' is on but data.augment {self.data.augment!r} draws no flips"
-                                  f"{' (left/right anatomy of radiographs)' if self.data.augment == 'cxr' else ''}, so "
-                                  f"test-time augmentation would average the image with itself; set train.tta: false.")
+        if self.train.tta and not PRESET_FLIPS[self.data.augment]:
+            raise RecipeError(f"recipe key 'train.tta' is on but data.augment {self.data.augment!r} draws no flips"
+                              f"{' (left/right anatomy of radiographs)' if self.data.augment == 'cxr' else ''}, so "
+                              f"test-time augmentation would average the image with itself; set train.tta: false.")
         if self.tricks.ordinal_decoding is not None and not self.data.ordinal:
             raise RecipeError("recipe key 'tricks.ordinal_decoding' is on but 'data.ordinal' is false: the decoding "
                               "cuts an expected grade, so the classes must be ordered grades; set data.ordinal: true "

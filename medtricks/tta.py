@@ -1,5 +1,5 @@
 """Test-time augmentation that respects the modality: average a model's probabilities over the flips its training
-augmentation drew (medtricks.data.transforms.PRESET_FLIPS), never another: no left-right flip of a radiograph.
+augmentation drew (medtricks.recipe.PRESET_FLIPS), never another: no left-right flip of a radiograph.
 
 `evaluate --tta` and `predict --tta` wrap the run's model in `TTAModel`, whose output is the log of the mean softmax
 over the views (multi-label: the logit of each finding's mean sigmoid), so every scorer reads it as logits; the
@@ -22,8 +22,8 @@ import logging
 import torch
 from torch import nn
 
-from medtricks.data.transforms import PRESET_FLIPS
 from medtricks.models.ensemble import mean_probability_logits, mean_sigmoid_logits
+from medtricks.recipe import PRESET_FLIPS
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from medtricks.recipe import AUGMENT_PRESETS
+from medtricks.recipe import AUGMENT_PRESETS, PRESET_FLIPS
 
 # ImageNet RGB eigen-decomposition used by AlexNet's and the Bag-of-Tricks' lighting noise (fb.resnet.torch)
 IMAGENET_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
@@ -92,10 +92,6 @@ def _colour(brightness: float, contrast: float, saturation: float, hue: float, c
     return [v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)]
 
 
-# The flips each train-time preset draws: the symmetries its modality allows (none for radiographs: left/right
-# anatomy). Test-time augmentation (medtricks.tta) averages over exactly these, never over another.
-PRESET_FLIPS = {"bag_of_tricks": ("horizontal",), "cxr": (), "fundus": ("horizontal", "vertical"),
-                "dermoscopy": ("horizontal", "vertical"), "none": ()}
 
 
 def _flips(preset: str) -> list:
