@@ -228,7 +228,7 @@ def _corruption_accuracy(run: Path, recipe: Recipe, split: str = "val") -> dict:
         return json.loads((run / CORRUPTION_FILE).read_text())
     opened = open_run(run, "auto")
     preset, names = corruption_names(opened, None, None)
-    report = evaluate_run(opened, None, split, None, names, recipe.attack.severities, 0)
+    report = evaluate_run(opened, opened.dataset(None, split), names, recipe.attack.severities, 0)
     result = {"split": split, "preset": preset, "severities": list(recipe.attack.severities), "n": report["n"],
               "clean_accuracy": report["clean"]["accuracy"], "mce": report["mce"],
               "accuracy": float(np.mean([row["accuracy"] for row in report["results"]]))}

@@ -211,16 +211,13 @@ def corruption_names(run: Run, preset: str | None, names: Sequence[str] | None) 
         raise CorruptionError(str(exc)) from exc
 
 
-def _image_keys(run: Run, data, split: str, limit: int | None) -> list:
-    """The images (their keys, in order) that `run` scores on a split of `data`."""
-    dataset = run.dataset(data, split, limit)
+def _image_keys(dataset) -> list:
+    """The images of a dataset (their keys), in order."""
     return [dataset.store.records[i]["key"] for i in dataset.indices]
 
 
-def evaluate_run(run: Run, data, split: str, limit: int | None, names, severities, seed: int,
-                 progress=None) -> dict:
-    """evaluate_corruptions on a split of the run's data (its first `limit` images), with the run's decisions."""
-    dataset = run.dataset(data, split, limit)
+def evaluate_run(run: Run, dataset, names, severities, seed: int, progress=None) -> dict:
+    """evaluate_corruptions on `dataset` (a Run.dataset of the run), with the run's decisions."""
     return evaluate_corruptions(decision_model(run), run.loader(dataset), names, severities, seed, run.device,
                                 progress)
 
@@ -285,17 +282,19 @@ def corruption_report(run: str | Path | None = None, data: str | Path | None = N
     if isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise CorruptionError(f"--seed {seed}: must lie in [0, 2^32).")
     other = target.open_same_task(against, "--against") if against is not None else None
-    if other is not None and _image_keys(other, source, split, limit) != _image_keys(target, source, split, limit):
+    dataset = target.dataset(source, split, limit)
+    other_dataset = other.dataset(source, split, limit) if other is not None else None
+    if other is not None and _image_keys(other_dataset) != _image_keys(dataset):
         raise CorruptionError(f"--against {against}: its {split} split of {source} holds other images than that of "
                               f"{target.path} (another split seed or split settings), so the two error rates would "
                               f"not compare like with like; pass --data with --split all, or a run of the same split.")
-    report = evaluate_run(target, source, split, limit, names, severities, seed, progress)
+    report = evaluate_run(target, dataset, names, severities, seed, progress)
     gallery = report.pop("gallery")
     report = {"preset": preset, "names": list(names), **({"task": "multilabel"} if target.multilabel else {}),
               **report, "split": split, "data": str(source), "run": str(target.path), "device": str(target.device)}
     reference = None
     if other is not None:
-        reference = evaluate_run(other, source, split, limit, names, severities, seed, progress)
+        reference = evaluate_run(other, other_dataset, names, severities, seed, progress)
         reference.pop("gallery")
         reference["run"] = str(other.path)
         report["against"] = reference

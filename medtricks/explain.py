@@ -75,9 +75,13 @@ def _layer(model: MedModel, layer: str | None) -> str:
     for candidate in (layer, f"backbone.{layer}"):
         if candidate in names:
             return candidate
-    shown = ", ".join(f"backbone.{p}" for stage in ARCHS[model.arch].stages.values() for p in stage)
     raise ExplainError(f"--layer {short(layer)} is not a module of {model.arch}; give a module name such as one of "
-                       f"its stage paths: {shown}.")
+                       f"its stage paths: {_stage_paths(model)}.")
+
+
+def _stage_paths(model: MedModel) -> str:
+    """The module paths of the architecture's stages, for messages about --layer."""
+    return ", ".join(f"backbone.{p}" for stage in ARCHS[model.arch].stages.values() for p in stage)
 
 
 def _scaled(maps: torch.Tensor) -> np.ndarray:
@@ -120,10 +124,9 @@ class Explainer:
         except (ValueError, IndexError, RuntimeError) as exc:  # MONAI's errors where the layer gives no map
             if self.layer == cam_layer(self.model):
                 raise
-            shown = ", ".join(f"backbone.{p}" for stage in ARCHS[self.model.arch].stages.values() for p in stage)
             raise ExplainError(f"--layer {short(self.layer)}: Grad-CAM cannot read a spatial feature map and its "
                                f"gradient there ({str(exc).splitlines()[0][:120]}); give a convolutional stage, such "
-                               f"as one of {shown}.") from exc
+                               f"as one of {_stage_paths(self.model)}.") from exc
 
     def __call__(self, images: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
         """(B, H, W) maps in [0, 1] of `images` (B, C, H, W) in [0, 1], each for its class in `classes`."""

@@ -46,6 +46,8 @@ AUGMENT_PRESETS = ("bag_of_tricks", "cxr", "fundus", "dermoscopy", "none")
 # radiographs: left/right anatomy). Test-time augmentation (medtricks.tta) averages over exactly these.
 PRESET_FLIPS = {"bag_of_tricks": ("horizontal",), "cxr": (), "fundus": ("horizontal", "vertical"),
                 "dermoscopy": ("horizontal", "vertical"), "none": ()}
+IMAGE_SIZES = (8, 4096)  # data.image_size bounds, in pixels (a run's model.json is held to them too)
+CROP_FRACTIONS = (0.1, 1.0)  # data.crop_fraction bounds
 CACHE_MODES = ("auto", "memory", "disk", "none")
 TASKS = ("single", "multilabel")  # data.task
 INPUT_MODES = ("sum", "repeat")
@@ -183,13 +185,15 @@ class DataConfig:
                               f"no-finding label means 'none of the classes': remove it from data.classes.")
         if self.channels not in (1, 3):
             raise RecipeError(f"recipe key 'data.channels' = {self.channels} must be 1 (grey) or 3 (colour).")
-        if not 8 <= self.image_size <= 4096:
-            raise RecipeError(f"recipe key 'data.image_size' = {self.image_size} must lie in [8, 4096] pixels.")
+        if not IMAGE_SIZES[0] <= self.image_size <= IMAGE_SIZES[1]:
+            raise RecipeError(f"recipe key 'data.image_size' = {self.image_size} must lie in [{IMAGE_SIZES[0]}, "
+                              f"{IMAGE_SIZES[1]}] pixels.")
         if self.augment not in AUGMENT_PRESETS:
             raise RecipeError(f"recipe key 'data.augment' = {short(self.augment)}; choose one of "
                               f"{list(AUGMENT_PRESETS)}.")
-        if not 0.1 <= self.crop_fraction <= 1.0:
-            raise RecipeError(f"recipe key 'data.crop_fraction' = {self.crop_fraction} must lie in [0.1, 1].")
+        if not CROP_FRACTIONS[0] <= self.crop_fraction <= CROP_FRACTIONS[1]:
+            raise RecipeError(f"recipe key 'data.crop_fraction' = {self.crop_fraction} must lie in "
+                              f"[{CROP_FRACTIONS[0]:g}, {CROP_FRACTIONS[1]:g}].")
         if self.cache not in CACHE_MODES:
             raise RecipeError(f"recipe key 'data.cache' = {short(self.cache)}; choose one of {list(CACHE_MODES)}.")
         if self.on_error not in ("raise", "skip"):

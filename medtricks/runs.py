@@ -52,7 +52,7 @@ from medtricks.files import (
 )
 from medtricks.models.backbones import MedModel, create_model
 from medtricks.models.ensemble import EnsembleModel
-from medtricks.recipe import Recipe, load_recipe_from_dict
+from medtricks.recipe import CROP_FRACTIONS, IMAGE_SIZES, Recipe, load_recipe_from_dict
 from medtricks.scoring import EvalOutput, predict_loader
 from medtricks.tricks.ordinal_decoding import check_cuts
 from medtricks.tta import VIEWS, TTAModel
@@ -149,9 +149,9 @@ def _check_info(run: Path, info: dict) -> None:
         if len(classes) != info["num_classes"] or not all(isinstance(c, str) and c for c in classes) \
                 or len(set(classes)) < len(classes):
             wrong.append("classes")
-        if not 8 <= info["image_size"] <= 4096:  # the recipe's bounds (DataConfig): no allocation a run never made
+        if not IMAGE_SIZES[0] <= info["image_size"] <= IMAGE_SIZES[1]:  # the recipe's: no allocation a run never made
             wrong.append("image_size")
-        if not 0.1 <= info["crop_fraction"] <= 1.0:  # also NaN
+        if not CROP_FRACTIONS[0] <= info["crop_fraction"] <= CROP_FRACTIONS[1]:  # also NaN
             wrong.append("crop_fraction")
         if info["channels"] not in (1, 3) or info["channels"] != info["in_chans"]:
             wrong.append("channels")
@@ -332,9 +332,10 @@ def open_run(run: str | Path, device: str | torch.device | None = None) -> Run:
     run = Path(run)
     info, raw = read_run(run)
     if not (run / REPORT_FILE).is_file():
-        again = "it was never completed: run `medtricks ensemble` again" if "members" in info else \
-            f"training stopped before the end). Continue it with `medtricks finetune --out {run} --resume`"
-        raise RunError(f"{run}: the run is not finished ({REPORT_FILE} is missing: {again}, or pass a finished run.")
+        why, then = ("the ensemble was never completed", "Run `medtricks ensemble` again") if "members" in info else \
+            ("training stopped before the end", f"Continue it with `medtricks finetune --out {run} --resume`")
+        raise RunError(f"{run}: the run is not finished ({REPORT_FILE} is missing: {why}). {then}, or pass a finished "
+                       f"run.")
     _check_report(run, info)
     recorded = info.get("sha256")
     if not (isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded)):

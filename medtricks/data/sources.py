@@ -85,9 +85,14 @@ def _is_image_file(path: Path) -> bool:
     return is_dicom(path)  # .dcm or extension-less files with the DICM preamble
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """The files under `folder`, recursively, outside hidden files and folders."""
+    return [p for p in folder.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts)]
+
+
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_image_file(p) and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(p for p in _visible_files(folder) if _is_image_file(p))
 
 
 def image_inputs(inputs) -> list[Path]:
@@ -99,11 +104,10 @@ def image_inputs(inputs) -> list[Path]:
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = image_files(item)
+            visible = _visible_files(item)
+            found = sorted(p for p in visible if _is_image_file(p))
             files.extend(found)
-            taken = set(found)
-            left = sorted(p for p in item.rglob("*") if p.is_file() and p not in taken and not any(
-                part.startswith(".") for part in p.relative_to(item).parts))
+            left = sorted(set(visible) - set(found))
             if left:  # never drop a file without listing it: an image saved without its extension is one
                 logger.warning("%s: %d file(s) are not read, being neither an image by extension (PNG, JPEG, TIFF, "
                                "BMP, DICOM) nor DICOM by content: %s%s; give such a file by name to score it.", item,

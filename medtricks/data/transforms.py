@@ -92,8 +92,6 @@ def _colour(brightness: float, contrast: float, saturation: float, hue: float, c
     return [v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)]
 
 
-
-
 def _flips(preset: str) -> list:
     flips = {"horizontal": v2.RandomHorizontalFlip(0.5), "vertical": v2.RandomVerticalFlip(0.5)}
     return [flips[name] for name in PRESET_FLIPS[preset]]
