@@ -45,6 +45,21 @@ _state = {"debug": False}
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Allow replacing an existing output file (never a "
                                                                   "run's own files).")]
+
+
+def _file_option(value: str) -> Path:
+    """The value of an option that names one file: a trailing slash names a folder, and Path would drop it silently."""
+    if value.endswith(("/", "\\")):
+        raise typer.BadParameter(f"{value} ends in a slash, so it names a folder, but this option writes one file; "
+                                 f"give a file name (e.g. {value}report.json).")
+    return Path(value)
+
+
+def _file_out(name: str, help_text: str) -> typer.models.OptionInfo:
+    """An option that names one output file (--json, predict's --out)."""
+    return typer.Option(name, parser=_file_option, help=help_text)
+
+
 TTAOption = Annotated[bool, typer.Option("--tta", help="Average over the flips the run's augment preset allows (none "
                                                        "for radiographs); binary threshold re-chosen on validation.")]
 
@@ -180,7 +195,7 @@ def evaluate_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory written by finetune.")],
     data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the run's own).")] = None,
     split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
+    json_path: Annotated[Path | None, _file_out("--json", "Write the metrics as JSON here.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
     overwrite: OverwriteOption = False,
     tta: TTAOption = False,
@@ -224,7 +239,7 @@ def evaluate_cmd(
 def predict_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory written by finetune.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Write predictions to this CSV.")] = None,
+    out: Annotated[Path | None, _file_out("--out", "Write predictions to this CSV.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
     overwrite: OverwriteOption = False,
     tta: TTAOption = False,
@@ -276,7 +291,7 @@ def attack_cmd(
     split: Annotated[str, typer.Option("--split", help="val, test, train or all.")] = "test",
     limit: Annotated[int | None, typer.Option("--limit", help="Attack only the first N images.")] = None,
     source_run: Annotated[Path | None, typer.Option("--source-run", help="Craft on this run (transfer).")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
+    json_path: Annotated[Path | None, _file_out("--json", "Also write the report here.")] = None,
     save_images: Annotated[Path | None, typer.Option("--save-images", help="Save adversarial PNGs here.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random starts.")] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
@@ -366,7 +381,7 @@ def corrupt_cmd(
     split: Annotated[str, typer.Option("--split", help="val, test, train or all.")] = "test",
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N images.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random corruptions.")] = 0,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
+    json_path: Annotated[Path | None, _file_out("--json", "Also write the report here.")] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -564,7 +579,7 @@ def compare_cmd(
     run_b: Annotated[Path, typer.Argument(help="Run directory B (same classes).")],
     data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the runs' own).")] = None,
     split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    json_path: Annotated[Path | None, _file_out("--json", "Also write the result as JSON here.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -749,7 +764,7 @@ def _print_multilabel_check(report: dict) -> None:
 @data_app.command("check")
 def data_check(
     source: Annotated[Path, typer.Argument(help="Folder (class sub-folders or labels.csv), CSV manifest or .npz.")],
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    json_path: Annotated[Path | None, _file_out("--json", "Also write the report as JSON here.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the proposed split.")] = 0,
     classes: Annotated[str | None, typer.Option("--classes", help="Expected classes, comma separated.")] = None,
     multilabel: Annotated[bool, typer.Option("--multilabel", help="Several findings per image (data.task: "

@@ -22,6 +22,11 @@ class AttackError(MedtricksError):
     """Bad attack settings (eps, steps, norm, target)."""
 
 
+# The advice that ends every unreadable-image message of a data set (predict, which lists such files, drops it)
+UNREADABLE_FIX = ("Re-export the file, or set data.on_error: skip to leave unreadable images out (they are always "
+                  "listed).")
+
+
 def short(value, limit: int = 80) -> str:
     """repr(value) cut to `limit` characters, for error messages about user input (a value can be huge)."""
     text = repr(value)

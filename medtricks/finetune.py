@@ -23,7 +23,7 @@ from medtricks.data.sources import image_inputs
 from medtricks.data.synth import synthesize
 from medtricks.data.transforms import create_eval_transform
 from medtricks.devices import place_model, resolve_device
-from medtricks.errors import DataError, MedtricksError
+from medtricks.errors import UNREADABLE_FIX, DataError, MedtricksError
 from medtricks.files import (
     METRICS_FILE,
     MODEL_FILE,
@@ -443,8 +443,9 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
                 if not np.all(np.isfinite(probs)):
                     raise DataError(f"{path}: the model gives non-finite probabilities for this image; check it "
                                     f"for NaN or infinite pixel values.")
-            except DataError as exc:
-                rows.append({"path": str(path), "prediction": "", "error": str(exc)})
+            except DataError as exc:  # listed in its row; data.on_error (the data set's advice) does not apply here
+                rows.append({"path": str(path), "prediction": "", "error": str(exc).replace(UNREADABLE_FIX,
+                                                                                        "Re-export the file.")})
                 continue
             if opened.multilabel:
                 predicted = _label_set(opened, probs, threshold)

@@ -63,6 +63,8 @@ def test_evaluate_external_source_and_predict(tiny_run, tmp_path):
     (tmp_path / "broken.png").write_text("not an image")
     rows = predict(tiny_run, [other / "images", tmp_path / "broken.png"], out_csv=tmp_path / "p.csv")
     assert len(rows) == 11 and sum(bool(r["error"]) for r in rows) == 1
+    error = next(r["error"] for r in rows if r["error"])  # names the file; no data-set setting (on_error) to advise
+    assert "broken.png" in error and "Re-export" in error and "on_error" not in error
     good = [r for r in rows if not r["error"]]
     assert all(r["prediction"] in ("normal", "opacity") for r in good)
     assert all(abs(r["p_normal"] + r["p_opacity"] - 1) < 1e-4 for r in good)

@@ -78,6 +78,22 @@ def test_a_missing_or_wrong_output_folder_is_a_clear_error(run, tmp_path, where,
     refused(["evaluate", run, "--json", tmp_path / where], *words, folders=[run, tmp_path])
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict", "attack", "compare", "data-check"])
+def test_a_file_option_ending_in_a_slash_is_refused_not_written_as_a_file(run, phantoms_train, tmp_path, command):
+    """`--json new/` names a folder: the CLI's Path would drop the slash and write a file called `new`."""
+    target = f"{tmp_path / 'new'}/"
+    args = {"evaluate": ["evaluate", run, "--json", target],
+            "predict": ["predict", run, phantoms_train, "--out", target],
+            "attack": ["attack", run, "--pgd", "--eps", "2/255", "--limit", "2", "--json", target],
+            "compare": ["compare", run, run, "--json", target],
+            "data-check": ["data", "check", phantoms_train, "--json", target]}[command]
+    with nothing_lost(run, phantoms_train):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "ends in a slash" in " ".join(result.output.replace("│", " ").split()), result.output  # rich's box
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_symlink_to_a_runs_file_is_the_runs_file(run, tmp_path):
     link = tmp_path / "innocent.json"
     os.symlink(run / "model.json", link)

@@ -22,11 +22,11 @@ import pydicom
 import pydicom.pixels
 from pydicom.errors import InvalidDicomError
 
+from medtricks.errors import UNREADABLE_FIX as _FIX
 from medtricks.errors import DataError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 MAX_PIXELS = 20000 * 20000  # refuse headers that would make pydicom allocate gigabytes (a decompression bomb)
-_FIX = "Re-export the file, or set data.on_error: skip to leave unreadable images out (they are always listed)."
 
 
 def is_dicom(path: Path) -> bool:

@@ -16,13 +16,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medtricks.data.dicom import is_dicom, read_dicom
+from medtricks.errors import UNREADABLE_FIX as _FIX
 from medtricks.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_FIX = "Re-export the file, or set data.on_error: skip to leave unreadable images out (they are always listed)."
 # the eval transform resizes the short side to ~256 px: a 1 x 100,000 strip (a small file under Pillow's pixel limit)
 # would become 256 x 25.6 M pixels; no medical image is this elongated
 MAX_ASPECT = 50
