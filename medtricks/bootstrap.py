@@ -11,7 +11,7 @@ matrix of such rows in one vectorized pass.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -31,11 +31,25 @@ def group_index(groups: Sequence[str] | None, n: int) -> np.ndarray:
     return np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)[1].ravel()
 
 
+def cluster_draws(group_of: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """The cluster-bootstrap replicates, in chunks of (b, N) image weights: each replicate draws the groups with
+    replacement and weights every image by how often its group was drawn."""
+    if len(group_of) == 0:
+        return
+    n, n_groups = len(group_of), int(group_of.max()) + 1
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CHUNK_ELEMENTS // max(n, n_groups))
+    for first in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - first)
+        draws = rng.integers(0, n_groups, size=(b, n_groups)) + n_groups * np.arange(b)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups).astype(np.float64)
+        yield counts[:, group_of]
+
+
 def cluster_bootstrap(statistic: Callable[[np.ndarray], np.ndarray], group_of: np.ndarray, n_boot: int, seed: int,
                alpha: float, what: str) -> tuple[float, float] | None:
-    """Percentile interval of `statistic` over cluster-bootstrap replicates.
+    """Percentile interval of `statistic` over cluster-bootstrap replicates (`cluster_draws`).
 
-    Each replicate draws the groups with replacement and weights every image by how often its group was drawn;
     `statistic` maps (B, N) image weights to (B,) values, NaN where a replicate is undefined (skipped). None, with
     the reason logged, when fewer than 100 replicates were valid.
     """
@@ -43,21 +57,12 @@ def cluster_bootstrap(statistic: Callable[[np.ndarray], np.ndarray], group_of: n
         raise ValueError(f"alpha must lie in (0, 1); got {alpha}.")
     if n_boot <= 0:
         return None
-    n, n_groups = len(group_of), int(group_of.max()) + 1
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _BOOT_CHUNK_ELEMENTS // max(n, n_groups))
-    replicates = []
-    for first in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - first)
-        draws = rng.integers(0, n_groups, size=(b, n_groups)) + n_groups * np.arange(b)[:, None]
-        counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups).astype(np.float64)
-        replicates.append(statistic(counts[:, group_of]))  # (b, N): how often each image is in the replicate
-    values = np.concatenate(replicates)
+    values = np.concatenate([statistic(weights) for weights in cluster_draws(group_of, n_boot, seed)])
     valid = values[np.isfinite(values)]
     if len(valid) < _MIN_VALID_REPLICATES:
         logger.warning("%s interval not computed: only %d of %d bootstrap replicates were defined (need %d); %d "
                        "resampling units are too few or a class is too rare.", what, len(valid), n_boot,
-                       _MIN_VALID_REPLICATES, n_groups)
+                       _MIN_VALID_REPLICATES, int(group_of.max()) + 1)
         return None
     lo, hi = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import stats as sps
 
+from medtricks.bootstrap import cluster_draws, group_index
+
 
 def _midranks(x: np.ndarray) -> np.ndarray:
     """Ranks (1-based) with ties given their average rank."""
@@ -84,22 +86,20 @@ def paired_bootstrap(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
                      metric: Callable[[np.ndarray, np.ndarray], float], groups: Sequence[str] | None = None,
                      n_boot: int = 2000, seed: int = 0) -> dict:
     """Percentile 95% interval of metric(a) - metric(b) on the same images, resampling groups (patients) with
-    replacement when given, else images. Replicates where the metric is undefined (e.g. one class: an error or NaN)
-    are skipped."""
+    replacement when given, else images (the draws of report.json's intervals, `cluster_draws`). Replicates where the
+    metric is undefined (e.g. one class: an error or NaN) are skipped."""
     labels, scores_a, scores_b = np.asarray(labels), np.asarray(scores_a), np.asarray(scores_b)
-    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
-    unique, index = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(index == g) for g in range(len(unique))]
-    rng = np.random.default_rng(seed)
+    images = np.arange(len(labels))
     diffs = []
-    for _ in range(n_boot):
-        take = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
-        try:
-            diff = metric(labels[take], scores_a[take]) - metric(labels[take], scores_b[take])
-        except ValueError:
-            continue
-        if np.isfinite(diff):  # scikit-learn's AUROC gives NaN (with a warning) when a replicate has one class
-            diffs.append(diff)
+    for weights in cluster_draws(group_index(groups, len(labels)), n_boot, seed):
+        for row in weights.astype(np.int64):
+            take = np.repeat(images, row)  # each image as often as its patient was drawn
+            try:
+                diff = metric(labels[take], scores_a[take]) - metric(labels[take], scores_b[take])
+            except ValueError:
+                continue
+            if np.isfinite(diff):  # scikit-learn's AUROC gives NaN (with a warning) when a replicate has one class
+                diffs.append(diff)
     observed = metric(labels, scores_a) - metric(labels, scores_b)
     lo, hi = (np.percentile(diffs, [2.5, 97.5]).tolist() if len(diffs) >= 100 else [None, None])
     return {"difference": float(observed), "ci95": [lo, hi], "replicates": len(diffs)}

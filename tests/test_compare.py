@@ -62,7 +62,7 @@ def test_compare_equals_the_stats_on_the_predictions(two_runs):
     labels_b, probs_b, _, threshold_b = predictions(b)
     assert np.array_equal(labels, labels_b) and result["n"] == len(labels)
     assert result["auroc"]["delong"] == delong_test(labels, probs_a[:, 1], probs_b[:, 1])
-    assert result["auroc"]["delong"]["difference"] != 0  # two different models
+    assert not np.allclose(probs_a, probs_b)  # two different models (their AUROCs may tie, e.g. on one thread)
     correct_a = (probs_a[:, 1] >= threshold_a) == labels
     correct_b = (probs_b[:, 1] >= threshold_b) == labels
     assert result["accuracy"]["mcnemar"] == mcnemar_test(correct_a, correct_b)

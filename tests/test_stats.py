@@ -3,6 +3,7 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
+from medtricks.metrics import bootstrap_auroc_ci
 from medtricks.stats import delong_test, detectable_difference, mcnemar_test, paired_bootstrap, paired_difference
 
 
@@ -77,6 +78,19 @@ def test_paired_bootstrap_by_patient_is_wider_for_clustered_images():
     per_image = paired_bootstrap(labels, a, b, roc_auc_score, n_boot=300, seed=0)["ci95"]
     per_patient = paired_bootstrap(labels, a, b, roc_auc_score, groups=groups, n_boot=300, seed=0)["ci95"]
     assert per_patient[1] - per_patient[0] > 1.4 * (per_image[1] - per_image[0])
+
+
+def test_paired_bootstrap_draws_the_replicates_of_report_json():
+    """One resampling engine: against a model whose AUROC is 0.5 in every replicate (constant scores), the paired
+    interval is report.json's patient-level AUROC interval of the other model, shifted by 0.5 (same seed, same
+    draws). Percentiles differ only in interpolation, far below the tolerance."""
+    rng = np.random.default_rng(4)
+    labels = np.repeat(rng.integers(0, 2, 50), 3)
+    a = np.repeat(rng.normal(0, 1, 50), 3) + labels
+    groups = np.repeat([f"p{i}" for i in range(50)], 3)
+    paired = paired_bootstrap(labels, a, np.zeros_like(a), roc_auc_score, groups=groups, n_boot=400, seed=7)
+    lo, hi = bootstrap_auroc_ci(labels, a, groups=groups, n_boot=400, seed=7)
+    assert paired["ci95"] == pytest.approx([lo - 0.5, hi - 0.5], abs=1e-9)
 
 
 def test_paired_difference_t_interval_and_verdicts():
