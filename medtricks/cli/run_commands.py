@@ -1,110 +1,37 @@
-"""The `medtricks` command line: thin typer wrappers over the Python API.
-
-Bad input (MedtricksError) becomes a one-paragraph message on stderr and exit code 2, without a traceback unless
-`--debug` is given. Library code logs; only this module prints.
-"""
+"""The commands on runs: finetune, evaluate, predict, attack, corrupt, ablate, ensemble, explain, compare."""
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
+from medtricks.cli.common import (
+    DEVICE_HELP,
+    OverwriteOption,
+    TTAOption,
+    app,
+    console,
+    epoch_line,
+    err_console,
+    fail,
+    file_out,
+    num,
+    progress_bar,
+)
 from medtricks.errors import MedtricksError
-
-app = typer.Typer(help="Fine-tune pretrained CNNs on medical images with a bag of tricks; attack them.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Inspect data sources, fetch or prepare public data sets, make the synthetic demo set.",
-                       no_args_is_help=True)
-app.add_typer(data_app, name="data")
-recipes_app = typer.Typer(help="Bundled recipes: list and show.", no_args_is_help=True)
-app.add_typer(recipes_app, name="recipes")
-weights_app = typer.Typer(help="Pretrained weight files: list, verify, locate.", no_args_is_help=True)
-app.add_typer(weights_app, name="weights")
-# markup off: paths and messages are printed literally (a folder named "cache[v2]" must not lose "[v2]")
-console = Console(soft_wrap=True, markup=False)  # soft wrap: long paths stay whole, for grep and copy-paste
-err_console = Console(stderr=True, soft_wrap=True, markup=False)
-_state = {"debug": False}
-DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
-OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Allow replacing an existing output file (never a "
-                                                                  "run's own files).")]
-
-
-def _file_option(value: str) -> Path:
-    """The value of an option that names one file: a trailing slash names a folder, and Path would drop it silently."""
-    if value.endswith(("/", "\\")):
-        raise typer.BadParameter(f"{value} ends in a slash, so it names a folder, but this option writes one file; "
-                                 f"give a file name (e.g. {value}report.json).")
-    return Path(value)
-
-
-def _file_out(name: str, help_text: str) -> typer.models.OptionInfo:
-    """An option that names one output file (--json, predict's --out)."""
-    return typer.Option(name, parser=_file_option, help=help_text)
-
-
-TTAOption = Annotated[bool, typer.Option("--tta", help="Average over the flips the run's augment preset allows (none "
-                                                       "for radiographs); binary threshold re-chosen on validation.")]
-
-
-@app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False) -> None:
-    """medtricks: transfer learning with a bag of tricks for medical images, and its adversarial robustness."""
-    _state["debug"] = debug
-    log = logging.getLogger("medtricks")  # only our loggers: the root logger stays the caller's (notebooks, pytest)
-    for handler in [h for h in log.handlers if isinstance(h, RichHandler)]:
-        log.removeHandler(handler)
-    log.addHandler(RichHandler(console=err_console, show_time=False, show_path=False))
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-
-
-def _fail(exc: MedtricksError) -> None:
-    if _state["debug"]:
-        raise exc
-    err_console.print(Text("error:", style="bold red"), str(exc), highlight=False)
-    raise typer.Exit(2)
-
-
-def _progress(what: str):
-    """A transient rich progress bar and the `progress(done, total)` callback that drives it."""
-    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
-                   transient=True)
-    task = bar.add_task(what, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
-
-
-def _num(value: float | None, signed: bool = False) -> str:
-    """A metric for the terminal: 4 decimals, "n/a" where it does not exist (a split without one of the classes)."""
-    return "n/a" if value is None else f"{value:+.4f}" if signed else f"{value:.4f}"
-
-
-def _epoch_line(row: dict) -> str:
-    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}", f"lr {row['lr']:.2e}"]
-    if "val_auroc" in row:
-        parts += [f"val AUROC {_num(row['val_auroc'])}", f"val acc {_num(row['val_accuracy'])}"]
-    speed = f"{row['images_per_second']:.1f} img/s"
-    if row.get("data_wait_seconds") is not None and row["seconds"] > 0:  # > 10%: the input pipeline limits training
-        speed += f" ({row['data_wait_seconds'] / row['seconds']:.0%} waiting for data)"
-    parts.append(speed + ("  *best" if row.get("best") else ""))
-    return "  ".join(parts)
 
 
 @app.command("finetune")
@@ -146,7 +73,7 @@ def finetune_cmd(
         try:
             code = distributed.launch(nproc, args)
         except MedtricksError as exc:
-            _fail(exc)
+            fail(exc)
         raise typer.Exit(code)
     main_rank = distributed.is_main()  # the other ranks print nothing on success and log only warnings
     if not main_rank:
@@ -160,16 +87,16 @@ def finetune_cmd(
         bar.update(task, description=resolved.name, total=resolved.train.epochs, line="reading the data")
 
     def on_epoch(row: dict) -> None:
-        bar.update(task, completed=row["epoch"], line=_epoch_line(row))
+        bar.update(task, completed=row["epoch"], line=epoch_line(row))
         if not quiet:
-            bar.console.print(_epoch_line(row), highlight=False)
+            bar.console.print(epoch_line(row), highlight=False)
 
     try:
         with bar:
             run = finetune(recipe if recipe is not None or resume else "demo", data=data, out=out,
                            overrides=set_ or (), seed=seed, on_epoch=on_epoch, resume=resume, on_start=on_start)
     except MedtricksError as exc:
-        _fail(exc)
+        fail(exc)
     if not main_rank:
         return
     if quiet:
@@ -184,9 +111,9 @@ def _print_report(run: Path) -> None:
     for split, m in report["splits"].items():
         ci = "" if not m["auroc_ci95"] or None in m["auroc_ci95"] else \
             f" [{m['auroc_ci95'][0]:.3f}, {m['auroc_ci95'][1]:.3f}]"
-        console.print(f"{split}: n={m['n']} AUROC {_num(m['auroc'])}{ci}  accuracy {_num(m['accuracy'])}  balanced "
-                      f"accuracy {_num(m['balanced_accuracy'])}  sensitivity {_num(m['sensitivity'])}  specificity "
-                      f"{_num(m['specificity'])}", highlight=False)
+        console.print(f"{split}: n={m['n']} AUROC {num(m['auroc'])}{ci}  accuracy {num(m['accuracy'])}  balanced "
+                      f"accuracy {num(m['balanced_accuracy'])}  sensitivity {num(m['sensitivity'])}  specificity "
+                      f"{num(m['specificity'])}", highlight=False)
     console.print(f"run directory: {run}")
 
 
@@ -195,7 +122,7 @@ def evaluate_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory written by finetune.")],
     data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the run's own).")] = None,
     split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
-    json_path: Annotated[Path | None, _file_out("--json", "Write the metrics as JSON here.")] = None,
+    json_path: Annotated[Path | None, file_out("--json", "Write the metrics as JSON here.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
     overwrite: OverwriteOption = False,
     tta: TTAOption = False,
@@ -219,7 +146,7 @@ def evaluate_cmd(
             metrics = evaluate(run, data=data, split=split, json_path=json_path, device=device, overwrite=overwrite,
                                tta=tta)
     except MedtricksError as exc:
-        _fail(exc)
+        fail(exc)
     if explain_summary and distributed.is_main():
         try:
             from medtricks.explain import explain_split
@@ -230,7 +157,7 @@ def evaluate_cmd(
             if json_path is not None:  # the file evaluate just wrote, now with the screen
                 write_json(json_path, metrics)
         except MedtricksError as exc:
-            _fail(exc)
+            fail(exc)
     if distributed.is_main():
         console.print(json.dumps(metrics, indent=2))
 
@@ -239,7 +166,7 @@ def evaluate_cmd(
 def predict_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory written by finetune.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    out: Annotated[Path | None, _file_out("--out", "Write predictions to this CSV.")] = None,
+    out: Annotated[Path | None, file_out("--out", "Write predictions to this CSV.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
     overwrite: OverwriteOption = False,
     tta: TTAOption = False,
@@ -253,7 +180,7 @@ def predict_cmd(
     try:
         rows = predict(run, inputs, out_csv=out, device=device, overwrite=overwrite, tta=tta)
     except MedtricksError as exc:
-        _fail(exc)
+        fail(exc)
     for row in rows if out is None else []:
         console.print(f"{row['path']}\t{'ERROR: ' + row['error'] if row['error'] else row['prediction']}",
                       highlight=False)
@@ -264,7 +191,7 @@ def predict_cmd(
     for row in failed:
         err_console.print(Text("unreadable:", style="yellow"), row["error"], highlight=False)
     if len(failed) == len(rows):
-        _fail(MedtricksError(f"none of the {len(rows)} image file(s) could be read (listed above); nothing was "
+        fail(MedtricksError(f"none of the {len(rows)} image file(s) could be read (listed above); nothing was "
                              f"predicted."))
 
 
@@ -291,7 +218,7 @@ def attack_cmd(
     split: Annotated[str, typer.Option("--split", help="val, test, train or all.")] = "test",
     limit: Annotated[int | None, typer.Option("--limit", help="Attack only the first N images.")] = None,
     source_run: Annotated[Path | None, typer.Option("--source-run", help="Craft on this run (transfer).")] = None,
-    json_path: Annotated[Path | None, _file_out("--json", "Also write the report here.")] = None,
+    json_path: Annotated[Path | None, file_out("--json", "Also write the report here.")] = None,
     save_images: Annotated[Path | None, typer.Option("--save-images", help="Save adversarial PNGs here.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random starts.")] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
@@ -323,18 +250,18 @@ def attack_cmd(
                         source_run=source_run, json_path=json_path, save_images=save_images, device=device,
                         overwrite=overwrite, checks=checks, explain=explain)
     except MedtricksError as exc:
-        _fail(exc)
+        fail(exc)
     if report.get("task") == "multilabel":
         _print_multilabel_attack(report)
     else:
         console.print(f"{report['attack']} {report['norm']}{' targeted' if report['targeted'] else ''} on "
                       f"{report['n']} images ({report['split']}): clean accuracy "
-                      f"{_num(report['clean']['accuracy'])}", highlight=False)
+                      f"{num(report['clean']['accuracy'])}", highlight=False)
         for row in report["results"]:
-            console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {_num(row['accuracy'])}  AUROC "
-                          f"{_num(row['auroc'])}  success rate {_num(row['success_rate'])}", highlight=False)
+            console.print(f"  eps {row['eps'] * 255:6.2f}/255: accuracy {num(row['accuracy'])}  AUROC "
+                          f"{num(row['auroc'])}  success rate {num(row['success_rate'])}", highlight=False)
             if "members" in row:
-                console.print("    alone: " + ", ".join(f"{name} {_num(m['accuracy'])}" for name, m in
+                console.print("    alone: " + ", ".join(f"{name} {num(m['accuracy'])}" for name, m in
                                                        row["members"].items()), highlight=False)
     for check in report["checks"]:
         style = {"PASS": "green", "WARN": "bold yellow"}.get(check["status"], "")
@@ -353,18 +280,18 @@ def _print_multilabel_attack(report: dict) -> None:
     """attack's multi-label rows: the means over findings and exact match per eps, then each finding's AUROC."""
     clean = report["clean"]
     console.print(f"{report['attack']} {report['norm']} on {report['n']} images ({report['split']}), multi-label "
-                  f"(ascends the findings' mean BCE): clean mean accuracy {_num(clean['accuracy'])}, exact match "
-                  f"{_num(clean['exact_match'])}, mean AUROC {_num(clean['auroc'])}", highlight=False)
+                  f"(ascends the findings' mean BCE): clean mean accuracy {num(clean['accuracy'])}, exact match "
+                  f"{num(clean['exact_match'])}, mean AUROC {num(clean['auroc'])}", highlight=False)
     for row in report["results"]:
-        console.print(f"  eps {row['eps'] * 255:6.2f}/255: mean accuracy {_num(row['accuracy'])}  exact match "
-                      f"{_num(row['exact_match'])}  mean AUROC {_num(row['auroc'])}  success rate (any finding "
-                      f"flips) {_num(row['success_rate'])}", highlight=False)
+        console.print(f"  eps {row['eps'] * 255:6.2f}/255: mean accuracy {num(row['accuracy'])}  exact match "
+                      f"{num(row['exact_match'])}  mean AUROC {num(row['auroc'])}  success rate (any finding "
+                      f"flips) {num(row['success_rate'])}", highlight=False)
     table = Table(title="AUROC per finding (accuracy per finding in the JSON)", title_justify="left")
     table.add_column("finding")
     for column in ["clean", *(f"{row['eps'] * 255:.2f}/255" for row in report["results"])]:
         table.add_column(column, justify="right", no_wrap=True)
     for name, m in clean["per_label"].items():
-        table.add_row(name, _num(m["auroc"]), *(_num(row["per_label"][name]["auroc"]) for row in report["results"]))
+        table.add_row(name, num(m["auroc"]), *(num(row["per_label"][name]["auroc"]) for row in report["results"]))
     console.print(table)
 
 
@@ -381,7 +308,7 @@ def corrupt_cmd(
     split: Annotated[str, typer.Option("--split", help="val, test, train or all.")] = "test",
     limit: Annotated[int | None, typer.Option("--limit", help="Only the first N images.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random corruptions.")] = 0,
-    json_path: Annotated[Path | None, _file_out("--json", "Also write the report here.")] = None,
+    json_path: Annotated[Path | None, file_out("--json", "Also write the report here.")] = None,
     device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -394,7 +321,7 @@ def corrupt_cmd(
 
     try:
         names = [n.strip() for n in corruptions.split(",") if n.strip()] if corruptions is not None else None
-        bar, progress = _progress("corrupting")
+        bar, progress = progress_bar("corrupting")
         with bar:
             report = corruption_report(run, data=data, split=split, preset=preset, corruptions=names,
                                        severities=parse_severities(severities) if severities is not None else None,
@@ -402,22 +329,22 @@ def corrupt_cmd(
                                        against=against, json_path=json_path, device=device, overwrite=overwrite,
                                        progress=progress)
     except MedtricksError as exc:
-        _fail(exc)
+        fail(exc)
     clean = report["clean"]
     means = " (multi-label: accuracy and AUROC are means over findings)" if report.get("task") == "multilabel" else ""
     console.print(f"{report['preset']} corruptions on {report['n']} images ({report['split']}): clean accuracy "
-                  f"{_num(clean['accuracy'])}, AUROC {_num(clean['auroc'])}{means}", highlight=False)
+                  f"{num(clean['accuracy'])}, AUROC {num(clean['auroc'])}{means}", highlight=False)
     versus = {r["corruption"]: r for r in report["versus"]["corruptions"]} if "versus" in report else {}
     for row in report["corruptions"]:
-        extra = f"  CE vs --against {_num(versus[row['corruption']]['ce'])}" if versus else ""
-        console.print(f"  {row['corruption']:<18} accuracy {_num(row['accuracy'])}  AUROC {_num(row['auroc'])}"
+        extra = f"  CE vs --against {num(versus[row['corruption']]['ce'])}" if versus else ""
+        console.print(f"  {row['corruption']:<18} accuracy {num(row['accuracy'])}  AUROC {num(row['auroc'])}"
                       f"{extra}", highlight=False)
-    console.print(f"mean corruption error {_num(report['mce'])} (relative to clean "
-                  f"{_num(report['relative_mce'], True)})", highlight=False)
+    console.print(f"mean corruption error {num(report['mce'])} (relative to clean "
+                  f"{num(report['relative_mce'], True)})", highlight=False)
     if versus:
         console.print(f"against {report['against']['run']}: its mean corruption error "
-                      f"{_num(report['against']['mce'])}; mCE normalised by it {_num(report['versus']['mce'])} "
-                      f"(< 1: this run is more robust), relative mCE {_num(report['versus']['relative_mce'])}",
+                      f"{num(report['against']['mce'])}; mCE normalised by it {num(report['versus']['mce'])} "
+                      f"(< 1: this run is more robust), relative mCE {num(report['versus']['relative_mce'])}",
                       highlight=False)
     console.print(f"report and plots in {report['files']}", highlight=False)
 
@@ -465,9 +392,9 @@ def ablate_cmd(
     def on_run(event: dict) -> None:
         where = f"{event['variant']} seed {event['seed']}" + (f" fold {event['fold']}" if "fold" in event else "")
         if event["status"] == "epoch":
-            line = f"{where}: {_epoch_line(event['row'])}"
+            line = f"{where}: {epoch_line(event['row'])}"
         elif event["status"] in ("trained", "resumed", "reused"):
-            scores = "  ".join(f"{k} {_num(v)}" for k, v in event["values"].items())
+            scores = "  ".join(f"{k} {num(v)}" for k, v in event["values"].items())
             line = f"{where}: {event['status']}  {scores}"
             if not quiet:
                 bar.console.print(line, highlight=False)
@@ -482,7 +409,7 @@ def ablate_cmd(
                             tricks=[t.strip() for t in tricks.split(",") if t.strip()] if tricks is not None else None,
                             on_run=on_run)
     except MedtricksError as exc:
-        _fail(exc)
+        fail(exc)
     folder = Path(result["files"]["ablation.json"]).parent
     if quiet:
         console.print(str(folder))
@@ -508,7 +435,7 @@ def ensemble_cmd(
     try:
         folder = ensemble(runs, out=out, device=device)
     except MedtricksError as exc:
-        _fail(exc)
+        fail(exc)
     _print_report(folder)
 
 
@@ -552,7 +479,7 @@ def explain_cmd(
         folder = write_explanations(result, out or Path(f"explain-{run.resolve().name}-{method}"), method, overwrite,
                                     extra)
     except MedtricksError as exc:
-        _fail(exc)
+        fail(exc)
     for path, name, probs, cls in zip(result.paths, result.class_names, result.probabilities, result.classes,
                                       strict=True):
         console.print(f"{path}\t{name} (p = {probs[cls]:.3f})", highlight=False)
@@ -567,7 +494,7 @@ def explain_cmd(
     if sanity:
         check = extra["sanity"]
         last = check["steps"][-1]
-        console.print(f"sanity: all stages randomized: Spearman {_num(last['spearman'])}, SSIM {_num(last['ssim'])} "
+        console.print(f"sanity: all stages randomized: Spearman {num(last['spearman'])}, SSIM {num(last['ssim'])} "
                       f"-> {'FLAGGED' if check['flagged'] else 'the maps depend on the trained weights'}",
                       highlight=False)
     console.print(f"overlays, maps and explain.json in {folder}", highlight=False)
@@ -579,7 +506,7 @@ def compare_cmd(
     run_b: Annotated[Path, typer.Argument(help="Run directory B (same classes).")],
     data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the runs' own).")] = None,
     split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
-    json_path: Annotated[Path | None, _file_out("--json", "Also write the result as JSON here.")] = None,
+    json_path: Annotated[Path | None, file_out("--json", "Also write the result as JSON here.")] = None,
     device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -600,7 +527,7 @@ def compare_cmd(
         if json_path is not None:
             write_json(json_path, result)
     except MedtricksError as exc:
-        _fail(exc)
+        fail(exc)
 
     a, b, auroc, mcnemar = result["a"], result["b"], result["auroc"], result["accuracy"]["mcnemar"]
     console.print(f"{result['n']} images ({result['split']} of {result['data']}), patients: "
@@ -608,20 +535,20 @@ def compare_cmd(
     if result.get("task") == "multilabel":
         _print_multilabel_compare(result, run_a, run_b)
         return
-    console.print(f"A {run_a}: AUROC {_num(a['auroc'])}  accuracy {_num(a['accuracy'])}", highlight=False)
-    console.print(f"B {run_b}: AUROC {_num(b['auroc'])}  accuracy {_num(b['accuracy'])}", highlight=False)
+    console.print(f"A {run_a}: AUROC {num(a['auroc'])}  accuracy {num(a['accuracy'])}", highlight=False)
+    console.print(f"B {run_b}: AUROC {num(b['auroc'])}  accuracy {num(b['accuracy'])}", highlight=False)
     if auroc["delong"] is not None:
         d = auroc["delong"]
-        console.print(f"AUROC A - B {_num(d['difference'], True)}  DeLong 95% CI [{_num(d['ci95'][0], True)}, "
-                      f"{_num(d['ci95'][1], True)}]  p = {d['p_value']:.4g}", highlight=False)
+        console.print(f"AUROC A - B {num(d['difference'], True)}  DeLong 95% CI [{num(d['ci95'][0], True)}, "
+                      f"{num(d['ci95'][1], True)}]  p = {d['p_value']:.4g}", highlight=False)
     if auroc["bootstrap"] is not None:
         boot = auroc["bootstrap"]
-        console.print(f"AUROC A - B {_num(boot['difference'], True)}  paired bootstrap 95% CI "
-                      f"[{_num(boot['ci95'][0], True)}, {_num(boot['ci95'][1], True)}] ({boot['replicates']} "
+        console.print(f"AUROC A - B {num(boot['difference'], True)}  paired bootstrap 95% CI "
+                      f"[{num(boot['ci95'][0], True)}, {num(boot['ci95'][1], True)}] ({boot['replicates']} "
                       f"replicates)", highlight=False)
     if auroc["note"]:
         console.print(f"AUROC: {auroc['note']}", highlight=False)
-    console.print(f"accuracy A - B {_num(mcnemar['accuracy_difference'], True)}  exact McNemar p = "
+    console.print(f"accuracy A - B {num(mcnemar['accuracy_difference'], True)}  exact McNemar p = "
                   f"{mcnemar['p_value']:.4g} (A right / B wrong: {mcnemar['a_only']}, B right / A wrong: "
                   f"{mcnemar['b_only']})", highlight=False)
 
@@ -636,348 +563,21 @@ def _print_multilabel_compare(result: dict, run_a: Path, run_b: Path) -> None:
         table.add_column(name, justify="left" if name == "finding" else "right", no_wrap=True)
     for name, m in result["per_label"].items():
         d = m["delong"]
-        table.add_row(name, str(m["positives"]), _num(m["a"]["auroc"]), _num(m["b"]["auroc"]),
-                      _num(d["difference"], True) if d else "n/a", f"{d['p_value']:.3g}" if d else "n/a",
+        table.add_row(name, str(m["positives"]), num(m["a"]["auroc"]), num(m["b"]["auroc"]),
+                      num(d["difference"], True) if d else "n/a", f"{d['p_value']:.3g}" if d else "n/a",
                       f"{m['p_holm']:.3g}" if d else "n/a")
     console.print(table)
     console.print(f"multiple comparisons: {result['multiple_comparisons']['note']}", highlight=False)
     for label, side, run in (("A", result["a"], run_a), ("B", result["b"], run_b)):
-        console.print(f"{label} {run}: mean AUROC {_num(side['auroc'])}  mean accuracy {_num(side['accuracy'])}  "
-                      f"exact match {_num(side['exact_match'])}", highlight=False)
+        console.print(f"{label} {run}: mean AUROC {num(side['auroc'])}  mean accuracy {num(side['accuracy'])}  "
+                      f"exact match {num(side['exact_match'])}", highlight=False)
     boot = result["auroc"]["bootstrap"]
     if boot is not None:
-        console.print(f"mean AUROC A - B {_num(boot['difference'], True)}  paired bootstrap 95% CI "
-                      f"[{_num(boot['ci95'][0], True)}, {_num(boot['ci95'][1], True)}] ({boot['replicates']} "
+        console.print(f"mean AUROC A - B {num(boot['difference'], True)}  paired bootstrap 95% CI "
+                      f"[{num(boot['ci95'][0], True)}, {num(boot['ci95'][1], True)}] ({boot['replicates']} "
                       f"replicates)", highlight=False)
     console.print(f"AUROC: {result['auroc']['note']}", highlight=False)
     mcnemar = result["exact_match"]["mcnemar"]
-    console.print(f"exact match A - B {_num(mcnemar['accuracy_difference'], True)}  exact McNemar p = "
+    console.print(f"exact match A - B {num(mcnemar['accuracy_difference'], True)}  exact McNemar p = "
                   f"{mcnemar['p_value']:.4g} (A right / B wrong: {mcnemar['a_only']}, B right / A wrong: "
                   f"{mcnemar['b_only']})", highlight=False)
-
-
-@recipes_app.command("list")
-def recipes_list() -> None:
-    """List the bundled recipes with their first comment line.
-
-    Example: medtricks recipes list
-    """
-    from medtricks.recipe import bundled_recipes, recipe_text
-
-    for name in bundled_recipes():
-        text, _ = recipe_text(name)
-        first = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
-        console.print(Text(name, style="bold"), f" {first}", highlight=False)
-
-
-@recipes_app.command("show")
-def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or YAML path.")]) -> None:
-    """Print a recipe's YAML (with its comments).
-
-    Example: medtricks recipes show covid_cxr
-    """
-    from medtricks.recipe import load_recipe, recipe_text
-
-    try:
-        text, _ = recipe_text(name)
-        load_recipe(name)  # validate it too
-    except MedtricksError as exc:
-        _fail(exc)
-    console.print(text, highlight=False, markup=False)
-
-
-@data_app.command("synth")
-def data_synth(
-    out_dir: Annotated[Path, typer.Argument(help="New folder to write the phantoms and labels.csv into.")],
-    n: Annotated[int, typer.Option("--n", help="Number of images.")] = 200,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 256,
-) -> None:
-    """Write SYNTHETIC chest-radiograph-like phantoms as DICOM files plus a labels.csv (offline demo and tests).
-
-    Example: medtricks data synth demo_data --n 200 --seed 0
-    """
-    from medtricks.data.synth import synthesize
-
-    try:
-        labels = synthesize(out_dir, n=n, seed=seed, size=size)
-    except MedtricksError as exc:
-        _fail(exc)
-    console.print(f"wrote {n} synthetic phantom DICOMs and {labels}")
-
-
-def _print_check(report: dict) -> None:
-    patients = "no ids" if report["patients"] is None else str(report["patients"])
-    if report.get("patients_in_several_classes"):
-        patients += f" ({report['patients_in_several_classes']} with images in several classes)"
-    multilabel = report.get("task") == "multilabel"
-    console.print(f"{report['source']} ({report['kind']}): {report['n_images']} images, "
-                  f"{len(report['classes'])} {'findings (multi-label)' if multilabel else 'classes'}, patients: "
-                  f"{patients}", highlight=False)
-    if report.get("splits"):
-        title = f"split: {report['split_origin']}" + (" (images with each finding)" if multilabel else "")
-        table = Table(title=title, title_justify="left")
-        table.add_column("split")
-        for name in report["classes"]:
-            table.add_column(name, justify="right")
-        if multilabel:
-            table.add_column("no finding", justify="right")
-        table.add_column("images", justify="right")
-        table.add_column("patients", justify="right")
-        for split, entry in report["splits"].items():
-            table.add_row(split, *[str(entry["per_class"][c]) for c in report["classes"]],
-                          *([str(entry["no_finding"])] if multilabel else []), str(entry["n"]),
-                          str(entry.get("patients", "-")))
-        console.print(table)
-    if multilabel:
-        _print_multilabel_check(report)
-    if report["size"]:
-        s = report["size"]
-        console.print(f"size: height {s['min_height']}-{s['max_height']}, width {s['min_width']}-{s['max_width']}; "
-                      f"formats {report['formats']}; bit depths {report['bit_depths']}; "
-                      f"photometric {report['photometric']}", highlight=False)
-    for warning in report["warnings"]:
-        console.print(Text("warning:", style="yellow"), warning, highlight=False)
-    leaks = report.get("patients_in_several_splits") or {}
-    console.print(f"patients in more than one split: {len(leaks)}"
-                  + (": " + ", ".join(f"{p} ({'+'.join(s)})" for p, s in leaks.items()) if leaks else ""))
-    console.print(f"unreadable files: {len(report['unreadable'])}")
-    for item in report["unreadable"]:
-        console.print(f"  - {item['reason']}", highlight=False)
-
-
-def _print_multilabel_check(report: dict) -> None:
-    """data check's multi-label counts: no finding, findings per image, and the co-occurrence matrix (columns
-    numbered as the rows, to stay narrow with many findings)."""
-    per_image = ", ".join(f"{k}: {v}" for k, v in report["labels_per_image"].items())
-    console.print(f"no finding: {report['no_finding']} images; findings per image: {per_image}", highlight=False)
-    classes = report["classes"]
-    table = Table(title="co-occurrence: images with both findings (diagonal: with the finding)", title_justify="left")
-    table.add_column("finding")
-    for k in range(len(classes)):
-        table.add_column(str(k + 1), justify="right")
-    for k, name in enumerate(classes):
-        table.add_row(f"{k + 1} {name}", *[str(report["cooccurrence"][name][other]) for other in classes])
-    console.print(table)
-
-
-@data_app.command("check")
-def data_check(
-    source: Annotated[Path, typer.Argument(help="Folder (class sub-folders or labels.csv), CSV manifest or .npz.")],
-    json_path: Annotated[Path | None, _file_out("--json", "Also write the report as JSON here.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the proposed split.")] = 0,
-    classes: Annotated[str | None, typer.Option("--classes", help="Expected classes, comma separated.")] = None,
-    multilabel: Annotated[bool, typer.Option("--multilabel", help="Several findings per image (data.task: "
-                                             "multilabel): counts per finding, co-occurrence.")] = False,
-    label_column: Annotated[str, typer.Option("--label-column", help="The manifest's label column "
-                                              "(data.label_column).")] = "label",
-    label_separator: Annotated[str, typer.Option("--label-separator", help="Separates an image's findings "
-                                                 "(data.label_separator).")] = "|",
-    no_finding: Annotated[str, typer.Option("--no-finding", help="The label of an image without findings "
-                                            "(data.no_finding).")] = "No Finding",
-    overwrite: OverwriteOption = False,
-) -> None:
-    """Count images per class and split and patients, list unreadable files and patients in two splits.
-
-    With --multilabel: each finding's positives per split, images with no finding, findings per image and the
-    co-occurrence matrix.
-
-    Exit code 2 when a file is unreadable or a patient is in two splits.
-    Example: medtricks data check ../shared/data/cxr-nih --json check.json
-    Example: medtricks data check nih-chestxray14 --multilabel
-    """
-    from medtricks.data.check import check_data
-    from medtricks.data.sources import LabelFormat
-    from medtricks.files import check_output, write_json
-
-    try:
-        if json_path is not None:
-            check_output(json_path, overwrite, "--json")
-        if not label_separator or label_separator != label_separator.strip():
-            raise MedtricksError(f"--label-separator {label_separator!r}: give one or more characters without "
-                                 f"surrounding spaces, e.g. '|' or ';'.")
-        labels = LabelFormat(multilabel, label_column, label_separator, no_finding)
-        bar, progress = _progress("decoding")
-        with bar:
-            report = check_data(source, classes.split(",") if classes else None, seed=seed, progress=progress,
-                                labels=labels)
-        if json_path is not None:
-            write_json(json_path, report)
-    except MedtricksError as exc:
-        _fail(exc)
-    _print_check(report)
-    problems = len(report["unreadable"]) + len(report.get("patients_in_several_splits") or {})
-    if problems:
-        leaks = len(report.get("patients_in_several_splits") or {})
-        err_console.print(Text("error:", style="bold red"), f"{source}: {len(report['unreadable'])} unreadable "
-                          f"file(s) and {leaks} patient(s) in two splits (listed above). Fix or remove them before "
-                          f"training.", highlight=False)
-        raise typer.Exit(2)
-
-
-@data_app.command("list")
-def data_list() -> None:
-    """List the public data set names a recipe's data.source (or --data) may use, and whether each is cached.
-
-    Example: medtricks data list
-    """
-    from medtricks.data.catalog import REGISTRY, data_dir
-
-    for spec in REGISTRY.values():
-        state = "cached" if spec.is_ready() else f"not cached: {spec.how_to_get()}"
-        options = "".join(f"\n    --{o.name} {'|'.join(o.choices)} (default {o.choices[0]}): {o.help}"
-                          for o in spec.options)
-        console.print(Text(spec.name, style="bold"), f" {state}\n    {spec.title}\n    licence: {spec.licence}"
-                      f"{options}", highlight=False)
-    console.print(f"cache folder: {data_dir()} (set MEDTRICKS_CACHE to move it)", highlight=False)
-
-
-@data_app.command("fetch")
-def data_fetch(
-    name: Annotated[str, typer.Argument(help="Public data set name, e.g. medmnist:pneumoniamnist@28.")],
-    force: Annotated[bool, typer.Option("--force", help="Download again even when already cached.")] = False,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Install a file that has no registered checksum "
-                                            "(a checksum mismatch is always refused).")] = False,
-) -> None:
-    """Download a public data set into the cache ($MEDTRICKS_CACHE/data), verify its checksum, print its licence.
-
-    An interrupted transfer resumes where it stopped; a file whose checksum does not match is deleted. Offline
-    (MEDTRICKS_OFFLINE=1, or no network) the error names the URL and the folder to put the file in by hand.
-    covid19-image-data-collection is the repository's archive at a pinned commit (no published checksum:
-    --no-verify), extracted safely and prepared into the cache; on any error nothing is left there.
-    Example: medtricks data fetch medmnist:pneumoniamnist@28
-    """
-    from medtricks.data.catalog import find_set
-    from medtricks.data.public import fetch
-
-    bar = Progress(TextColumn(name, markup=False), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeElapsedColumn(), console=err_console, transient=True)
-    task = bar.add_task(name, total=None)
-    try:
-        spec = find_set(name)
-        with bar:
-            folder, lines = fetch(name, force=force, no_verify=no_verify,
-                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
-    except MedtricksError as exc:
-        _fail(exc)
-    for line in lines:
-        console.print(line, highlight=False)
-    console.print(f"{name} -> {folder}\nlicence: {spec.licence}\ncite: {spec.citation}", highlight=False)
-
-
-@data_app.command("prepare")
-def data_prepare(
-    name: Annotated[str, typer.Argument(help="Public data set name, e.g. nih-chestxray14, kermany-cxr, "
-                                        "idrid-grading, isic-2016, chexpert.")],
-    raw_dir: Annotated[Path, typer.Argument(help="The unpacked official download (only read).")],
-    out: Annotated[Path | None, typer.Option("--out", help="Where labels.csv goes [default: the cache folder of "
-                                             "NAME, so the name resolves to it].")] = None,
-    overwrite: OverwriteOption = False,
-    uncertain: Annotated[str | None, typer.Option("--uncertain", help="chexpert only: an uncertain (-1.0) finding "
-                                                  "counts as absent (zeros, U-Zeros) or present (ones, U-Ones) "
-                                                  "[default: zeros].")] = None,
-    views: Annotated[str | None, typer.Option("--views", help="chexpert only: keep frontal radiographs only "
-                                              "(frontal) or lateral ones too (all) [default: frontal].")] = None,
-) -> None:
-    """Turn the official download of a public data set into a medtricks labels.csv (images stay in RAW_DIR).
-
-    Example: medtricks data prepare nih-chestxray14 ~/Downloads/ChestXray-NIHCC
-    """
-    from medtricks.data.catalog import find_set
-    from medtricks.data.public import prepare_set
-
-    try:
-        spec = find_set(name)
-        folder, lines = prepare_set(name, raw_dir, out, overwrite, {"uncertain": uncertain, "views": views})
-    except MedtricksError as exc:
-        _fail(exc)
-    for line in lines:
-        console.print(line, highlight=False)
-    console.print(f"{name} -> {folder} (keep {raw_dir} where it is: labels.csv points at its images)\n"
-                  f"licence: {spec.licence}\ncite: {spec.citation}", highlight=False)
-
-
-@weights_app.command("list")
-def weights_list() -> None:
-    """List the known pretrained weights, their files, sha256 and whether they are available offline.
-
-    Example: medtricks weights list
-    """
-    from medtricks.models.weights import REGISTRY, WeightsError, cache_dir, weights_path
-
-    for spec in REGISTRY.values():
-        try:
-            available = "available" if weights_path(spec, download=False).is_file() else "not cached (downloaded " \
-                "on first use; offline: see `medtricks weights path`)"
-        except WeightsError:
-            available = "package missing"
-        console.print(Text(f"{spec.arch}:{spec.name}", style="bold"), f" {available}\n    {spec.description}\n    file "
-                      f"{spec.filename}  sha256 {spec.sha256}", highlight=False)
-    console.print(f"cache folder: {cache_dir()} (set MEDTRICKS_CACHE to move it; MEDTRICKS_OFFLINE=1 never downloads)")
-
-
-@weights_app.command("verify")
-def weights_verify(file: Annotated[Path, typer.Argument(help="A .pth, .pth.tar or .safetensors file.")]) -> None:
-    """Check a weights file: sha256 against the registry, safe loading, and that its keys fit the architecture.
-
-    Example: medtricks weights verify ~/Downloads/resnet50-0676ba61.pth
-    """
-    from medtricks.models.backbones import archs_fitting
-    from medtricks.models.weights import find_by_file, sha256_of
-
-    try:
-        if not file.is_file():
-            raise MedtricksError(f"{file}: {'a folder' if file.is_dir() else 'no such file'}; give a weights file "
-                                 f"(.pth, .pth.tar or .safetensors).")
-        spec = find_by_file(file)
-        digest = sha256_of(file)
-        fits = archs_fitting(file)
-    except MedtricksError as exc:
-        _fail(exc)
-    known = f"{spec.arch} '{spec.name}' ({spec.description})" if spec else "not in the registry"
-    console.print(f"{file}: sha256 {digest}; {known}; loads safely; keys fit: {', '.join(fits) or 'no known arch'}",
-                  highlight=False)
-    if not fits:
-        raise typer.Exit(2)
-
-
-@weights_app.command("path")
-def weights_path_cmd(name: Annotated[str, typer.Argument(help="ARCH:WEIGHTS, e.g. resnet50:sin_in.")]) -> None:
-    """Print where the file for ARCH:WEIGHTS is expected, so it can be copied there on an offline machine.
-
-    Example: medtricks weights path resnet50:imagenet
-    """
-    from medtricks.models.weights import find_by_name, weights_path
-
-    try:
-        spec = find_by_name(name)
-        console.print(f"{weights_path(spec, download=False)}\n  from {spec.url}\n  sha256 {spec.sha256}",
-                      highlight=False)
-    except MedtricksError as exc:
-        _fail(exc)
-
-
-@weights_app.command("fetch")
-def weights_fetch(name: Annotated[str, typer.Argument(help="ARCH:WEIGHTS, e.g. resnet50:imagenet.")]) -> None:
-    """Download (if needed) and verify the file for ARCH:WEIGHTS into the cache, e.g. before going offline.
-
-    Example: medtricks weights fetch resnet50:sin_in
-    """
-    from medtricks.models.weights import find_by_name, verify, weights_path
-
-    try:
-        spec = find_by_name(name)
-        path = weights_path(spec)
-        digest = verify(path, spec)
-    except MedtricksError as exc:
-        _fail(exc)
-    console.print(f"{path}  sha256 {digest}", highlight=False)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except MedtricksError as exc:  # raised outside a command's own handler
-        err_console.print(Text("error:", style="bold red"), str(exc), highlight=False)
-        sys.exit(2)
