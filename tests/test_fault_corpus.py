@@ -113,11 +113,13 @@ def test_object_arrays_and_truncated_archives_are_refused(tmp_path):
     refused(["data", "check", empty / "set.npz"], ["set.npz", "train_images"], tmp_path)
 
 
-def _npy_header(shape: tuple, descr: str = "|u1") -> bytes:
-    """The .npy 1.0 header of an array of `shape`, padded as numpy pads it (10 + header bytes: a multiple of 64)."""
+def _npy_header(shape: tuple, descr: str = "|u1", version: int = 1) -> bytes:
+    """The .npy header (format 1.0, or 3.0: a 4-byte length and UTF-8 text) of an array of `shape`, padded as numpy
+    pads it (magic + length + text: a multiple of 64)."""
+    length_bytes = 2 if version == 1 else 4
     text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}"
-    text += " " * (-(10 + len(text) + 1) % 64) + "\n"
-    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode()
+    text += " " * (-(8 + length_bytes + len(text) + 1) % 64) + "\n"
+    return b"\x93NUMPY" + bytes([version, 0]) + len(text).to_bytes(length_bytes, "little") + text.encode()
 
 
 def _labels_member() -> bytes:
@@ -144,6 +146,11 @@ def test_array_archives_cannot_make_us_allocate_what_they_do_not_hold(tmp_path):
         z.writestr("train_images.npy", _npy_header((1024, 256, 256)) + bytes(1024 * 256 * 256))
         z.writestr("train_labels.npy", _labels_member())
     refused(["data", "check", bomb], [bomb, "train_images", "zip bomb"], tmp_path)
+    bomb3 = folder / "bomb3.npz"  # the same with a format 3.0 header, which numpy reads as well
+    with zipfile.ZipFile(bomb3, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("train_images.npy", _npy_header((1024, 256, 256), version=3) + bytes(1024 * 256 * 256))
+        z.writestr("train_labels.npy", _labels_member())
+    refused(["data", "check", bomb3], [bomb3, "train_images", "zip bomb"], tmp_path)
     plain = folder / "plain.npz"  # np.save's single array under an .npz name
     with plain.open("wb") as f:
         np.save(f, np.zeros((8, 16, 16), np.uint8))
@@ -152,6 +159,11 @@ def test_array_archives_cannot_make_us_allocate_what_they_do_not_hold(tmp_path):
     labels[3] = 10**9  # without data.classes, classes would be 0..1e9
     big_label = _npz(tmp_path / "label", np.zeros((8, 16, 16), np.uint8), labels)
     refused(["data", "check", big_label], [big_label, "1000000000", "data.classes"], tmp_path)
+    for dtype, value, shown in ((np.float64, 1e20, "1e+20"), (np.uint64, 2**64 - 1, str(2**64 - 1))):
+        labels = np.array([0, 1] * 4, dtype=dtype)
+        labels[5] = value  # cast to int64, either would wrap around to a negative index
+        huge = _npz(tmp_path / f"huge-{np.dtype(dtype).name}", np.zeros((8, 16, 16), np.uint8), labels)
+        refused(["data", "check", huge], [huge, "train_labels", shown, "corrupt"], tmp_path)
 
 
 @pytest.mark.parametrize("images, scale", [

@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,16 @@ def test_npz_any_subset_of_splits(tmp_path):
     assert source.records[6]["key"] == "test[1]" and source.records[6]["label"] == 0
     with pytest.raises(DataError, match="outside the 2 classes"):
         load_source(path, ["a", "b"])
+
+
+def test_npz_arrays_it_does_not_read_are_named(tmp_path, caplog):
+    """A split under another name (holdout_, valid_) or labels without images: listed, never dropped silently."""
+    np.savez(tmp_path / "set.npz", train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.array([0, 1, 0, 1]),
+             holdout_images=np.zeros((2, 8, 8), np.uint8), holdout_labels=np.array([0, 1]), test_labels=np.array([1]))
+    with caplog.at_level(logging.WARNING, logger="medtricks"):
+        source = load_source(tmp_path / "set.npz")
+    assert len(source.records) == 4
+    assert "['holdout_images', 'holdout_labels', 'test_labels'] are not read" in caplog.text
 
 
 def test_npz_without_images_and_multilabel(tmp_path):

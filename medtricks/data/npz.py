@@ -47,8 +47,9 @@ def _check_claim(data: np.lib.npyio.NpzFile, npz_path: Path, key: str) -> None:
         info = data.zip.getinfo(f"{key}.npy")
         with data.zip.open(info) as member:
             version = np.lib.format.read_magic(member)
-            if version not in ((1, 0), (2, 0)):
-                return  # numpy's reader checks other versions itself
+            if version not in ((1, 0), (2, 0), (3, 0)):
+                return  # numpy's reader refuses other versions by name
+            # 3.0 is 2.0 with a UTF-8 header text: read as latin-1, its shape and dtype come out the same
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(member)  # the header only: nothing decompressed beyond it
             header = member.tell()
@@ -73,6 +74,7 @@ def _check_claim(data: np.lib.npyio.NpzFile, npz_path: Path, key: str) -> None:
                         f"compress (a zip bomb?); refused. Save the real pixels again.")
 
 
+MAX_LABEL = 2**31 - 1  # a class index beyond this is a corrupt label (and would not survive a cast to int64)
 # what an array source's pixels may be: integer types scaled by their full range, floats already in [0, 1]
 NPZ_SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
@@ -136,6 +138,9 @@ def check_labels(labels: np.ndarray, npz_path: Path, key: str) -> np.ndarray:
     if labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
         raise DataError(f"{npz_path}: '{key}' holds {int((~np.isfinite(labels)).sum())} NaN or infinite label(s); "
                         f"labels must be integer class indices.")
+    if labels.size and labels.max() > MAX_LABEL:  # before any cast: 1e20 or 2**64 - 1 would wrap around
+        raise DataError(f"{npz_path}: '{key}' holds the label {labels.max().item()!r}; labels are class indices (0, "
+                        f"1, ...), so the array is corrupt. Fix it.")
     if labels.size and (np.any(labels != np.round(labels)) or labels.min() < 0):
         bad = labels[(labels != np.round(labels)) | (labels < 0)][:3].tolist()
         raise DataError(f"{npz_path}: '{key}' holds values such as {bad}; labels must be integer class indices "

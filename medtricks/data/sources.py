@@ -276,6 +276,10 @@ def _from_npz(npz_path: Path, classes, labels: LabelFormat) -> Source:
     if not present:
         raise DataError(f"{npz_path}: no '<split>_images' arrays; found keys {sorted(keys)}. Expected MedMNIST keys "
                         f"train_images/train_labels (val_, test_ optional).")
+    unread = sorted(keys - {f"{s}_{part}" for s in present for part in ("images", "labels")})
+    if unread:
+        logger.warning("%s: arrays %s are not read: medtricks reads <split>_images with <split>_labels for the splits "
+                       "%s. Rename an array that holds images of a split.", npz_path, unread, "/".join(SPLITS))
     records, label_values = [], []
     for split in present:
         if f"{split}_labels" not in keys:
