@@ -471,6 +471,40 @@ def test_rgb_dicom_to_one_channel_uses_luma(tmp_path):
     assert_pixels(pixels, np.array([[[0.299, 0.587, 0.114, 1.0]]]))
 
 
+def _patched(ds: Dataset, path: Path, placeholder: bytes, value: bytes) -> Path:
+    """Save, then overwrite a header value in the bytes (pydicom would refuse to write a malformed one)."""
+    data = save(ds, path).read_bytes()
+    assert data.count(placeholder) == 1
+    path.write_bytes(data.replace(placeholder, value.ljust(len(placeholder))))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["frames", "slope", "short_modality_lut", "modality_lut_without_data",
+                                    "negative_width"])
+def test_damaged_header_values_are_named_not_a_traceback(tmp_path, damage):
+    """A malformed number (IS/DS 'abc'), a modality LUT without or with too little data, a LINEAR window of negative
+    width: each is a DataError naming the file and the damage, so predict lists the file and a data set names it."""
+    path = tmp_path / f"{damage}.dcm"
+    if damage == "frames":
+        path, words = _patched(make_cr(ramp(), bits_stored=12, NumberOfFrames="12345678"), path, b"12345678", b"abc"), \
+            ["NumberOfFrames", "whole number"]
+    elif damage == "slope":
+        path, words = _patched(make_cr(ramp(), bits_stored=12, RescaleSlope="9.876543", RescaleIntercept="0"), path,
+                               b"9.876543", b"abc"), ["modality mapping", "damaged"]
+    elif damage == "negative_width":
+        path, words = save(make_cr(ramp(), bits_stored=12, WindowCenter="100", WindowWidth="-100"), path), ["VOI", "damaged"]
+    else:
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 16] if damage == "short_modality_lut" else [0, 0, 0]
+        if damage == "short_modality_lut":
+            item.LUTData, item.ModalityLUTType = b"\x00\x01", "HU"
+        path, words = save(make_cr(ramp(), bits_stored=12, ModalityLUTSequence=Sequence([item])), path), \
+            ["modality mapping", "damaged"]
+    message = assert_data_error(path)
+    for word in words:
+        assert word in message, message
+
+
 def test_dicom_header_announcing_a_huge_image_is_refused(tmp_path):
     ds = make_cr(ramp(), bits_stored=12)
     ds.Rows, ds.Columns = 30000, 30000  # a bomb: the header asks for 1.8 GB of pixels

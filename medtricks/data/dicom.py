@@ -57,13 +57,13 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
         function: VOILUTFunction: LINEAR (the default, with DICOM's half-unit offsets), LINEAR_EXACT or SIGMOID.
     """
     values = values.astype(np.float64)
-    if not (np.isfinite(center) and np.isfinite(width)) or (function != "LINEAR" and width <= 0):
+    if not (np.isfinite(center) and np.isfinite(width)) or width <= 0:
         raise ValueError(f"invalid VOI window: center {center}, width {width}")
     if function == "SIGMOID":
         out = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     elif function == "LINEAR_EXACT":
         out = (values - (center - width / 2)) / width
-    else:  # LINEAR; PS3.3 C.11.2.1.2.1 requires width >= 1
+    else:  # LINEAR; PS3.3 C.11.2.1.2.1 requires width >= 1 (a width in (0, 1) is read as 1)
         width = max(width, 1.0)
         out = (values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5
     return np.clip(out, 0.0, 1.0).astype(np.float32)
@@ -110,15 +110,25 @@ def _voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return _minmax(values)
 
 
-def safe_metadata(ds: pydicom.Dataset) -> dict:
+def _header_int(ds: pydicom.Dataset, keyword: str, default: int, path: Path) -> int:
+    """A whole-number header element (pydicom keeps a malformed IS such as 'abc' as text); a DataError naming it."""
+    try:
+        value = ds.get(keyword, default)
+        return int(value or default)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DataError(f"{path}: the DICOM header's {keyword} is not a whole number ({exc}); the header is damaged. "
+                        f"{_FIX}") from exc
+
+
+def safe_metadata(ds: pydicom.Dataset, path: Path) -> dict:
     """The header fields medtricks may log or store: no patient, study or institution identifiers."""
     return {
         "format": "dicom",
         "modality": str(ds.get("Modality", "")),
         "view": str(ds.get("ViewPosition", "")),
         "photometric": str(ds.get("PhotometricInterpretation", "")),
-        "bits_stored": int(ds.get("BitsStored", 0) or 0),
-        "size": [int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)],
+        "bits_stored": _header_int(ds, "BitsStored", 0, path),
+        "size": [_header_int(ds, "Rows", 0, path), _header_int(ds, "Columns", 0, path)],
     }
 
 
@@ -155,13 +165,13 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
             f"{path}: DICOM file has no pixel data (a header-only export, a report or a presentation state, or a "
             f"file truncated before its pixels). Point the data source at image files only."
         )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _header_int(ds, "NumberOfFrames", 1, path)
     if frames > 1:
         raise DataError(
             f"{path}: multi-frame DICOM ({frames} frames); medtricks reads single radiographs. Export the frame "
             f"you want as its own file."
         )
-    rows, columns, samples = (int(ds.get(k, 0) or 0) for k in ("Rows", "Columns", "SamplesPerPixel"))
+    rows, columns, samples = (_header_int(ds, k, 0, path) for k in ("Rows", "Columns", "SamplesPerPixel"))
     if rows * columns * max(samples, 1) > MAX_PIXELS:
         raise DataError(f"{path}: the header announces a {rows} x {columns} x {samples} image, larger than medtricks "
                         f"decodes safely ({MAX_PIXELS} pixels); downsample the file first.")
@@ -171,14 +181,14 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
         raise DataError(f"{path}: cannot decode the DICOM pixel data: the file is truncated or corrupt "
                         f"({type(exc).__name__}: {exc}). {_FIX}") from exc
 
-    meta = safe_metadata(ds)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    meta = safe_metadata(ds, path)
+    samples = _header_int(ds, "SamplesPerPixel", 1, path)
     if samples == 3:
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise DataError(f"{path}: colour DICOM with unexpected pixel array shape {arr.shape}. {_FIX}")
         if meta["photometric"].startswith("YBR"):
             arr = pydicom.pixels.convert_color_space(arr, meta["photometric"], "RGB")
-        bits = int(ds.get("BitsStored", 8) or 8)
+        bits = _header_int(ds, "BitsStored", 8, path)
         pixels = np.moveaxis(arr.astype(np.float32) / float(2**bits - 1), -1, 0)
         meta["bit_depth"] = 8 if bits <= 8 else 16
         return np.clip(pixels, 0.0, 1.0), meta
@@ -194,9 +204,13 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
         meta["bit_depth"] = 8 if rgb.dtype == np.uint8 else 16
         return np.moveaxis(rgb.astype(np.float32) / scale, -1, 0), meta
 
-    bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    with np.errstate(over="ignore", invalid="ignore"):  # an absurd slope overflows: refused just below, by name
-        values = pydicom.pixels.apply_modality_lut(arr, ds)
+    bits_stored = _header_int(ds, "BitsStored", _header_int(ds, "BitsAllocated", 16, path), path)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # an absurd slope overflows: refused just below, by name
+            values = pydicom.pixels.apply_modality_lut(arr, ds)
+    except Exception as exc:  # a slope that is text, a modality LUT without or with short data: many types
+        raise DataError(f"{path}: the modality mapping (rescale slope/intercept or modality LUT) in the header is "
+                        f"damaged ({type(exc).__name__}: {exc}). {_FIX}") from exc
     if not np.all(np.isfinite(values)):  # a VOI window would clip inf to white or black: a silently wrong image
         raise DataError(f"{path}: the modality mapping (rescale slope/intercept or modality LUT) gives NaN or "
                         f"infinite values; the header is damaged. {_FIX}")
