@@ -505,6 +505,28 @@ def test_damaged_header_values_are_named_not_a_traceback(tmp_path, damage):
         assert word in message, message
 
 
+def test_deflated_dicom_is_read_and_a_deflate_bomb_is_refused_before_inflating(tmp_path):
+    """pydicom inflates a Deflated Explicit VR file whole before any check: an honest one reads as the same image,
+    one whose private element inflates 70 MB of zeros from ~70 kB is refused, also where only the header is read."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from medtricks.data.dicom import read_dicom_header
+
+    arr = ramp()
+    honest = make_cr(arr, bits_stored=12)
+    honest.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    pixels, _ = read(save(honest, tmp_path / "deflated.dcm"))
+    assert_pixels(pixels[0], arr / arr.max())
+    bomb = make_cr(arr, bits_stored=12)
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    bomb.add_new(0x00991010, "OB", bytes(70 * 1024**2))
+    path = save(bomb, tmp_path / "bomb.dcm")
+    assert path.stat().st_size < 1024**2
+    assert "zip bomb" in assert_data_error(path)
+    with pytest.raises(DataError, match="zip bomb"):
+        read_dicom_header(path)
+
+
 def test_dicom_header_announcing_a_huge_image_is_refused(tmp_path):
     ds = make_cr(ramp(), bits_stored=12)
     ds.Rows, ds.Columns = 30000, 30000  # a bomb: the header asks for 1.8 GB of pixels

@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 # tight enough that a hostile archive cannot fill the disk of a workstation.
 MAX_EXTRACT_BYTES = 5 * 1024**3
 MAX_EXTRACT_MEMBERS = 50_000
+# A compressed container (an .npz member, a deflated DICOM) that inflates past RATIO_FROM_BYTES may not inflate more
+# than MAX_RATIO-fold: real pixels compress 1.5-10x, zeros 1000x (a zip bomb)
+MAX_RATIO = 200
+RATIO_FROM_BYTES = 64 * 1024**2
 
 
 def _refusal(member: tarfile.TarInfo) -> str | None:

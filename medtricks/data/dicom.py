@@ -15,18 +15,24 @@ patient names, ids, dates or institutions.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pydicom.pixels
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from medtricks.data.archive import MAX_RATIO, RATIO_FROM_BYTES
 from medtricks.errors import UNREADABLE_FIX as _FIX
 from medtricks.errors import DataError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
-MAX_PIXELS = 20000 * 20000  # refuse headers that would make pydicom allocate gigabytes (a decompression bomb)
+# refuse headers that would make pydicom allocate gigabytes (a decompression bomb); the largest radiographs
+# (mammograms, stitched long-length films) hold about 20-30 M pixels
+MAX_PIXELS = 10000 * 10000
 
 
 def is_dicom(path: Path) -> bool:
@@ -132,8 +138,40 @@ def safe_metadata(ds: pydicom.Dataset, path: Path) -> dict:
     }
 
 
+def _check_deflated(path: Path) -> None:
+    """pydicom inflates a file of the Deflated Explicit VR transfer syntax whole, before any check (even with
+    stop_before_pixels): inflate it here first, counting, and refuse what no image compresses to (a zip bomb)."""
+    try:
+        meta = read_file_meta_info(path)
+    except Exception:  # no preamble or a damaged file meta: not deflated as far as pydicom can tell; dcmread decides
+        return
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    length = meta.get("FileMetaInformationGroupLength")
+    if not isinstance(length, int):
+        raise DataError(f"{path}: a deflated DICOM file without a file-meta group length cannot be checked before "
+                        f"inflating it. {_FIX}")
+    compressed, inflated = path.stat().st_size - (132 + 12 + length), 0  # preamble, DICM, the length element
+    limit = max(RATIO_FROM_BYTES, MAX_RATIO * max(compressed, 1))
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as PS3.5 A.5 and pydicom use
+    with path.open("rb") as f:
+        f.seek(132 + 12 + length)
+        while chunk := f.read(1 << 20):
+            while chunk:
+                try:
+                    inflated += len(inflater.decompress(chunk, 1 << 24))
+                except zlib.error as exc:
+                    raise DataError(f"{path}: the deflated DICOM data is corrupt ({exc}). {_FIX}") from exc
+                chunk = inflater.unconsumed_tail
+                if inflated > limit:
+                    raise DataError(f"{path}: the deflated DICOM data inflates more than {MAX_RATIO}-fold (past "
+                                    f"{inflated} bytes from {compressed}), far more than images ever compress (a zip "
+                                    f"bomb?); refused. {_FIX}")
+
+
 def read_dicom_header(path: Path) -> pydicom.Dataset:
     """Read a DICOM header without pixel data (for sources that group by the DICOM PatientID)."""
+    _check_deflated(path)
     try:
         return pydicom.dcmread(path, stop_before_pixels=True, force=path.suffix.lower() in DICOM_SUFFIXES)
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
@@ -153,6 +191,7 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found. Check the path (relative paths are read from the data folder).")
+    _check_deflated(path)
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError) as exc:

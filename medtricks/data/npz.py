@@ -15,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medtricks.data.archive import MAX_RATIO, RATIO_FROM_BYTES
 from medtricks.errors import DataError
-
-MAX_RATIO = 200  # uncompressed / compressed size of a large member: real pixels compress 1.5-10x, zeros 1000x
-RATIO_FROM_BYTES = 64 * 1024**2  # small members (labels) may compress as well as they like
 
 
 def memory_bytes() -> int:
