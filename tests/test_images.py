@@ -273,6 +273,21 @@ def test_decompression_bomb(tmp_path, monkeypatch, max_pixels):
     assert "too large" in assert_data_error(path)
 
 
+def test_a_file_that_decodes_far_beyond_its_size_is_refused_before_decoding(tmp_path, monkeypatch):
+    """Under Pillow's pixel limit, 9000 x 9000 x 3 zeros (243 MB decoded from 236 kB) still takes gigabytes once
+    converted to float: refused from the header. The rule at a small scale here; the same size with real (noisy)
+    content is read."""
+    import medtricks.data.images as images
+
+    monkeypatch.setattr(images, "RATIO_FROM_BYTES", 10_000)  # the rule at a small scale: 100 x 100 x 3 = 30 kB
+    bomb = write(Image.fromarray(np.zeros((100, 100, 3), np.uint8)), tmp_path / "bomb.png")
+    assert bomb.stat().st_size * images.MAX_RATIO < 30_000
+    assert "decompression bomb" in assert_data_error(bomb)
+    noisy = np.random.default_rng(0).integers(0, 256, (100, 100, 3)).astype(np.uint8)
+    pixels, _ = read_image(write(Image.fromarray(noisy), tmp_path / "real.png"))
+    assert pixels.shape == (3, 100, 100)
+
+
 def test_float_tiff_is_rejected(tmp_path):
     img = Image.fromarray(np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4))
     assert img.mode == "F"

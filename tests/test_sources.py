@@ -191,3 +191,22 @@ def test_predict_inputs_list_what_a_folder_scan_leaves_out(tmp_path, caplog):
     if Path("/dev/zero").exists():
         with pytest.raises(DataError, match="not a regular file or folder"):
             image_inputs(["/dev/zero"])
+
+
+def test_a_link_to_an_image_that_is_gone_is_listed_not_dropped(tmp_path, caplog):
+    """An image folder on an unmounted or moved drive: its links are kept, so reading them names each one."""
+    from medtricks.data.dataset import ImageStore, prepare_images
+    from medtricks.data.sources import image_inputs
+
+    for name in ("a", "b"):
+        for i in range(3):
+            _png(tmp_path / "set" / name / f"{i}.png", value=40 * i)
+    gone = tmp_path / "set" / "a" / "scan7.png"
+    gone.symlink_to(tmp_path / "unmounted" / "scan7.png")
+    (tmp_path / "set" / "a" / "notes").symlink_to(tmp_path / "unmounted" / "notes")
+    source = load_source(tmp_path / "set")
+    assert len(source.records) == 7 and gone in [r["image"] for r in source.records]
+    _, problems, _ = prepare_images(ImageStore(source.records, 1, 32), workers=0)
+    assert [p for p, _ in problems] == ["a/scan7.png"] and "not found" in problems[0][1]  # by its key
+    assert gone in image_inputs([tmp_path / "set" / "a"])  # predict gives it a row with its error
+    assert "1 file(s) are not read" in caplog.text and "notes" in caplog.text

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medtricks.data.archive import MAX_RATIO, RATIO_FROM_BYTES
 from medtricks.data.dicom import is_dicom, read_dicom
 from medtricks.errors import UNREADABLE_FIX as _FIX
 from medtricks.errors import DataError
@@ -46,12 +47,25 @@ def _pil_to_array(img: Image.Image, path: Path) -> tuple[np.ndarray, int, str]:
     return np.asarray(img.convert("RGB"), dtype=np.uint8), 8, "RGB"
 
 
+def _check_ratio(img: Image.Image, path: Path) -> None:
+    """Refuse a file whose pixels decode to far more than images ever compress from (Pillow's pixel limit alone lets
+    a 236 kB PNG of 9000 x 9000 x 3 zeros take gigabytes once converted to float)."""
+    band_bytes = 4 if img.mode in ("I", "F") else 2 if img.mode.startswith("I;16") else 1
+    decoded = img.width * img.height * len(img.getbands()) * band_bytes
+    stored = max(path.stat().st_size, 1)
+    if decoded > RATIO_FROM_BYTES and decoded > MAX_RATIO * stored:
+        raise DataError(f"{path}: {img.width} x {img.height} pixels ({decoded / 1024**2:.0f} MB decoded) from a "
+                        f"{stored / 1024:.0f} kB file: more than {MAX_RATIO}-fold, far more than images compress (a "
+                        f"decompression bomb?); refused. Save the real pixels again, or downsample the file.")
+
+
 def read_picture(path: Path) -> tuple[np.ndarray, dict]:
     """Read a PNG / JPEG / TIFF / BMP file as float32 (C, H, W) in [0, 1] plus safe metadata."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                _check_ratio(img, path)  # from the header: nothing decoded yet
                 img.load()
                 if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":  # MPO: a phone JPEG and its preview
                     logger.warning("%s holds %d frames (a stack or an animation); only the first is read.", path,

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtricks.data.dicom import is_dicom, read_dicom_header
+from medtricks.data.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_header
 from medtricks.data.images import IMAGE_SUFFIXES
 from medtricks.data.npz import check_images, check_labels, check_multi_hot, npz_array, open_npz
 from medtricks.errors import DataError, short
@@ -78,16 +78,22 @@ class Source:
 
 
 def _is_image_file(path: Path) -> bool:
-    if path.name.startswith(".") or not path.is_file():
+    if path.name.startswith("."):
         return False
+    if not path.is_file():  # a link to an image on an unmounted or moved drive: kept, so reading it names it
+        return _is_dangling(path) and path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
     return is_dicom(path)  # .dcm or extension-less files with the DICM preamble
 
 
+def _is_dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
 def _visible_files(folder: Path) -> list[Path]:
-    """The files under `folder`, recursively, outside hidden files and folders."""
-    return [p for p in folder.rglob("*") if p.is_file() and not any(
+    """The files (and links to files that are gone) under `folder`, recursively, outside hidden files and folders."""
+    return [p for p in folder.rglob("*") if (p.is_file() or _is_dangling(p)) and not any(
         part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
