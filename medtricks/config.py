@@ -70,6 +70,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             _, inner = typing.get_args(tp)
             return {str(k): coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
         return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool) and not -2**32 < value < 2**32:
+        # no count or seed of a recipe is this large; torch's samplers fail past 2^63 with a traceback
+        raise RecipeError(f"recipe key '{key}' = {short(value)} is out of range: give a whole number below 2^32.")
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise RecipeError(f"recipe key '{key}' = {short(value)} has the wrong type: expected {_type_name(tp)}.")

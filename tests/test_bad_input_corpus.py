@@ -148,6 +148,8 @@ SET_CASES = [
     (["--recipe", "no_such_recipe"], ["unknown recipe", "demo"]),
     (["--set", "data.classes=[normal, '', opacity]"], ["data.classes", "empty name"]),
     (["--set", "attack.seed=-5"], ["attack.seed", "[0, 2^32)"]),
+    (["--set", "train.batch_size=99999999999999999999999999999"], ["train.batch_size", "out of range", "2^32"]),
+    (["--set", "train.eval_batch_size=-99999999999999999999999"], ["train.eval_batch_size", "out of range"]),
 ]
 
 
