@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,7 +84,7 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
     """
     if not 2 <= len(runs) <= MAX_MEMBERS:
         raise EnsembleError(f"an ensemble takes 2 to {MAX_MEMBERS} runs; got {len(runs)}.")
-    if len({Path(r).resolve() for r in runs}) < len(runs):
+    if len({os.path.realpath(r) for r in runs}) < len(runs):  # realpath: a link loop is opened (and named) later
         raise EnsembleError("the same run is given twice; each member must be another run.")
     started = time.perf_counter()
     if out is not None:

@@ -62,6 +62,8 @@ def parse_eps(text: str) -> tuple[float, ...]:
         if not (value > 0 and math.isfinite(value)):
             raise AttackError(f"--eps {part} = {value:g}: must be > 0 (L-inf: at most 1, a fraction of the intensity "
                               f"range).")
+        if value in values:
+            raise AttackError(f"--eps {text}: {part} is given twice (eps {value:g}); give each eps once.")
         values.append(value)
     return tuple(values)
 

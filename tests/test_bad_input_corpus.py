@@ -196,7 +196,7 @@ def test_nan_loss_via_cli(phantoms_train, tmp_path, monkeypatch):
 
 def test_attack_eps_out_of_range(phantoms_train, tmp_path):
     run = _fake_run(tmp_path / "run", ("normal", "opacity"), phantoms_train)
-    for eps, word in (("2", "(0, 1]"), ("0", "> 0"), ("-1/255", "> 0")):
+    for eps, word in (("2", "(0, 1]"), ("0", "> 0"), ("-1/255", "> 0"), ("2/255,2/255", "given twice")):
         output = _run(["attack", str(run), "--pgd", "--eps", eps], tmp_path)
         assert word in output, output
 

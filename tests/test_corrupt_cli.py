@@ -68,6 +68,9 @@ def test_recipe_attack_section_chooses_preset_and_severities(run, tmp_path):
     report = corrupt_json(tmp_path, moved, "--limit", 4)
     assert report["preset"] == "fundus" and report["names"] == list(PRESETS["fundus"])
     assert report["severities"] == [2, 4]
+    twice = corrupt_json(tmp_path, moved, "--limit", 2, "--corruptions", "gaussian_noise,gaussian_noise",
+                         "--severities", "1,1")  # each counts once (it crashed with a ValueError traceback)
+    assert twice["names"] == ["gaussian_noise"] and twice["severities"] == [1]
 
 
 def test_report_has_every_corruption_at_every_severity(run, report):

@@ -116,6 +116,10 @@ def test_an_ensemble_is_no_member_a_copy_is_no_second_member_and_nothing_resumes
     with pytest.raises(EnsembleError, match="the same weights"):
         ensemble([members[0], tmp_path / "copy"], out=tmp_path / "twice", device="cpu")
     assert not (tmp_path / "nested").exists() and not (tmp_path / "twice").exists()
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")  # a run path that is a link loop: named, no traceback
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    result = runner.invoke(app, ["ensemble", str(members[0]), str(tmp_path / "loop_a"), "--out", str(tmp_path / "l")])
+    assert result.exit_code == 2 and "loop_a" in result.output and "Traceback" not in result.output, result.output
     (ens / "report.json").unlink()  # as if the ensemble were killed before its last write
     result = runner.invoke(app, ["evaluate", str(ens)])
     assert result.exit_code == 2 and "medtricks ensemble` again" in result.output and "--resume" not in result.output

@@ -320,7 +320,8 @@ def corrupt_cmd(
     from medtricks.corruption_report import corruption_report, parse_severities
 
     try:
-        names = [n.strip() for n in corruptions.split(",") if n.strip()] if corruptions is not None else None
+        names = list(dict.fromkeys(n.strip() for n in corruptions.split(",") if n.strip())) \
+            if corruptions is not None else None  # a name given twice counts once, as a severity does
         bar, progress = progress_bar("corrupting")
         with bar:
             report = corruption_report(run, data=data, split=split, preset=preset, corruptions=names,
