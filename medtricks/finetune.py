@@ -413,6 +413,11 @@ def _label_set(opened: Run, probs: list[float], thresholds: list[float] | None) 
     return opened.info["label_separator"].join(found)
 
 
+def _text(value) -> str:
+    """str(value) writable as UTF-8: a file name's undecodable bytes (which Python holds as surrogates) as \\xNN."""
+    return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None,
             device: str | None = None, overwrite: bool = False, tta: bool = False) -> list[dict]:
     """Class probabilities for image files or folders (recursively); rows also written to `out_csv` (a new file,
@@ -444,14 +449,14 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
                     raise DataError(f"{path}: the model gives non-finite probabilities for this image; check it "
                                     f"for NaN or infinite pixel values.")
             except DataError as exc:  # listed in its row; data.on_error (the data set's advice) does not apply here
-                rows.append({"path": str(path), "prediction": "", "error": str(exc).replace(UNREADABLE_FIX,
+                rows.append({"path": _text(path), "prediction": "", "error": _text(exc).replace(UNREADABLE_FIX,
                                                                                         "Re-export the file.")})
                 continue
             if opened.multilabel:
                 predicted = _label_set(opened, probs, threshold)
             else:
                 predicted = classes[int(decisions(np.array([probs]), threshold)[0])]
-            rows.append({"path": str(path), "prediction": predicted,
+            rows.append({"path": _text(path), "prediction": predicted,
                          **{f"p_{c}": round(p, 6) for c, p in zip(classes, probs, strict=True)}, "error": ""})
     if out_csv is not None:
         text = io.StringIO()

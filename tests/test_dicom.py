@@ -492,7 +492,8 @@ def test_damaged_header_values_are_named_not_a_traceback(tmp_path, damage):
         path, words = _patched(make_cr(ramp(), bits_stored=12, RescaleSlope="9.876543", RescaleIntercept="0"), path,
                                b"9.876543", b"abc"), ["modality mapping", "damaged"]
     elif damage == "negative_width":
-        path, words = save(make_cr(ramp(), bits_stored=12, WindowCenter="100", WindowWidth="-100"), path), ["VOI", "damaged"]
+        path, words = save(make_cr(ramp(), bits_stored=12, WindowCenter="100", WindowWidth="-100"), path), \
+            ["VOI", "damaged"]
     else:
         item = Dataset()
         item.LUTDescriptor = [4096, 0, 16] if damage == "short_modality_lut" else [0, 0, 0]
