@@ -203,7 +203,7 @@ def corruption_names(run: Run, preset: str | None, names: Sequence[str] | None) 
             if unknown:
                 raise CorruptionError(f"--corruptions {', '.join(map(short, unknown))}: unknown; choose among "
                                       f"{', '.join(CORRUPTIONS)}.")
-            return "custom", check_corruptions(tuple(names), channels)
+            return "custom", check_corruptions(tuple(dict.fromkeys(names)), channels)  # once each, as severities
         return preset, check_preset(preset, channels)
     except CorruptionError:
         raise

@@ -35,6 +35,7 @@ console = Console(soft_wrap=True, markup=False)  # soft wrap: long paths stay wh
 err_console = Console(stderr=True, soft_wrap=True, markup=False)
 _state = {"debug": False}
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N."
+RunDeviceOption = Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Allow replacing an existing output file (never a "
                                                                   "run's own files).")]
 

@@ -21,6 +21,7 @@ from rich.text import Text
 from medtricks.cli.common import (
     DEVICE_HELP,
     OverwriteOption,
+    RunDeviceOption,
     TTAOption,
     app,
     console,
@@ -123,7 +124,7 @@ def evaluate_cmd(
     data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the run's own).")] = None,
     split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
     json_path: Annotated[Path | None, file_out("--json", "Write the metrics as JSON here.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+    device: RunDeviceOption = None,
     overwrite: OverwriteOption = False,
     tta: TTAOption = False,
     explain_summary: Annotated[bool, typer.Option("--explain-summary", help="Grad-CAM shortcut screen over the "
@@ -167,7 +168,7 @@ def predict_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory written by finetune.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     out: Annotated[Path | None, file_out("--out", "Write predictions to this CSV.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+    device: RunDeviceOption = None,
     overwrite: OverwriteOption = False,
     tta: TTAOption = False,
 ) -> None:
@@ -320,8 +321,7 @@ def corrupt_cmd(
     from medtricks.corruption_report import corruption_report, parse_severities
 
     try:
-        names = list(dict.fromkeys(n.strip() for n in corruptions.split(",") if n.strip())) \
-            if corruptions is not None else None  # a name given twice counts once, as a severity does
+        names = [n.strip() for n in corruptions.split(",") if n.strip()] if corruptions is not None else None
         bar, progress = progress_bar("corrupting")
         with bar:
             report = corruption_report(run, data=data, split=split, preset=preset, corruptions=names,
@@ -424,7 +424,7 @@ def ensemble_cmd(
     runs: Annotated[list[Path], typer.Argument(help="Finished runs of one task and one data split (2-16).")],
     out: Annotated[Path | None, typer.Option("--out", help="New ensemble directory [default: runs/ensemble-<time>].")]
     = None,
-    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+    device: RunDeviceOption = None,
 ) -> None:
     """Average runs' probabilities into a run-like directory that evaluate, predict, compare, attack and corrupt
     open like any run; the binary threshold (multi-label: each finding's) is chosen again on the validation split.
@@ -455,7 +455,7 @@ def explain_cmd(
     = False,
     shortcuts: Annotated[bool, typer.Option("--shortcuts", help="Screen for saliency on borders and corners.")]
     = False,
-    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+    device: RunDeviceOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Saliency maps (where the model looks) as overlays and raw maps, with optional sanity and shortcut screens.
@@ -508,7 +508,7 @@ def compare_cmd(
     data: Annotated[Path | None, typer.Option("--data", help="Data source (default: the runs' own).")] = None,
     split: Annotated[str, typer.Option("--split", help="val, test, train, or all (an external set).")] = "val",
     json_path: Annotated[Path | None, file_out("--json", "Also write the result as JSON here.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help=DEVICE_HELP + " [default: the recipe's]")] = None,
+    device: RunDeviceOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Compare two runs' models on the same images: DeLong test and patient-level paired bootstrap for AUROC
