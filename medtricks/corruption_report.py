@@ -306,6 +306,6 @@ def corruption_report(run: str | Path | None = None, data: str | Path | None = N
     plots.plot_corruption_gallery(gallery, out_dir / "gallery.png")
     write_json(out_dir / REPORT_NAME, report)
     if json_path is not None:
-        write_json(Path(json_path), report)
+        write_json(Path(json_path), report, replace=overwrite)
     report["files"] = str(out_dir)
     return report

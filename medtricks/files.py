@@ -35,11 +35,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEDTRICKS_CACHE") or Path.home() / ".cache" / "medtricks")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], replace: bool = True) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path` (creating the folder).
 
+    `replace=False` (an option's target without --overwrite) publishes the file only if no file of that name
+    appeared since check_output looked, e.g. written by a second command given the same --json at the same time.
+
     Raises:
-        OutputError: the folder cannot be made or written (naming the file and the reason); the old file stays.
+        OutputError: the folder cannot be made or written (naming the file and the reason), or, with
+            `replace=False`, the file exists by now; the old file stays.
     """
     path = Path(path)
     tmp = None
@@ -53,7 +57,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp = Path(name)
         write(tmp)
         os.chmod(tmp, _mode_for(path))
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     except BaseException as exc:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -67,6 +74,26 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
                           f"folder, a file where a folder is expected, or a read-only disk cause this).") from exc
 
 
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Give `tmp` the name `path` only if that name is free: a hard link fails atomically where a rename would
+    replace (file systems without hard links fall back to a check right before the rename)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(f"{path}: a file of that name appeared while the command ran (another command writing the "
+                          f"same file?); it is kept as it is. Run the command again with another name, or add "
+                          f"--overwrite.") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):
+            raise OutputError(f"{path}: a file of that name appeared while the command ran; it is kept as it is. "
+                              f"Run the command again with another name, or add --overwrite.") from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
 def _mode_for(path: Path) -> int:
     """The permissions a written file gets: those of the file it replaces, else what the umask gives a new file
     (mkstemp's own 0600 would hide every output from the user's group)."""
@@ -78,14 +105,14 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+def write_text(path: Path, text: str, replace: bool = True) -> None:
+    """Write a text file atomically (`replace`: as in atomic_write)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text), replace)
 
 
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically (indented, newline-terminated)."""
-    write_text(path, json.dumps(data, indent=2) + "\n")
+def write_json(path: Path, data, replace: bool = True) -> None:
+    """Write JSON atomically (indented, newline-terminated; `replace`: as in atomic_write)."""
+    write_text(path, json.dumps(data, indent=2) + "\n", replace)
 
 
 def append_jsonl(path: Path, row: dict) -> None:

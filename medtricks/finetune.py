@@ -400,7 +400,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "val"
                                                classes=opened.classes)),
                "split": split, "data": str(data if data is not None else opened.source), **tta_keys}
     if json_path is not None:
-        distributed.on_main(lambda: write_json(Path(json_path), metrics))
+        distributed.on_main(lambda: write_json(Path(json_path), metrics, replace=overwrite))
     return metrics
 
 
@@ -463,5 +463,5 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
         writer = csv.DictWriter(text, fieldnames=["path", "prediction", *[f"p_{c}" for c in classes], "error"])
         writer.writeheader()
         writer.writerows(rows)
-        write_text(Path(out_csv), text.getvalue())
+        write_text(Path(out_csv), text.getvalue(), replace=overwrite)
     return rows

@@ -325,7 +325,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
                                             multilabel=target.multilabel)
     write_json(out_dir / "attack.json", report)
     if json_path is not None:
-        write_json(Path(json_path), report)
+        write_json(Path(json_path), report, replace=overwrite)
     report["files"] = str(out_dir)
     return report
 

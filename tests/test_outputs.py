@@ -67,6 +67,30 @@ def test_an_existing_file_is_replaced_only_with_overwrite(run, phantoms_train, t
     assert other.read_text() != "old" and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict", "attack", "compare", "data-check"])
+def test_a_file_written_by_someone_else_meanwhile_is_kept(run, phantoms_train, tmp_path, monkeypatch, command):
+    """Two commands given the same new --json at once: the file that lands first is kept, the other one is refused
+    (check_output saw no file before either did its work)."""
+    import medtricks.files as files
+
+    target = tmp_path / "same.out"
+    write = files.atomic_write
+
+    def theirs_first(path, fill, replace=True):
+        if not replace and Path(path) == target:
+            target.write_text("theirs")
+        write(path, fill, replace)
+
+    monkeypatch.setattr(files, "atomic_write", theirs_first)
+    args = {"evaluate": ["evaluate", run, "--json", target],
+            "predict": ["predict", run, phantoms_train / "images" / "normal", "--out", target],
+            "attack": ["attack", run, "--pgd", "--eps", "2/255", "--limit", "2", "--json", target],
+            "compare": ["compare", run, run, "--json", target],
+            "data-check": ["data", "check", phantoms_train, "--json", target]}[command]
+    refused(args, target, "appeared while the command ran", "--overwrite")
+    assert target.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["same.out"]
+
+
 @pytest.mark.parametrize("where, words", [
     ("missing/out.json", ["does not exist"]),
     ("a_file/out.json", ["does not exist (or is not a folder)"]),

@@ -145,7 +145,7 @@ def data_check(
             report = check_data(source, classes.split(",") if classes else None, seed=seed, progress=progress,
                                 labels=labels)
         if json_path is not None:
-            write_json(json_path, report)
+            write_json(json_path, report, replace=overwrite)
     except MedtricksError as exc:
         fail(exc)
     _print_check(report)

@@ -526,7 +526,7 @@ def compare_cmd(
             check_output(json_path, overwrite, "--json")
         result = compare(run_a, run_b, data=data, split=split, device=device)
         if json_path is not None:
-            write_json(json_path, result)
+            write_json(json_path, result, replace=overwrite)
     except MedtricksError as exc:
         fail(exc)
 
