@@ -16,6 +16,7 @@ import torch
 from medtricks import __version__, distributed, plots
 from medtricks import tta as tta_module
 from medtricks.calibration import fit_temperature, temper
+from medtricks.config import recipe_differences
 from medtricks.data.images import read_image
 from medtricks.data.pipeline import DataBundle, create_loader, eval_loader, load_data, loader_workers, resolve_source
 from medtricks.data.sampling import SeededSampler
@@ -28,6 +29,7 @@ from medtricks.files import (
     METRICS_FILE,
     MODEL_FILE,
     MODEL_JSON,
+    RECIPE_FILE,
     REPORT_FILE,
     RESUME_FILE,
     append_jsonl,
@@ -185,7 +187,7 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
                  loss_fn=create_loss(recipe.tricks, weights, teacher.model if teacher is not None else None,
                                      multilabel=multilabel),
                  callbacks=Callbacks(save_best, epoch_done, lambda fit_state: save_resume_state(
-                     run, {**fit_state, "rows": rows})), state=state)
+                     run, {**fit_state, "rows": rows, "recipe": recipe.to_dict()})), state=state)
     # rank 0 reads the selected epoch's weights back from the run (checking they load); every rank predicts with
     # them (the run directory need not be on a filesystem the other nodes see)
     model.load_state_dict(distributed.on_main(lambda: load_run_model(run)[0].state_dict()))
@@ -280,6 +282,8 @@ def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, da
                        f"to resume; run `medtricks ensemble` again with a new --out.")
     saved = recipe_for_run(recipe, overrides, seed, resume_from=run)
     state = load_resume_state(run)
+    if state is not None:
+        _check_recipe_unedited(run, saved, state)
     recorded = _recorded_source(run)
     if recorded is not None:
         if data is not None and str(Path(resolve_source(saved.data, data)).resolve()) != recorded:
@@ -287,6 +291,19 @@ def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, da
                            f"same.")
         data = recorded
     return {"recipe": saved, "data": data, "state": state}
+
+
+def _check_recipe_unedited(run: Path, saved: Recipe, state: dict) -> None:
+    """Refuse a run whose recipe.yaml no longer says what its saved epochs were trained with (an edited file would
+    mix two experiments, or, with fewer epochs than were run, end the run with nothing trained)."""
+    trained = state.get("recipe")  # states of older versions did not record it: then only the epochs can be checked
+    changed = (recipe_differences(json.loads(json.dumps(saved.to_dict())), trained) if trained is not None else
+               ["train.epochs"] if state["epoch"] > saved.train.epochs else [])
+    if changed:
+        raise RunError(f"{run}: its {RECIPE_FILE} was edited after training began ({', '.join(changed)} differ from "
+                       f"what its {state['epoch']} completed epochs were trained with); a run's own files are only "
+                       f"written by medtricks. Restore the file, or start a new run (--recipe {run / RECIPE_FILE} "
+                       f"with a new --out trains the edited recipe from the start).")
 
 
 def _recorded_source(run: Path) -> str | None:

@@ -91,6 +91,36 @@ def test_resume_refuses_other_settings_and_finished_runs(reference, tmp_path, ph
         finetune("demo", out=out, overrides=[*RESUME, "train.lr=0.5"], resume=True)
 
 
+@pytest.mark.parametrize("edit, key", [("train.epochs=1", "train.epochs"), ("train.lr=0.5", "train.lr"),
+                                       ("train.epochs=1 in an older state", "train.epochs")])
+def test_resume_refuses_a_recipe_yaml_edited_after_training_began(phantoms_train, tmp_path, monkeypatch, edit, key):
+    """Fewer epochs than were run would end the run with its trained epochs unaccounted for; any other edit would
+    mix two experiments. States of older versions hold no recipe: their epoch count is still checked."""
+    import yaml
+
+    ft = importlib.import_module("medtricks.finetune")
+    out, real = tmp_path / "edited", ft.save_resume_state
+
+    def crash_after_two_epochs(run, state):
+        if "older" in edit:
+            state = {k: v for k, v in state.items() if k != "recipe"}
+        real(run, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "save_resume_state", crash_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        finetune("demo", data=phantoms_train, out=out, overrides=[*RESUME, "train.limit_train_batches=1"])
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    name, value = edit.split()[0].split("=")
+    saved["train"][name.split(".")[1]] = yaml.safe_load(value)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(RunError, match=rf"recipe.yaml was edited after training began \({key} differ.*2 completed"):
+        finetune(None, out=out, resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_resume_before_the_first_epoch_starts_over(reference, phantoms_train, tmp_path):
     out = tmp_path / "early"
     out.mkdir()
