@@ -511,7 +511,7 @@ def test_deflated_dicom_is_read_and_a_deflate_bomb_is_refused_before_inflating(t
     one whose private element inflates 70 MB of zeros from ~70 kB is refused, also where only the header is read."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from medtricks.data.dicom import read_dicom_header
+    from medtricks.data.dicom import read_patient_id
 
     arr = ramp()
     honest = make_cr(arr, bits_stored=12)
@@ -525,7 +525,7 @@ def test_deflated_dicom_is_read_and_a_deflate_bomb_is_refused_before_inflating(t
     assert path.stat().st_size < 1024**2
     assert "zip bomb" in assert_data_error(path)
     with pytest.raises(DataError, match="zip bomb"):
-        read_dicom_header(path)
+        read_patient_id(path)
 
 
 def test_dicom_header_announcing_a_huge_image_is_refused(tmp_path):
@@ -533,3 +533,29 @@ def test_dicom_header_announcing_a_huge_image_is_refused(tmp_path):
     ds.Rows, ds.Columns = 30000, 30000  # a bomb: the header asks for 1.8 GB of pixels
     message = assert_data_error(save(ds, tmp_path / "bomb.dcm"))
     assert "30000 x 30000" in message and "downsample" in message
+
+
+def test_pydicom_remarks_are_logged_once_naming_the_file_without_header_values(tmp_path, caplog, capfd):
+    """pydicom warns about a value that breaks the standard but still reads (IS '1.0'), quoting the value (header
+    values can identify a patient) and pointing at its own source file: medtricks names the file, cuts the value out,
+    says it once per kind, and lets neither pydicom's warning nor its log record through."""
+    from medtricks.data import dicom
+    from medtricks.data.dicom import read_patient_id
+
+    dicom._REMARKED, saved = set(), dicom._REMARKED
+    try:
+        paths = [_patched(make_cr(ramp(), bits_stored=12, NumberOfFrames="12345678", PatientID="DOE^JANE"),
+                          tmp_path / f"{i}.dcm", b"12345678", b"1.0") for i in range(2)]
+        caplog.set_level("DEBUG")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a warning that gets out fails the test
+            for path in paths:
+                pixels, _ = read(path)
+                assert pixels.shape == (1, 8, 8) and read_patient_id(path) == "DOE^JANE"
+    finally:
+        dicom._REMARKED = saved
+    remarks = [r.getMessage() for r in caplog.records if "VR IS" in r.getMessage()]
+    assert remarks == [f"{paths[0]}: Invalid value for VR IS: '…' (pydicom read the file anyway; other files with "
+                       f"this remark are not listed)."]
+    printed = capfd.readouterr().err
+    assert "1.0" not in printed and "site-packages" not in printed

@@ -210,3 +210,48 @@ def test_a_link_to_an_image_that_is_gone_is_listed_not_dropped(tmp_path, caplog)
     assert [p for p, _ in problems] == ["a/scan7.png"] and "not found" in problems[0][1]  # by its key
     assert gone in image_inputs([tmp_path / "set" / "a"])  # predict gives it a row with its error
     assert "1 file(s) are not read" in caplog.text and "notes" in caplog.text
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of hanging when code opens a pipe that no one writes to."""
+    import signal
+
+    def stop(*_):
+        raise TimeoutError("a pipe or device was opened")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_pipes_and_devices_named_like_images_are_listed_never_opened(tmp_path, caplog, no_hang):
+    """A FIFO or a link to /dev/zero in an image folder or a manifest: listed with what it is, never read (reading
+    would block, or run without end), and never dropped silently."""
+    import os
+
+    from medtricks.data.dataset import ImageStore, prepare_images
+    from medtricks.data.images import read_image
+    from medtricks.data.sources import image_inputs
+
+    for name in ("a", "b"):
+        for i in range(3):
+            _png(tmp_path / "set" / name / f"{i}.png", value=40 * i)
+    fifo, zero, bare = (tmp_path / "set" / "a" / n for n in ("pipe.png", "zero.dcm", "stream"))
+    os.mkfifo(fifo)
+    zero.symlink_to("/dev/zero")
+    os.mkfifo(bare)
+    source = load_source(tmp_path / "set")
+    assert {fifo, zero} <= {r["image"] for r in source.records} and len(source.records) == 8
+    _, problems, _ = prepare_images(ImageStore(source.records, 1, 32), workers=0)
+    assert sorted(p for p, _ in problems) == ["a/pipe.png", "a/zero.dcm"]
+    assert all("not a regular file" in reason for _, reason in problems)
+    with pytest.raises(DataError, match="pipe.png: not a regular file"):
+        read_image(fifo)
+    assert {fifo, zero} <= set(image_inputs([tmp_path / "set" / "a"]))
+    assert "1 file(s) are not read" in caplog.text and "stream" in caplog.text
+    listed = _csv(tmp_path / "csv", f"path,label\n{fifo},a\n{tmp_path / 'set' / 'b' / '0.png'},b\n")
+    source = load_source(listed)
+    assert len(source.records) == 1 and "not a regular file" in source.missing[0][1]

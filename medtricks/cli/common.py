@@ -4,6 +4,7 @@ MedtricksError becomes a one-paragraph message and exit code 2 (`fail`)."""
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -67,6 +68,15 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
         log.removeHandler(handler)
     log.addHandler(RichHandler(console=err_console, show_time=False, show_path=False))
     log.setLevel(logging.WARNING if quiet else logging.INFO)
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning as one log line naming the library, not a path into site-packages and a source line."""
+    parts = Path(filename).parts
+    packages = [i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")]
+    origin = parts[packages[-1] + 1] if packages and packages[-1] + 1 < len(parts) else Path(filename).stem
+    logging.getLogger("medtricks").warning("%s (%s from %s)", message, category.__name__, origin.removesuffix(".py"))
 
 
 def fail(exc: MedtricksError) -> None:

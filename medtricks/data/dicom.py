@@ -15,7 +15,12 @@ patient names, ids, dates or institutions.
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,58 @@ DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 # refuse headers that would make pydicom allocate gigabytes (a decompression bomb); the largest radiographs
 # (mammograms, stitched long-length films) hold about 20-30 M pixels
 MAX_PIXELS = 10000 * 10000
+
+logger = logging.getLogger(__name__)
+_REMARKED: set[str] = set()  # pydicom remarks already logged by this process
+
+
+class _Mute(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextmanager
+def _pydicom_remarks(path: Path) -> Iterator[None]:
+    """Collect what pydicom warns about while it reads `path` and log it once per kind, naming the file, with the
+    values cut out: pydicom's own messages quote header values, which can be a patient's name, id or birth date
+    (and, with no logging set up, Python prints its logger's records as they are). A file that is then refused
+    gets only its error."""
+    pydicom_log, mute = logging.getLogger("pydicom"), _Mute()
+    pydicom_log.addFilter(mute)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        pydicom_log.removeFilter(mute)
+    for remark in dict.fromkeys(_without_values(str(w.message)) for w in caught):
+        if remark not in _REMARKED:
+            _REMARKED.add(remark)
+            logger.warning("%s: %s (pydicom read the file anyway; other files with this remark are not listed).",
+                           path, remark)
+
+
+def _without_values(message: str) -> str:
+    """A pydicom remark with its quoted values (header contents) replaced by '…' and its reference links dropped."""
+    message = message.split(" Please see <")[0].split("\n")[0]
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message).rstrip(".")
+
+
+def unreadable_entry(path: Path) -> str | None:
+    """Why `path` is no file to read an image from, else None: gone, or a pipe, device or socket (opening one could
+    block, or read without end)."""
+    if path.is_file():
+        return None
+    return "not a regular file (a pipe, a device or a socket, or a link to one)" if path.exists() else "file not found"
+
+
+def require_file(path: Path) -> None:
+    """Raise a DataError naming `path` unless it is a regular file (see unreadable_entry)."""
+    reason = unreadable_entry(path)
+    if reason is not None:
+        advice = ("Check the path (relative paths are read from the data folder)." if not path.exists() else
+                  "Such an entry is never read as an image; replace it with the image file.")
+        raise DataError(f"{path}: {reason}. {advice}")
 
 
 def is_dicom(path: Path) -> bool:
@@ -169,11 +226,14 @@ def _check_deflated(path: Path) -> None:
                                     f"bomb?); refused. {_FIX}")
 
 
-def read_dicom_header(path: Path) -> pydicom.Dataset:
-    """Read a DICOM header without pixel data (for sources that group by the DICOM PatientID)."""
+def read_patient_id(path: Path) -> str:
+    """The header's PatientID ("" when absent), read without pixel data, for sources that group by it (the value
+    never leaves medtricks.data.sources, which replaces it with a pseudonym)."""
     _check_deflated(path)
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, force=path.suffix.lower() in DICOM_SUFFIXES)
+        with _pydicom_remarks(path):  # pydicom converts (and checks) the value when it is read, so read it here
+            return str(pydicom.dcmread(path, stop_before_pixels=True, force=path.suffix.lower() in DICOM_SUFFIXES)
+                       .get("PatientID", "") or "")
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc}). {_FIX}") from exc
 
@@ -189,8 +249,12 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
         DataError: naming the file, for a missing, corrupt or truncated file, no pixel data, or several frames.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found. Check the path (relative paths are read from the data folder).")
+    with _pydicom_remarks(path):
+        return _read_dicom(path)
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
+    require_file(path)
     _check_deflated(path)
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medtricks.data.archive import MAX_RATIO, RATIO_FROM_BYTES
-from medtricks.data.dicom import is_dicom, read_dicom
+from medtricks.data.dicom import is_dicom, read_dicom, require_file
 from medtricks.errors import UNREADABLE_FIX as _FIX
 from medtricks.errors import DataError
 
@@ -140,8 +140,7 @@ def read_image(path: str | Path, channels: int | None = None) -> tuple[np.ndarra
             pixels fail `check_pixels`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found. Check the path (relative paths are read from the data folder).")
+    require_file(path)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty (0 bytes). {_FIX}")
     if is_dicom(path):

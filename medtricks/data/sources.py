@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtricks.data.dicom import DICOM_SUFFIXES, is_dicom, read_dicom_header
+from medtricks.data.dicom import DICOM_SUFFIXES, is_dicom, read_patient_id, unreadable_entry
 from medtricks.data.images import IMAGE_SUFFIXES
 from medtricks.data.npz import check_images, check_labels, check_multi_hot, npz_array, open_npz
 from medtricks.errors import DataError, short
@@ -80,20 +80,19 @@ class Source:
 def _is_image_file(path: Path) -> bool:
     if path.name.startswith("."):
         return False
-    if not path.is_file():  # a link to an image on an unmounted or moved drive: kept, so reading it names it
-        return _is_dangling(path) and path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES
+    # a link to an image on an unmounted or moved drive, or a pipe or device named like an image: kept (never
+    # opened here), so that reading it names it
+    if not path.is_file():
+        return path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
     return is_dicom(path)  # .dcm or extension-less files with the DICM preamble
 
 
-def _is_dangling(path: Path) -> bool:
-    return path.is_symlink() and not path.exists()
-
-
 def _visible_files(folder: Path) -> list[Path]:
-    """The files (and links to files that are gone) under `folder`, recursively, outside hidden files and folders."""
-    return [p for p in folder.rglob("*") if (p.is_file() or _is_dangling(p)) and not any(
+    """Everything but folders under `folder`, recursively, outside hidden files and folders: files, links to files
+    that are gone, pipes, devices and sockets (the last three are listed, never read)."""
+    return [p for p in folder.rglob("*") if not p.is_dir() and not any(
         part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
@@ -201,7 +200,7 @@ def _pseudonymize_dicom_patients(records: list[dict]) -> bool:
         if not is_dicom(path):
             return False
         try:
-            real = str(read_dicom_header(path).get("PatientID", "") or "")
+            real = read_patient_id(path)
         except DataError:
             return False  # the file is reported as unreadable when it is decoded
         if not real:
@@ -266,8 +265,9 @@ def _from_csv(csv_path: Path, classes, labels: LabelFormat) -> Source:
                         f"(train, val, test) or remove the column to let medtricks split.")
     records, missing = [], []
     for i, (w, row, path) in enumerate(zip(where, rows, resolved, strict=True)):
-        if not path.is_file():
-            missing.append((row["path"], f"{w}: file not found ({path})"))
+        reason = unreadable_entry(path)
+        if reason is not None:
+            missing.append((row["path"], f"{w}: {reason} ({path})"))
             continue
         patient = (row.get("patient_id") or "").strip() or None
         records.append({"image": path, "label": values[i], "patient_id": patient,
