@@ -435,6 +435,12 @@ def _text(value) -> str:
     return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _cell(value):
+    """A CSV cell that a spreadsheet shows as text: one starting with =, +, -, @, tab or carriage return (a file or
+    class name such as "=HYPERLINK(...)") would run as a formula, so it gets a leading ' (OWASP's advice)."""
+    return "'" + value if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")) else value
+
+
 def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path | None = None,
             device: str | None = None, overwrite: bool = False, tta: bool = False) -> list[dict]:
     """Class probabilities for image files or folders (recursively); rows also written to `out_csv` (a new file,
@@ -443,7 +449,9 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
     data.label_separator (the data.no_finding name when there is none).
 
     A file that cannot be read or scored (unreadable, too large, non-finite pixels or probabilities) gets a row with
-    its error instead of a prediction; the other files are predicted. `tta`: as in evaluate.
+    its error instead of a prediction; the other files are predicted. `tta`: as in evaluate. In the CSV, a text
+    cell starting with =, +, -, @, tab or CR is written with a leading ' so that no spreadsheet runs it as a
+    formula (the returned rows keep the names as they are).
 
     Raises:
         DataError: an input that does not exist, or inputs that hold no image file at all.
@@ -479,6 +487,6 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=["path", "prediction", *[f"p_{c}" for c in classes], "error"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         write_text(Path(out_csv), text.getvalue(), replace=overwrite)
     return rows

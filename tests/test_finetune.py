@@ -3,6 +3,7 @@ test_trick_effects.py)."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,26 @@ def test_predict_writes_a_file_name_that_is_not_utf8(tiny_run, tmp_path):
     text = (tmp_path / "p.csv").read_text(encoding="utf-8")
     assert "bad\\xff.png" in text and "broken\\xfe.png" in text
     assert sorted(bool(r["error"]) for r in rows) == [False, True]
+
+
+def test_predict_csv_cells_never_run_as_spreadsheet_formulas(tiny_run, tmp_path, monkeypatch):
+    """A file named like a formula, given by a relative name, and an error row that starts with it: each cell gets a
+    leading ' in the CSV; the returned rows keep the name."""
+    import csv
+
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    names = ["=HYPERLINK(x).png", "+1.png", "-2.png", "@SUM(A1).png", "plain.png"]
+    for name in names:
+        Image.new("L", (40, 40), 90).save(name, format="PNG")
+    Path("=broken.png").write_text("not an image")
+    rows = predict(tiny_run, [*names, "=broken.png"], out_csv="p.csv")
+    assert [r["path"] for r in rows] == [*names, "=broken.png"]
+    with open("p.csv", newline="") as f:
+        cells = list(csv.DictReader(f))
+    assert [c["path"] for c in cells] == [f"'{n}" for n in names[:4]] + ["plain.png", "'=broken.png"]
+    assert cells[-1]["error"].startswith("'=broken.png: ") and cells[0]["p_normal"][0] in "01"
 
 
 def test_evaluate_refuses_other_classes(tiny_run, tmp_path):
