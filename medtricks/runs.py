@@ -82,15 +82,31 @@ def check_new_run_dir(out: Path) -> None:
 
 
 def new_run_dir(recipe_name: str, out: str | Path | None = None, root: str | Path = "runs") -> Path:
-    """Create the run directory: `out`, or runs/<recipe>-<timestamp>. An existing directory is an error."""
-    if out is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path(root) / f"{recipe_name}-{stamp}"
-    out = Path(out)
+    """Create the run directory: `out`, or runs/<recipe>-<timestamp> (with -2, -3, ... when runs of the recipe
+    start in the same second). An existing `out`, or one another command creates first, is an error."""
+    if out is not None:
+        return _make_run_dir(Path(out))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for k in range(1, 100):
+        candidate = Path(root) / f"{recipe_name}-{stamp}{f'-{k}' if k > 1 else ''}"
+        if candidate.exists():
+            continue
+        try:
+            return _make_run_dir(candidate)
+        except RunError:
+            if not candidate.exists():  # not taken by a run started at the same time: a real error
+                raise
+    raise RunError(f"{root}: 99 runs of {recipe_name} started within the second {stamp}; give --out.")
+
+
+def _make_run_dir(out: Path) -> Path:
     check_new_run_dir(out)
     try:
         out.mkdir(parents=True)
         (out / "plots").mkdir()
+    except FileExistsError as exc:
+        raise RunError(f"{out}: another command created this run directory as this one started; medtricks never "
+                       f"shares a run. Choose another --out.") from exc
     except OSError as exc:
         raise RunError(f"{out}: cannot create the run directory ({exc}). Check the path and its permissions.") from exc
     return out

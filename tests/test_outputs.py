@@ -254,3 +254,34 @@ def test_a_long_output_name_is_used_and_an_impossible_one_is_refused(run, tmp_pa
     assert result.exit_code == 0 and legal.is_file(), result.output
     refused(["evaluate", run, "--json", tmp_path / ("r" * 300 + ".json")], "cannot use that path", "255 bytes",
             folders=[run, tmp_path])
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    """Default run names carry the second: a second run of the recipe then gets -2, never the first one's folder;
+    an --out that another command creates between the check and mkdir is refused by name."""
+    from datetime import datetime
+
+    import medtricks.runs as runs
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 12, 1, 9, 30, 0)
+
+    monkeypatch.setattr(runs, "datetime", Frozen)
+    made = [runs.new_run_dir("demo", root=tmp_path) for _ in range(3)]
+    assert [p.name for p in made] == ["demo-20261201-093000", "demo-20261201-093000-2", "demo-20261201-093000-3"]
+    assert all((p / "plots").is_dir() for p in made)
+    check = runs.check_new_run_dir
+
+    races = [tmp_path / "mine", tmp_path / "demo-20261201-093000-4"]
+
+    def raced(out):
+        check(out)
+        if out in races:  # the other command's mkdir lands right after this one's check
+            out.mkdir()
+
+    monkeypatch.setattr(runs, "check_new_run_dir", raced)
+    with pytest.raises(runs.RunError, match="another command created this run directory"):
+        runs.new_run_dir("demo", out=tmp_path / "mine")
+    assert runs.new_run_dir("demo", root=tmp_path).name == "demo-20261201-093000-5"  # -4 was taken meanwhile
