@@ -317,7 +317,7 @@ def _recorded(run: Path, key: str):
     """model.json's `key` in an unfinished run (None when the file or the key is missing or unreadable)."""
     try:
         info = json.loads((run / MODEL_JSON).read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
     return info.get(key) if isinstance(info, dict) else None
 

@@ -74,7 +74,7 @@ def check_new_run_dir(out: Path) -> None:
         raise RunError(f"{out}: a file of that name exists; --out names the new run directory. Choose another --out.")
     if out.exists():
         raise RunError(f"{out}: the run directory already exists; medtricks never overwrites a run. Choose another "
-                       f"--out, or resume it with --resume.")
+                       f"--out (an unfinished fine-tune continues with `medtricks finetune --out RUN --resume`).")
     owner = run_owning(out)
     if owner is not None:
         raise RunError(f"{out}: that is inside the run {owner} ({out.resolve().relative_to(owner)}), whose own "
@@ -136,7 +136,7 @@ def read_run(run: str | Path) -> tuple[dict, dict]:
     try:
         info = json.loads((run / MODEL_JSON).read_text())
         recipe = parse_yaml((run / RECIPE_FILE).read_text(), f"{run / RECIPE_FILE}")
-    except (ValueError, RecipeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecipeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...]]]]
         raise RunError(f"{run}: {MODEL_JSON} or {RECIPE_FILE} is damaged ({str(exc).splitlines()[0]}); the run "
                        f"cannot be read. Train it again.") from exc
     if not isinstance(info, dict) or not isinstance(recipe, dict):
@@ -373,7 +373,7 @@ def _check_report(run: Path, info: dict) -> None:
     """report.json parses, and names the classes model.json names, in the same order."""
     try:
         report = json.loads((run / REPORT_FILE).read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise RunError(f"{run}: {REPORT_FILE} is damaged ({str(exc).splitlines()[0]}); the run cannot be trusted. "
                        f"Train it again.") from exc
     if not isinstance(report, dict) or report.get("classes") != info["classes"]:

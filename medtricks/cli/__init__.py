@@ -6,14 +6,15 @@ Bad input (MedtricksError) becomes a one-paragraph message on stderr and exit co
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from rich.text import Text
 
 # importing a command module registers its commands on the apps of common.py
 from medtricks.cli import data, recipes, run_commands, weights  # noqa: F401
-from medtricks.cli.common import app, err_console
-from medtricks.errors import MedtricksError
+from medtricks.cli.common import _state, app, err_console
+from medtricks.errors import MedtricksError, short
 
 __all__ = ["app", "main"]
 
@@ -24,4 +25,11 @@ def main() -> None:
         app()
     except MedtricksError as exc:  # raised outside a command's own handler
         err_console.print(Text("error:", style="bold red"), str(exc), highlight=False)
+        sys.exit(2)
+    except OSError as exc:  # a path given on the command line that no file system call accepts, wherever it is used
+        if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP) or _state["debug"]:
+            raise
+        err_console.print(Text("error:", style="bold red"), f"{short(str(exc.filename))}: cannot use that path "
+                          f"({exc.strerror}); give a path whose every part is at most 255 bytes and that is no loop "
+                          f"of links.", highlight=False)
         sys.exit(2)

@@ -33,7 +33,7 @@ from medtricks.errors import MedtricksError
 def data_synth(
     out_dir: Annotated[Path, typer.Argument(help="New folder to write the phantoms and labels.csv into.")],
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 200,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed.")] = 0,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 256,
 ) -> None:
     """Write SYNTHETIC chest-radiograph-like phantoms as DICOM files plus a labels.csv (offline demo and tests).
@@ -108,7 +108,7 @@ def _print_multilabel_check(report: dict) -> None:
 def data_check(
     source: Annotated[Path, typer.Argument(help="Folder (class sub-folders or labels.csv), CSV manifest or .npz.")],
     json_path: Annotated[Path | None, file_out("--json", "Also write the report as JSON here.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the proposed split.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the proposed split.")] = 0,
     classes: Annotated[str | None, typer.Option("--classes", help="Expected classes, comma separated.")] = None,
     multilabel: Annotated[bool, typer.Option("--multilabel", help="Several findings per image (data.task: "
                                              "multilabel): counts per finding, co-occurrence.")] = False,

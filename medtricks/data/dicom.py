@@ -78,17 +78,24 @@ def _without_values(message: str) -> str:
 def unreadable_entry(path: Path) -> str | None:
     """Why `path` is no file to read an image from, else None: gone, or a pipe, device or socket (opening one could
     block, or read without end)."""
-    if path.is_file():
-        return None
-    return "not a regular file (a pipe, a device or a socket, or a link to one)" if path.exists() else "file not found"
+    try:
+        if path.is_file():
+            return None
+        if path.is_dir():
+            return "a folder, not an image file"
+        return ("not a regular file (a pipe, a device or a socket, or a link to one)" if path.exists() else
+                "file not found")
+    except (OSError, ValueError) as exc:  # a name part over 255 bytes, a NUL byte
+        return f"cannot use that path ({getattr(exc, 'strerror', None) or exc})"
 
 
 def require_file(path: Path) -> None:
     """Raise a DataError naming `path` unless it is a regular file (see unreadable_entry)."""
     reason = unreadable_entry(path)
     if reason is not None:
-        advice = ("Check the path (relative paths are read from the data folder)." if not path.exists() else
-                  "Such an entry is never read as an image; replace it with the image file.")
+        advice = ("Such an entry is never read as an image; replace it with the image file." if
+                  reason.startswith("not a regular") else "Check the path (relative paths are read from the data "
+                  "folder).")
         raise DataError(f"{path}: {reason}. {advice}")
 
 

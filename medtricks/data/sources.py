@@ -134,7 +134,7 @@ def image_inputs(inputs) -> list[Path]:
 def _sort_names(names) -> tuple[str, ...]:
     names = set(names)
     if all(re.fullmatch(r"-?[0-9]+", n) for n in names):  # ASCII digits: '²'.isdigit() is True, int('²') fails
-        return tuple(sorted(names, key=int))  # DR grades 0..4 sort numerically, not as text
+        return tuple(sorted(names, key=lambda n: (int(n), n)))  # DR grades 0..4 numerically; "01" vs "1" by text
     return tuple(sorted(names))
 
 
@@ -243,7 +243,13 @@ def _from_csv(csv_path: Path, classes, labels: LabelFormat) -> Source:
             no_finding = f", or {short(labels.no_finding)} (data.no_finding) for none" if labels.multilabel else ""
             raise DataError(f"{w}: empty label. Every row needs a label from data.classes{no_finding}.")
         # the file itself, however it is written (./a.dcm, a//b.dcm, a/../a.dcm, a symlink): one image, one row
-        path = (root / row["path"].strip()).resolve()
+        if "\0" in row["path"]:
+            raise DataError(f"{w}: the path holds a NUL byte, which no file name can; fix that row of the manifest.")
+        try:
+            path = (root / row["path"].strip()).resolve()
+        except OSError as exc:  # a link loop, a part over the file system's name limit
+            raise DataError(f"{w}: cannot use that path ({exc.strerror or exc}); fix that row of the "
+                            f"manifest.") from exc
         if path in seen:
             raise DataError(f"{w}: duplicate path, already listed at {seen[path]} (both name the file {path}). Each "
                             f"image must appear once (else it can land in train and test, with two labels); remove "

@@ -1,0 +1,67 @@
+"""Paths and run files no file system call or parser accepts: a NUL byte or an over-long part in a manifest row or
+on the command line, a run's JSON nested past the parser's depth, seeds out of range, labels that tie as numbers."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from medtricks.cli import app
+from medtricks.data.sources import load_source
+from medtricks.errors import DataError
+from medtricks.runs import RunError, read_run
+
+
+def test_a_manifest_row_with_a_nul_byte_or_an_over_long_name_is_named(phantoms_train, tmp_path):
+    rows = (phantoms_train / "labels.csv").read_text().splitlines()
+    for bad, words in [("images/a\0b.dcm", "NUL byte"), ("/tmp/" + "x" * 300 + ".png", "cannot use that path")]:
+        folder = tmp_path / words.split()[0]
+        shutil.copytree(phantoms_train, folder)
+        first = rows[1].split(",")
+        (folder / "labels.csv").write_text("\n".join([rows[0], ",".join([bad, *first[1:]]), *rows[2:]]) + "\n")
+        try:
+            source = load_source(folder)
+        except DataError as exc:
+            assert words in str(exc) and "line 2" in str(exc)
+        else:  # a name too long to stat is listed with the missing files, by its row
+            assert [reason for _, reason in source.missing] == [
+                f"labels.csv line 2 ({bad}): cannot use that path (File name too long) "
+                f"({(folder / bad).resolve()})"]
+
+
+def test_an_over_long_path_on_the_command_line_exits_2_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "medtricks", "recipes", "show", "x" * 300], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot use that path (File name too long)" in result.stderr
+
+
+def test_run_json_nested_past_the_parsers_depth_is_a_damaged_run(phantoms_train, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.safetensors", "recipe.yaml"):
+        (run / name).write_text("x: 1\n")
+    (run / "model.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(RunError, match="model.json or recipe.yaml is damaged"):
+        read_run(run)
+
+
+@pytest.mark.parametrize("command", ["check", "synth"])
+def test_a_seed_out_of_range_is_refused_before_any_work(phantoms_train, tmp_path, command):
+    target = phantoms_train if command == "check" else tmp_path / "new"
+    for seed in ("-1", str(2**32)):
+        result = CliRunner().invoke(app, ["data", command, str(target), "--seed", seed])
+        assert result.exit_code == 2 and "--seed" in result.output, result.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_labels_that_tie_as_numbers_keep_one_order():
+    """'1' and '01' are both 1: the order of the classes (and so a class's index) must not depend on the process's
+    hash seed, which orders the set of names."""
+    code = "from medtricks.data.sources import _sort_names; print(_sort_names(['1', '01', '2', '002']))"
+    orders = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert orders == {"('01', '1', '002', '2')\n"}
