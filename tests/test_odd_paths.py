@@ -65,3 +65,18 @@ def test_labels_that_tie_as_numbers_keep_one_order():
     orders = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
                              env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
     assert orders == {"('01', '1', '002', '2')\n"}
+
+
+def test_an_image_error_is_said_once_and_a_wide_strip_is_not_called_long(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from medtricks.data.images import read_image
+
+    Image.fromarray(np.zeros((64, 64), np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray(np.zeros((1, 20000), np.uint8)).save(tmp_path / "wide.png")
+    with pytest.raises(DataError) as caught:
+        read_image(tmp_path / "float.tif")
+    assert str(caught.value).count("Re-export") == 1 and "cannot decode" not in str(caught.value)
+    with pytest.raises(DataError, match="1 x 20000 pixels: one side is more than 50 times the other"):
+        read_image(tmp_path / "wide.png")

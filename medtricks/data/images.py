@@ -79,6 +79,8 @@ def read_picture(path: Path) -> tuple[np.ndarray, dict]:
         ) from exc
     except UnidentifiedImageError as exc:
         raise DataError(f"{path}: not a readable image (empty, truncated, or another format). {_FIX}") from exc
+    except DataError:  # a ValueError already named and advised (a float image, ...): not wrapped again
+        raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode the image ({type(exc).__name__}: {exc}). {_FIX}") from exc
     scale = 65535.0 if bits == 16 else 255.0
@@ -117,7 +119,7 @@ def check_pixels(pixels: np.ndarray, path: Path | str) -> None:
     if min(height, width) < 1:
         raise DataError(f"{path}: the image has no pixels ({height} x {width}). {_FIX}")
     if max(height, width) > MAX_ASPECT * min(height, width):
-        raise DataError(f"{path}: {height} x {width} pixels is more than {MAX_ASPECT} times longer than wide; "
+        raise DataError(f"{path}: {height} x {width} pixels: one side is more than {MAX_ASPECT} times the other; "
                         f"resizing its short side for the model would need a huge image. Crop it first. {_FIX}")
     if not np.isfinite(pixels).all():
         raise DataError(f"{path}: {int((~np.isfinite(pixels)).sum())} pixel(s) are NaN or infinite after the "
