@@ -225,7 +225,7 @@ def test_an_extremely_elongated_image_is_refused_before_any_resize(tmp_path):
         for k in range(3):
             Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "set" / name / f"{k}.png")
     Image.fromarray(np.zeros((2, 20_000), np.uint8)).save(tmp_path / "set" / "normal" / "strip.png")
-    refused(["data", "check", tmp_path / "set"], ["strip.png", "longer than wide"], tmp_path)
+    refused(["data", "check", tmp_path / "set"], ["strip.png", "more than 50 times the other"], tmp_path)
 
 
 def test_yaml_aliases_in_a_recipe_are_refused(tmp_path):
