@@ -79,19 +79,19 @@ def _publish_new(tmp: Path, path: Path) -> None:
     replace (file systems without hard links fall back to a check right before the rename)."""
     try:
         os.link(tmp, path)
+        tmp.unlink()
+        return
     except FileExistsError:
-        raise OutputError(f"{path}: a file of that name appeared while the command ran (another command writing the "
-                          f"same file?); it is kept as it is. Run the command again with another name, or add "
-                          f"--overwrite.") from None
+        taken = True
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
             raise
-        if os.path.lexists(path):
-            raise OutputError(f"{path}: a file of that name appeared while the command ran; it is kept as it is. "
-                              f"Run the command again with another name, or add --overwrite.") from None
-        os.replace(tmp, path)
-        return
-    tmp.unlink()
+        taken = os.path.lexists(path)
+    if taken:
+        raise OutputError(f"{path}: a file of that name appeared while the command ran (another command writing the "
+                          f"same file?); it is kept as it is. Run the command again with another name, or add "
+                          f"--overwrite.")
+    os.replace(tmp, path)
 
 
 def _mode_for(path: Path) -> int:
