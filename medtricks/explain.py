@@ -37,7 +37,7 @@ from medtricks.data.images import read_image
 from medtricks.data.sources import image_inputs
 from medtricks.data.transforms import create_eval_transform
 from medtricks.errors import DataError, MedtricksError, short
-from medtricks.files import atomic_write, check_output, write_json
+from medtricks.files import atomic_write, check_output, new_folder, write_json
 from medtricks.metrics import decisions
 from medtricks.models.backbones import ARCHS, MedModel
 from medtricks.multilabel import label_name
@@ -393,25 +393,26 @@ def write_explanations(result: Explained, out: str | Path, method: str, overwrit
     from medtricks import plots
 
     out = check_output(out, overwrite, "--out", folder=True)
-    out.mkdir(exist_ok=True)
-    rows = []
-    for i, path in enumerate(result.paths):
-        stem = f"{i:04d}-{Path(path).stem[:100]}"  # the index keeps names unique; the cut keeps them legal
-        _save_map(out / f"{stem}-{method}.npy", result.maps[i])
-        plots.plot_saliency(result.images[i], result.maps[i], out / f"{stem}-{method}.png",
-                            title=f"{Path(path).name}: {result.class_names[i]} "
-                                  f"(p = {result.probabilities[i, result.classes[i]]:.3f}), {method}")
-        peak = np.unravel_index(int(np.argmax(result.maps[i])), result.maps[i].shape)
-        rows.append({"path": path, "class": result.class_names[i],
-                     "probability": float(result.probabilities[i, result.classes[i]]),
-                     "peak": [int(peak[0]), int(peak[1])], "map": f"{stem}-{method}.npy",
-                     "overlay": f"{stem}-{method}.png"})
-    screen = (extra or {}).get("shortcuts")
-    if screen is not None:  # the images to look at first
-        top = screen["most_border_focused"]
-        plots.plot_saliency_gallery(result.images[top], result.maps[top],
-                                    [f"{Path(result.paths[i]).name}: {result.class_names[i]}" for i in top],
-                                    out / "shortcuts.png")
-    write_json(out / "explain.json", {"method": method, "images": rows, "unreadable": result.unreadable,
-                                      **(extra or {})})
+    # a new folder is filled under a temporary name: an interrupted explain leaves no half of one
+    with new_folder(out, in_place=out.is_dir() and any(out.iterdir())) as folder:
+        rows = []
+        for i, path in enumerate(result.paths):
+            stem = f"{i:04d}-{Path(path).stem[:100]}"  # the index keeps names unique; the cut keeps them legal
+            _save_map(folder / f"{stem}-{method}.npy", result.maps[i])
+            plots.plot_saliency(result.images[i], result.maps[i], folder / f"{stem}-{method}.png",
+                                title=f"{Path(path).name}: {result.class_names[i]} "
+                                      f"(p = {result.probabilities[i, result.classes[i]]:.3f}), {method}")
+            peak = np.unravel_index(int(np.argmax(result.maps[i])), result.maps[i].shape)
+            rows.append({"path": path, "class": result.class_names[i],
+                         "probability": float(result.probabilities[i, result.classes[i]]),
+                         "peak": [int(peak[0]), int(peak[1])], "map": f"{stem}-{method}.npy",
+                         "overlay": f"{stem}-{method}.png"})
+        screen = (extra or {}).get("shortcuts")
+        if screen is not None:  # the images to look at first
+            top = screen["most_border_focused"]
+            plots.plot_saliency_gallery(result.images[top], result.maps[top],
+                                        [f"{Path(result.paths[i]).name}: {result.class_names[i]}" for i in top],
+                                        folder / "shortcuts.png")
+        write_json(folder / "explain.json", {"method": method, "images": rows, "unreadable": result.unreadable,
+                                             **(extra or {})})
     return out

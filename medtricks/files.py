@@ -4,6 +4,8 @@ option that writes a file follows (`--out`, `--json`, `--save-images`).
 - Atomic: each file is written to a temporary file in its folder and renamed over the target, so a killed process
   leaves the old file or the new one, never half of one; a full disk or a missing permission is a clear error that
   names the file and keeps the old version.
+- A new folder of files (`new_folder`) is filled under a hidden temporary name beside it and renamed into place
+  when complete, so an interrupted command leaves no half-filled folder that a rerun would refuse or misread.
 - An option's target (`check_output`, checked before the command does its work): its folder exists and is writable;
   an existing file is refused unless the user said `--overwrite`; a run directory's own files (RUN_FILES, and
   anything under its plots/, attacks/ and corruptions/ folders) are refused always: only finetune writes them.
@@ -14,8 +16,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from medtricks.errors import MedtricksError, short
@@ -92,6 +97,49 @@ def _publish_new(tmp: Path, path: Path) -> None:
                           f"same file?); it is kept as it is. Run the command again with another name, or add "
                           f"--overwrite.")
     os.replace(tmp, path)
+
+
+@contextmanager
+def new_folder(path: Path, in_place: bool = False) -> Iterator[Path]:
+    """Yield the folder to write a new output folder's files into: a hidden sibling that is renamed to `path` once
+    the block ends without error (an existing empty `path` is replaced), and removed if it raises.
+
+    `in_place` (the user's --overwrite of a folder that already has files) yields `path` itself.
+
+    Raises:
+        OutputError: the folder cannot be made, or files appeared at `path` meanwhile (another command writing
+            the same folder); those are kept as they are and ours are removed.
+    """
+    path = Path(path)
+    if in_place:
+        yield path
+        return
+    if path.is_symlink():  # fill the folder the link names, keeping the link
+        path = path.resolve()
+    tmp = path.parent / f".{path.name[:80]}.{secrets.token_hex(4)}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp)  # not mkdtemp: its 0700 would hide the folder from the user's group
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the folder ({exc.strerror or exc}); choose a writable place.") \
+            from exc
+    try:
+        yield tmp
+        _rename_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rename_folder(tmp: Path, path: Path) -> None:
+    try:
+        os.rename(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise OutputError(f"{path}: files appeared there while the command ran (another command writing the "
+                              f"same folder?); they are kept as they are. Run the command again with a new "
+                              f"folder.") from exc
+        raise OutputError(f"{path}: cannot write the folder ({exc.strerror or exc}); choose a writable place.") \
+            from exc
 
 
 def _mode_for(path: Path) -> int:

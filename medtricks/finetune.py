@@ -32,6 +32,7 @@ from medtricks.files import (
     RECIPE_FILE,
     REPORT_FILE,
     RESUME_FILE,
+    OutputError,
     append_jsonl,
     check_output,
     write_json,
@@ -251,7 +252,12 @@ def _eval_loader(bundle: DataBundle, split: str, recipe: Recipe):
 def _synthesize_if_missing(recipe: Recipe, source: Path) -> None:
     if not source.exists() and recipe.data.synth_if_missing:
         logger.info("%s does not exist: writing synthetic phantoms there (data.synth_if_missing)", source)
-        synthesize(source, seed=recipe.seed)
+        try:
+            synthesize(source, seed=recipe.seed)
+        except OutputError:
+            if not (source / "labels.csv").is_file():
+                raise
+            logger.info("%s: another command wrote the phantoms meanwhile; using those", source)
 
 
 def _open_run(recipe: Recipe, out: str | Path | None, resumed: bool, rows: list[dict]) -> Path:

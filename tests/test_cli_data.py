@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -59,6 +60,55 @@ def test_synth_refuses_to_overwrite(tmp_path):
     result = runner.invoke(app, ["data", "synth", str(tmp_path / "x")])
     assert result.exit_code == 2 and "not empty" in result.output
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_interrupted_synth_leaves_nothing_and_a_rerun_works(tmp_path, monkeypatch):
+    import medtricks.data.synth as synth
+
+    real, calls = synth.to_dicom, []
+
+    def dies_on_the_fifth(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(synth, "to_dicom", dies_on_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        synth.synthesize(tmp_path / "demo", n=12, size=32)
+    assert list(tmp_path.iterdir()) == []  # neither a half-written demo/ nor its temporary sibling
+    monkeypatch.setattr(synth, "to_dicom", real)
+    labels = synth.synthesize(tmp_path / "demo", n=12, size=32)
+    assert len(list(csv.DictReader(open(labels)))) == 12
+
+
+def test_synth_keeps_files_another_command_wrote_meanwhile(tmp_path, monkeypatch):
+    import medtricks.data.synth as synth
+    from medtricks.files import OutputError
+
+    real = synth._write_phantoms
+
+    def racing(folder, *args):
+        (tmp_path / "demo").mkdir()
+        (tmp_path / "demo" / "labels.csv").write_text("theirs")
+        return real(folder, *args)
+
+    monkeypatch.setattr(synth, "_write_phantoms", racing)
+    with pytest.raises(OutputError, match="appeared there while the command ran"):
+        synth.synthesize(tmp_path / "demo", n=8, size=32)
+    assert (tmp_path / "demo" / "labels.csv").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_a_new_folder_gets_the_umask_permissions_not_a_temporary_folders(tmp_path):
+    from medtricks.files import new_folder
+
+    with new_folder(tmp_path / "out") as folder:
+        (folder / "a.txt").write_text("x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out" / "a.txt").read_text() == "x"
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_check_phantoms_json(phantoms, tmp_path):
@@ -179,3 +229,23 @@ def test_check_multilabel_label_format_options(tmp_path):
     assert report["per_class"] == {"A": 4, "B": 3, "C": 4} and report["no_finding"] == 2
     result = _check(folder, "--multilabel", "--label-column", "findings", "--label-separator", " ")
     assert result.exit_code == 2 and "--label-separator" in result.output
+
+
+def test_two_demos_synthesizing_at_once_share_the_first_ones_phantoms(tmp_path, monkeypatch):
+    import importlib
+
+    from medtricks.files import OutputError
+    from medtricks.recipe import resolve_recipe
+
+    ft = importlib.import_module("medtricks.finetune")  # the package's `finetune` attribute is the function
+
+    def beaten_by_another(source, seed):
+        source.mkdir()
+        (source / "labels.csv").write_text("path,label\n")
+        raise OutputError(f"{source}: files appeared there while the command ran")
+
+    monkeypatch.setattr(ft, "synthesize", beaten_by_another)
+    ft._synthesize_if_missing(resolve_recipe("demo"), tmp_path / "demo")  # the other command's set is used
+    monkeypatch.setattr(ft, "synthesize", lambda source, seed: (_ for _ in ()).throw(OutputError("disk")))
+    with pytest.raises(OutputError, match="disk"):
+        ft._synthesize_if_missing(resolve_recipe("demo"), tmp_path / "other")

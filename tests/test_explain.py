@@ -309,3 +309,35 @@ def test_multilabel_maps_default_to_the_finding_furthest_above_its_threshold():
     run = SimpleNamespace(model=lambda images: logits, device="cpu", multilabel=True, threshold=[0.95, 0.3])
     decided, probs = decided_classes(run, torch.zeros(2, 1, 8, 8))
     assert decided == [1, 0] and probs == pytest.approx(logits.sigmoid().numpy())  # not the largest sigmoid: 0
+
+
+def _two_maps():
+    from medtricks.explain import Explained
+
+    rng = np.random.default_rng(0)
+    return Explained(maps=rng.random((2, 8, 8)).astype(np.float32), images=rng.random((2, 1, 8, 8)),
+                     classes=[0, 1], class_names=["normal", "opacity"], probabilities=np.full((2, 2), 0.5),
+                     paths=["a.png", "b.png"], unreadable=[])
+
+
+def test_an_interrupted_explain_leaves_no_half_folder_and_overwrite_writes_in_place(tmp_path, monkeypatch):
+    from medtricks import plots
+    from medtricks.explain import write_explanations
+
+    real, calls = plots.plot_saliency, []
+
+    def dies_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_saliency", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        write_explanations(_two_maps(), tmp_path / "maps", "gradcam")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(plots, "plot_saliency", real)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    write_explanations(_two_maps(), tmp_path / "mine", "gradcam", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "mine" / "explain.json").is_file()

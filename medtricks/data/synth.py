@@ -24,7 +24,7 @@ from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian,
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from medtricks.errors import DataError
-from medtricks.files import refuse_run_files
+from medtricks.files import new_folder, refuse_run_files
 
 CLASSES = ("normal", "opacity")
 MAX_IMAGES = 100_000  # a synthetic set for tests and demos; bounds what a typo in --n can write
@@ -133,8 +133,18 @@ def synthesize(out_dir: str | Path, n: int = 200, seed: int = 0, size: int = 256
     if needed > free:
         raise DataError(f"{out}: {n} images of {size} px need about {needed / 1024**3:.3g} GB, but the disk has "
                         f"{free / 1024**3:.3g} GB free; make fewer or smaller images.")
+    with new_folder(out) as tmp:  # a killed synth leaves no half-written set that a rerun would refuse or misread
+        rows = _write_phantoms(tmp, n, seed, size)
+        with open(tmp / "labels.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["path", "label", "patient_id", "photometric"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return out / "labels.csv"
+
+
+def _write_phantoms(out: Path, n: int, seed: int, size: int) -> list[dict]:
     for name in CLASSES:
-        (out / "images" / name).mkdir(parents=True, exist_ok=True)
+        (out / "images" / name).mkdir(parents=True)
     rng = np.random.default_rng(seed)
     rows, patient = [], 0
     while len(rows) < n:
@@ -147,9 +157,4 @@ def synthesize(out_dir: str | Path, n: int = 200, seed: int = 0, size: int = 256
             rel = Path("images") / label / f"{pid}-{k + 1:02d}.dcm"
             photometric = to_dicom(phantom(anatomy, opacity, size, rng), out / rel, pid, rng)
             rows.append({"path": rel.as_posix(), "label": label, "patient_id": pid, "photometric": photometric})
-    labels = out / "labels.csv"
-    with open(labels, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "patient_id", "photometric"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return labels
+    return rows
