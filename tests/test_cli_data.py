@@ -139,11 +139,14 @@ def test_check_lists_unreadable_files_with_exit_2(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["nowhere"], ["not found"]),
     (["--classes", "a,b"], ["outside the recipe's classes"]),
+    (["--classes", "normal,normal"], ["normal given twice"]),
+    (["--classes", ",,"], ["a class name is empty"]),
+    (["--classes", "normal,,opacity"], ["a class name is empty"]),
 ])
 def test_check_bad_input_exit_2(tmp_path, phantoms, args, words):
     target = [str(tmp_path / args[0])] if args[0] == "nowhere" else [str(phantoms), *args]
     result = runner.invoke(app, ["data", "check", *target])
-    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     for word in words:
         assert word in result.output
 

@@ -41,6 +41,14 @@ def test_imagefolder_uses_recipe_class_order_and_rejects_unknown_folder(tmp_path
         load_source(tmp_path, ["normal"])
 
 
+def test_repeated_or_empty_class_names_are_refused_before_any_label_is_read(tmp_path):
+    _csv(tmp_path, "path,label\na.png,normal\n")
+    with pytest.raises(DataError, match="normal given twice"):
+        load_source(tmp_path, ["normal", "normal"])  # two indices for one label: which would it be?
+    with pytest.raises(DataError, match="a class name is empty"):
+        load_source(tmp_path, ["normal", " "])
+
+
 def test_csv_manifest_with_patients_and_splits(tmp_path):
     for name in ("a", "b", "c"):
         _png(tmp_path / "img" / f"{name}.png")

@@ -104,6 +104,16 @@ def _print_multilabel_check(report: dict) -> None:
     console.print(table)
 
 
+def _class_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    from medtricks.data.sources import check_class_names
+
+    names = [name.strip() for name in text.split(",")]
+    check_class_names(names, f"--classes {text!r}")
+    return names
+
+
 @data_app.command("check")
 def data_check(
     source: Annotated[Path, typer.Argument(help="Folder (class sub-folders or labels.csv), CSV manifest or .npz.")],
@@ -142,8 +152,7 @@ def data_check(
         labels = LabelFormat(multilabel, label_column, label_separator, no_finding)
         bar, progress = progress_bar("decoding")
         with bar:
-            report = check_data(source, classes.split(",") if classes else None, seed=seed, progress=progress,
-                                labels=labels)
+            report = check_data(source, _class_list(classes), seed=seed, progress=progress, labels=labels)
         if json_path is not None:
             write_json(json_path, report, replace=overwrite)
     except MedtricksError as exc:

@@ -26,6 +26,7 @@ import csv
 import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -381,6 +382,8 @@ def load_source(path: str | Path, classes: tuple[str, ...] | list[str] | None = 
     """
     path = Path(path).expanduser()
     classes = tuple(str(c) for c in classes) if classes is not None else None
+    if classes is not None:
+        check_class_names(classes, f"classes {list(classes)}")
     if not path.exists():
         raise DataError(f"{path}: data source not found. Give a folder (class sub-folders or labels.csv), a CSV "
                         f"manifest or a .npz file with --data or data.source.")
@@ -403,6 +406,15 @@ def load_source(path: str | Path, classes: tuple[str, ...] | list[str] | None = 
         raise DataError(f"{path}: class sub-folders hold one class per image; data.task: multilabel needs a CSV "
                         f"manifest (labels such as A{labels.separator}B) or a .npz with (N, L) labels.")
     return source
+
+
+def check_class_names(names: Sequence[str], given: str) -> None:
+    """Refuse empty or repeated class names (`given` names where they came from, e.g. "--classes 'a,a'")."""
+    if not all(name.strip() for name in names):
+        raise DataError(f"{given}: a class name is empty; give every class a name, e.g. --classes normal,opacity.")
+    repeated = sorted({name for name in names if list(names).count(name) > 1})
+    if repeated:
+        raise DataError(f"{given}: {', '.join(repeated)} given twice; name each class once.")
 
 
 def count_labels(records: list[dict], classes: tuple[str, ...]) -> dict[str, int]:
