@@ -394,7 +394,7 @@ def write_explanations(result: Explained, out: str | Path, method: str, overwrit
 
     out = check_output(out, overwrite, "--out", folder=True)
     # a new folder is filled under a temporary name: an interrupted explain leaves no half of one
-    with new_folder(out, in_place=out.is_dir() and any(out.iterdir())) as folder:
+    with new_folder(out) as folder:
         rows = []
         for i, path in enumerate(result.paths):
             stem = f"{i:04d}-{Path(path).stem[:100]}"  # the index keeps names unique; the cut keeps them legal

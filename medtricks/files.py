@@ -100,18 +100,18 @@ def _publish_new(tmp: Path, path: Path) -> None:
 
 
 @contextmanager
-def new_folder(path: Path, in_place: bool = False) -> Iterator[Path]:
+def new_folder(path: Path) -> Iterator[Path]:
     """Yield the folder to write a new output folder's files into: a hidden sibling that is renamed to `path` once
     the block ends without error (an existing empty `path` is replaced), and removed if it raises.
 
-    `in_place` (the user's --overwrite of a folder that already has files) yields `path` itself.
+    A `path` that already holds files (an --overwrite the caller's check_output allowed) is yielded itself.
 
     Raises:
         OutputError: the folder cannot be made, or files appeared at `path` meanwhile (another command writing
             the same folder); those are kept as they are and ours are removed.
     """
     path = Path(path)
-    if in_place:
+    if path.is_dir() and any(path.iterdir()):
         yield path
         return
     if path.is_symlink():  # fill the folder the link names, keeping the link

@@ -14,6 +14,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,7 @@ from medtricks.attacks import (
     pgd,
 )
 from medtricks.errors import AttackError, short
-from medtricks.files import atomic_write, check_output, write_json
+from medtricks.files import atomic_write, check_output, new_folder, write_json
 from medtricks.metrics import auroc, missing_class_warning
 from medtricks.models.backbones import MedModel
 from medtricks.multilabel import decision_scores, label_name
@@ -304,8 +305,9 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
     dataset = target.dataset(data, split, limit)
     source = decision_model(target.open_same_task(source_run, "--source-run")) if source_run is not None else None
     loader, model = target.loader(dataset), decision_model(target)
-    report = run_attack(model, loader, settings, target.classes, source, keep_examples=8, save_dir=save_images,
-                        device=target.device)
+    with new_folder(save_images) if save_images is not None else nullcontext() as save_dir:
+        report = run_attack(model, loader, settings, target.classes, source, keep_examples=8, save_dir=save_dir,
+                            device=target.device)
     examples = report.pop("examples")
     report["checks"] = masking_checks(model, loader, settings, target.classes, report, source, target.device) \
         if checks else [_check("all", None, "skipped (checks=False)", "")]

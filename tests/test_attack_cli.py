@@ -173,6 +173,22 @@ def test_save_images_writes_16_bit_grey_pngs(run, tmp_path):
     assert (pixels % 257 != 0).any()  # real 16-bit values, not an 8-bit image scaled up
 
 
+def test_an_interrupted_attack_leaves_no_half_filled_save_images_folder(run, tmp_path, monkeypatch):
+    import medtricks.robustness as robustness
+
+    real = robustness._save_adversarial
+
+    def saves_then_dies(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(robustness, "_save_adversarial", saves_then_dies)
+    with pytest.raises(KeyboardInterrupt):
+        robustness.attack(run, settings=AttackSettings(method="fgsm", eps=[2 / 255]), limit=4,
+                          save_images=tmp_path / "adv", device="cpu", checks=False)
+    assert list(tmp_path.iterdir()) == []  # neither adv/ nor its temporary sibling
+
+
 def test_source_run_transfer_attack(run, other_run, tmp_path):
     """Black-box transfer: the perturbations are PGD on the source run's model (the run's decision rule, the attack
     seed), evaluated on the target: the saved adversarial images and the robust accuracy equal that computation."""
