@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -151,6 +152,28 @@ def _mode_for(path: Path) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+MAX_TEXT_BYTES = 16 * 1024**2  # a recipe or a run's JSON is kilobytes; bounds what a damaged or planted file costs
+
+
+def read_text(path: Path, limit: int = MAX_TEXT_BYTES) -> str:
+    """A small UTF-8 text file (a recipe, a run's model.json or report.json), refusing before reading it one that
+    is larger than `limit` bytes or is not a regular file (a FIFO or device would block or never end).
+
+    Raises:
+        ValueError: too large or not a regular file (UnicodeDecodeError, a ValueError, for text that is not UTF-8).
+        OSError: the file cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not wait for a writer
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{Path(path).name} is not a regular file")
+        data = f.read(limit + 1)  # also stops a file that grows while it is read
+    if info.st_size > limit or len(data) > limit:
+        raise ValueError(f"{Path(path).name} is larger than {limit // 1024**2} MB, far more than such a file holds")
+    return data.decode("utf-8")
 
 
 def write_text(path: Path, text: str, replace: bool = True) -> None:

@@ -35,6 +35,7 @@ from medtricks.files import (
     OutputError,
     append_jsonl,
     check_output,
+    read_text,
     write_json,
     write_text,
 )
@@ -322,7 +323,7 @@ def _recorded_source(run: Path) -> str | None:
 def _recorded(run: Path, key: str):
     """model.json's `key` in an unfinished run (None when the file or the key is missing or unreadable)."""
     try:
-        info = json.loads((run / MODEL_JSON).read_text())
+        info = json.loads(read_text(run / MODEL_JSON))
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return None
     return info.get(key) if isinstance(info, dict) else None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medtricks.config import build_dataclass, field_names, parse_yaml, plain, recipe_differences, set_key
 from medtricks.errors import AttackError, RecipeError, short
-from medtricks.files import RECIPE_FILE
+from medtricks.files import RECIPE_FILE, read_text
 from medtricks.tricks.amp import AmpConfig
 from medtricks.tricks.class_balance import ClassBalanceConfig
 from medtricks.tricks.cosine import CosineConfig
@@ -496,9 +496,11 @@ def recipe_text(name_or_path: str | Path) -> tuple[str, str]:
             raise RecipeError(f"recipe file {path} not found. Give a recipe name ({', '.join(bundled_recipes())}) "
                               f"or an existing YAML file.")
         try:
-            return path.read_text(encoding="utf-8"), str(path)
+            return read_text(path), str(path)
         except UnicodeDecodeError as exc:
             raise RecipeError(f"recipe file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from exc
+        except ValueError as exc:
+            raise RecipeError(f"recipe file {path}: {exc}; give the recipe's YAML file.") from exc
         except OSError as exc:
             raise RecipeError(f"recipe file {path} cannot be read ({exc.strerror or exc}).") from exc
     bundled = resources.files("medtricks.recipes") / f"{name_or_path}.yaml"

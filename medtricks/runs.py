@@ -47,6 +47,7 @@ from medtricks.files import (
     REPORT_FILE,
     RESUME_FILE,
     atomic_write,
+    read_text,
     run_owning,
     write_text,
 )
@@ -134,9 +135,9 @@ def read_run(run: str | Path) -> tuple[dict, dict]:
             raise RunError(f"{run}: not a finished medtricks run ({name} is missing). Pass the directory that "
                            f"`medtricks finetune` wrote.")
     try:
-        info = json.loads((run / MODEL_JSON).read_text())
-        recipe = parse_yaml((run / RECIPE_FILE).read_text(), f"{run / RECIPE_FILE}")
-    except (ValueError, RecipeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...]]]]
+        info = json.loads(read_text(run / MODEL_JSON))
+        recipe = parse_yaml(read_text(run / RECIPE_FILE), f"{run / RECIPE_FILE}")
+    except (OSError, ValueError, RecipeError, RecursionError) as exc:  # RecursionError: [[[[...]]]]
         raise RunError(f"{run}: {MODEL_JSON} or {RECIPE_FILE} is damaged ({str(exc).splitlines()[0]}); the run "
                        f"cannot be read. Train it again.") from exc
     if not isinstance(info, dict) or not isinstance(recipe, dict):
@@ -372,7 +373,7 @@ def open_run(run: str | Path, device: str | torch.device | None = None) -> Run:
 def _check_report(run: Path, info: dict) -> None:
     """report.json parses, and names the classes model.json names, in the same order."""
     try:
-        report = json.loads((run / REPORT_FILE).read_text())
+        report = json.loads(read_text(run / REPORT_FILE))
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise RunError(f"{run}: {REPORT_FILE} is damaged ({str(exc).splitlines()[0]}); the run cannot be trusted. "
                        f"Train it again.") from exc

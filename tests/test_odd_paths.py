@@ -80,3 +80,37 @@ def test_an_image_error_is_said_once_and_a_wide_strip_is_not_called_long(tmp_pat
     assert str(caught.value).count("Re-export") == 1 and "cannot decode" not in str(caught.value)
     with pytest.raises(DataError, match="1 x 20000 pixels: one side is more than 50 times the other"):
         read_image(tmp_path / "wide.png")
+
+
+def _run_dir(folder):
+    folder.mkdir()
+    for name in ("model.safetensors", "recipe.yaml"):
+        (folder / name).write_text("x: 1\n")
+    return folder
+
+
+def test_an_oversized_run_json_or_recipe_is_refused_before_it_is_read(tmp_path):
+    from medtricks.recipe import RecipeError, recipe_text
+
+    run = _run_dir(tmp_path / "run")
+    with open(run / "model.json", "wb") as f:
+        f.truncate(17 * 1024**2)  # sparse: 17 MB that cost no disk, and would cost 17 MB of memory and a parse
+    with pytest.raises(RunError, match="model.json is larger than 16 MB"):
+        read_run(run)
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:
+        f.truncate(17 * 1024**2)
+    with pytest.raises(RecipeError, match="big.yaml: big.yaml is larger than 16 MB"):
+        recipe_text(big)
+
+
+def test_a_fifo_in_place_of_a_runs_json_is_refused_without_waiting_for_a_writer(tmp_path):
+    """Opening a FIFO for reading waits for a writer; a planted one must not hang evaluate or predict."""
+    run = _run_dir(tmp_path / "run")
+    os.mkfifo(run / "report.json")
+    (run / "model.json").write_text('{"classes": ["a", "b"]}')
+    code = ("import sys; from pathlib import Path; from medtricks.runs import _check_report\n"
+            "try:\n    _check_report(Path(sys.argv[1]), {'classes': ['a', 'b']})\n"
+            "except Exception as exc:\n    print(exc)")
+    result = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120)
+    assert "report.json is damaged (report.json is not a regular file)" in result.stdout, result.stdout + result.stderr
