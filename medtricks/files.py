@@ -103,19 +103,20 @@ def _publish_new(tmp: Path, path: Path) -> None:
 @contextmanager
 def new_folder(path: Path) -> Iterator[Path]:
     """Yield the folder to write a new output folder's files into: a hidden sibling that is renamed to `path` once
-    the block ends without error (an existing empty `path` is replaced), and removed if it raises.
+    the block ends without error, and removed if it raises.
 
-    A `path` that already holds files (an --overwrite the caller's check_output allowed) is yielded itself.
+    An existing folder (empty, or with files an --overwrite allowed) is yielded itself: renaming over it would drop
+    the user's own folder (its permissions, or the shell's working directory).
 
     Raises:
         OutputError: the folder cannot be made, or files appeared at `path` meanwhile (another command writing
             the same folder); those are kept as they are and ours are removed.
     """
     path = Path(path)
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir():
         yield path
         return
-    if path.is_symlink():  # fill the folder the link names, keeping the link
+    if path.is_symlink():  # a dangling link: make the folder it names, keeping the link
         path = path.resolve()
     tmp = path.parent / f".{path.name[:80]}.{secrets.token_hex(4)}.tmp"
     try:

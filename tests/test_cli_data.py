@@ -109,6 +109,11 @@ def test_a_new_folder_gets_the_umask_permissions_not_a_temporary_folders(tmp_pat
     os.umask(umask)
     assert (tmp_path / "out" / "a.txt").read_text() == "x"
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+    (tmp_path / "mine").mkdir()  # the user's own (empty) folder, maybe their working directory: kept, not replaced
+    inode = (tmp_path / "mine").stat().st_ino
+    with new_folder(tmp_path / "mine") as folder:
+        (folder / "b.txt").write_text("y")
+    assert (tmp_path / "mine").stat().st_ino == inode and (tmp_path / "mine" / "b.txt").read_text() == "y"
 
 
 def test_check_phantoms_json(phantoms, tmp_path):
