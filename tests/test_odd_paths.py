@@ -114,3 +114,36 @@ def test_a_fifo_in_place_of_a_runs_json_is_refused_without_waiting_for_a_writer(
             "except Exception as exc:\n    print(exc)")
     result = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120)
     assert "report.json is damaged (report.json is not a regular file)" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_source_that_is_a_device_or_a_pipe_is_named(tmp_path):
+    os.mkfifo(tmp_path / "pipe.csv")
+    for source in ("/dev/null", tmp_path / "pipe.csv"):
+        with pytest.raises(DataError, match="not a regular file or folder"):
+            load_source(source)
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "folder", "pipe"])
+def test_a_labels_csv_that_cannot_be_read_is_not_replaced_by_the_folder_names(phantoms_train, tmp_path, kind):
+    """Read as class folders instead, the manifest's labels, splits and patient ids would be lost without a word."""
+    folder = tmp_path / "data"
+    shutil.copytree(phantoms_train, folder)
+    (folder / "labels.csv").unlink()
+    {"dangling link": lambda p: p.symlink_to(tmp_path / "unmounted" / "labels.csv"), "folder": lambda p: p.mkdir(),
+     "pipe": os.mkfifo}[kind](folder / "labels.csv")
+    with pytest.raises(DataError, match="there is a labels.csv, but it is not a readable file"):
+        load_source(folder)
+
+
+def test_class_folders_name_the_files_they_do_not_read(tmp_path, caplog):
+    import numpy as np
+    from PIL import Image
+
+    for name in ("normal", "opacity"):
+        (tmp_path / name).mkdir()
+        for k in range(2):
+            Image.fromarray(np.full((8, 8), 9 * k, np.uint8)).save(tmp_path / name / f"{k}.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "normal" / "scan.webp")
+    with caplog.at_level("WARNING", logger="medtricks"):
+        source = load_source(tmp_path)
+    assert len(source.records) == 4 and "normal: 1 file(s) are not read" in caplog.text and "scan.webp" in caplog.text

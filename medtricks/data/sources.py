@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -97,8 +98,18 @@ def _visible_files(folder: Path) -> list[Path]:
         part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in _visible_files(folder) if _is_image_file(p))
+def image_files(folder: Path, warn: bool = True) -> list[Path]:
+    """The image files under `folder` (recursively; by extension, or DICOM by content), sorted; the other visible
+    files are named in a warning (`warn`), never dropped unsaid: an image saved without its extension is one."""
+    visible = _visible_files(folder)
+    found = sorted(p for p in visible if _is_image_file(p))
+    left = sorted(set(visible) - set(found))
+    if left and warn:
+        logger.warning("%s: %d file(s) are not read, being neither an image by extension (PNG, JPEG, TIFF, BMP, "
+                       "DICOM) nor DICOM by content: %s%s; convert or rename such a file to use it.", folder,
+                       len(left), ", ".join(str(p.relative_to(folder)) for p in left[:5]),
+                       " ..." if len(left) > 5 else "")
+    return found
 
 
 def image_inputs(inputs) -> list[Path]:
@@ -110,15 +121,7 @@ def image_inputs(inputs) -> list[Path]:
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            visible = _visible_files(item)
-            found = sorted(p for p in visible if _is_image_file(p))
-            files.extend(found)
-            left = sorted(set(visible) - set(found))
-            if left:  # never drop a file without listing it: an image saved without its extension is one
-                logger.warning("%s: %d file(s) are not read, being neither an image by extension (PNG, JPEG, TIFF, "
-                               "BMP, DICOM) nor DICOM by content: %s%s; give such a file by name to score it.", item,
-                               len(left), ", ".join(str(p.relative_to(item)) for p in left[:5]),
-                               " ..." if len(left) > 5 else "")
+            files.extend(image_files(item))  # (a file given by name is tried whatever its extension)
         elif item.is_file():
             files.append(item)
         elif item.exists():
@@ -353,7 +356,7 @@ def _from_folder(folder: Path, classes) -> Source:
             for rec in records:
                 rec["patient_id"] = None
         return Source(folder, "imagefolder", classes, records, has_patient, False)
-    files = image_files(folder)
+    files = image_files(folder, warn=not subdirs)  # the class folders' other files were named above
     if not files:
         raise DataError(f"{folder}: no images found (looked for PNG, JPEG, TIFF, BMP and DICOM files, a labels.csv "
                         f"and a .npz). Point --data at a folder with class sub-folders, a labels.csv, or a .npz.")
@@ -394,8 +397,16 @@ def load_source(path: str | Path, classes: tuple[str, ...] | list[str] | None = 
         if path.suffix.lower() in (".csv", ".tsv"):
             return _from_csv(path, classes, labels)
         raise DataError(f"{path}: a single file is not a data source; give a folder, a CSV manifest or a .npz file.")
-    if (path / "labels.csv").is_file():
-        return _from_csv(path / "labels.csv", classes, labels)
+    if not path.is_dir():
+        raise DataError(f"{path}: not a regular file or folder (a device, a pipe or a socket); give a folder, a CSV "
+                        f"manifest or a .npz file.")
+    manifest = path / "labels.csv"
+    if manifest.is_file():
+        return _from_csv(manifest, classes, labels)
+    if os.path.lexists(manifest):  # read as a folder of images, its labels, splits and patients would be lost
+        raise DataError(f"{manifest}: there is a labels.csv, but it is not a readable file (a link to a file that is "
+                        f"gone, a folder, a pipe); restore the manifest, or remove the name to use the class "
+                        f"folders.")
     npzs = sorted(path.glob("*.npz"))
     if len(npzs) == 1:
         return _from_npz(npzs[0], classes, labels)
