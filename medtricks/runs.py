@@ -366,8 +366,26 @@ def open_run(run: str | Path, device: str | torch.device | None = None) -> Run:
         recipe = load_recipe_from_dict(raw)
     except MedtricksError as exc:
         raise RunError(f"{run}: its {RECIPE_FILE} is not a valid recipe ({exc}); the run cannot be used.") from exc
+    _check_recipe_matches(run, info, recipe)
     target = resolve_device(device if device is not None else recipe.train.device)
     return Run(run, place_model(_rebuild(run, info, weights), target).eval(), info, recipe, target)
+
+
+def _check_recipe_matches(run: Path, info: dict, recipe: Recipe) -> None:
+    """recipe.yaml prepares the images that evaluate, attack and corrupt score; model.json records how training
+    prepared them. A hand-edited recipe.yaml would score the model on other inputs (or fail deep in the model)."""
+    pairs = {"data.image_size": (recipe.data.image_size, info["image_size"]),
+             "data.channels": (recipe.data.channels, info["channels"]),
+             "data.crop_fraction": (recipe.data.crop_fraction, info["crop_fraction"]),
+             "data.task": (recipe.data.task, info.get("task", "single"))}
+    if recipe.data.classes is not None:
+        pairs["data.classes"] = (list(recipe.data.classes), info["classes"])
+    differ = [f"{key} {short(mine)} against {short(theirs)}" for key, (mine, theirs) in pairs.items()
+              if mine != theirs]
+    if differ:
+        raise RunError(f"{run}: {RECIPE_FILE} and {MODEL_JSON} disagree ({'; '.join(differ)}): the recipe was edited "
+                       f"after training, and the model would be scored on inputs it was not trained on. Restore "
+                       f"{RECIPE_FILE}, or train again with the new settings.")
 
 
 def _check_report(run: Path, info: dict) -> None:

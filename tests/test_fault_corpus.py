@@ -319,6 +319,22 @@ def test_evaluate_checks_its_gallery_before_writing_its_json(run, tmp_path, monk
     assert not (tmp_path / "m.json").exists() and gallery.read_text() == "mine"
 
 
+@pytest.mark.parametrize("edit", [("image_size: 32", "image_size: 96"), ("channels: 1", "channels: 3"),
+                                  ("task: single", "task: multilabel")])
+def test_a_recipe_edited_after_training_is_refused_by_the_commands_that_score(run, tmp_path, edit):
+    """evaluate, attack and corrupt prepare images by recipe.yaml: edited, it would score other inputs silently
+    (image_size: accuracy 0.67 became 0.0) or fail deep in the model."""
+    edited = tmp_path / "edited"
+    shutil.copytree(run, edited)
+    text = (edited / "recipe.yaml").read_text()
+    assert edit[0] in text
+    (edited / "recipe.yaml").write_text(text.replace(edit[0], edit[1]))
+    key = "data." + edit[0].split(":")[0]
+    for command in (["evaluate", edited, "--split", "test"],
+                    ["attack", edited, "--fgsm", "--limit", "2", "--no-checks"]):
+        refused(command, ["recipe.yaml and model.json disagree", key], edited)
+
+
 # --- recipe edge cases ----------------------------------------------------------------------------------------------
 
 def test_recipe_files_that_are_empty_or_not_utf8(tmp_path):
