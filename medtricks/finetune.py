@@ -32,6 +32,7 @@ from medtricks.files import (
     RECIPE_FILE,
     REPORT_FILE,
     RESUME_FILE,
+    RUN_FILES,
     OutputError,
     append_jsonl,
     check_output,
@@ -273,6 +274,19 @@ def _open_run(recipe: Recipe, out: str | Path | None, resumed: bool, rows: list[
     return run
 
 
+def _refuse_links(run: Path) -> None:
+    """A run finetune writes was made by finetune: none of its own files or folders is a link. Resuming a run
+    unpacked from elsewhere with a link in it would write through the link (metrics.jsonl -> ~/.bashrc)."""
+    entries = [run / name for name in RUN_FILES]
+    if (run / "plots").is_dir() and not (run / "plots").is_symlink():
+        entries += list((run / "plots").iterdir())
+    linked = [str(path.relative_to(run)) for path in entries if path.is_symlink()]
+    if linked:
+        raise RunError(f"{run}: {', '.join(linked)} is a symbolic link, which finetune never makes, and resuming "
+                       f"would write through it to {(run / linked[0]).resolve()}; nothing was written. Replace "
+                       f"the link with a copy of the file, or train again with a new --out.")
+
+
 def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, data: str | Path | None,
                   overrides: Sequence[str], seed: int | None) -> dict:
     """What an unfinished run directory continues from: {"recipe", "data", "state" (None before epoch 1)}.
@@ -284,6 +298,7 @@ def _resume_point(out: str | Path | None, recipe: Recipe | str | Path | None, da
     run = Path(out)
     if (run / REPORT_FILE).is_file():
         raise RunError(f"{run}: the run is finished (report.json exists); there is nothing to resume.")
+    _refuse_links(run)
     if _recorded(run, "members") is not None:
         raise RunError(f"{run}: that is an ensemble (`medtricks ensemble`), not a training run, so there is nothing "
                        f"to resume; run `medtricks ensemble` again with a new --out.")

@@ -208,3 +208,18 @@ def test_sigkill_mid_training_then_resume_gives_the_same_report(reference, phant
     a, b = (json.loads((run / "report.json").read_text()) for run in (reference, out))
     assert _without_timing(a) == _without_timing(b)
     assert _rows(reference) == _rows(out)
+
+
+@pytest.mark.parametrize("link", ["metrics.jsonl", "plots", "plots/roc_test.png"])
+def test_resume_refuses_a_run_with_a_link_among_its_own_files(tmp_path, link):
+    """A run unpacked from elsewhere could link metrics.jsonl to ~/.bashrc: resuming must not write through it."""
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    (run / "plots").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("name: demo\n")
+    victim.write_text("the user's own file")
+    if link == "plots":
+        (run / "plots").rmdir()
+    (run / link).symlink_to(victim)
+    with pytest.raises(RunError, match=f"{link} is a symbolic link"):
+        finetune(None, out=run, resume=True)
+    assert victim.read_text() == "the user's own file"
