@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -299,6 +300,10 @@ def validate(model: nn.Module, loader: DataLoader, device: torch.device, config:
     config.select_metric, the binary threshold chosen on these predictions with config.threshold; multi-label: the
     means over the findings, and one threshold per finding)."""
     out = predict_loader(model, loader, device)
+    if not np.isfinite(out.probs).all():  # a finite training loss does not rule it out (BN statistics, EMA)
+        raise TrainingError("the model's outputs on the validation split became NaN or infinite: the weights "
+                            "diverged. Training stopped and the last saved checkpoint is kept. Lower train.lr, set "
+                            "train.grad_clip, or turn off tricks.amp.")
     threshold = val_threshold(out, num_classes, config.threshold)
     metrics = evaluate_split(out, threshold, seed, n_boot=0)  # the row holds no interval
     row = {f"val_{k}": metrics[k] for k in ("loss", "auroc", "accuracy", "balanced_accuracy", "f1")}
@@ -348,7 +353,10 @@ def fit(model: MedModel, train_loader: DataLoader, val_loader: DataLoader | None
         evaluated = parts.ema.module if parts.ema is not None else model
         distributed.broadcast_buffers(evaluated)  # rank 0's BN statistics everywhere: the model rank 0 saves
         if val_loader is not None:
-            val_row, value, threshold = validate(evaluated, val_loader, device, config, seed, model.num_classes)
+            try:
+                val_row, value, threshold = validate(evaluated, val_loader, device, config, seed, model.num_classes)
+            except TrainingError as exc:
+                raise TrainingError(f"epoch {epoch}: {exc}") from None
             row.update(val_row)
         else:  # no validation split: the last epoch is kept
             value, threshold = row["train_loss"] if config.select_metric == "loss" else -row["train_loss"], None

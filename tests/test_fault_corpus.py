@@ -335,6 +335,15 @@ def test_a_recipe_edited_after_training_is_refused_by_the_commands_that_score(ru
         refused(command, ["recipe.yaml and model.json disagree", key], edited)
 
 
+def test_training_that_diverges_stops_with_exit_2_naming_the_epoch(phantoms_train, tmp_path):
+    args = ["finetune", "--recipe", "demo", "--data", phantoms_train, "--out", tmp_path / "run",
+            *[f"--set={o}" for o in TINY], "--set", "train.epochs=2", "--set", "train.lr=1e30"]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "epoch 2: the model's outputs on the validation split became NaN" in " ".join(result.output.split())
+    assert (tmp_path / "run" / "resume.safetensors").is_file()  # epoch 1's checkpoint is kept
+
+
 # --- recipe edge cases ----------------------------------------------------------------------------------------------
 
 def test_recipe_files_that_are_empty_or_not_utf8(tmp_path):
