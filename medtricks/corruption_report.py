@@ -43,7 +43,7 @@ from medtricks.corruptions import (
     default_preset,
 )
 from medtricks.errors import MedtricksError, short
-from medtricks.files import check_output, write_json
+from medtricks.files import check_output, check_record_folder, make_record_folder, write_json
 from medtricks.metrics import auroc, missing_class_warning
 from medtricks.multilabel import mean_auroc
 from medtricks.robustness import decision_model
@@ -276,6 +276,7 @@ def corruption_report(run: str | Path | None = None, data: str | Path | None = N
     if json_path is not None:
         check_output(json_path, overwrite, "--json")
     target = open_run(run if run is not None else newest_run(), device)
+    check_record_folder(target.path, "corruptions")
     preset, names = corruption_names(target, preset, corruptions)
     severities = tuple(severities) if severities is not None else target.recipe.attack.severities
     source = data if data is not None else target.source
@@ -300,12 +301,11 @@ def corruption_report(run: str | Path | None = None, data: str | Path | None = N
         report["against"] = reference
         report["versus"] = compare_reports(report, reference)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    out_dir = target.path / "corruptions" / f"{preset}-{stamp}"
-    out_dir.mkdir(parents=True)
+    if json_path is not None:  # first: the file the user asked for does not depend on the run being writable
+        write_json(Path(json_path), report, replace=overwrite)
+    out_dir = make_record_folder(target.path, "corruptions", f"{preset}-{stamp}")
     plots.plot_corruptions(report, out_dir / "corruptions.png", against=reference)
     plots.plot_corruption_gallery(gallery, out_dir / "gallery.png")
     write_json(out_dir / REPORT_NAME, report)
-    if json_path is not None:
-        write_json(Path(json_path), report, replace=overwrite)
     report["files"] = str(out_dir)
     return report

@@ -144,6 +144,30 @@ def _rename_folder(tmp: Path, path: Path) -> None:
             from exc
 
 
+def check_record_folder(run: Path, kind: str) -> None:
+    """Before attack or corrupt does its work: RUN/<kind> ("attacks", "corruptions"), where every evaluation of the
+    run is recorded, is a folder that can be made or written."""
+    folder = run / kind
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise OutputError(f"{folder}: not a folder, so this run cannot record the evaluation there; move that file "
+                          f"away and run the command again.")
+    if not os.access(folder if folder.is_dir() else run, os.W_OK):
+        raise OutputError(f"{folder}: no permission to write there (a read-only or someone else's run?), where this "
+                          f"run records the evaluation; copy the run to a writable place and give the copy.")
+
+
+def make_record_folder(run: Path, kind: str, name: str) -> Path:
+    """RUN/<kind>/<name>, made now (check_record_folder looked before the work; this catches what it cannot see)."""
+    path = run / kind / name
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot make it ({exc.strerror or exc}), so the run does not record this "
+                          f"evaluation (a --json report, if asked for, is written); copy the run to a writable place "
+                          f"to keep the record with it.") from exc
+    return path
+
+
 def _mode_for(path: Path) -> int:
     """The permissions a written file gets: those of the file it replaces, else what the umask gives a new file
     (mkstemp's own 0600 would hide every output from the user's group)."""

@@ -37,7 +37,14 @@ from medtricks.attacks import (
     pgd,
 )
 from medtricks.errors import AttackError, short
-from medtricks.files import atomic_write, check_output, new_folder, write_json
+from medtricks.files import (
+    atomic_write,
+    check_output,
+    check_record_folder,
+    make_record_folder,
+    new_folder,
+    write_json,
+)
 from medtricks.metrics import auroc, missing_class_warning
 from medtricks.models.backbones import MedModel
 from medtricks.multilabel import decision_scores, label_name
@@ -296,6 +303,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
     if save_images is not None:
         check_output(save_images, overwrite, "--save-images", folder=True)
     target = open_run(run if run is not None else newest_run(), device)
+    check_record_folder(target.path, "attacks")
     if explain and not isinstance(unwrap(target.model), MedModel):
         raise AttackError(f"--explain: {target.path} is an ensemble, whose maps would mix its members' attention; "
                           f"attack without --explain, or explain a member run.")
@@ -316,8 +324,9 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
                    "device": str(target.device)})
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     kind = f"{settings.method}-{settings.norm}{'-targeted' if settings.targeted else ''}"
-    out_dir = target.path / "attacks" / f"{kind}-{stamp}"
-    out_dir.mkdir(parents=True)
+    if json_path is not None:  # first: the file the user asked for does not depend on the run being writable
+        write_json(Path(json_path), report, replace=overwrite)
+    out_dir = make_record_folder(target.path, "attacks", f"{kind}-{stamp}")
     plots.plot_robustness(report, out_dir / "robustness.png")
     plots.plot_adversarial_examples(examples, target.classes, out_dir / "examples.png", eps=settings.eps[-1])
     if explain:
@@ -326,8 +335,6 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
         report["explain"] = attention_shift(target.model, examples, target.classes, out_dir / "explain.png",
                                             multilabel=target.multilabel)
     write_json(out_dir / "attack.json", report)
-    if json_path is not None:
-        write_json(Path(json_path), report, replace=overwrite)
     report["files"] = str(out_dir)
     return report
 

@@ -3,6 +3,7 @@ resource bombs, predict over mixed files, recipe edge cases): through the CLI, e
 naming the file or key and no traceback, and changes no file of the data (nothing_lost); each good edge case works."""
 
 import io
+import json
 import re
 import shutil
 import zipfile
@@ -334,6 +335,26 @@ def test_a_recipe_edited_after_training_is_refused_by_the_commands_that_score(ru
     for command in (["evaluate", edited, "--split", "test"],
                     ["attack", edited, "--fgsm", "--limit", "2", "--no-checks"]):
         refused(command, ["recipe.yaml and model.json disagree", key], edited)
+
+
+@pytest.mark.parametrize("command, kind", [(["attack", "--fgsm", "--limit", "2", "--no-checks"], "attacks"),
+                                           (["corrupt", "--limit", "2", "--corruptions", "gaussian_noise",
+                                             "--severities", "1"], "corruptions")])
+def test_a_run_that_cannot_record_an_evaluation_is_named_before_and_after_the_work(run, tmp_path, monkeypatch,
+                                                                                   command, kind):
+    blocked = tmp_path / "blocked"
+    shutil.copytree(run, blocked)
+    shutil.rmtree(blocked / kind, ignore_errors=True)
+    (blocked / kind).write_text("not a folder")
+    refused([command[0], blocked, *command[1:]], [f"{kind}: not a folder"], blocked)
+    import importlib
+
+    for name in ("medtricks.robustness", "medtricks.corruption_report"):  # (the package's attributes of these
+        module = importlib.import_module(name)  # names are functions) what the early check cannot see fails late
+        monkeypatch.setattr(module, "check_record_folder", lambda run, kind: None)
+    result = invoke([command[0], blocked, *command[1:], "--json", tmp_path / "r.json"], blocked)
+    assert result.exit_code == 2 and "does not record this evaluation" in result.output, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["run"] == str(blocked)  # the user's file is written
 
 
 def test_training_that_diverges_stops_with_exit_2_naming_the_epoch(phantoms_train, tmp_path):
