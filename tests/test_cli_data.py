@@ -257,3 +257,21 @@ def test_two_demos_synthesizing_at_once_share_the_first_ones_phantoms(tmp_path, 
     monkeypatch.setattr(ft, "synthesize", lambda source, seed: (_ for _ in ()).throw(OutputError("disk")))
     with pytest.raises(OutputError, match="disk"):
         ft._synthesize_if_missing(resolve_recipe("demo"), tmp_path / "other")
+
+
+def test_a_terminated_synth_cleans_up_like_an_interrupted_one(tmp_path):
+    """kill, timeout, docker stop and batch schedulers send SIGTERM: the half-written folder must go, as on Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "medtricks", "data", "synth", str(tmp_path / "big"), "--n",
+                                "3000", "--size", "128"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".big.*/images/*/*.dcm")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".big.*/images/*/*.dcm")), "synth wrote nothing within 2 minutes"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ Bad input (MedtricksError) becomes a one-paragraph message on stderr and exit co
 from __future__ import annotations
 
 import errno
+import signal
 import sys
 
 from rich.text import Text
@@ -19,8 +20,15 @@ from medtricks.errors import MedtricksError, short
 __all__ = ["app", "main"]
 
 
+def _stop(signum: int, frame) -> None:
+    """SIGTERM (kill, timeout, docker stop, a batch scheduler) as an exception, as Ctrl-C is: the cleanup of
+    temporary files and folders runs, where the default action would end the process on the spot."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _stop)
     try:
         app()
     except MedtricksError as exc:  # raised outside a command's own handler
