@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
@@ -31,6 +32,8 @@ _DPI = 120
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
+    for text in fig.findobj(Text):  # class and file names are data: '$x$' is no formula (and '$\\frac{x$' no error)
+        text.set_parse_math(False)
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=_DPI, bbox_inches="tight", format="png"))
     finally:

@@ -102,3 +102,13 @@ def test_robustness_plot_has_a_log_eps_axis_with_the_sweep_as_ticks_and_clean_li
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.1", "0.5", "2", "8"]
     clean_lines = [line for line in ax.get_lines() if list(line.get_ydata()) in ([0.9, 0.9], [0.95, 0.95])]
     assert len(clean_lines) == 2  # the clean accuracy and AUROC, marked across the whole axis
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_text_not_parsed_as_formulas(tmp_path):
+    """A label from a manifest ('$\\frac{x$') made matplotlib's mathtext raise after training, leaving the run
+    unfinished; '$x$' would have been typeset as a formula."""
+    labels, probs = data(2)
+    names = ["$\\frac{x$", "$5 fee"]
+    matrix = compute_metrics(labels, probs, n_boot=0)["confusion_matrix"]
+    assert_png(tmp_path / "c.png", plot_confusion(matrix, names, tmp_path / "c.png"))
+    assert_png(tmp_path / "r.png", plot_roc(labels, probs, names, tmp_path / "r.png"))
