@@ -115,6 +115,28 @@ def test_object_arrays_and_truncated_archives_are_refused(tmp_path):
     refused(["data", "check", empty / "set.npz"], ["set.npz", "train_images"], tmp_path)
 
 
+def _zip_headers_patched(data: bytes, offset: int, value: int, mask: bool) -> bytes:
+    """Every local (PK\\3\\4) and central (PK\\1\\2) header's 2-byte field at `offset` from its local position
+    (the central header's is 2 bytes further on) set to `value`, or OR-ed with it when `mask`."""
+    out = bytearray(data)
+    for signature, shift in ((b"PK\x03\x04", 0), (b"PK\x01\x02", 2)):
+        at = out.find(signature)
+        while at >= 0:
+            field = at + offset + shift
+            old = int.from_bytes(out[field:field + 2], "little")
+            out[field:field + 2] = ((old | value) if mask else value).to_bytes(2, "little")
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("offset, value, mask, words", [(6, 1, True, "encrypted"),  # general-purpose flag bit 0
+                                                        (8, 99, False, "not supported")])  # method 99: WinZip AES
+def test_a_password_protected_or_unusually_compressed_archive_is_named(tmp_path, offset, value, mask, words):
+    archive = _npz(tmp_path / "set", np.zeros((8, 16, 16), np.uint8), GOOD_LABELS)
+    archive.write_bytes(_zip_headers_patched(archive.read_bytes(), offset, value, mask))
+    refused(["data", "check", archive], [archive.name, words, "np.savez_compressed"], tmp_path)
+
+
 def _npy_header(shape: tuple, descr: str = "|u1", version: int = 1) -> bytes:
     """The .npy header (format 1.0, or 3.0: a 4-byte length and UTF-8 text) of an array of `shape`, padded as numpy
     pads it (magic + length + text: a multiple of 64)."""
@@ -219,6 +241,19 @@ def test_a_damaged_voi_lut_or_window_makes_the_image_unreadable(data, damage):
     damage(ds)
     ds.save_as(victim)
     refused(["data", "check", data], [victim.name, "VOI LUT or window"], data)
+
+
+def test_a_dicom_header_nested_hundreds_deep_is_listed_not_a_crash(data):
+    """A crafted 20 kB file of sequences nested 400 deep made pydicom recurse past Python's limit (RecursionError,
+    a RuntimeError the readers did not catch): one such file in a folder lost the whole prediction."""
+    victim = _first_dicom(data)  # explicit VR little endian, as synth writes it
+    raw = victim.read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")  # after (0002,0000) and the group it counts
+    sequence = (0x0008).to_bytes(2, "little") + (0x1115).to_bytes(2, "little") + b"SQ\0\0" + b"\xff" * 4
+    item, item_end, sequence_end = (bytes.fromhex(h) for h in ("feff00e0ffffffff", "feff0de000000000",
+                                                                 "feffdde000000000"))
+    victim.write_bytes(raw[:meta_end] + (sequence + item) * 400 + (item_end + sequence_end) * 400 + raw[meta_end:])
+    refused(["data", "check", data], [victim.name, "nests sequences deeper"], data)
 
 
 def test_an_extremely_elongated_image_is_refused_before_any_resize(tmp_path):

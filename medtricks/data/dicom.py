@@ -233,6 +233,16 @@ def _check_deflated(path: Path) -> None:
                                     f"bomb?); refused. {_FIX}")
 
 
+# what pydicom raises for a header it cannot parse; RecursionError: sequences nested hundreds deep (a crafted file)
+_HEADER_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, RecursionError)
+
+
+def _header_reason(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "its header nests sequences deeper than the reader can follow, far deeper than an image needs"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def read_patient_id(path: Path) -> str:
     """The header's PatientID ("" when absent), read without pixel data, for sources that group by it (the value
     never leaves medtricks.data.sources, which replaces it with a pseudonym)."""
@@ -241,8 +251,8 @@ def read_patient_id(path: Path) -> str:
         with _pydicom_remarks(path):  # pydicom converts (and checks) the value when it is read, so read it here
             return str(pydicom.dcmread(path, stop_before_pixels=True, force=path.suffix.lower() in DICOM_SUFFIXES)
                        .get("PatientID", "") or "")
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc}). {_FIX}") from exc
+    except _HEADER_ERRORS as exc:
+        raise DataError(f"{path}: not a readable DICOM file ({_header_reason(exc)}). {_FIX}") from exc
 
 
 def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
@@ -265,8 +275,8 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
     _check_deflated(path)
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc}). {_FIX}") from exc
+    except _HEADER_ERRORS as exc:
+        raise DataError(f"{path}: not a readable DICOM file ({_header_reason(exc)}). {_FIX}") from exc
     if "PixelData" not in ds:
         if "Rows" not in ds or "SOPClassUID" not in ds:  # force-read garbage, or cut inside the header
             raise DataError(f"{path}: not a readable DICOM image: no image header found, so the file is truncated "

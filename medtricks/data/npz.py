@@ -27,11 +27,16 @@ def memory_bytes() -> int:
         return 64 * 1024**3
 
 
+# what reading a damaged or unusual zip raises: RuntimeError for an encrypted member (zip -e, 7-Zip),
+# NotImplementedError for a compression method Python lacks (WinZip AES)
+_ARCHIVE_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError)
+
+
 def open_npz(npz_path: Path) -> np.lib.npyio.NpzFile:
     """The archive, opened lazily (no array read yet); a DataError naming the file when it is not an .npz."""
     try:
         data = np.load(npz_path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except _ARCHIVE_ERRORS as exc:
         raise DataError(f"{npz_path}: not a readable .npz file ({exc}).") from exc
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise DataError(f"{npz_path}: a single array (.npy), not an .npz archive of named arrays. Save it with "
@@ -53,7 +58,7 @@ def _check_claim(data: np.lib.npyio.NpzFile, npz_path: Path, key: str) -> None:
             header = member.tell()
     except KeyError:
         return  # numpy names the missing key itself
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+    except _ARCHIVE_ERRORS:
         return  # unreadable: npz_array's own read gives the reason
     if dtype.hasobject:
         return  # pickled objects: npz_array refuses them by name
@@ -85,10 +90,12 @@ def npz_array(data, npz_path: Path, key: str) -> np.ndarray:
     except MemoryError as exc:
         raise DataError(f"{npz_path}: array '{key}' does not fit in memory; use a smaller resolution or fewer images "
                         f"per file.") from exc
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except _ARCHIVE_ERRORS as exc:
         reason = "it holds Python objects, which medtricks never unpickles" if "pickle" in str(exc) else str(exc)
-        raise DataError(f"{npz_path}: array '{key}' cannot be read ({reason}). Save images as uint8, uint16 or float "
-                        f"arrays and labels as integers.") from exc
+        advice = "Save images as uint8, uint16 or float arrays and labels as integers." \
+            if not isinstance(exc, (RuntimeError, NotImplementedError)) else \
+            "Save the arrays again with np.savez_compressed (no password, the standard compression)."
+        raise DataError(f"{npz_path}: array '{key}' cannot be read ({reason}). {advice}") from exc
 
 
 def check_images(images: np.ndarray, npz_path: Path, key: str) -> np.ndarray:
