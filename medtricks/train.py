@@ -263,8 +263,15 @@ def train_epoch(parts: _Parts, loader: DataLoader, loss_fn: Loss, config: TrainC
             group["lr"] = schedule.base_lr * group["lr_mult"] * factor
         images, labels = batch["image"].to(device), batch["label"].to(device)
         images, targets = mix_batch(images, labels, parts.model.num_classes, tricks, parts.mix_generator)
-        with autocast(device, parts.amp_dtype):
-            loss = loss_fn(parts.trained(images).float(), targets, images)
+        try:
+            with autocast(device, parts.amp_dtype):
+                loss = loss_fn(parts.trained(images).float(), targets, images)
+        except ValueError as exc:  # BatchNorm in training mode: a 1 x 1 feature map of a batch of one
+            if "more than 1 value per channel" not in str(exc):
+                raise
+            raise TrainingError(f"a training batch of {len(images)} image leaves BatchNorm a single value per "
+                                f"channel at this image size; set train.batch_size to 2 or more (with at least 2 "
+                                f"training images per process), or raise data.image_size.") from exc
         global_loss = float(distributed.mean(loss.detach()))
         if not math.isfinite(global_loss):
             raise TrainingError(f"the training loss became {global_loss} at epoch {progress.epoch + 1}, step "

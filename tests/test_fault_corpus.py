@@ -402,6 +402,14 @@ def test_training_that_diverges_stops_with_exit_2_naming_the_epoch(phantoms_trai
     assert not (tmp_path / "run" / "report.json").exists()
 
 
+def test_a_batch_of_one_at_a_small_image_size_is_named_not_a_batchnorm_traceback(phantoms_train, tmp_path):
+    args = ["finetune", "--recipe", "demo", "--data", phantoms_train, "--out", tmp_path / "run",
+            *[f"--set={o}" for o in TINY], "--set", "train.batch_size=1"]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "set train.batch_size to 2 or more" in " ".join(result.output.split())
+
+
 # --- recipe edge cases ----------------------------------------------------------------------------------------------
 
 def test_recipe_files_that_are_empty_or_not_utf8(tmp_path):
