@@ -438,6 +438,12 @@ def test_a_disk_cache_that_cannot_be_written_is_named_before_decoding(phantoms_t
             ["data.cache_dir", "not_a_folder", "data.cache: memory"], phantoms_train, tmp_path)
 
 
+def test_a_disk_cache_inside_another_runs_own_folders_is_refused(run, phantoms_train, tmp_path):
+    sets = [x for kv in [*TINY, "data.cache=disk", f"data.cache_dir={run / 'plots'}"] for x in ("--set", kv)]
+    refused(["finetune", "--data", phantoms_train, "--out", tmp_path / "new", *sets],
+            ["data.cache_dir", "part of the run", "plots"], run, phantoms_train)
+
+
 def test_a_damaged_disk_cache_file_is_decoded_again(phantoms, tmp_path):
     from medtricks.data.dataset import ImageStore, prepare_images
     from medtricks.data.sources import load_source

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from medtricks.data.images import check_pixels, read_image, to_channels
 from medtricks.data.npz import NPZ_SCALES
 from medtricks.errors import DataError, MedtricksError
+from medtricks.files import refuse_run_files
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the decoded representation changes, to invalidate disk caches
@@ -105,7 +106,9 @@ class ImageStore:
             self._check_cache_dir()
 
     def _check_cache_dir(self) -> None:
-        """The disk cache folder exists (or is made) and takes a file; else a DataError before any decoding."""
+        """The disk cache folder exists (or is made), takes a file and is no run's own folder (which only finetune
+        writes); else an error before any decoding."""
+        refuse_run_files(self.cache_dir, "data.cache_dir", folder=True)
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.cache_dir, prefix=".medtricks-write-test-"):
