@@ -263,3 +263,19 @@ def test_pipes_and_devices_named_like_images_are_listed_never_opened(tmp_path, c
     listed = _csv(tmp_path / "csv", f"path,label\n{fifo},a\n{tmp_path / 'set' / 'b' / '0.png'},b\n")
     source = load_source(listed)
     assert len(source.records) == 1 and "not a regular file" in source.missing[0][1]
+
+
+def test_labels_that_differ_only_in_unicode_form_are_one_class(tmp_path):
+    """'opacité' typed as one character (NFC) or as e + combining accent (NFD, macOS file names) prints the same:
+    it must be one class, in manifests, in folder names and in the recipe's classes alike."""
+    composed, decomposed = "opacit\u00e9", "opacite\u0301"
+    for k in range(4):
+        _png(tmp_path / "csv" / f"{k}.png")
+    _csv(tmp_path / "csv", f"path,label\n0.png,{composed}\n1.png,{decomposed}\n2.png,normal\n3.png,normal\n")
+    source = load_source(tmp_path / "csv")
+    assert source.classes == ("normal", composed) and [r["label"] for r in source.records] == [1, 1, 0, 0]
+    assert load_source(tmp_path / "csv", ["normal", decomposed]).classes == ("normal", composed)
+    for k, name in enumerate((composed, decomposed, "normal")):
+        _png(tmp_path / "folders" / name / f"{k}.png")
+    folders = load_source(tmp_path / "folders")
+    assert folders.classes == ("normal", composed) and sorted(r["label"] for r in folders.records) == [0, 1, 1]

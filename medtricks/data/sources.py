@@ -26,6 +26,7 @@ import csv
 import logging
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,12 @@ def _visible_files(folder: Path) -> list[Path]:
     that are gone, pipes, devices and sockets (the last three are listed, never read)."""
     return [p for p in folder.rglob("*") if not p.is_dir() and not any(
         part.startswith(".") for part in p.relative_to(folder).parts)]
+
+
+def _nfc(name: str) -> str:
+    """A class name in Unicode's composed form: 'é' typed as one character or as e + accent (macOS file names,
+    some editors) is one class, not two that print alike."""
+    return unicodedata.normalize("NFC", name)
 
 
 def image_files(folder: Path, warn: bool = True) -> list[Path]:
@@ -260,7 +267,7 @@ def _from_csv(csv_path: Path, classes, labels: LabelFormat) -> Source:
                             f"one row.")
         seen[path] = w
         resolved.append(path)
-    cells = [row[column].strip() for row in rows]
+    cells = [_nfc(row[column].strip()) for row in rows]
     classes, values = (_multi_hot(classes, cells, where, labels) if labels.multilabel
                        else _class_index(classes, cells, where))
     given = [bool((row["patient_id"] or "").strip()) for row in rows] if "patient_id" in columns else []
@@ -342,8 +349,10 @@ def _multi_hot_npz(npz_path: Path, classes, records: list[dict], label_values: l
 
 def _from_folder(folder: Path, classes) -> Source:
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    by_class = {d.name: image_files(d) for d in subdirs}
-    by_class = {name: files for name, files in by_class.items() if files}
+    by_class: dict[str, list[Path]] = {}
+    for d in subdirs:  # two folders whose names differ only in Unicode form are one class
+        by_class.setdefault(_nfc(d.name), []).extend(image_files(d))
+    by_class = {name: sorted(files) for name, files in by_class.items() if files}
     loose = [p for p in folder.iterdir() if _is_image_file(p)]
     if by_class and not loose:
         names = list(by_class)
@@ -384,7 +393,7 @@ def load_source(path: str | Path, classes: tuple[str, ...] | list[str] | None = 
         DataError: missing path, empty folder, malformed manifest, unknown or duplicate labels and paths.
     """
     path = Path(path).expanduser()
-    classes = tuple(str(c) for c in classes) if classes is not None else None
+    classes = tuple(_nfc(str(c)) for c in classes) if classes is not None else None
     if classes is not None:
         check_class_names(classes, f"classes {list(classes)}")
     if not path.exists():
