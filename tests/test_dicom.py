@@ -120,6 +120,22 @@ def test_no_window_is_min_max(tmp_path):
     assert meta["bit_depth"] == 16
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("limit", [None, 4095])
+def test_padding_pixels_are_left_out_of_the_range_and_shown_as_background(tmp_path, photometric, limit):
+    """PixelPaddingValue (to PixelPaddingRangeLimit) marks pixels outside the patient (PS3.3 C.7.5.1.1.2): taken
+    into the min-max range, a padding of 4095 around values 100..1000 squeezed the body into a quarter of it."""
+    arr = ramp(step=14) + 100  # 100 .. 982
+    arr[:2] = 4095 if limit is None else 4000 + np.arange(16).reshape(2, 8)  # the padded border
+    elements = {"PixelPaddingValue": 4095 if limit is None else 4000}
+    if limit is not None:
+        elements["PixelPaddingRangeLimit"] = limit
+    pixels, _ = read(save(make_cr(arr, photometric, bits_stored=12, **elements), tmp_path / "padded.dcm"))
+    body = (arr[2:].astype(np.float64) - arr[2:].min()) / (arr[2:].max() - arr[2:].min())
+    assert_pixels(pixels[0, 2:], body if photometric == "MONOCHROME2" else 1.0 - body)
+    assert_pixels(pixels[0, :2], np.zeros((2, 8)))  # background: dark, as air is, whatever the photometric
+
+
 def test_constant_image_without_window_is_black_not_nan(tmp_path):
     arr = np.full((4, 4), 700, np.uint16)
     pixels, _ = read(save(make_cr(arr, bits_stored=12), tmp_path / "flat.dcm"))

@@ -38,7 +38,7 @@ from medtricks.errors import DataError, MedtricksError
 from medtricks.files import refuse_run_files
 
 logger = logging.getLogger(__name__)
-CACHE_FORMAT = 1  # bump when the decoded representation changes, to invalidate disk caches
+CACHE_FORMAT = 2  # bump when the decoded representation changes, to invalidate disk caches (2: DICOM padding)
 
 
 def default_workers() -> int:

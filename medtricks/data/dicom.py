@@ -139,8 +139,10 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def _minmax(values: np.ndarray) -> np.ndarray:
-    lo, hi = float(values.min()), float(values.max())
+def _minmax(values: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
+    """The values' range stretched to [0, 1], the range taken outside `padding` (PixelPaddingValue's pixels)."""
+    body = values if padding is None or padding.all() else values[~padding]
+    lo, hi = float(body.min()), float(body.max())
     if hi <= lo:
         return np.zeros(values.shape, np.float32)
     return ((values - lo) / (hi - lo)).astype(np.float32)
@@ -171,13 +173,24 @@ def voi_lut(values: np.ndarray, item: pydicom.Dataset) -> np.ndarray:
     return np.clip(lut[index] / float(2**bits - 1), 0.0, 1.0).astype(np.float32)
 
 
-def _voi(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+def _voi(values: np.ndarray, ds: pydicom.Dataset, padding: np.ndarray | None = None) -> np.ndarray:
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         return voi_lut(values, ds.VOILUTSequence[0])
     if "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter is not None and ds.WindowWidth is not None:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         return window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
-    return _minmax(values)
+    return _minmax(values, padding)
+
+
+def _padding(arr: np.ndarray, ds: pydicom.Dataset, path: Path) -> np.ndarray | None:
+    """The pixels outside the patient that PixelPaddingValue (up to PixelPaddingRangeLimit) marks, in stored
+    values (PS3.3 C.7.5.1.1.2): left out of the display range, and shown as background."""
+    if ds.get("PixelPaddingValue") is None:
+        return None
+    first = _header_int(ds, "PixelPaddingValue", 0, path)
+    last = _header_int(ds, "PixelPaddingRangeLimit", first, path) if ds.get("PixelPaddingRangeLimit") is not None \
+        else first
+    return (arr >= min(first, last)) & (arr <= max(first, last))
 
 
 def _header_int(ds: pydicom.Dataset, keyword: str, default: int, path: Path) -> int:
@@ -334,11 +347,14 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
     if not np.all(np.isfinite(values)):  # a VOI window would clip inf to white or black: a silently wrong image
         raise DataError(f"{path}: the modality mapping (rescale slope/intercept or modality LUT) gives NaN or "
                         f"infinite values; the header is damaged. {_FIX}")
+    padding = _padding(arr, ds, path)
     try:
-        display = _voi(values, ds)
+        display = _voi(values, ds, padding)
     except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise DataError(f"{path}: the VOI LUT or window in the header is damaged ({exc}). {_FIX}") from exc
     if meta["photometric"] == "MONOCHROME1":
         display = 1.0 - display
+    if padding is not None:
+        display = np.where(padding, 0.0, display)  # background, dark (bone bright), whatever the photometric
     meta["bit_depth"] = 8 if bits_stored <= 8 else 16
     return display[None].astype(np.float32), meta
