@@ -575,3 +575,53 @@ def test_pydicom_remarks_are_logged_once_naming_the_file_without_header_values(t
                        f"this remark are not listed)."]
     printed = capfd.readouterr().err
     assert "1.0" not in printed and "site-packages" not in printed
+
+
+def _compressed_cr(codestream: bytes, syntax, rows: int, columns: int) -> Dataset:
+    from pydicom.encaps import encapsulate
+
+    ds = make_cr(np.zeros((rows, columns), np.uint8))
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = encapsulate([codestream])
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def _encoded(fmt: str, size=(24, 40), **options) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(size[1], dtype=np.uint8) * 5, (size[0], 1))).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_the_size_a_codestream_declares_is_read_from_its_header():
+    from medtricks.data.dicom import codestream_size
+
+    assert codestream_size(_encoded("JPEG")) == (24, 40)
+    assert codestream_size(_encoded("JPEG2000", no_jp2=True)) == (24, 40)
+    assert codestream_size(_encoded("JPEG2000")) == (24, 40)  # wrapped in a JP2 file
+    assert codestream_size(b"not an image") is None and codestream_size(b"\xff\xd8\xff") is None
+
+
+@pytest.mark.parametrize("fmt, options, syntax", [("JPEG2000", {"no_jp2": True, "irreversible": False},
+                                                   "1.2.840.10008.1.2.4.90"),
+                                                  ("JPEG", {"quality": 95}, "1.2.840.10008.1.2.4.50")])
+def test_a_codestream_declaring_another_size_than_the_header_is_not_decoded(tmp_path, fmt, options, syntax):
+    """A 1 kB file whose codestream says 20000 x 20000 under a 24 x 40 header made openjpeg allocate 1.8 GB."""
+    from pydicom.uid import UID
+
+    stream = bytearray(_encoded(fmt, **options))
+    good = save(_compressed_cr(bytes(stream), UID(syntax), 24, 40), tmp_path / "good.dcm")
+    assert read(good)[0].shape == (1, 24, 40)
+    if fmt == "JPEG2000":
+        at = stream.find(b"\xff\x51")
+        stream[at + 6:at + 14] = (20000).to_bytes(4, "big") * 2  # Xsiz, Ysiz
+    else:
+        at = stream.find(b"\xff\xc0")
+        stream[at + 5:at + 9] = (20000).to_bytes(2, "big") * 2  # Y, X
+    bomb = save(_compressed_cr(bytes(stream), UID(syntax), 24, 40), tmp_path / "bomb.dcm")
+    with pytest.raises(DataError, match="declares a 20000 x 20000 image, but the header 24 x 40"):
+        read_dicom(bomb)

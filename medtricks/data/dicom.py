@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.encaps
 import pydicom.pixels
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
@@ -268,6 +270,51 @@ def read_patient_id(path: Path) -> str:
         raise DataError(f"{path}: not a readable DICOM file ({_header_reason(exc)}). {_FIX}") from exc
 
 
+# JPEG start-of-frame markers (ISO 10918-1 B.1.1.3; JPEG-LS SOF55, 14495-1): the frame header holds the size
+_SOF_MARKERS = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+
+
+def codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG, JPEG-LS or JPEG 2000 codestream declares, read from its header alone; None
+    when the bytes are none of these or are cut short (the decoder then says what is wrong). pydicom's own parsers
+    return the precision and sign, not the size."""
+    if frame[:8] == b"\x00\x00\x00\x0cjP  ":  # a JP2 file: the codestream is the jp2c box's content
+        start = frame.find(b"jp2c")
+        frame = frame[start + 4:] if start >= 0 else b""
+    if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 24:  # SOC, then SIZ (15444-1 A.5.1)
+        width, height, x0, y0 = struct.unpack(">IIII", frame[8:24])
+        return height - y0, width - x0
+    if frame[:2] != b"\xff\xd8":  # JPEG's SOI
+        return None
+    at = 2
+    while at + 9 <= len(frame) and frame[at] == 0xFF:
+        marker = frame[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _SOF_MARKERS:
+            height, width = struct.unpack(">HH", frame[at + 5:at + 9])
+            return height, width
+        at += 2 + struct.unpack(">H", frame[at + 2:at + 4])[0]
+    return None
+
+
+def _check_codestream(ds: pydicom.Dataset, rows: int, columns: int, path: Path) -> None:
+    """A compressed frame must declare the header's size: a 1 kB file whose codestream says 20000 x 20000 would
+    make the decoder allocate gigabytes that the header check never saw."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_encapsulated:
+        return
+    try:
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    except Exception:  # a damaged encapsulation: pixel_array's decoder names it
+        return
+    declared = codestream_size(frame)
+    if declared is not None and declared != (rows, columns):
+        raise DataError(f"{path}: the compressed pixel data declares a {declared[0]} x {declared[1]} image, but the "
+                        f"header {rows} x {columns}; the file is damaged or crafted, and is not decoded. {_FIX}")
+
+
 def read_dicom(path: str | Path) -> tuple[np.ndarray, dict]:
     """Read a DICOM image as display intensities.
 
@@ -308,6 +355,7 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
     if rows * columns * max(samples, 1) > MAX_PIXELS:
         raise DataError(f"{path}: the header announces a {rows} x {columns} x {samples} image, larger than medtricks "
                         f"decodes safely ({MAX_PIXELS} pixels); downsample the file first.")
+    _check_codestream(ds, rows, columns, path)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for truncated or malformed pixel data
