@@ -99,6 +99,11 @@ def test_32_bit_integer_tiff_outside_16_bit_range_is_rejected(tmp_path, value):
     assert "outside 0..65535" in assert_data_error(write(img, tmp_path / "int32.tif"))
 
 
+def test_a_signed_16_bit_tiff_is_called_signed_not_32_bit(tmp_path):
+    message = assert_data_error(write(Image.fromarray(np.array([[-5, 300]], np.int16)), tmp_path / "i16s.tif"))
+    assert "signed" in message and "from -5 to 300" in message and "32-bit" not in message
+
+
 def test_grey_with_alpha_png_is_grey(tmp_path):
     arr = np.array([[0, 60, 120], [180, 240, 255]], dtype=np.uint8)
     la = np.stack([arr, np.full_like(arr, 128)], axis=-1)

@@ -36,8 +36,10 @@ def _pil_to_array(img: Image.Image, path: Path) -> tuple[np.ndarray, int, str]:
         return np.asarray(img, dtype=np.uint16), 16, "MONOCHROME2"
     if mode == "I":  # 32-bit integer container; PNG 16-bit grey opens like this in some Pillow versions
         arr = np.asarray(img, dtype=np.int64)
-        if arr.min() < 0 or arr.max() > 65535:
-            raise DataError(f"{path}: 32-bit integer image with values outside 0..65535 is not supported. {_FIX}")
+        if arr.min() < 0 or arr.max() > 65535:  # Pillow opens signed 16-bit TIFFs (I;16S) in this mode too
+            raise DataError(f"{path}: integer pixels outside 0..65535 (signed, or wider than 16 bits, from "
+                            f"{arr.min()} to {arr.max()}) are not supported: their display mapping is unknown; save "
+                            f"the image as unsigned 8- or 16-bit, or as DICOM with its rescale. {_FIX}")
         return arr.astype(np.uint16), 16, "MONOCHROME2"
     if mode == "F":
         raise DataError(f"{path}: floating-point image files are not supported; save as 8- or 16-bit. {_FIX}")
