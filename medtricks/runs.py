@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -378,8 +379,8 @@ def _check_recipe_matches(run: Path, info: dict, recipe: Recipe) -> None:
              "data.channels": (recipe.data.channels, info["channels"]),
              "data.crop_fraction": (recipe.data.crop_fraction, info["crop_fraction"]),
              "data.task": (recipe.data.task, info.get("task", "single"))}
-    if recipe.data.classes is not None:
-        pairs["data.classes"] = (list(recipe.data.classes), info["classes"])
+    if recipe.data.classes is not None:  # (the source reads names in Unicode's composed form)
+        pairs["data.classes"] = ([unicodedata.normalize("NFC", c) for c in recipe.data.classes], info["classes"])
     differ = [f"{key} {short(mine)} against {short(theirs)}" for key, (mine, theirs) in pairs.items()
               if mine != theirs]
     if differ:

@@ -372,6 +372,20 @@ def test_a_recipe_edited_after_training_is_refused_by_the_commands_that_score(ru
         refused(command, ["recipe.yaml and model.json disagree", key], edited)
 
 
+def test_a_recipe_naming_a_class_in_decomposed_unicode_opens_after_training(phantoms_train, tmp_path):
+    """The source composes class names (NFC); the recipe's decomposed 'opacite + accent' is the same class, so the
+    run's recipe.yaml and model.json agree."""
+    from medtricks.runs import open_run
+
+    data = tmp_path / "data"
+    shutil.copytree(phantoms_train, data)
+    decomposed = "opacite\u0301"
+    (data / "labels.csv").write_text((data / "labels.csv").read_text().replace(",opacity,", f",{decomposed},"))
+    run = finetune("demo", data=data, out=tmp_path / "run",
+                   overrides=[*TINY, f"data.classes=[normal, {decomposed}]"])
+    assert open_run(run, "cpu").info["classes"] == ["normal", "opacit\u00e9"]
+
+
 @pytest.mark.parametrize("command, kind", [(["attack", "--fgsm", "--limit", "2", "--no-checks"], "attacks"),
                                            (["corrupt", "--limit", "2", "--corruptions", "gaussian_noise",
                                              "--severities", "1"], "corruptions")])
