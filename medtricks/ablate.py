@@ -193,6 +193,9 @@ def _train(recipe: Recipe, run: Path, on_epoch: Callable[[dict], None]) -> str:
     return "trained"
 
 
+MAX_SEEDS = 1000  # seeds per variant; each is a training run
+
+
 def _unit_recipe(recipe: Recipe, seed: int, fold: int | None, folds: int) -> Recipe:
     """A variant's recipe for one seed (and cross-validation fold)."""
     extra = [f"data.split.folds={folds}", f"data.split.fold={fold}"] if fold is not None else []
@@ -319,8 +322,8 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         >>> result = ablate("demo", seeds=3, tricks=["warmup", "label_smoothing"], out="runs/ablate-demo")
     """
     base = resolve_recipe(recipe, overrides)
-    if seeds < 1:
-        raise AblationError(f"--seeds {seeds}: must be >= 1 (>= 2 for an interval; 3-5 are usual).")
+    if not 1 <= seeds <= MAX_SEEDS:  # the grid of runs is listed up front: a typo must not fill the memory
+        raise AblationError(f"--seeds {seeds}: give 1 to {MAX_SEEDS} seeds (>= 2 for an interval; 3-5 are usual).")
     if attack and base.data.multilabel:
         refuse_targeted_multilabel(base.attack, "--attack: the recipe")
     if data is not None:

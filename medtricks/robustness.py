@@ -38,6 +38,7 @@ from medtricks.attacks import (
 )
 from medtricks.errors import AttackError, short
 from medtricks.files import (
+    OutputError,
     atomic_write,
     check_output,
     check_record_folder,
@@ -324,9 +325,12 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
                    "device": str(target.device)})
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     kind = f"{settings.method}-{settings.norm}{'-targeted' if settings.targeted else ''}"
-    if json_path is not None:  # first: the file the user asked for does not depend on the run being writable
-        write_json(Path(json_path), report, replace=overwrite)
-    out_dir = make_record_folder(target.path, "attacks", f"{kind}-{stamp}")
+    try:
+        out_dir = make_record_folder(target.path, "attacks", f"{kind}-{stamp}")
+    except OutputError:
+        if json_path is not None:  # the file the user asked for does not depend on the run being writable
+            write_json(Path(json_path), report, replace=overwrite)
+        raise
     plots.plot_robustness(report, out_dir / "robustness.png")
     plots.plot_adversarial_examples(examples, target.classes, out_dir / "examples.png", eps=settings.eps[-1])
     if explain:
@@ -335,6 +339,8 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
         report["explain"] = attention_shift(target.model, examples, target.classes, out_dir / "explain.png",
                                             multilabel=target.multilabel)
     write_json(out_dir / "attack.json", report)
+    if json_path is not None:
+        write_json(Path(json_path), report, replace=overwrite)
     report["files"] = str(out_dir)
     return report
 

@@ -86,6 +86,8 @@ def test_bad_tricks_mode_and_seeds():
         variants(variants(demo, mode="each")["reference"])
     with pytest.raises(AblationError, match="--seeds 0"):
         ablate("demo", seeds=0, out="never-written")
+    with pytest.raises(AblationError, match="give 1 to 1000 seeds"):  # listed before any run: a typo filled 23 GB
+        ablate("demo", seeds=10**20, out="never-written")
     result = runner.invoke(app, ["ablate", "--recipe", "demo", "--tricks", "warmup,nope", "--out", "never-written"])
     assert result.exit_code == 2 and "unknown trick 'nope'" in result.output and "class_balance" in result.output
     assert "Traceback" not in result.output

@@ -31,8 +31,8 @@ def _fake_run(folder, classes, source):
     info = {**model.describe(), "classes": list(classes), "image_size": 32, "channels": 1, "crop_fraction": 0.875,
             "threshold": 0.5, "data": {"source": str(source)}, "sha256": sha256_of(folder / "model.safetensors")}
     (folder / "model.json").write_text(json.dumps(info))
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(load_recipe("demo", ["data.image_size=32",
-                                                                            "data.workers=0"]).to_dict()))
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(load_recipe("demo", [  # as a real run records its classes
+        "data.image_size=32", "data.workers=0", f"data.classes=[{', '.join(classes)}]"]).to_dict()))
     (folder / "report.json").write_text(json.dumps({"recipe": "demo", "classes": list(classes), "splits": {}}))
     return folder
 

@@ -125,9 +125,12 @@ def _fake_run(run, tmp_path, name, file, key, value):
     data = (json.loads if file == "model.json" else yaml.safe_load)((fake / file).read_text())
     data[key] = value
     (fake / file).write_text(json.dumps(data) if file == "model.json" else yaml.safe_dump(data))
-    if key == "classes":  # a run of another task names its classes in report.json too (open_run checks they agree)
-        report = json.loads((fake / "report.json").read_text())
+    if key == "classes":  # a run of another task names its classes in report.json and recipe.yaml too (open_run
+        report = json.loads((fake / "report.json").read_text())  # checks that they agree)
         (fake / "report.json").write_text(json.dumps({**report, "classes": value}))
+        recipe = yaml.safe_load((fake / "recipe.yaml").read_text())
+        recipe["data"]["classes"] = value
+        (fake / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return fake
 
 
