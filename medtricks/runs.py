@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch.utils.data import DataLoader
 from medtricks.config import parse_yaml
 from medtricks.data.dataset import ImageDataset
 from medtricks.data.pipeline import eval_loader, load_eval_data
+from medtricks.data.sources import class_name
 from medtricks.devices import place_model, resolve_device
 from medtricks.errors import MedtricksError, RecipeError, short
 from medtricks.files import (
@@ -380,7 +380,7 @@ def _check_recipe_matches(run: Path, info: dict, recipe: Recipe) -> None:
              "data.crop_fraction": (recipe.data.crop_fraction, info["crop_fraction"]),
              "data.task": (recipe.data.task, info.get("task", "single"))}
     if recipe.data.classes is not None:  # (the source reads names in Unicode's composed form)
-        pairs["data.classes"] = ([unicodedata.normalize("NFC", c) for c in recipe.data.classes], info["classes"])
+        pairs["data.classes"] = ([class_name(c) for c in recipe.data.classes], info["classes"])
     differ = [f"{key} {short(mine)} against {short(theirs)}" for key, (mine, theirs) in pairs.items()
               if mine != theirs]
     if differ:

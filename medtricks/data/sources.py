@@ -99,7 +99,7 @@ def _visible_files(folder: Path) -> list[Path]:
         part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
-def _nfc(name: str) -> str:
+def class_name(name: str) -> str:
     """A class name in Unicode's composed form: 'é' typed as one character or as e + accent (macOS file names,
     some editors) is one class, not two that print alike."""
     return unicodedata.normalize("NFC", name)
@@ -267,7 +267,7 @@ def _from_csv(csv_path: Path, classes, labels: LabelFormat) -> Source:
                             f"one row.")
         seen[path] = w
         resolved.append(path)
-    cells = [_nfc(row[column].strip()) for row in rows]
+    cells = [class_name(row[column].strip()) for row in rows]
     classes, values = (_multi_hot(classes, cells, where, labels) if labels.multilabel
                        else _class_index(classes, cells, where))
     given = [bool((row["patient_id"] or "").strip()) for row in rows] if "patient_id" in columns else []
@@ -351,7 +351,7 @@ def _from_folder(folder: Path, classes) -> Source:
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     by_class: dict[str, list[Path]] = {}
     for d in subdirs:  # two folders whose names differ only in Unicode form are one class
-        by_class.setdefault(_nfc(d.name), []).extend(image_files(d))
+        by_class.setdefault(class_name(d.name), []).extend(image_files(d))
     by_class = {name: sorted(files) for name, files in by_class.items() if files}
     loose = [p for p in folder.iterdir() if _is_image_file(p)]
     if by_class and not loose:
@@ -393,7 +393,7 @@ def load_source(path: str | Path, classes: tuple[str, ...] | list[str] | None = 
         DataError: missing path, empty folder, malformed manifest, unknown or duplicate labels and paths.
     """
     path = Path(path).expanduser()
-    classes = tuple(_nfc(str(c)) for c in classes) if classes is not None else None
+    classes = tuple(class_name(str(c)) for c in classes) if classes is not None else None
     if classes is not None:
         check_class_names(classes, f"classes {list(classes)}")
     if not path.exists():
@@ -432,7 +432,7 @@ def check_class_names(names: Sequence[str], given: str) -> None:
     """Refuse empty or repeated class names (`given` names where they came from, e.g. "--classes 'a,a'")."""
     if not all(name.strip() for name in names):
         raise DataError(f"{given}: a class name is empty; give every class a name, e.g. --classes normal,opacity.")
-    repeated = sorted({name for name in names if list(names).count(name) > 1})
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
         raise DataError(f"{given}: {', '.join(repeated)} given twice; name each class once.")
 
