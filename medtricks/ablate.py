@@ -46,7 +46,17 @@ from medtricks import __version__, plots
 from medtricks.corruption_report import corruption_names, evaluate_run
 from medtricks.crossval import fold_record, pooled_comparison
 from medtricks.errors import MedtricksError, short
-from medtricks.files import RECIPE_FILE, REPORT_FILE, write_json, write_text
+from medtricks.files import (
+    METRICS_FILE,
+    MODEL_FILE,
+    MODEL_JSON,
+    RECIPE_FILE,
+    REPORT_FILE,
+    RESUME_FILE,
+    refuse_run_files,
+    write_json,
+    write_text,
+)
 from medtricks.finetune import finetune
 from medtricks.recipe import (
     Recipe,
@@ -289,6 +299,18 @@ def _command(recipe, data, out, seeds, names, mode, attack, corruptions, overrid
     return shlex.join(args)
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an --out that is a fine-tuning run or lies in one's own files: the ablation's report, plots and runs/
+    would mix with (or replace) that run's files."""
+    refuse_run_files(out, "--out")
+    trained = [name for name in (MODEL_FILE, MODEL_JSON, METRICS_FILE, REPORT_FILE, RESUME_FILE)
+               if (out / name).exists()]
+    if trained:
+        raise AblationError(f"--out {short(str(out))}: that is a fine-tuning run ({', '.join(trained)}), whose own "
+                            f"files only `medtricks finetune` writes; choose a new folder (or an earlier ablation's, "
+                            f"to resume it).")
+
+
 def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str | Path | None = None,
            seeds: int = 3, tricks: Sequence[str] | None = None, mode: str = "leave-one-out", attack: bool = False,
            overrides: Sequence[str] = (), on_run: Callable[[dict], None] | None = None,
@@ -332,6 +354,7 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
     custom_names = {parse_variant(spec)[0] for spec in custom}
     names = [name.split("-", 1)[1] for name in list(grid)[1:] if name not in custom_names]
     out = Path(out) if out is not None else Path("runs") / f"ablate-{base.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    _check_out(out)
     if folds and not 2 <= folds <= 100:
         raise AblationError(f"--folds {folds}: give 2-100 folds (5 is usual), or leave it out for validation metrics.")
     units = [(seed, fold) for seed in range(seeds) for fold in (range(folds) if folds else [None])]

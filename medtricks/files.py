@@ -36,6 +36,16 @@ class OutputError(MedtricksError):
     """A file cannot be written where asked: it exists, it belongs to a run, or its folder is missing or read-only."""
 
 
+def printable(value) -> str:
+    """str(value) as valid UTF-8 text: a file name's undecodable bytes (which Python holds as surrogates) as \\xNN,
+    any other lone surrogate as \\uNNNN. Fonts, CSV and JSON writers refuse surrogates."""
+    text = str(value)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def cache_root() -> Path:
     """$MEDTRICKS_CACHE, else ~/.cache/medtricks: the folder of the weights/, images/ and data/ caches."""
     return Path(os.environ.get("MEDTRICKS_CACHE") or Path.home() / ".cache" / "medtricks")
@@ -260,6 +270,11 @@ def refuse_run_files(path: Path, option: str, folder: bool = False) -> None:
 
 
 def _check_output(path: Path, overwrite: bool, option: str, folder: bool) -> Path:
+    if str(path) == "-":
+        raise OutputError(f"{option} -: medtricks writes files, not standard output; give a file name.")
+    if path.exists() and not (path.is_file() or path.is_dir()):  # /dev/stdout resolves to a pipe that has no name
+        raise OutputError(f"{option} {path}: that is not a regular file (a device, a pipe, a socket or a terminal); "
+                          f"give a file name.")
     target = path.resolve()
     refuse_run_files(path, option, folder)
     parent = target.parent
@@ -277,9 +292,6 @@ def _check_output(path: Path, overwrite: bool, option: str, folder: bool) -> Pat
         return path
     if target.is_dir():
         raise OutputError(f"{option} {path}: that is a folder; give a file name.")
-    if target.exists() and not target.is_file():
-        raise OutputError(f"{option} {path}: that is not a regular file (a device, a pipe or a socket); give a file "
-                          f"name.")
     if target.exists() and not overwrite:
         raise OutputError(f"{option} {path}: the file exists and medtricks never replaces a file you did not ask to "
                           f"replace; choose another name, or add --overwrite.")

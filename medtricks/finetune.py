@@ -36,6 +36,7 @@ from medtricks.files import (
     OutputError,
     append_jsonl,
     check_output,
+    printable,
     read_text,
     write_json,
     write_text,
@@ -452,11 +453,6 @@ def _label_set(opened: Run, probs: list[float], thresholds: list[float] | None) 
     return opened.info["label_separator"].join(found)
 
 
-def _text(value) -> str:
-    """str(value) writable as UTF-8: a file name's undecodable bytes (which Python holds as surrogates) as \\xNN."""
-    return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _cell(value):
     """A CSV cell that a spreadsheet shows as text: one starting with =, +, -, @, tab or carriage return (a file or
     class name such as "=HYPERLINK(...)") would run as a formula, so it gets a leading ' (OWASP's advice)."""
@@ -496,15 +492,20 @@ def predict(run: str | Path, inputs: Sequence[str | Path], out_csv: str | Path |
                     raise DataError(f"{path}: the model gives non-finite probabilities for this image; check it "
                                     f"for NaN or infinite pixel values.")
             except DataError as exc:  # listed in its row; data.on_error (the data set's advice) does not apply here
-                rows.append({"path": _text(path), "prediction": "", "error": _text(exc).replace(UNREADABLE_FIX,
+                rows.append({"path": printable(path), "prediction": "", "error": printable(exc).replace(UNREADABLE_FIX,
                                                                                         "Re-export the file.")})
                 continue
             if opened.multilabel:
                 predicted = _label_set(opened, probs, threshold)
             else:
                 predicted = classes[int(decisions(np.array([probs]), threshold)[0])]
-            rows.append({"path": _text(path), "prediction": predicted,
+            rows.append({"path": printable(path), "prediction": predicted,
                          **{f"p_{c}": round(p, 6) for c, p in zip(classes, probs, strict=True)}, "error": ""})
+    escaped = [path for path in files if printable(path) != str(path)]
+    if escaped:
+        logger.warning("%d file name(s) are not valid UTF-8 (e.g. %s): their undecodable bytes are written as \\xNN in "
+                       "the path column; rename the files to join every row back to its file.", len(escaped),
+                       printable(escaped[0]))
     if out_csv is not None:
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=["path", "prediction", *[f"p_{c}" for c in classes], "error"])

@@ -21,7 +21,7 @@ from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from medtricks.files import atomic_write  # noqa: E402
+from medtricks.files import atomic_write, printable  # noqa: E402
 from medtricks.metrics import calibration_bins, check_probs  # noqa: E402
 from medtricks.multilabel import label_name  # noqa: E402
 
@@ -34,6 +34,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     for text in fig.findobj(Text):  # class and file names are data: '$x$' is no formula (and '$\\frac{x$' no error)
         text.set_parse_math(False)
+        text.set_text(printable(text.get_text()))  # a file name that is not UTF-8
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=_DPI, bbox_inches="tight", format="png"))
     finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -37,10 +38,10 @@ from torch.utils.data import DataLoader
 
 from medtricks.config import parse_yaml
 from medtricks.data.dataset import ImageDataset
-from medtricks.data.pipeline import eval_loader, load_eval_data
+from medtricks.data.pipeline import eval_loader, load_eval_data, resolve_source
 from medtricks.data.sources import class_name
 from medtricks.devices import place_model, resolve_device
-from medtricks.errors import MedtricksError, RecipeError, short
+from medtricks.errors import DataError, MedtricksError, RecipeError, short
 from medtricks.files import (
     MODEL_FILE,
     MODEL_JSON,
@@ -58,6 +59,8 @@ from medtricks.recipe import CROP_FRACTIONS, IMAGE_SIZES, Recipe, load_recipe_fr
 from medtricks.scoring import EvalOutput, predict_loader
 from medtricks.tricks.ordinal_decoding import check_cuts
 from medtricks.tta import VIEWS, TTAModel
+
+logger = logging.getLogger(__name__)
 
 
 class RunError(MedtricksError):
@@ -315,11 +318,25 @@ class Run:
         external set), with the eval transform and the run's classes; only its first `limit` images if given."""
         if limit is not None and limit < 1:
             raise RunError(f"--limit {limit}: must be >= 1.")
+        if split == "all" and self._is_own_data(data):
+            logger.warning("--split all on the run's own data %s: it includes the images the model was trained on and "
+                           "those that chose its epoch and threshold, so the metrics are optimistic; score an external "
+                           "set with --data DIR --split all, or use --split test.", self.source)
         dataset, _ = load_eval_data(self.recipe.data, data if data is not None else self.source, split,
                                     self.recipe.seed, self.classes)
         if limit is not None:
             dataset.indices = dataset.indices[:limit]
         return dataset
+
+    def _is_own_data(self, data: str | Path | None) -> bool:
+        """Whether `data` (None: the run's own) is the source the run was trained on."""
+        if data is None:
+            return True
+        try:
+            return resolve_source(self.recipe.data, data).resolve() == \
+                resolve_source(self.recipe.data, self.source).resolve()
+        except DataError:  # the training source is gone (moved, not fetched): `data` is another
+            return False
 
     def open_same_task(self, path: str | Path, option: str) -> Run:
         """Another finished run on this run's device that must solve the same task (the same classes and input

@@ -72,8 +72,9 @@ def test_evaluate_external_source_and_predict(tiny_run, tmp_path):
     assert (tmp_path / "p.csv").read_text().startswith("path,prediction,p_normal,p_opacity,error")
 
 
-def test_predict_writes_a_file_name_that_is_not_utf8(tiny_run, tmp_path):
-    """A name with undecodable bytes (an old Latin-1 archive) is written escaped; it crashed the CSV write."""
+def test_predict_writes_a_file_name_that_is_not_utf8(tiny_run, tmp_path, caplog):
+    """A name with undecodable bytes (an old Latin-1 archive) is written escaped, and said so; it crashed the CSV
+    write."""
     import os
 
     from PIL import Image
@@ -82,9 +83,11 @@ def test_predict_writes_a_file_name_that_is_not_utf8(tiny_run, tmp_path):
     folder.mkdir()
     Image.new("L", (40, 40), 90).save(os.fsdecode(os.fsencode(folder) + b"/bad\xff.png"), format="PNG")
     (folder / "broken\udcfe.png").write_text("not an image")  # unreadable too: its error row names it
-    rows = predict(tiny_run, [folder], out_csv=tmp_path / "p.csv")
+    with caplog.at_level("WARNING", logger="medtricks"):
+        rows = predict(tiny_run, [folder], out_csv=tmp_path / "p.csv")
     text = (tmp_path / "p.csv").read_text(encoding="utf-8")
     assert "bad\\xff.png" in text and "broken\\xfe.png" in text
+    assert "2 file name(s) are not valid UTF-8" in caplog.text and "rename the files" in caplog.text
     assert sorted(bool(r["error"]) for r in rows) == [False, True]
 
 

@@ -147,3 +147,19 @@ def test_class_folders_name_the_files_they_do_not_read(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="medtricks"):
         source = load_source(tmp_path)
     assert len(source.records) == 4 and "normal: 1 file(s) are not read" in caplog.text and "scan.webp" in caplog.text
+    assert source.not_images == ["normal/scan.webp"]
+    result = CliRunner().invoke(app, ["data", "check", str(tmp_path)])  # said "unreadable files: 0" and no more
+    assert result.exit_code == 0 and "files not read (no image by extension or content): 1" in result.output
+    assert "normal/scan.webp" in result.output, result.output
+
+
+def test_a_deleted_current_folder_is_named_not_blamed_on_the_install(tmp_path):
+    """torch's import in a deleted cwd fails with "oneMKL: cannot load libtorch_cpu.so", which points at the install."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = ("import os, sys; os.rmdir(os.getcwd()); sys.argv = ['medtricks', 'evaluate', '/nonexistent']; "
+            "from medtricks.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=gone, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "the current folder cannot be read" in result.stderr and "cd to an existing folder" in result.stderr
+    assert "Traceback" not in result.stderr and "oneMKL" not in result.stderr

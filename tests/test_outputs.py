@@ -285,3 +285,49 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
     with pytest.raises(runs.RunError, match="another command created this run directory"):
         runs.new_run_dir("demo", out=tmp_path / "mine")
     assert runs.new_run_dir("demo", root=tmp_path).name == "demo-20261201-093000-5"  # -4 was taken meanwhile
+
+
+def test_a_pipe_and_dash_are_refused_before_the_work(run, tmp_path, monkeypatch):
+    """`--json /dev/stdout` into a pipe resolved to /proc/PID/fd/pipe:[N], a name that passed as a new file: the
+    evaluation ran in full, then failed. `--json -` wrote a file named '-'."""
+    read, write = os.pipe()
+    try:
+        refused(["evaluate", run, "--json", f"/dev/fd/{write}"], "not a regular file", "give a file name",
+                folders=[run])
+        refused(["predict", run, run.parent, "--out", f"/dev/fd/{write}"], "--out", "not a regular file",
+                folders=[run])
+    finally:
+        os.close(read), os.close(write)
+    monkeypatch.chdir(tmp_path)
+    refused(["evaluate", run, "--json", "-"], "not standard output")
+    assert not (tmp_path / "-").exists()
+
+
+def test_ablate_never_writes_into_a_fine_tuning_run(run, phantoms_train):
+    """ablate --out RUN added ablation.json, forest.png and runs/ to a finished run's root (explain --out refused it);
+    an --out inside the run's own files was refused only by the first training."""
+    common = ["ablate", "--recipe", "demo", "--data", phantoms_train, "--seeds", "1", "--tricks", "warmup"]
+    refused([*common, "--out", run], "fine-tuning run", "model.json", folders=[run])
+    refused([*common, "--out", run / "plots"], "part of the run", folders=[run])
+
+
+def test_split_all_on_the_runs_own_data_warns_and_an_empty_split_advises_no_training_images(
+        run, phantoms_train, phantoms, caplog):
+    """The advice for an empty test split was '--split all', which scored the run's training images without a word."""
+    import importlib
+
+    from medtricks.data.pipeline import load_eval_data
+    from medtricks.errors import DataError
+    from medtricks.recipe import load_recipe
+
+    evaluate = importlib.import_module("medtricks.finetune").evaluate
+    for data, warned in [(None, True), (phantoms_train, True), (phantoms, False)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="medtricks"):
+            assert evaluate(run, data=data, split="all")["n"] > 0
+        assert ("it includes the images the model was trained on" in caplog.text) == warned, (data, caplog.text)
+    no_test = load_recipe("demo", ["data.split.train=0.8", "data.split.val=0.2", "data.split.test=0"]).data
+    with pytest.raises(DataError, match="the test split is empty") as error:
+        load_eval_data(no_test, phantoms_train, "test", 0, ("normal", "opacity"))
+    assert "external labelled set with --data DIR --split all" in str(error.value)
+    assert "use --split all" not in str(error.value)

@@ -112,3 +112,15 @@ def test_class_names_with_dollar_signs_are_drawn_as_text_not_parsed_as_formulas(
     matrix = compute_metrics(labels, probs, n_boot=0)["confusion_matrix"]
     assert_png(tmp_path / "c.png", plot_confusion(matrix, names, tmp_path / "c.png"))
     assert_png(tmp_path / "r.png", plot_roc(labels, probs, names, tmp_path / "r.png"))
+
+
+def test_file_names_that_are_not_utf8_are_drawn_with_their_bytes_escaped(tmp_path):
+    """A title holding a file name with undecodable bytes (surrogates in Python) crashed FreeType inside savefig:
+    `medtricks explain` on such a file exited with a traceback."""
+    from medtricks.files import printable
+    from medtricks.plots import plot_saliency
+
+    assert printable("bad\udcff\udcfe.dcm") == "bad\\xff\\xfe.dcm" and printable("x\ud800") == "x\\ud800"
+    assert printable("schädel.png") == "schädel.png"
+    image, saliency = np.zeros((3, 8, 8), np.float32), np.random.default_rng(0).random((8, 8)).astype(np.float32)
+    assert_png(tmp_path / "s.png", plot_saliency(image, saliency, tmp_path / "s.png", title="bad\udcff.dcm: normal"))

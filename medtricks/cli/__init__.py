@@ -7,6 +7,7 @@ Bad input (MedtricksError) becomes a one-paragraph message on stderr and exit co
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 
@@ -29,6 +30,12 @@ def _stop(signum: int, frame) -> None:
 def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _stop)
+    try:
+        os.getcwd()
+    except OSError as exc:  # torch's import would fail with "oneMKL: cannot load libtorch_cpu.so", blaming the install
+        err_console.print(Text("error:", style="bold red"), f"the current folder cannot be read ({exc.strerror}): it "
+                          f"was deleted or moved; cd to an existing folder and run the command again.", highlight=False)
+        sys.exit(2)
     try:
         app()
     except MedtricksError as exc:  # raised outside a command's own handler

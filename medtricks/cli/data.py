@@ -87,6 +87,12 @@ def _print_check(report: dict) -> None:
     console.print(f"unreadable files: {len(report['unreadable'])}")
     for item in report["unreadable"]:
         console.print(f"  - {item['reason']}", highlight=False)
+    if report.get("not_images"):
+        console.print(f"files not read (no image by extension or content): {len(report['not_images'])}")
+        for key in report["not_images"][:20]:
+            console.print(f"  - {key}", highlight=False)
+        if len(report["not_images"]) > 20:
+            console.print(f"  ... and {len(report['not_images']) - 20} more (all in --json)", highlight=False)
 
 
 def _print_multilabel_check(report: dict) -> None:

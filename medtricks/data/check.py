@@ -102,6 +102,7 @@ def check_data(path, classes=None, split: SplitConfig | None = None, seed: int =
     store = ImageStore(records, channels=None, max_side=1 << 30, mode="none")  # decode only, full size
     _, problems, metas = prepare_images(store, workers=workers, progress=progress, want_meta=True)
     report["unreadable"] = [{"file": key, "reason": reason} for key, reason in list(source.missing) + problems]
+    report["not_images"] = source.not_images
     sizes = [m["size"] for m in metas.values()]
     report["size"] = {"min_height": min(s[0] for s in sizes), "max_height": max(s[0] for s in sizes),
                       "min_width": min(s[1] for s in sizes), "max_width": max(s[1] for s in sizes)} if sizes else None

@@ -117,7 +117,9 @@ def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed
         indices, origin = split_source(source, config.split, seed)
         chosen = indices[split]
         if not chosen:
-            raise DataError(f"{source.root}: the {split} split is empty ({origin}); use --split all or another split.")
+            raise DataError(f"{source.root}: the {split} split is empty ({origin}). Score an external labelled set "
+                            f"with --data DIR --split all, or choose another split (val chose the epoch and threshold, "
+                            f"so its metrics are optimistic).")
     store, ok, _ = _decoded(config, source, [source.records[i] for i in chosen], workers)
     return ImageDataset(store, ok, create_eval_transform(config.image_size, config.crop_fraction)), origin
 

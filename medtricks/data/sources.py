@@ -74,6 +74,7 @@ class Source:
     has_splits: bool
     missing: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of rows whose file is absent
     multilabel: bool = False  # labels are multi-hot tuples over `classes`
+    not_images: list[str] = field(default_factory=list)  # files in class folders that are no image (named in a warning)
 
     @property
     def labelled(self) -> bool:
@@ -105,12 +106,15 @@ def class_name(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def image_files(folder: Path, warn: bool = True) -> list[Path]:
+def image_files(folder: Path, warn: bool = True, others: list[Path] | None = None) -> list[Path]:
     """The image files under `folder` (recursively; by extension, or DICOM by content), sorted; the other visible
-    files are named in a warning (`warn`), never dropped unsaid: an image saved without its extension is one."""
+    files are named in a warning (`warn`) and appended to `others`, never dropped unsaid: an image saved without
+    its extension is one."""
     visible = _visible_files(folder)
     found = sorted(p for p in visible if _is_image_file(p))
     left = sorted(set(visible) - set(found))
+    if others is not None:
+        others.extend(left)
     if left and warn:
         logger.warning("%s: %d file(s) are not read, being neither an image by extension (PNG, JPEG, TIFF, BMP, "
                        "DICOM) nor DICOM by content: %s%s; convert or rename such a file to use it.", folder,
@@ -350,8 +354,9 @@ def _multi_hot_npz(npz_path: Path, classes, records: list[dict], label_values: l
 def _from_folder(folder: Path, classes) -> Source:
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     by_class: dict[str, list[Path]] = {}
+    others: list[Path] = []
     for d in subdirs:  # two folders whose names differ only in Unicode form are one class
-        by_class.setdefault(class_name(d.name), []).extend(image_files(d))
+        by_class.setdefault(class_name(d.name), []).extend(image_files(d, others=others))
     by_class = {name: sorted(files) for name, files in by_class.items() if files}
     loose = [p for p in folder.iterdir() if _is_image_file(p)]
     if by_class and not loose:
@@ -364,7 +369,8 @@ def _from_folder(folder: Path, classes) -> Source:
         if not has_patient:
             for rec in records:
                 rec["patient_id"] = None
-        return Source(folder, "imagefolder", classes, records, has_patient, False)
+        return Source(folder, "imagefolder", classes, records, has_patient, False,
+                      not_images=[p.relative_to(folder).as_posix() for p in others])
     files = image_files(folder, warn=not subdirs)  # the class folders' other files were named above
     if not files:
         raise DataError(f"{folder}: no images found (looked for PNG, JPEG, TIFF, BMP and DICOM files, a labels.csv "
