@@ -53,6 +53,8 @@ from medtricks.files import (
     RECIPE_FILE,
     REPORT_FILE,
     RESUME_FILE,
+    DamagedFileError,
+    read_json,
     refuse_run_files,
     write_json,
     write_text,
@@ -217,11 +219,29 @@ def _unit_dir(out: Path, variant: str, seed: int, fold: int | None) -> Path:
     return run / f"fold-{fold}" if fold is not None else run
 
 
+_REDO = "delete that unit's folder and run the same ablate command again to train it anew."
+
+
+def _metric(path: Path, scored, key: str) -> float | None:
+    """scored[key]: a metric in [0, 1], or None where it is undefined (one class present)."""
+    value = scored.get(key, "missing") if isinstance(scored, dict) else "missing"
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+        return value
+    raise DamagedFileError(f"{path} is damaged ({key} {short(value)} is no number in [0, 1]); {_REDO}")
+
+
+def _cached(path: Path, key: str) -> dict:
+    """A unit's cached robust.json / corruption.json, its `key` checked."""
+    result = read_json(path, _REDO)
+    _metric(path, result, key)
+    return result
+
+
 def _robust_accuracy(run: Path, recipe: Recipe, split: str = "val") -> dict:
     """Robust accuracy on a split (val; cross-validation: the held-out fold) under the recipe's attack at its largest
     eps (cached: robust.json)."""
     if (run / ROBUST_FILE).is_file():
-        return json.loads((run / ROBUST_FILE).read_text())
+        return _cached(run / ROBUST_FILE, "accuracy")
     settings = dataclasses.replace(recipe.attack, eps=(max(recipe.attack.eps),))
     opened = open_run(run, "auto")
     report = run_attack(decision_model(opened), opened.loader(opened.dataset(split=split)), settings, opened.classes,
@@ -238,7 +258,7 @@ def _corruption_accuracy(run: Path, recipe: Recipe, split: str = "val") -> dict:
     """Mean accuracy over the recipe's corruptions and severities on a split (val; cross-validation: the held-out
     fold) (cached: corruption.json)."""
     if (run / CORRUPTION_FILE).is_file():
-        return json.loads((run / CORRUPTION_FILE).read_text())
+        return _cached(run / CORRUPTION_FILE, "accuracy")
     opened = open_run(run, "auto")
     preset, names = corruption_names(opened, None, None)
     report = evaluate_run(opened, opened.dataset(None, split), names, recipe.attack.severities, 0)
@@ -380,12 +400,13 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         else:
             notify({**event, "status": "resuming" if run.exists() else "training"})
             status = _train(run_recipe, run, lambda row, e=event: notify({**e, "status": "epoch", "row": row}))
-        scored = json.loads((run / REPORT_FILE).read_text())["splits"].get(split)
+        splits = read_json(run / REPORT_FILE, _REDO).get("splits")
+        scored = splits.get(split) if isinstance(splits, dict) else {}
         if scored is None:
             raise AblationError(f"{run}: the run has no {split} split; an ablation compares {split} metrics. "
                                 f"Give the data a {split} split (data.split.{split} > 0).")
-        values[variant]["auroc"][k] = scored["auroc"]
-        values[variant]["balanced_accuracy"][k] = scored["balanced_accuracy"]
+        for metric in ("auroc", "balanced_accuracy"):
+            values[variant][metric][k] = _metric(run / REPORT_FILE, scored, metric)
         if attack:
             notify({**event, "status": "attacking"})
             robust = _robust_accuracy(run, run_recipe, split)

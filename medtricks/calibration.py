@@ -24,7 +24,8 @@ from scipy.special import log_softmax
 
 logger = logging.getLogger(__name__)
 
-_LOG_T_BOUNDS = (np.log(0.05), np.log(20.0))
+TEMPERATURES = (0.05, 20.0)  # the range searched; a model.json outside it was edited
+_LOG_T_BOUNDS = (np.log(TEMPERATURES[0]), np.log(TEMPERATURES[1]))
 
 
 def _log_probs(probs: np.ndarray) -> np.ndarray:
@@ -59,7 +60,7 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> dict:
     before = nll(labels, probs)
     fit = minimize_scalar(lambda log_t: nll(labels, probs, float(np.exp(log_t))), bounds=_LOG_T_BOUNDS,
                           method="bounded", options={"xatol": 1e-4})
-    temperature, after = float(np.exp(fit.x)), float(fit.fun)
+    temperature, after = float(np.clip(np.exp(fit.x), *TEMPERATURES)), float(fit.fun)  # exp(log(b)) may miss b
     if not after < before:
         temperature, after = 1.0, before
     if any(abs(fit.x - bound) < 1e-3 for bound in _LOG_T_BOUNDS):

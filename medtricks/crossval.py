@@ -13,7 +13,6 @@ share a scale; the per-fold paired differences in ablation.json do not.)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 from medtricks.data.sources import LabelFormat, load_source
 from medtricks.data.splits import fold_assignment
 from medtricks.errors import MedtricksError
-from medtricks.files import write_json
+from medtricks.files import DamagedFileError, read_json, write_json
 from medtricks.metrics import auroc, decisions, weighted_kappa
 from medtricks.multilabel import mean_auroc, predicted_sets
 from medtricks.recipe import Recipe
@@ -38,7 +37,11 @@ def fold_scores(run: str | Path) -> dict:
     fold_scores.json."""
     run = Path(run)
     if (run / SCORES_FILE).is_file():
-        return json.loads((run / SCORES_FILE).read_text())
+        scores = read_json(run / SCORES_FILE, "delete it, and the same command scores the fold again.")
+        if not {"labels", "probs", "decisions", "threshold", "multilabel"} <= scores.keys():
+            raise DamagedFileError(f"{run / SCORES_FILE} is damaged (keys {sorted(scores)}); delete it, and the same "
+                                   f"command scores the fold again.")
+        return scores
     opened = open_run(run, "auto")
     output = opened.predict(opened.dataset(split="test"))
     decided = (predicted_sets(output.probs, opened.threshold) if opened.multilabel

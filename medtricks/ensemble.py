@@ -33,6 +33,7 @@ from medtricks.runs import (
     MAX_MEMBERS,
     Run,
     check_new_run_dir,
+    finite,
     new_run_dir,
     open_run,
     save_recipe,
@@ -82,6 +83,7 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
         EnsembleError: fewer than 2 or more than MAX_MEMBERS runs, or members that differ in task or split.
         RunError: a member that is not a finished run, or an `out` that exists.
     """
+    runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)  # one path, not the characters of one
     if not 2 <= len(runs) <= MAX_MEMBERS:
         raise EnsembleError(f"an ensemble takes 2 to {MAX_MEMBERS} runs; got {len(runs)}.")
     if len({os.path.realpath(r) for r in runs}) < len(runs):  # realpath: a link loop is opened (and named) later
@@ -102,9 +104,10 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
     _check_members(members)
     first = members[0]
     model = EnsembleModel([m.model for m in members], multilabel=first.multilabel).eval()
-    outputs = {"val": predict_loader(model, first.loader(first.dataset(None, "val")), first.device)}
+    where = ", ".join(str(m.path) for m in members)
+    outputs = {"val": finite(predict_loader(model, first.loader(first.dataset(None, "val")), first.device), where)}
     try:  # the threshold needs the validation split (an error above names why it cannot be read); test may be empty
-        outputs["test"] = predict_loader(model, first.loader(first.dataset(None, "test")), first.device)
+        outputs["test"] = finite(predict_loader(model, first.loader(first.dataset(None, "test")), first.device), where)
     except DataError as exc:
         logger.warning("the ensemble has no test split to report (%s)", exc)
     threshold = val_threshold(outputs["val"], len(first.classes), first.recipe.train.threshold,

@@ -211,6 +211,25 @@ def read_text(path: Path, limit: int = MAX_TEXT_BYTES) -> str:
     return data.decode("utf-8")
 
 
+class DamagedFileError(MedtricksError):
+    """A file medtricks wrote earlier (a cached result) no longer parses or holds what it should."""
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON object that medtricks wrote earlier (a cached unit result); `fix` says what to do when it is damaged.
+
+    Raises:
+        DamagedFileError: unreadable, not JSON, or not an object, naming the file and `fix`.
+    """
+    try:
+        data = json.loads(read_text(path))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise DamagedFileError(f"{path} is damaged ({str(exc).splitlines()[0]}); {fix}") from exc
+    if not isinstance(data, dict):
+        raise DamagedFileError(f"{path} is damaged (a JSON {type(data).__name__}, not an object); {fix}")
+    return data
+
+
 def write_text(path: Path, text: str, replace: bool = True) -> None:
     """Write a text file atomically (`replace`: as in atomic_write)."""
     atomic_write(path, lambda tmp: tmp.write_text(text), replace)

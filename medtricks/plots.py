@@ -1,8 +1,8 @@
 """PNG plots of a run: ROC curves, confusion matrix, reliability diagram and training curves.
 
-Each function writes one PNG (parent folders created), closes its figure and returns the path. The Agg backend is
-set here, so plotting works on headless machines and inside the training loop. Plots never show patient ids: no
-function takes them.
+Each function writes one PNG (parent folders created) and returns the path. Figures are made without pyplot and drawn
+with Agg, so plotting works on headless machines and inside the training loop and leaves a notebook's own matplotlib
+backend as it was. Plots never show patient ids: no function takes them.
 """
 
 from __future__ import annotations
@@ -11,19 +11,15 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+from matplotlib.ticker import NullFormatter
+from sklearn.metrics import roc_auc_score, roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.text import Text  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
-
-from medtricks.files import atomic_write, printable  # noqa: E402
-from medtricks.metrics import calibration_bins, check_probs  # noqa: E402
-from medtricks.multilabel import label_name  # noqa: E402
+from medtricks.files import atomic_write, printable
+from medtricks.metrics import calibration_bins, check_probs
+from medtricks.multilabel import label_name
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +31,15 @@ def _save(fig: Figure, path: str | Path) -> Path:
     for text in fig.findobj(Text):  # class and file names are data: '$x$' is no formula (and '$\\frac{x$' no error)
         text.set_parse_math(False)
         text.set_text(printable(text.get_text()))  # a file name that is not UTF-8
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=_DPI, bbox_inches="tight", format="png"))
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=_DPI, bbox_inches="tight", format="png"))
     return path
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], layout: str | None = None, **kwargs):
+    """plt.subplots without pyplot, which would switch a notebook's backend (inline plots stop showing) and keep every
+    figure in its registry; a bare Figure draws with Agg when saved."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _check_classes(classes: Sequence[str], n_classes: int) -> list[str]:
@@ -69,7 +69,7 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path
     binary = p.shape[1] == 2
     if threshold is not None and not binary:
         raise ValueError(f"threshold applies to binary tasks only; this task has {p.shape[1]} classes.")
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = _subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
     skipped = []
     for c in [1] if binary else range(p.shape[1]):
@@ -118,7 +118,7 @@ def plot_confusion(matrix: list[list[int]] | np.ndarray, classes: Sequence[str],
     fractions = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     shown = fractions if normalize else counts
     size = 2.5 + 0.7 * len(names)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig, ax = _subplots(figsize=(size + 1, size))
     image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(1, counts.max()))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "images")
     high = (1 if normalize else max(1, counts.max())) / 2
@@ -152,7 +152,7 @@ def plot_reliability(labels: np.ndarray, probs: np.ndarray, path: str | Path, n_
     filled = counts > 0
     centres = (np.arange(n_bins) + 0.5) / n_bins
     width = 1.0 / n_bins
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, hist) = _subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(centres[filled], accuracy[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
     ax.bar(centres[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width,
            facecolor="none", edgecolor="tab:red", hatch="//", label="gap to mean confidence")
@@ -175,7 +175,7 @@ def _show_image(ax, image: np.ndarray, saliency: np.ndarray | None = None) -> No
 
 def plot_saliency(image: np.ndarray, saliency: np.ndarray, path: str | Path, title: str = "") -> Path:
     """The image (C, H, W) in [0, 1] as the model saw it, beside it with the saliency map (H, W) in [0, 1] on top."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
+    fig, axes = _subplots(1, 2, figsize=(8, 4.3))
     for ax in axes:
         ax.axis("off")
     _show_image(axes[0], image)
@@ -189,7 +189,7 @@ def plot_saliency_gallery(images: np.ndarray, maps: np.ndarray, titles: Sequence
     """A grid of images (N, C, H, W) with their saliency maps (N, H, W) on top, e.g. the most border-focused."""
     cols = 4
     rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False, layout="constrained")
+    fig, axes = _subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, saliency, title in zip(axes.ravel(), images, maps, titles, strict=False):
@@ -202,7 +202,7 @@ def plot_attention_shift(clean: Sequence[np.ndarray], adversarial: Sequence[np.n
                          adversarial_maps: np.ndarray, titles: Sequence[str], path: str | Path, method: str) -> Path:
     """One row per attack example: the clean image with its saliency map, the adversarial image with its map."""
     rows = len(clean)
-    fig, axes = plt.subplots(rows, 2, figsize=(6, 3 * rows + 0.4), squeeze=False, layout="constrained")
+    fig, axes = _subplots(rows, 2, figsize=(6, 3 * rows + 0.4), squeeze=False, layout="constrained")
     for row in range(rows):
         for col, (image, saliency, name) in enumerate(((clean[row], clean_maps[row], "clean"),
                                                        (adversarial[row], adversarial_maps[row], "adversarial"))):
@@ -230,7 +230,7 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> Path:
     Returns:
         path.
     """
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = _subplots(1, 3, figsize=(14, 4))
     panels = [
         (axes[0], ["train_loss", "val_loss"], "loss"),
         (axes[1], ["val_auroc", "val_accuracy"], "validation metric"),
@@ -261,7 +261,7 @@ def plot_robustness(report: dict, path: str | Path) -> Path:
     1/255), with the clean values as dotted lines."""
     linf = report["norm"] == "linf"
     eps = [r["eps"] * (255 if linf else 1) for r in report["results"]]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = _subplots(figsize=(5.5, 4))
     series = [("accuracy", "o-", "C0"), ("auroc", "s--", "C1")]
     for key, style, color in series:
         values, clean = [r[key] for r in report["results"]], report["clean"][key]
@@ -289,7 +289,7 @@ def plot_adversarial_examples(examples: list, classes, path: str | Path, eps: fl
     `examples` holds (clean (C,H,W), adversarial (C,H,W), label, clean prediction, adversarial prediction), each
     label a class index or a multi-hot tuple (shown as its findings joined by +)."""
     rows = max(len(examples), 1)
-    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.3 * rows + 0.4), squeeze=False, layout="constrained")
+    fig, axes = _subplots(rows, 3, figsize=(7.5, 2.3 * rows + 0.4), squeeze=False, layout="constrained")
     for row, (clean, adv, label, pred, adv_pred) in enumerate(examples):
         delta = (adv - clean).numpy()
         scale = max(float(np.abs(delta).max()), 1e-12)
@@ -319,8 +319,8 @@ def plot_forest(effects: dict[str, Sequence[dict]], path: str | Path, title: str
     colours = {"helps": "tab:green", "hurts": "tab:red"}
     panels = list(effects.items()) or [("no effects", [])]
     n_rows = max((len(rows) for _, rows in panels), default=0)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 1.2 + 0.45 * max(n_rows, 1)),
-                             squeeze=False, sharey=True)
+    fig, axes = _subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 1.2 + 0.45 * max(n_rows, 1)),
+                          squeeze=False, sharey=True)
     for ax, (name, rows) in zip(axes[0], panels, strict=True):
         for y, row in enumerate(rows):
             colour = colours.get(row.get("verdict"), "grey")
@@ -355,7 +355,7 @@ def plot_corruptions(report: dict, path: str | Path, against: dict | None = None
     Returns:
         path.
     """
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = _subplots(figsize=(6.5, 4.5))
 
     def curves(rep: dict) -> tuple[list[int], dict[str, list[float]]]:
         severities = sorted({r["severity"] for r in rep["results"]})
@@ -395,7 +395,7 @@ def plot_corruption_gallery(gallery: dict, path: str | Path) -> Path:
     rows = list(gallery["images"].items())
     n_cols = 1 + max((len(images) for _, images in rows), default=0)
     severities = gallery.get("severities") or list(range(1, n_cols))
-    fig, axes = plt.subplots(max(len(rows), 1), n_cols, figsize=(1.6 * n_cols, 1.6 * max(len(rows), 1) + 0.3),
+    fig, axes = _subplots(max(len(rows), 1), n_cols, figsize=(1.6 * n_cols, 1.6 * max(len(rows), 1) + 0.3),
                              squeeze=False, layout="constrained")
     for row, (name, images) in enumerate(rows):
         for col, image in enumerate([gallery["clean"], *images]):

@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from medtricks.config import build_dataclass, field_names, parse_yaml, plain, recipe_differences, set_key
-from medtricks.errors import AttackError, RecipeError, short
+from medtricks.errors import AttackError, DataError, RecipeError, short
 from medtricks.files import RECIPE_FILE, read_text
 from medtricks.tricks.amp import AmpConfig
 from medtricks.tricks.class_balance import ClassBalanceConfig
@@ -180,6 +180,13 @@ class DataConfig:
         if self.multilabel and self.ordinal:
             raise RecipeError("recipe keys 'data.task' = multilabel and 'data.ordinal' = true: findings are not "
                               "ordered grades; set data.ordinal: false.")
+        if self.multilabel:  # a separator inside data.no_finding or a class name
+            from medtricks.data.sources import LabelFormat  # (the data layer imports slowly; recipes load first)
+
+            try:
+                LabelFormat.of(self).check_classes(self.classes)
+            except DataError as exc:
+                raise RecipeError(f"recipe key {exc}") from exc
         if self.multilabel and self.classes is not None and self.no_finding in self.classes:
             raise RecipeError(f"recipe key 'data.no_finding' = {short(self.no_finding)} is also in data.classes; the "
                               f"no-finding label means 'none of the classes': remove it from data.classes.")

@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
@@ -36,6 +36,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from medtricks.calibration import TEMPERATURES
 from medtricks.config import parse_yaml
 from medtricks.data.dataset import ImageDataset
 from medtricks.data.pipeline import eval_loader, load_eval_data, resolve_source
@@ -238,9 +239,10 @@ def _as_scored(run: Path, model: MedModel, description: dict, multilabel: bool) 
     """`model` as the run scores it: with its calibration temperature, and averaged over its test-time views when
     it was trained with train.tta (the temperature then divides the averaged logits, where it was fitted)."""
     temperature = description.get("temperature", 1.0)  # a calibrated run's (train.calibrate)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise RunError(f"{run}: {MODEL_JSON} has temperature {short(temperature)}; a calibration temperature is a "
-                       f"positive number. The file was edited or damaged: train the run again.")
+    low, high = TEMPERATURES
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not low <= temperature <= high:
+        raise RunError(f"{run}: {MODEL_JSON} has temperature {short(temperature)}; a fitted calibration temperature "
+                       f"lies in [{low:g}, {high:g}]. The file was edited or damaged: train the run again.")
     views = description.get("tta")
     if views is None:
         model.temperature = float(temperature)
@@ -354,7 +356,18 @@ class Run:
 
     def predict(self, dataset: ImageDataset) -> EvalOutput:
         """Probabilities and loss of every image of `dataset`, in dataset order."""
-        return predict_loader(self.model, self.loader(dataset), self.device)
+        return finite(predict_loader(self.model, self.loader(dataset), self.device), self.path)
+
+
+def finite(output: EvalOutput, run: Path | str) -> EvalOutput:
+    """`output`, checked for the non-finite probabilities of a damaged run (NaN weights, a temperature edited towards
+    0) or of NaN pixels, which every metric would refuse with a traceback or report as NaN."""
+    bad = int((~np.isfinite(output.probs)).any(axis=1).sum()) if output.probs.size else 0
+    if bad:
+        raise RunError(f"{run}: the model gives non-finite probabilities for {bad} of {len(output.probs)} images: its "
+                       f"weights or {MODEL_JSON} (e.g. the temperature) were edited or damaged, or the images hold NaN "
+                       f"or infinite pixels. Train the run again, or check the images with `medtricks data check`.")
+    return output
 
 
 def open_run(run: str | Path, device: str | torch.device | None = None) -> Run:

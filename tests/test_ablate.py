@@ -366,3 +366,25 @@ def test_power_line_states_the_smallest_detectable_difference(grid):
     assert power["detectable"] == pytest.approx(detectable_difference(versus["sd"], 2))
     table = (out / "ablation.md").read_text()
     assert "Power: with 2 paired differences" in table and f"±{power['detectable']:.4f} in AUROC" in table
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda report: "{not json", ["report.json is damaged", "Expecting"]),
+    (lambda report: json.dumps({k: v for k, v in report.items() if k != "splits"}), ["auroc 'missing'"]),
+    (lambda report: json.dumps({**report, "splits": {"val": {**report["splits"]["val"], "auroc": "0.9"}}}),
+     ["auroc '0.9'"]),
+    (lambda report: json.dumps({**report, "splits": {"val": {**report["splits"]["val"], "auroc": float("nan")}}}),
+     ["auroc nan"]),
+])
+def test_a_reused_units_damaged_report_is_named(grid_copy, phantoms_train, monkeypatch, damage, words):
+    """A reused unit's report.json was read unchecked: tracebacks, or a NaN AUROC written into ablation.json as a
+    bare NaN token with the verdict 'no detectable effect'."""
+    from medtricks.files import DamagedFileError
+
+    report_file = grid_copy / "runs" / "reference" / "seed-0" / "report.json"
+    report_file.write_text(damage(json.loads(report_file.read_text())))
+    monkeypatch.setattr(ablate_module, "finetune", no_training)
+    with pytest.raises(DamagedFileError) as error:
+        ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY)
+    for word in [*words, str(report_file), "delete that unit's folder"]:
+        assert word in str(error.value), str(error.value)

@@ -272,3 +272,14 @@ def test_a_declared_class_without_training_images_is_named(phantoms_train, tmp_p
                  overrides=[*FAST, "train.epochs=1", "train.limit_train_batches=1",
                             "data.classes=[normal, opacity, effusion]"])
     assert "['effusion'] have no image in the train split" in caplog.text
+
+
+def test_one_path_given_as_a_string_is_one_input_not_its_characters(tiny_run, phantoms):
+    """`predict(run, "/abs/scan.dcm")` walked the file system from "/" (its first character)."""
+    from medtricks.ensemble import EnsembleError, ensemble
+
+    image = next((phantoms / "images").rglob("*.dcm"))
+    rows = predict(tiny_run, str(image))
+    assert [r["path"] for r in rows] == [str(image)]
+    with pytest.raises(EnsembleError, match="2 to .* runs; got 1"):
+        ensemble(str(tiny_run))

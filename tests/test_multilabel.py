@@ -147,6 +147,9 @@ def test_chest_xray14_recipe_trains_on_the_real_nih_findings(tmp_path):
     (["data.task=multilabel", "data.ordinal=true"], ["data.ordinal"]),
     (["data.task=multilabel", "data.classes=[a, No Finding]"], ["data.no_finding", "data.classes"]),
     (["data.label_separator=' '"], ["data.label_separator"]),
+    # a separator inside the no-finding name made every negative row positive for invented findings 'N' and 'A'
+    (["data.task=multilabel", "data.label_separator=/", "data.no_finding=N/A"], ["data.no_finding", "'/'"]),
+    (["data.task=multilabel", "data.classes=['square|x', stripe]"], ["data.classes", "square|x", "'|'"]),
 ])
 def test_recipe_refuses_what_multilabel_does_not_support(overrides, words):
     with pytest.raises(RecipeError) as info:
@@ -321,3 +324,12 @@ def test_ensemble_averages_sigmoids_and_chooses_thresholds_again(ml_run, finding
         roc_auc_score(test.labels, test.probs, average=None))
     again = evaluate(folder, split="test")  # the ensemble opens like a run
     assert {k: again[k] for k in report["splits"]["test"]} == report["splits"]["test"]
+
+
+def test_a_separator_inside_the_no_finding_name_is_refused_for_any_source(tmp_path):
+    """`data check --label-separator / --no-finding N/A` builds the label format without a recipe."""
+    from medtricks.data.sources import LabelFormat
+
+    with pytest.raises(DataError, match="data.no_finding 'N/A' contains the label separator '/'"):
+        LabelFormat(multilabel=True, separator="/", no_finding="N/A")
+    assert LabelFormat(multilabel=False, separator="/", no_finding="N/A").no_finding == "N/A"  # single-label: unused

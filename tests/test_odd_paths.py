@@ -163,3 +163,19 @@ def test_a_deleted_current_folder_is_named_not_blamed_on_the_install(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "the current folder cannot be read" in result.stderr and "cd to an existing folder" in result.stderr
     assert "Traceback" not in result.stderr and "oneMKL" not in result.stderr
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """predict on a folder with an unreadable sub-folder (here: '/', reached through a path string iterated
+    character by character) ended in a PermissionError traceback."""
+    from pathlib import Path
+
+    from medtricks.data.sources import image_inputs
+
+    def refused(self, pattern):
+        raise PermissionError(13, "Permission denied", str(self / "locked"))
+        yield
+
+    monkeypatch.setattr(Path, "rglob", refused)
+    with pytest.raises(DataError, match=r"cannot list .*locked \(Permission denied\); make it readable"):
+        image_inputs([tmp_path])

@@ -203,6 +203,7 @@ def _bad_recipe(run: Path, tmp_path: Path) -> Path:
     (_model_json(_drop("data")), ["model.json", "data"]),
     (_model_json(_set("tta", ["identity", "rot90"])), ["model.json", "tta", "views"]),
     (_model_json(_set("tta", "hflip")), ["model.json", "tta", "views"]),
+    (_model_json(_set("temperature", 1e-300)), ["model.json", "temperature", "[0.05, 20]"]),  # overflowed to NaN
     (_model_json(_drop("sha256")), ["model.json", "sha256"]),
     (_model_json(_set("image_size", 60000)), ["model.json", "image_size"]),
     (_model_json(_set("crop_fraction", float("nan"))), ["model.json", "crop_fraction"]),
@@ -331,3 +332,18 @@ def test_split_all_on_the_runs_own_data_warns_and_an_empty_split_advises_no_trai
         load_eval_data(no_test, phantoms_train, "test", 0, ("normal", "opacity"))
     assert "external labelled set with --data DIR --split all" in str(error.value)
     assert "use --split all" not in str(error.value)
+
+
+def test_non_finite_probabilities_name_the_run_not_a_metric():
+    """A damaged run (NaN weights under a matching sha256, both edited) gave "probs contain NaN" tracebacks in
+    evaluate, attack, corrupt and ensemble, and NaN statistics from compare."""
+    import numpy as np
+
+    from medtricks.runs import RunError, finite
+    from medtricks.scoring import EvalOutput
+
+    good = EvalOutput(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]), [None, None], 0.3)
+    assert finite(good, "runs/x") is good
+    bad = EvalOutput(np.array([0, 1]), np.array([[0.9, 0.1], [np.nan, np.nan]]), [None, None], 0.3)
+    with pytest.raises(RunError, match=r"runs/x: the model gives non-finite probabilities for 1 of 2 images"):
+        finite(bad, "runs/x")

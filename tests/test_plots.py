@@ -124,3 +124,18 @@ def test_file_names_that_are_not_utf8_are_drawn_with_their_bytes_escaped(tmp_pat
     assert printable("schädel.png") == "schädel.png"
     image, saliency = np.zeros((3, 8, 8), np.float32), np.random.default_rng(0).random((8, 8)).astype(np.float32)
     assert_png(tmp_path / "s.png", plot_saliency(image, saliency, tmp_path / "s.png", title="bad\udcff.dcm: normal"))
+
+
+def test_plotting_leaves_a_notebooks_matplotlib_backend_as_it_was(tmp_path):
+    """plots chose Agg with matplotlib.use on import: in a notebook, any medtricks call stopped the user's own inline
+    plots from showing."""
+    import subprocess
+    import sys
+
+    code = ("import sys, matplotlib, numpy as np; matplotlib.use('svg'); from medtricks import plots; "
+            "plots.plot_roc(np.array([0, 1, 0, 1]), np.array([0.2, 0.7, 0.4, 0.9]), ['a', 'b'], sys.argv[1]); "
+            "print(matplotlib.get_backend())")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "roc.png")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["svg"] and (tmp_path / "roc.png").read_bytes().startswith(b"\x89PNG")

@@ -56,6 +56,20 @@ class LabelFormat:
     separator: str = "|"
     no_finding: str | None = "No Finding"
 
+    def __post_init__(self):
+        if self.multilabel and self.no_finding and self.separator in self.no_finding:
+            raise DataError(f"data.no_finding {short(self.no_finding)} contains the label separator "
+                            f"{short(self.separator)} (data.label_separator): a no-finding cell would be split into "
+                            f"findings. Choose a separator that no label contains.")
+
+    def check_classes(self, classes) -> None:
+        """Refuse multi-label class names that contain the separator: no label cell could name them."""
+        clash = [c for c in classes or () if self.separator in c] if self.multilabel else []
+        if clash:
+            raise DataError(f"data.classes {', '.join(map(short, clash))}: contain the label separator "
+                            f"{short(self.separator)} (data.label_separator), so no label cell can name them. Choose a "
+                            f"separator that no class name contains.")
+
     @classmethod
     def of(cls, config) -> LabelFormat:
         """The format of a recipe's data section (medtricks.recipe.DataConfig)."""
@@ -96,8 +110,12 @@ def _is_image_file(path: Path) -> bool:
 def _visible_files(folder: Path) -> list[Path]:
     """Everything but folders under `folder`, recursively, outside hidden files and folders: files, links to files
     that are gone, pipes, devices and sockets (the last three are listed, never read)."""
-    return [p for p in folder.rglob("*") if not p.is_dir() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts)]
+    try:
+        return [p for p in folder.rglob("*") if not p.is_dir() and not any(
+            part.startswith(".") for part in p.relative_to(folder).parts)]
+    except OSError as exc:  # a sub-folder that cannot be listed: its images would be lost unsaid
+        raise DataError(f"{folder}: cannot list {exc.filename or 'a sub-folder'} ({exc.strerror or exc}); make it "
+                        f"readable, or point at a folder that holds only the images.") from exc
 
 
 def class_name(name: str) -> str:
@@ -129,6 +147,8 @@ def image_inputs(inputs) -> list[Path]:
     Raises:
         DataError: an input that does not exist, or inputs that hold no image file at all.
     """
+    if isinstance(inputs, (str, os.PathLike)):  # one path, not the characters of one
+        inputs = [inputs]
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -171,6 +191,7 @@ def _multi_hot(classes: tuple[str, ...] | None, cells: list[str], where: list[st
                labels: LabelFormat) -> tuple[tuple, list[tuple[int, ...]]]:
     """Multi-hot tuples over `classes` (the sorted finding names when None) of label cells such as `A|B`; the
     no-finding name is all zeros. Unknown names and a finding listed with the no-finding name are errors."""
+    labels.check_classes(classes)
     names = [[part.strip() for part in cell.split(labels.separator) if part.strip()] for cell in cells]
     for w, found in zip(where, names, strict=True):
         if not found:  # '|' alone: not a no-finding image, an empty label
