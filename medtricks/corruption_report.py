@@ -43,7 +43,7 @@ from medtricks.corruptions import (
     default_preset,
 )
 from medtricks.errors import MedtricksError, short
-from medtricks.files import check_output, check_record_folder, make_record_folder, write_json
+from medtricks.files import check_output, check_record_folder, record_folder, write_json
 from medtricks.metrics import auroc, missing_class_warning
 from medtricks.multilabel import mean_auroc
 from medtricks.robustness import decision_model
@@ -303,9 +303,9 @@ def corruption_report(run: str | Path | None = None, data: str | Path | None = N
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     if json_path is not None:  # first: the file the user asked for does not depend on the run being writable
         write_json(Path(json_path), report, replace=overwrite)
-    out_dir = make_record_folder(target.path, "corruptions", f"{preset}-{stamp}")
-    plots.plot_corruptions(report, out_dir / "corruptions.png", against=reference)
-    plots.plot_corruption_gallery(gallery, out_dir / "gallery.png")
-    write_json(out_dir / REPORT_NAME, report)
-    report["files"] = str(out_dir)
+    with record_folder(target.path, "corruptions", f"{preset}-{stamp}") as folder:
+        plots.plot_corruptions(report, folder / "corruptions.png", against=reference)
+        plots.plot_corruption_gallery(gallery, folder / "gallery.png")
+        write_json(folder / REPORT_NAME, report)
+    report["files"] = str(target.path / "corruptions" / f"{preset}-{stamp}")
     return report

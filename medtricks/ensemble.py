@@ -20,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from medtricks import __version__
+from medtricks.data.splits import OWN_SPLITS
 from medtricks.errors import DataError, MedtricksError
 from medtricks.files import MODEL_FILE, MODEL_JSON, REPORT_FILE, write_json
 from medtricks.models.ensemble import EnsembleModel
@@ -56,8 +58,9 @@ class EnsembleError(MedtricksError):
 
 def _split_settings(run: Run) -> dict:
     split = run.recipe.data.split
-    return {"split seed": split.seed_for(run.recipe.seed), "data.split": dataclasses.replace(split, seed=None),
-            "data.source": run.source}
+    own = run.info["data"].get("split_origin") == OWN_SPLITS  # (MedMNIST, a split column): no seed chose them
+    return {"split seed": None if own else split.seed_for(run.recipe.seed),
+            "data.split": dataclasses.replace(split, seed=None), "data.source": run.source}
 
 
 def _check_members(runs: Sequence[Run]) -> None:
@@ -113,8 +116,18 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
     threshold = val_threshold(outputs["val"], len(first.classes), first.recipe.train.threshold,
                               first.recipe.tricks.ordinal_decoding)
     run = new_run_dir("ensemble", out)  # only now: a member split that cannot be read leaves nothing behind
+    try:
+        _write(run, members, outputs, threshold, time.perf_counter() - started)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: the folder is ours alone (made above); no half ensemble
+        shutil.rmtree(run, ignore_errors=True)
+        raise
+    return run
+
+
+def _write(run: Path, members: list[Run], outputs: dict, threshold, seconds: float) -> None:
+    """The ensemble's run files; recipe.yaml last, so that a killed ensemble leaves no run that --resume would take."""
+    first = members[0]
     recipe = first.recipe.to_dict()
-    save_recipe(run, {**recipe, "name": f"ensemble-{recipe['name']}"})
     save_weights(run / MODEL_FILE, EnsembleModel([unwrap(m.model) for m in members]))  # the bare networks' state
     described = [{**{k: m.info[k] for k in ("arch", "num_classes", "in_chans", "input_mode")},
                   "temperature": m.info.get("temperature", 1.0), **({"tta": m.info["tta"]} if "tta" in m.info else {}),
@@ -132,7 +145,7 @@ def ensemble(runs: Sequence[str | Path], out: str | Path | None = None, device: 
     write_json(run / REPORT_FILE, {"recipe": f"ensemble-{recipe['name']}", "seed": first.recipe.seed,
                                    "classes": list(first.classes),
                                    **({"task": "multilabel"} if first.multilabel else {}), "splits": splits,
-                                   "train": {"epochs": None, "seconds": round(time.perf_counter() - started, 2),
+                                   "train": {"epochs": None, "seconds": round(seconds, 2),
                                              "images_per_second": None, "members": [m["run"] for m in described]}})
-    return run
+    save_recipe(run, {**recipe, "name": f"ensemble-{recipe['name']}"})
 

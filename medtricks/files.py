@@ -84,8 +84,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], replace: bool = True
             raise
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(f"{path}: the disk is full (or over quota) while writing it; the previous version of "
-                              f"the file, if any, is kept. Free some space and run the command again (a fine-tune "
-                              f"continues with --resume).") from exc
+                              f"the file, if any, is kept. Free some space and run the command again.") from exc
         raise OutputError(f"{path}: cannot write it ({exc.strerror or exc}). Choose a writable place (a missing "
                           f"folder, a file where a folder is expected, or a read-only disk cause this).") from exc
 
@@ -138,6 +137,8 @@ def new_folder(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         _rename_folder(tmp, path)
+    except OutputError as exc:  # a file inside failed (a full disk): name the folder asked for, not the hidden one
+        raise OutputError(str(exc).replace(str(tmp), str(path))) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -166,16 +167,20 @@ def check_record_folder(run: Path, kind: str) -> None:
                           f"run records the evaluation; copy the run to a writable place and give the copy.")
 
 
-def make_record_folder(run: Path, kind: str, name: str) -> Path:
-    """RUN/<kind>/<name>, made now (check_record_folder looked before the work; this catches what it cannot see)."""
+@contextmanager
+def record_folder(run: Path, kind: str, name: str) -> Iterator[Path]:
+    """Yield the folder to fill with RUN/<kind>/<name>'s files: a hidden sibling renamed into place when the block
+    ends, so a killed or failed evaluation leaves no half record in the run (check_record_folder looked before the
+    work; this catches what it cannot see)."""
     path = run / kind / name
     try:
-        path.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{path}: cannot make it ({exc.strerror or exc}), so the run does not record this "
                           f"evaluation (a --json report, if asked for, is written); copy the run to a writable place "
                           f"to keep the record with it.") from exc
-    return path
+    with new_folder(path) as folder:
+        yield folder
 
 
 def _mode_for(path: Path) -> int:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +53,7 @@ from medtricks.runs import (
     check_new_run_dir,
     load_resume_state,
     load_run_model,
+    lock_run,
     new_run_dir,
     open_run,
     save_recipe,
@@ -108,22 +110,30 @@ def finetune(recipe: Recipe | str | Path | None, data: str | Path | None = None,
     """
     if recipe is None and not resume:
         raise MedtricksError("finetune needs a recipe (or resume=True with an existing run directory).")
-    with distributed.process_group():
-        if resume:
-            resumed = distributed.on_main(lambda: _resume_point(out, recipe, data, overrides, seed))
-            recipe, data, state = resumed["recipe"], resumed["data"], resumed["state"]
-        else:
-            recipe, state = recipe_for_run(recipe, overrides, seed), None
-            if out is not None:
-                distributed.on_main(lambda: check_new_run_dir(Path(out)))  # before any data or weights are read
-        check_model_config(recipe.model, recipe.tricks.zero_gamma)
-        if on_start is not None and distributed.is_main():
-            on_start(recipe)
-        return _finetune(recipe, data, out, on_epoch, state, resumed=resume)
+    locks: list[int | None] = []  # the run directory's lock, held until training ends (rank 0)
+    try:
+        with distributed.process_group():
+            if resume:
+                resumed = distributed.on_main(lambda: _resume_point(out, recipe, data, overrides, seed))
+                distributed.on_main(lambda: locks.append(lock_run(Path(out))))
+                recipe, data, state = resumed["recipe"], resumed["data"], resumed["state"]
+            else:
+                recipe, state = recipe_for_run(recipe, overrides, seed), None
+                if out is not None:
+                    distributed.on_main(lambda: check_new_run_dir(Path(out)))  # before any data or weights are read
+            check_model_config(recipe.model, recipe.tricks.zero_gamma)
+            if on_start is not None and distributed.is_main():
+                on_start(recipe)
+            return _finetune(recipe, data, out, on_epoch, state, resumed=resume, locks=locks)
+    finally:
+        for fd in locks:
+            if fd is not None:
+                os.close(fd)
 
 
 def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
-              on_epoch: Callable[[dict], None] | None, state: dict | None, resumed: bool) -> Path:
+              on_epoch: Callable[[dict], None] | None, state: dict | None, resumed: bool,
+              locks: list[int | None]) -> Path:
     device = resolve_device(recipe.train.device)
     teacher = _teacher(recipe, device)
     batch_size = distributed.local_batch_size(recipe.train.batch_size)
@@ -166,6 +176,8 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
 
     rows: list[dict] = list(state["rows"]) if state is not None else []  # filled on rank 0
     run = distributed.on_main(lambda: _open_run(recipe, out, resumed, rows))
+    if not resumed:  # (a resumed run was locked before its state was taken)
+        distributed.on_main(lambda: locks.append(lock_run(run)))
     info = {**model.describe(), "classes": list(classes), "image_size": recipe.data.image_size,
             "channels": recipe.data.channels, "crop_fraction": recipe.data.crop_fraction,
             "medtricks_version": __version__, "tricks": recipe.tricks.enabled(),

@@ -351,7 +351,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
     if n_classes == 2:
         sensitivity = cm[1, 1] / cm[1].sum() if cm[1].sum() else None
         specificity = cm[0, 0] / cm[0].sum() if cm[0].sum() else None
-        f1 = f1_score(y, preds, pos_label=1, average="binary", zero_division=0.0)
+        # no positive image and none called positive: F1 is 0/0, undefined (sklearn's 0.0 would pull means down)
+        f1 = f1_score(y, preds, pos_label=1, average="binary") if cm[1].sum() + cm[0, 1] else None
     else:
         sensitivity = float(np.mean(recall))
         specificity = float(np.mean([true_negatives[c] / negatives[c] for c in range(n_classes) if negatives[c]]))
@@ -384,7 +385,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
         "auroc_ci95": interval,
         "sensitivity": None if sensitivity is None else float(sensitivity),
         "specificity": None if specificity is None else float(specificity),
-        "f1": float(f1),
+        "f1": None if f1 is None else float(f1),
         "ece": expected_calibration_error(y, p),
         "threshold": threshold,
         "confusion_matrix": cm.astype(int).tolist(),

@@ -42,8 +42,8 @@ from medtricks.files import (
     atomic_write,
     check_output,
     check_record_folder,
-    make_record_folder,
     new_folder,
+    record_folder,
     write_json,
 )
 from medtricks.metrics import auroc, missing_class_warning
@@ -325,20 +325,21 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
                    "device": str(target.device)})
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     kind = f"{settings.method}-{settings.norm}{'-targeted' if settings.targeted else ''}"
+    out_dir = target.path / "attacks" / f"{kind}-{stamp}"
     try:
-        out_dir = make_record_folder(target.path, "attacks", f"{kind}-{stamp}")
+        with record_folder(target.path, "attacks", out_dir.name) as folder:
+            plots.plot_robustness(report, folder / "robustness.png")
+            plots.plot_adversarial_examples(examples, target.classes, folder / "examples.png", eps=settings.eps[-1])
+            if explain:
+                from medtricks.explain import attention_shift  # MONAI is imported only when maps are asked for
+
+                report["explain"] = attention_shift(target.model, examples, target.classes, folder / "explain.png",
+                                                    multilabel=target.multilabel)
+            write_json(folder / "attack.json", report)
     except OutputError:
         if json_path is not None:  # the file the user asked for does not depend on the run being writable
             write_json(Path(json_path), report, replace=overwrite)
         raise
-    plots.plot_robustness(report, out_dir / "robustness.png")
-    plots.plot_adversarial_examples(examples, target.classes, out_dir / "examples.png", eps=settings.eps[-1])
-    if explain:
-        from medtricks.explain import attention_shift  # MONAI is imported only when maps are asked for
-
-        report["explain"] = attention_shift(target.model, examples, target.classes, out_dir / "explain.png",
-                                            multilabel=target.multilabel)
-    write_json(out_dir / "attack.json", report)
     if json_path is not None:
         write_json(Path(json_path), report, replace=overwrite)
     report["files"] = str(out_dir)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,14 +34,15 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader
 
 from medtricks.calibration import TEMPERATURES
 from medtricks.config import parse_yaml
 from medtricks.data.dataset import ImageDataset
 from medtricks.data.pipeline import eval_loader, load_eval_data, resolve_source
-from medtricks.data.sources import class_name
+from medtricks.data.sources import MAX_CLASSES, class_name
 from medtricks.devices import place_model, resolve_device
 from medtricks.errors import DataError, MedtricksError, RecipeError, short
 from medtricks.files import (
@@ -71,7 +73,8 @@ class RunError(MedtricksError):
 def save_weights(path: Path, model: torch.nn.Module) -> None:
     """Save a model's state dict as safetensors, atomically."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    data = safetensors_bytes(state)  # bytes written by Python: a full disk is an OSError that atomic_write names
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def check_new_run_dir(out: Path) -> None:
@@ -116,6 +119,24 @@ def _make_run_dir(out: Path) -> Path:
     except OSError as exc:
         raise RunError(f"{out}: cannot create the run directory ({exc}). Check the path and its permissions.") from exc
     return out
+
+
+def lock_run(run: Path) -> int | None:
+    """Lock the run directory for this process's training (released when the returned descriptor is closed, or
+    the process ends, even killed): a second finetune or --resume of the same run is refused, where both would
+    write its files in turn. None where the platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    fd = os.open(run, os.O_RDONLY)  # the folder itself: no lock file is left in the run
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise RunError(f"{run}: another process is training this run now (a finetune, or a finetune --resume); let "
+                       f"it finish, or stop it and resume once.") from exc
+    return fd
 
 
 def save_recipe(run: Path, recipe_dict: dict) -> None:
@@ -169,7 +190,7 @@ def _check_info(run: Path, info: dict) -> None:
     if not wrong:
         classes, threshold = info["classes"], info.get("threshold")
         if len(classes) != info["num_classes"] or not all(isinstance(c, str) and c for c in classes) \
-                or len(set(classes)) < len(classes):
+                or len(set(classes)) < len(classes) or len(classes) > MAX_CLASSES:  # the head is built before loading
             wrong.append("classes")
         if not IMAGE_SIZES[0] <= info["image_size"] <= IMAGE_SIZES[1]:  # the recipe's: no allocation a run never made
             wrong.append("image_size")
@@ -460,7 +481,8 @@ def save_resume_state(run: Path, state: dict) -> None:
     holds the JSON skeleton: a single atomic rename, so a kill leaves the previous epoch's state or this one."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_split_tensors(state, tensors, "state"))
-    atomic_write(Path(run) / RESUME_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"medtricks": skeleton}))
+    data = safetensors_bytes(tensors, metadata={"medtricks": skeleton})
+    atomic_write(Path(run) / RESUME_FILE, lambda tmp: tmp.write_bytes(data))
 
 
 def load_resume_state(run: Path) -> dict | None:

@@ -126,3 +126,43 @@ def test_an_ensemble_is_no_member_a_copy_is_no_second_member_and_nothing_resumes
     with nothing_lost(ens):
         result = runner.invoke(app, ["finetune", "--out", str(ens), "--resume"])
     assert result.exit_code == 2 and "is an ensemble" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError(28, "No space left on device")])
+def test_an_interrupted_ensemble_leaves_no_half_run(members, tmp_path, monkeypatch, stop):
+    """Killed (or out of disk) between its files, ensemble left OUT with recipe.yaml and plots/: a rerun was refused
+    and `finetune --out OUT --resume` trained a single model into it, named ensemble-demo."""
+    import importlib
+
+    module = importlib.import_module("medtricks.ensemble")
+    real = module.write_json
+
+    def stopped(path, data, replace=True):
+        if path.name == "report.json":
+            raise stop
+        real(path, data, replace)
+
+    monkeypatch.setattr(module, "write_json", stopped)
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        ensemble(members, out=tmp_path / "ens")
+    assert not (tmp_path / "ens").exists() and not list(tmp_path.iterdir())
+    monkeypatch.setattr(module, "write_json", real)
+    assert (ensemble(members, out=tmp_path / "ens") / "report.json").is_file()  # the same --out works again
+
+
+def test_members_on_a_source_with_its_own_splits_may_differ_in_seed():
+    """Two seeds on MedMNIST (or a manifest with a split column) take the same images, yet ensemble refused them
+    for their 'split seed' and advised retraining; a seeded split of them still differs."""
+    from types import SimpleNamespace
+
+    from medtricks.ensemble import _split_settings
+    from medtricks.recipe import load_recipe
+
+    def member(seed, origin):
+        return SimpleNamespace(recipe=load_recipe("demo", seed=seed), source="/data/set.npz",
+                               info={"data": {"split_origin": origin}})
+
+    own = "the source's own splits"
+    assert _split_settings(member(0, own)) == _split_settings(member(1, own))
+    carved = own + "; val carved from train (seed 0, 10% of train patients)"
+    assert _split_settings(member(0, carved)) != _split_settings(member(1, carved))

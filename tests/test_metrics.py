@@ -275,3 +275,18 @@ def test_per_patient_probs_averages_and_votes():
     assert patient_labels.tolist() == [1, 0, 0]  # a: majority 1; b: tie 0/1 -> lowest; c: 0
     m = compute_metrics(patient_labels, mean, n_boot=0)
     assert m["n"] == 3
+
+
+def test_f1_is_null_where_it_is_zero_over_zero_not_a_made_up_zero():
+    """A finding absent from a split and never predicted (every decision right) got F1 0.0, halving the mean F1 of
+    a perfect multi-label prediction."""
+    from medtricks.multilabel import compute_multilabel_metrics
+
+    labels = np.array([[0, 1], [0, 0], [0, 1], [0, 0]])
+    probs = np.array([[0.1, 0.9], [0.2, 0.1], [0.1, 0.8], [0.3, 0.2]])
+    metrics = compute_multilabel_metrics(labels, probs, thresholds=[0.5, 0.5], n_boot=0, names=["a", "b"])
+    assert metrics["per_label"]["a"]["f1"] is None and metrics["per_label"]["b"]["f1"] == 1.0
+    assert metrics["f1"] == 1.0 and metrics["accuracy"] == 1.0
+    no_positive_but_called = compute_metrics(np.array([0, 0, 0]), np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]),
+                                             threshold=0.5, n_boot=0)
+    assert no_positive_but_called["f1"] == 0.0  # a false positive: F1 is defined, and 0

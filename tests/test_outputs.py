@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from conftest import nothing_lost
@@ -347,3 +348,63 @@ def test_non_finite_probabilities_name_the_run_not_a_metric():
     bad = EvalOutput(np.array([0, 1]), np.array([[0.9, 0.1], [np.nan, np.nan]]), [None, None], 0.3)
     with pytest.raises(RunError, match=r"runs/x: the model gives non-finite probabilities for 1 of 2 images"):
         finite(bad, "runs/x")
+
+
+def test_a_full_disk_while_saving_weights_is_named_not_a_safetensors_traceback(tmp_path, monkeypatch):
+    """safetensors wrote the file itself and raised its own SafetensorError on ENOSPC, which no handler named."""
+    import errno
+
+    import torch
+
+    from medtricks.files import OutputError
+    from medtricks.runs import save_weights
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OutputError, match="model.safetensors: the disk is full"):
+        save_weights(tmp_path / "model.safetensors", torch.nn.Linear(2, 2))
+    assert not list(tmp_path.iterdir())  # no temporary file left
+
+
+def test_a_record_folder_appears_complete_or_not_at_all(tmp_path):
+    """attack and corrupt made RUN/attacks/<name> first and filled it file by file: killed, they left it half."""
+    from medtricks.files import record_folder
+
+    with pytest.raises(KeyboardInterrupt):
+        with record_folder(tmp_path, "attacks", "pgd-1") as folder:
+            (folder / "robustness.png").write_bytes(b"x")
+            assert not (tmp_path / "attacks" / "pgd-1").exists()  # filled under a hidden name
+            raise KeyboardInterrupt
+    assert list((tmp_path / "attacks").iterdir()) == []
+    with record_folder(tmp_path, "attacks", "pgd-2") as folder:
+        (folder / "attack.json").write_text("{}")
+    assert [p.name for p in (tmp_path / "attacks").iterdir()] == ["pgd-2"]
+    assert (tmp_path / "attacks" / "pgd-2" / "attack.json").read_text() == "{}"
+
+
+def test_a_planted_class_list_cannot_make_a_reader_build_a_huge_head(run, tmp_path):
+    """model.json and report.json listing 2 million classes (under the 16 MB cap) made evaluate allocate 10 GB for
+    the head before the weights were compared."""
+    bad = tmp_path / "planted"
+    shutil.copytree(run, bad)
+    classes = [f"c{k}" for k in range(10_001)]
+    for name in ("model.json", "report.json"):
+        data = json.loads((bad / name).read_text())
+        data.update({"classes": classes, **({"num_classes": len(classes)} if name == "model.json" else {})})
+        (bad / name).write_text(json.dumps(data))
+    recipe = yaml.safe_load((bad / "recipe.yaml").read_text())
+    recipe["data"]["classes"] = None  # (else recipe.yaml and model.json would disagree first)
+    (bad / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    refused(["evaluate", bad], "model.json", "classes", folders=[bad])
+
+
+def test_more_distinct_labels_than_any_medical_task_is_a_wrong_label_column(tmp_path):
+    from medtricks.data.sources import MAX_CLASSES, load_source
+    from medtricks.errors import DataError
+
+    rows = "".join(f"img{k}.png,patient {k}\n" for k in range(MAX_CLASSES + 1))
+    (tmp_path / "labels.csv").write_text("path,label\n" + rows)
+    with pytest.raises(DataError, match=f"{MAX_CLASSES + 1} distinct labels .* is the label column the right one"):
+        load_source(tmp_path / "labels.csv")

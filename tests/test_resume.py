@@ -223,3 +223,35 @@ def test_resume_refuses_a_run_with_a_link_among_its_own_files(tmp_path, link):
     with pytest.raises(RunError, match=f"{link} is a symbolic link"):
         finetune(None, out=run, resume=True)
     assert victim.read_text() == "the user's own file"
+
+
+def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(reference, phantoms_train, tmp_path, monkeypatch):
+    """Two `finetune --resume` of one run both exited 0, each writing the run's files in turn (metrics.jsonl epochs
+    1, 2, 3, 4, 3, 5, 4, 5). The lock is on the run folder (flock: released even on SIGKILL)."""
+    from medtricks.runs import lock_run
+
+    ft = importlib.import_module("medtricks.finetune")
+    out = tmp_path / "early"
+    out.mkdir()
+    (out / "recipe.yaml").write_text((reference / "recipe.yaml").read_text())
+    held = lock_run(out)  # another process training it (flock also excludes a second open in this process)
+    try:
+        with pytest.raises(RunError, match="another process is training this run now"):
+            finetune(None, data=phantoms_train, out=out, resume=True)
+    finally:
+        os.close(held)
+    real, seen = ft.save_resume_state, []
+
+    def try_to_lock(run, state):  # while this call trains, the run is locked against others
+        real(run, state)
+        with pytest.raises(RunError, match="another process is training"):
+            lock_run(run)
+        seen.append(state["epoch"])
+
+    monkeypatch.setattr(ft, "save_resume_state", try_to_lock)
+    finetune(None, data=phantoms_train, out=out, resume=True)
+    assert seen == [1, 2, 3, 4] and _rows(out) == _rows(reference)
+    os.close(lock_run(out))  # released when training ended
+    seen.clear()
+    finetune("demo", data=phantoms_train, out=tmp_path / "fresh", overrides=RESUME)  # a new run is locked too
+    assert seen == [1, 2, 3, 4]

@@ -97,6 +97,9 @@ def finetune_cmd(
             run = finetune(recipe if recipe is not None or resume else "demo", data=data, out=out,
                            overrides=set_ or (), seed=seed, on_epoch=on_epoch, resume=resume, on_start=on_start)
     except MedtricksError as exc:
+        if "the disk is full" in str(exc):
+            exc = type(exc)(f"{exc} The run continues from its last finished epoch with `medtricks finetune --out RUN "
+                            f"--resume`.")
         fail(exc)
     if not main_rank:
         return

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MAX_INFERRED_CLASSES = 1000  # classes 0..max(label) of an array source without data.classes
+MAX_CLASSES = 10_000  # 100x any medical task's: more distinct labels is a wrong label column (and a huge head)
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "test": "test", "testing": "test"}
 NO_PATIENT_IDS = ("{source}: no patient ids, so images are split one by one; images of one patient can land in two "
@@ -173,10 +174,17 @@ def _sort_names(names) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _check_count(classes: tuple[str, ...]) -> None:
+    if len(classes) > MAX_CLASSES:
+        raise DataError(f"{len(classes)} distinct labels (more than {MAX_CLASSES}), e.g. {short(classes[0])}: is the "
+                        f"label column the right one? Give the class column (data.label_column).")
+
+
 def _class_index(classes: tuple[str, ...] | None, labels: list[str], where: list[str]) -> tuple[tuple, list[int]]:
     """Map label names to indices of `classes` (or of the sorted names when None); unknown labels are errors."""
     if classes is None:
         classes = _sort_names(labels)
+    _check_count(classes)
     index = {name: i for i, name in enumerate(classes)}
     unknown = [(w, lab) for w, lab in zip(where, labels, strict=True) if lab not in index]
     if unknown:
@@ -202,6 +210,7 @@ def _multi_hot(classes: tuple[str, ...] | None, cells: list[str], where: list[st
                             f"(data.no_finding) together with findings; keep one or the other.")
     if classes is None:
         classes = _sort_names(n for found in names for n in found if n != labels.no_finding)
+    _check_count(classes)
     index = {name: i for i, name in enumerate(classes)}
     unknown = [(w, n) for w, found in zip(where, names, strict=True) for n in found
                if n not in index and n != labels.no_finding]

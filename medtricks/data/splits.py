@@ -26,6 +26,8 @@ from medtricks.recipe import SplitConfig
 
 logger = logging.getLogger(__name__)
 
+OWN_SPLITS = "the source's own splits"  # a split origin that no seed enters (unless val is carved from train)
+
 
 def _groups(records: list[dict]) -> dict[str, list[int]]:
     """Record indices per patient; a record without a patient id is its own group."""
@@ -119,7 +121,7 @@ def split_source(source: Source, fractions: SplitConfig, seed: int) -> tuple[dic
         return cross_validation_split(source, fractions, seed)
     if source.has_splits:
         splits = [r["split"] for r in records]
-        origin = "the source's own splits"
+        origin = OWN_SPLITS
         if "val" not in splits and fractions.val > 0:
             train = [i for i, s in enumerate(splits) if s == "train"]
             carve = {"train": fractions.train, "val": fractions.val}
