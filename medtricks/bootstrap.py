@@ -57,6 +57,11 @@ def cluster_bootstrap(statistic: Callable[[np.ndarray], np.ndarray], group_of: n
         raise ValueError(f"alpha must lie in (0, 1); got {alpha}.")
     if n_boot <= 0:
         return None
+    n_units = int(group_of.max()) + 1 if len(group_of) else 0
+    if n_units < 2:  # every replicate redraws the one patient: a zero-width interval that claims certainty
+        logger.warning("%s interval not computed: %d resampling unit(s) (patients, or images without ids); a "
+                       "bootstrap needs at least 2.", what, n_units)
+        return None
     values = np.concatenate([statistic(weights) for weights in cluster_draws(group_of, n_boot, seed)])
     valid = values[np.isfinite(values)]
     if len(valid) < _MIN_VALID_REPLICATES:

@@ -32,6 +32,9 @@ from medtricks.multilabel import label_aurocs, predicted_sets
 from medtricks.runs import Run, open_run
 from medtricks.stats import delong_test, holm_adjust, mcnemar_test, paired_bootstrap
 
+_ZERO_VARIANCE = ("DeLong's test is undefined here: the AUROCs differ but their variance estimate is 0 (too few "
+                  "images); only the bootstrap is given")
+
 
 def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
     """Binary AUROC of class 1, or macro one-vs-rest AUROC; ValueError when a class is absent (bootstrap skips).
@@ -71,6 +74,8 @@ def compare_predictions(labels: Sequence[int], probs_a: np.ndarray, probs_b: np.
     delong = None
     if pa.shape[1] == 2 and np.all(counts >= 2):  # DeLong's variance needs two images of each class
         delong = delong_test(labels, pa[:, 1], pb[:, 1])
+        if delong is None:
+            note = _ZERO_VARIANCE
     elif pa.shape[1] == 2 and complete:
         note = "DeLong's test needs at least two images of each class; only the bootstrap is given"
     bootstrap = paired_bootstrap(labels, pa, pb, _auroc, groups, n_boot=n_boot, seed=seed) if complete else None
@@ -126,6 +131,7 @@ def compare_multilabel_predictions(labels: np.ndarray, probs_a: np.ndarray, prob
         delong, note = None, None
         if min(positives, len(y) - positives) >= 2:  # DeLong's variance needs two images of each class
             delong = delong_test(y[:, j], pa[:, j], pb[:, j])
+            note = _ZERO_VARIANCE if delong is None else None
         else:
             note = f"{positives} of {len(y)} images have the finding: DeLong's test needs two of each class"
         per_label[name] = {"positives": positives,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import secrets
 import shutil
@@ -241,8 +242,20 @@ def write_text(path: Path, text: str, replace: bool = True) -> None:
 
 
 def write_json(path: Path, data, replace: bool = True) -> None:
-    """Write JSON atomically (indented, newline-terminated; `replace`: as in atomic_write)."""
-    write_text(path, json.dumps(data, indent=2) + "\n", replace)
+    """Write JSON atomically (indented, newline-terminated; `replace`: as in atomic_write). JSON has no NaN or
+    Infinity (Python would write them as bare tokens that strict parsers refuse): a non-finite number, an undefined
+    value, is written as null."""
+    write_text(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n", replace)
+
+
+def _json_safe(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def append_jsonl(path: Path, row: dict) -> None:

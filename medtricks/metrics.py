@@ -21,7 +21,6 @@ an undefined metric (AUROC when a class is absent from the labels) is None, neve
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -345,8 +344,8 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
     true_negatives = n - cm.sum(axis=0) - cm.sum(axis=1) + np.diag(cm)
     false_positives = cm.sum(axis=0) - np.diag(cm)
     negatives = true_negatives + false_positives
-    with warnings.catch_warnings():  # sklearn warns about absent classes; that is logged below instead
-        warnings.simplefilter("ignore", UserWarning)
+    balanced = None  # the mean recall over classes: undefined while a class is absent (sklearn would average the rest)
+    if len(present) == n_classes:
         balanced = balanced_accuracy_score(y, preds)
     if n_classes == 2:
         sensitivity = cm[1, 1] / cm[1].sum() if cm[1].sum() else None
@@ -380,7 +379,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence
     return extra | {
         "n": int(n),
         "accuracy": float(np.trace(cm) / n),
-        "balanced_accuracy": float(balanced),
+        "balanced_accuracy": None if balanced is None else float(balanced),
         "auroc": None if auroc is None else float(auroc),
         "auroc_ci95": interval,
         "sensitivity": None if sensitivity is None else float(sensitivity),

@@ -24,11 +24,12 @@ def _midranks(x: np.ndarray) -> np.ndarray:
     return sps.rankdata(x, method="average")
 
 
-def delong_test(labels: Sequence[int], scores_a: Sequence[float], scores_b: Sequence[float]) -> dict:
+def delong_test(labels: Sequence[int], scores_a: Sequence[float], scores_b: Sequence[float]) -> dict | None:
     """Two-sided DeLong test for the difference of two correlated AUROCs (binary labels, 1 = positive).
 
     Returns:
-        {"auroc_a", "auroc_b", "difference" (a - b), "se", "z", "p_value", "ci95": [lo, hi]}.
+        {"auroc_a", "auroc_b", "difference" (a - b), "se", "z", "p_value", "ci95": [lo, hi]}; None where the test is
+        undefined: the AUROCs differ but the variance estimate is 0 (too few images).
 
     Raises:
         ValueError: when a class is missing or the inputs have different lengths.
@@ -51,8 +52,10 @@ def delong_test(labels: Sequence[int], scores_a: Sequence[float], scores_b: Sequ
     var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
     diff = float(aucs[0] - aucs[1])
     se = float(np.sqrt(max(var, 0.0)))
+    if se == 0 and diff != 0:  # a difference with no variance (a handful of images): z would be infinite, p 0
+        return None
     if se == 0:
-        z, p = (0.0, 1.0) if diff == 0 else (float(np.sign(diff) * np.inf), 0.0)
+        z, p = 0.0, 1.0
     else:
         z = diff / se
         p = float(2 * sps.norm.sf(abs(z)))

@@ -290,3 +290,18 @@ def test_f1_is_null_where_it_is_zero_over_zero_not_a_made_up_zero():
     no_positive_but_called = compute_metrics(np.array([0, 0, 0]), np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]),
                                              threshold=0.5, n_boot=0)
     assert no_positive_but_called["f1"] == 0.0  # a false positive: F1 is defined, and 0
+
+
+def test_no_interval_from_one_patient_and_no_balanced_accuracy_with_a_class_absent():
+    """Six images of one patient gave auroc_ci95 [0.333, 0.333] (every replicate redraws the same patient); a split
+    of one class gave balanced accuracy 0.0 or 1.0, the recall of the one class present."""
+    labels, probs = np.array([0, 1, 0, 1, 0, 1]), np.array([[0.4, 0.6], [0.7, 0.3], [0.6, 0.4], [0.2, 0.8],
+                                                             [0.3, 0.7], [0.5, 0.5]])
+    one_patient = compute_metrics(labels, probs, ["p1"] * 6, threshold=0.5, n_boot=500)
+    assert one_patient["auroc"] is not None and one_patient["auroc_ci95"] is None
+    assert compute_metrics(labels, probs, [f"p{i}" for i in range(6)], threshold=0.5, n_boot=500)["auroc_ci95"]
+    one_class = compute_metrics(np.array([0, 0, 0]), np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]), threshold=0.5,
+                                n_boot=0)
+    assert one_class["balanced_accuracy"] is None and one_class["accuracy"] == pytest.approx(2 / 3)
+    three = compute_metrics(np.array([0, 0, 1, 1]), np.tile([[0.8, 0.1, 0.1]], (4, 1)), n_boot=0)
+    assert three["balanced_accuracy"] is None  # class 2 absent: the mean recall over 3 classes is undefined

@@ -245,6 +245,13 @@ def test_prepare_nih_chestxray14_writes_the_manifest_row_by_row(tmp_path, cache)
     (lambda raw: (raw / "Data_Entry_2017.csv").write_text(
         NIH_HEADER.replace("Patient ID,", "") + "\n" + NIH_ROWS[0] + "\n"), ["'Patient ID'", "missing"]),
     (lambda raw: [p.rename(raw / ("x" + p.name)) for p in raw.glob("images_*")], ["images*/", "folder"]),
+    # a cut-off download, a list saved as UTF-16 and an empty patient id were tracebacks
+    (lambda raw: (raw / "Data_Entry_2017.csv").write_text("\n".join([NIH_HEADER, *NIH_ROWS, "00000005_000.png,Mass"])),
+     ["Data_Entry_2017.csv", "line(s) 7", "fewer cells"]),
+    (lambda raw: (raw / "test_list.txt").write_text("00000003_000.png\n", encoding="utf-16"),
+     ["test_list.txt", "UTF-8"]),
+    (lambda raw: (raw / "Data_Entry_2017.csv").write_text(
+        "\n".join([NIH_HEADER, NIH_ROWS[0].replace(",0,1,58,", ",0, ,58,")])), ["00000001_000.png has no Patient ID"]),
 ])
 def test_prepare_refuses_a_wrong_layout_naming_what_is_missing(tmp_path, cache, damage, words):
     raw = _nih_raw(tmp_path / "nih")
@@ -255,6 +262,23 @@ def test_prepare_refuses_a_wrong_layout_naming_what_is_missing(tmp_path, cache, 
     for word in words:
         assert word in result.output, (word, result.output)
     assert not (tmp_path / "o" / "labels.csv").exists()
+
+
+def test_prepare_nih_names_what_the_official_lists_overlap_and_keeps_other_patient_ids(tmp_path, cache):
+    """An image in both lists went to test unsaid, patients in both splits were not counted (as for Kermany), and a
+    Patient ID that is not a number was a traceback."""
+    raw = _nih_raw(tmp_path / "nih")
+    (raw / "test_list.txt").write_text("00000003_000.png\n00000001_001.png\n")  # also in train_val_list.txt
+    rows = [row.replace(",0,3,074Y,", ",0,P3,074Y,") for row in NIH_ROWS]
+    (raw / "Data_Entry_2017.csv").write_text("\n".join([NIH_HEADER, *rows]) + "\n")
+    with nothing_lost(raw):
+        result = runner.invoke(app, ["data", "prepare", "nih-chestxray14", str(raw), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "1 image(s) are in both train_val_list.txt and test_list.txt; they are in test" in text
+    assert "1 patient(s) have images in both the official train and test splits" in text
+    written = {r["path"].rsplit("/", 1)[1]: r for r in csv.DictReader(open(tmp_path / "o" / "labels.csv"))}
+    assert written["00000001_001.png"]["split"] == "test" and written["00000003_000.png"]["patient_id"] == "nih-P3"
 
 
 KERMANY = {  # official folder layout and file-name patterns; patient id expected for each
@@ -395,6 +419,14 @@ def test_prepare_covid19_collection_keeps_frontal_xrays_and_licences(tmp_path, c
     source = load_source(catalog.resolve_named("covid19-image-data-collection"),
                          ("no_finding", "covid19", "other_pneumonia"))
     assert [r["label"] for r in source.records] == [1, 1, 2, 0] and not source.has_splits
+
+    for name in ("../../outside.png", "/etc/hostname"):  # a label file naming an image outside RAW_DIR
+        text = (raw / "metadata.csv").read_text().replace(",images,a.jpg,", f",images,{name},")
+        (raw / "metadata.csv").write_text(text)
+        outside = runner.invoke(app, ["data", "prepare", "covid19-image-data-collection", str(raw), "--out",
+                                      str(tmp_path / "o")])
+        assert outside.exit_code == 2 and "leads outside" in " ".join(outside.output.split()), outside.output
+        (raw / "metadata.csv").write_text(text.replace(f",images,{name},", ",images,a.jpg,"))
 
     (raw / "metadata.csv").write_text(COVID_HEADER.replace("license,", "") + "\n")
     broken = runner.invoke(app, ["data", "prepare", "covid19-image-data-collection", str(raw), "--out",

@@ -132,3 +132,27 @@ def test_an_effect_of_the_detectable_size_is_found_about_80_percent_of_the_time(
     found = np.mean([paired_difference(rng.normal(effect, 1.0, n), np.zeros(n))["verdict"] == "helps"
                      for _ in range(4000)])
     assert 0.75 <= found <= 0.85, found
+
+
+def test_delong_is_undefined_not_infinite_when_the_auroc_difference_has_no_variance():
+    """Six images where A ranks perfectly and B inversely: the variance estimate is 0 and z was written as
+    Infinity (invalid JSON) with a made-up p = 0."""
+    from medtricks.compare import compare_predictions
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    a, b = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9]), np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+    assert delong_test(labels, a, b) is None
+    assert delong_test(labels, a, a)["p_value"] == 1.0  # no difference, no variance: p = 1 stays
+    result = compare_predictions(labels, np.c_[1 - a, a], np.c_[1 - b, b], n_boot=200)
+    assert result["auroc"]["delong"] is None and "DeLong's test is undefined" in result["auroc"]["note"]
+
+
+def test_json_never_holds_nan_or_infinity(tmp_path):
+    import json
+
+    from medtricks.files import write_json
+
+    write_json(tmp_path / "r.json", {"z": float("inf"), "p": [float("nan"), 0.5], "n": 3, "ok": np.float64(0.25)})
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text, parse_constant=lambda token: pytest.fail(f"bare {token}")) == \
+        {"z": None, "p": [None, 0.5], "n": 3, "ok": 0.25}

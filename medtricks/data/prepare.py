@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -54,7 +55,29 @@ def read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
     if missing:
         raise DataError(f"{path}: column(s) {', '.join(repr(c) for c in missing)} missing; found {columns}. Is this "
                         f"the official file, unmodified?")
+    short = [k for k, row in enumerate(rows, start=2) if any(row.get(c) is None for c in required)]
+    if short:  # csv gives None for the cells a row lacks
+        raise DataError(f"{path}: line(s) {', '.join(map(str, short[:5]))}{' ...' if len(short) > 5 else ''} have "
+                        f"fewer cells than the header (a cut-off download?). Download the file again.")
     return rows
+
+
+def _read_list(path: Path) -> list[str]:
+    """The names in an official split list (one per line)."""
+    try:
+        return path.read_text(encoding="utf-8-sig").split()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read it as a UTF-8 list of file names ({exc}). Is this the official file, "
+                        f"unmodified?") from exc
+
+
+def _inside(raw: Path, path: Path, what: str) -> Path:
+    """`path`, refused when its name leads outside RAW_DIR (an absolute name or '..' in a label file); judged on the
+    name, so RAW_DIR's own links to another disk still work."""
+    if not Path(os.path.normpath(path)).is_relative_to(os.path.normpath(raw)):
+        raise DataError(f"{what}: {path} leads outside {raw} (an absolute name or '..'); a label file names images "
+                        f"inside RAW_DIR. Is this the official file, unmodified?")
+    return path
 
 
 # ---- NIH ChestX-ray14 --------------------------------------------------------------------------------------------
@@ -90,10 +113,11 @@ def prepare_nih_chestxray14(raw: Path, out: Path) -> list[str]:
             raise DataError(f"{raw}: {name} is missing (the official split lists train_val_list.txt and "
                             f"test_list.txt come with Data_Entry_2017.csv).")
     rows = read_csv(entry, NIH_COLUMNS)
-    split_of = {}
+    split_of, in_both = {}, 0
     for name, split in zip(NIH_LISTS, ("train", "test"), strict=True):
-        for line in (raw / name).read_text().split():
-            split_of[line.strip()] = split
+        for line in _read_list(raw / name):
+            in_both += split_of.get(line) == "train" and split == "test"
+            split_of[line] = split  # an image in both lists goes to test (counted): never train on a test image
     folders = sorted(p for p in raw.iterdir() if p.is_dir() and p.name.startswith("images"))
     if not folders:
         raise DataError(f"{raw}: no images*/ folder; unpack the images_*.tar.gz parts into RAW_DIR (they unpack to "
@@ -108,8 +132,13 @@ def prepare_nih_chestxray14(raw: Path, out: Path) -> list[str]:
         if name not in split_of:
             unlisted += 1
             continue
+        patient = row["Patient ID"].strip()
+        if not patient:
+            raise DataError(f"{entry}: {name} has no Patient ID; medtricks splits by patient. Is this the official "
+                            f"file, unmodified?")
         out_rows.append({"path": str(files[name]), "label": row["Finding Labels"].strip(),
-                         "patient_id": f"nih-{int(row['Patient ID']):08d}", "split": split_of[name],
+                         "patient_id": f"nih-{int(patient):08d}" if patient.isdigit() else f"nih-{patient}",
+                         "split": split_of[name],
                          "follow_up": row["Follow-up #"].strip(), "view": row["View Position"].strip(),
                          "age": _nih_age(row["Patient Age"]), "sex": row["Patient Gender"].strip()})
     if not out_rows:
@@ -118,10 +147,26 @@ def prepare_nih_chestxray14(raw: Path, out: Path) -> list[str]:
                         f"named in 'Image Index').")
     labels = write_labels(out, ["path", "label", "patient_id", "split", "follow_up", "view", "age", "sex"], out_rows)
     splits = Counter(r["split"] for r in out_rows)
-    return summary(f"{labels}: {len(out_rows)} images of {len({r['patient_id'] for r in out_rows})} patients "
-                   f"(train {splits['train']}, test {splits['test']}; val is carved from train by patient)",
-                   [(absent, f"rows of {entry.name} whose PNG is not under RAW_DIR (parts not downloaded?)"),
-                    (unlisted, "images in neither train_val_list.txt nor test_list.txt")])
+    lines = summary(f"{labels}: {len(out_rows)} images of {len({r['patient_id'] for r in out_rows})} patients "
+                    f"(train {splits['train']}, test {splits['test']}; val is carved from train by patient)",
+                    [(absent, f"rows of {entry.name} whose PNG is not under RAW_DIR (parts not downloaded?)"),
+                     (unlisted, "images in neither train_val_list.txt nor test_list.txt")])
+    if in_both:
+        lines.append(f"warning: {in_both} image(s) are in both train_val_list.txt and test_list.txt; they are in test")
+    return lines + _patients_in_both(raw, out_rows)
+
+
+def _patients_in_both(raw: Path, rows: list[dict]) -> list[str]:
+    """A warning line (also logged) when patients have images in both official splits: their images would leak
+    between training and test."""
+    splits_of: dict[str, set] = {}
+    for r in rows:
+        splits_of.setdefault(r["patient_id"], set()).add(r["split"])
+    both = sum(len(s) > 1 for s in splits_of.values())
+    if not both:
+        return []
+    logger.warning("%s: %d patient(s) have images in both the official train and test splits", raw, both)
+    return [f"warning: {both} patient(s) have images in both the official train and test splits"]
 
 
 # ---- Kermany pediatric CXR ---------------------------------------------------------------------------------------
@@ -179,20 +224,14 @@ def prepare_kermany_cxr(raw: Path, out: Path) -> list[str]:
     if not rows:
         raise DataError(f"{raw}: no .jpeg images under chest_xray/{{train,test}}/{{NORMAL,PNEUMONIA}}/.")
     labels = write_labels(out, ["path", "label", "patient_id", "split", "official_split", "kind"], rows)
-    splits_of: dict[str, set] = {}
-    for r in rows:
-        splits_of.setdefault(r["patient_id"], set()).add(r["split"])
-    both = sum(len(s) > 1 for s in splits_of.values())
     counts = Counter((r["split"], r["label"]) for r in rows)
-    lines = [f"{labels}: {len(rows)} images of {len(splits_of)} patients (train {counts['train', 'normal']} normal / "
-             f"{counts['train', 'pneumonia']} pneumonia, test {counts['test', 'normal']} / "
-             f"{counts['test', 'pneumonia']}; the official val folder joined train, val is carved by patient)"]
+    lines = [f"{labels}: {len(rows)} images of {len({r['patient_id'] for r in rows})} patients (train "
+             f"{counts['train', 'normal']} normal / {counts['train', 'pneumonia']} pneumonia, test "
+             f"{counts['test', 'normal']} / {counts['test', 'pneumonia']}; the official val folder joined train, val "
+             f"is carved by patient)"]
     if unparsed:
         lines.append(f"{unparsed} file name(s) matched no known pattern: each is its own patient")
-    if both:
-        lines.append(f"warning: {both} patient(s) have images in both the official train and test splits")
-        logger.warning("%s: %d patient(s) have images in both the official train and test splits", raw, both)
-    return lines
+    return lines + _patients_in_both(raw, rows)
 
 
 # ---- COVID-19 image data collection ------------------------------------------------------------------------------
@@ -244,7 +283,7 @@ def prepare_covid19_collection(raw: Path, out: Path) -> list[str]:
             dropped["finding outside the three classes"] += 1
             continue
         path = raw / ((row.get("folder") or "images").strip() or "images") / row["filename"].strip()
-        if not path.is_file():
+        if not _inside(raw, path, str(meta)).is_file():
             dropped["image file absent"] += 1
             continue
         out_rows.append({"path": str(path.resolve()), "label": label, "finding": row["finding"].strip(),

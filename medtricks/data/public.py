@@ -227,6 +227,9 @@ def _prepare_archive(spec: PublicSet, part: Path, tmp: Path, folder: Path) -> li
     here, there = tmp.resolve(), tmp.resolve().parent / folder.name
     rows = prepare.read_csv(tmp / "labels.csv", ("path",))
     for row in rows:
+        if not Path(row["path"]).is_relative_to(here):
+            raise DataError(f"{spec.name}: the downloaded archive names an image outside itself ({row['path']}). "
+                            f"Nothing was installed.")
         row["path"] = str(there / Path(row["path"]).relative_to(here))
     prepare.write_labels(tmp, list(rows[0]), rows)
     return [f"{folder / tops[0]}: {files} files ({size / 1e6:.1f} MB) extracted",
