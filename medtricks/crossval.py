@@ -38,7 +38,7 @@ def fold_scores(run: str | Path) -> dict:
     run = Path(run)
     if (run / SCORES_FILE).is_file():
         scores = read_json(run / SCORES_FILE, "delete it, and the same command scores the fold again.")
-        if not {"labels", "probs", "decisions", "threshold", "multilabel"} <= scores.keys():
+        if not {"labels", "probs", "decisions", "threshold"} <= scores.keys():  # (multilabel: newer files)
             raise DamagedFileError(f"{run / SCORES_FILE} is damaged (keys {sorted(scores)}); delete it, and the same "
                                    f"command scores the fold again.")
         return scores
