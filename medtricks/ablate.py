@@ -506,11 +506,11 @@ def markdown_table(result: dict) -> str:
             lines += ["", "Multi-label: AUROC and accuracy are means over the findings (each at its fold's own "
                           "threshold); McNemar's test and its Δ are those of exact matches (every finding right)."]
     detectable = {m: p["detectable"] for m, p in result.get("power", {}).items() if p["detectable"] is not None}
-    if detectable:
-        n = next(iter(result["power"].values()))["n"]
-        lines += ["", "Power: with " + f"{n} paired differences per variant and their observed spread (sd pooled over "
+    if detectable:  # each metric with its own count: a unit whose metric is undefined (one class) has no pair
+        lines += ["", "Power: with the paired differences per variant and their observed spread (sd pooled over "
                   "the variants), this design detects differences of at least "
-                  + ", ".join(f"±{v:.4f} in {METRICS[m]}" for m, v in detectable.items())
+                  + ", ".join(f"±{v:.4f} in {METRICS[m]} ({result['power'][m]['n']} pairs)"
+                              for m, v in detectable.items())
                   + " with 80% probability (two-sided 5%); \"no detectable effect\" rules out larger effects, not "
                     "smaller ones."]
     if result.get("attack"):
