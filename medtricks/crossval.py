@@ -37,10 +37,10 @@ def fold_scores(run: str | Path) -> dict:
     fold_scores.json."""
     run = Path(run)
     if (run / SCORES_FILE).is_file():
-        scores = read_json(run / SCORES_FILE, "delete it, and the same command scores the fold again.")
+        redo = "delete it, and the same command scores the fold again."
+        scores = read_json(run / SCORES_FILE, redo)
         if not {"labels", "probs", "decisions", "threshold"} <= scores.keys():  # (multilabel: newer files)
-            raise DamagedFileError(f"{run / SCORES_FILE} is damaged (keys {sorted(scores)}); delete it, and the same "
-                                   f"command scores the fold again.")
+            raise DamagedFileError(f"{run / SCORES_FILE} is damaged (keys {sorted(scores)}); {redo}")
         return scores
     opened = open_run(run, "auto")
     output = opened.predict(opened.dataset(split="test"))

@@ -37,6 +37,10 @@ class OutputError(MedtricksError):
     """A file cannot be written where asked: it exists, it belongs to a run, or its folder is missing or read-only."""
 
 
+class DiskFullError(OutputError):
+    """The disk filled (or a quota was reached) while a file was written; the previous version is kept."""
+
+
 def printable(value) -> str:
     """str(value) as valid UTF-8 text: a file name's undecodable bytes (which Python holds as surrogates) as \\xNN,
     any other lone surrogate as \\uNNNN. Fonts, CSV and JSON writers refuse surrogates."""
@@ -84,7 +88,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], replace: bool = True
         if not isinstance(exc, OSError):
             raise
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"{path}: the disk is full (or over quota) while writing it; the previous version of "
+            raise DiskFullError(f"{path}: the disk is full (or over quota) while writing it; the previous version of "
                               f"the file, if any, is kept. Free some space and run the command again.") from exc
         raise OutputError(f"{path}: cannot write it ({exc.strerror or exc}). Choose a writable place (a missing "
                           f"folder, a file where a folder is expected, or a read-only disk cause this).") from exc
@@ -139,7 +143,7 @@ def new_folder(path: Path) -> Iterator[Path]:
         yield tmp
         _rename_folder(tmp, path)
     except OutputError as exc:  # a file inside failed (a full disk): name the folder asked for, not the hidden one
-        raise OutputError(str(exc).replace(str(tmp), str(path))) from exc
+        raise type(exc)(str(exc).replace(str(tmp), str(path))) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -62,6 +62,7 @@ def finetune_cmd(
     medtricks finetune --recipe pneumonia_cxr (multi-node: see the README). train.batch_size is the global batch.
     """
     from medtricks import distributed
+    from medtricks.files import DiskFullError
     from medtricks.finetune import finetune
 
     if nproc is not None and nproc != 1:
@@ -97,9 +98,9 @@ def finetune_cmd(
             run = finetune(recipe if recipe is not None or resume else "demo", data=data, out=out,
                            overrides=set_ or (), seed=seed, on_epoch=on_epoch, resume=resume, on_start=on_start)
     except MedtricksError as exc:
-        if "the disk is full" in str(exc):
-            exc = type(exc)(f"{exc} The run continues from its last finished epoch with `medtricks finetune --out RUN "
-                            f"--resume`.")
+        if isinstance(exc, DiskFullError):
+            exc = DiskFullError(f"{exc} The run continues from its last finished epoch with `medtricks finetune "
+                                f"--out RUN --resume`.")
         fail(exc)
     if not main_rank:
         return
