@@ -35,8 +35,8 @@ from pathlib import Path
 SETS = {
     "retinamnist": {"recipe": "fundus_dr", "folder": "retinamnist", "image_size": 64, "epochs": 6, "batch": 32,
                     "lr": 0.05, "imbalanced": True,
-                    # the study ran with SGD, before fundus_dr reported kappa and moved to AdamW; its runs stay
-                    "sets": ["data.ordinal=false", "train.optimizer=sgd"]},
+                    # the study ran with SGD before fundus_dr reported kappa, used AdamW and TTA; its runs stay
+                    "sets": ["data.ordinal=false", "train.optimizer=sgd", "train.tta=false"]},
     "derm-isic": {"recipe": "dermoscopy", "folder": "derm-isic", "image_size": 64, "epochs": 6, "batch": 32,
                   "lr": 0.025, "imbalanced": True,
                   "sets": ["train.optimizer=sgd"]},  # the study ran with SGD, before dermoscopy moved to AdamW
