@@ -249,7 +249,12 @@ def write_json(path: Path, data, replace: bool = True) -> None:
     """Write JSON atomically (indented, newline-terminated; `replace`: as in atomic_write). JSON has no NaN or
     Infinity (Python would write them as bare tokens that strict parsers refuse): a non-finite number, an undefined
     value, is written as null."""
-    write_text(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n", replace)
+    write_text(path, to_json(data, indent=2) + "\n", replace)
+
+
+def to_json(data, indent: int | None = None) -> str:
+    """Strict JSON text of `data`: a non-finite number (an undefined value) becomes null (see write_json)."""
+    return json.dumps(_json_safe(data), indent=indent, allow_nan=False)
 
 
 def _json_safe(value):
@@ -265,7 +270,7 @@ def _json_safe(value):
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one JSON line (rewritten atomically so a crash never leaves a half line)."""
     old = path.read_text() if path.is_file() else ""
-    write_text(path, old + json.dumps(row) + "\n")
+    write_text(path, old + to_json(row) + "\n")
 
 
 def _is_run_dir(folder: Path) -> bool:

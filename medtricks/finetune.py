@@ -39,6 +39,7 @@ from medtricks.files import (
     check_output,
     printable,
     read_text,
+    to_json,
     write_json,
     write_text,
 )
@@ -283,7 +284,7 @@ def _open_run(recipe: Recipe, out: str | Path | None, resumed: bool, rows: list[
     else:
         run = new_run_dir(recipe.name, out)
         save_recipe(run, recipe.to_dict())
-    write_text(run / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+    write_text(run / METRICS_FILE, "".join(to_json(row) + "\n" for row in rows))
     return run
 
 

@@ -156,3 +156,17 @@ def test_json_never_holds_nan_or_infinity(tmp_path):
     text = (tmp_path / "r.json").read_text()
     assert json.loads(text, parse_constant=lambda token: pytest.fail(f"bare {token}")) == \
         {"z": None, "p": [None, 0.5], "n": 3, "ok": 0.25}
+
+
+def test_json_lines_and_printed_json_never_hold_nan(tmp_path):
+    """metrics.jsonl gets a row per epoch; a diverging epoch (loss NaN) was written as a bare NaN token."""
+    import json
+
+    from medtricks.files import append_jsonl, to_json
+
+    append_jsonl(tmp_path / "m.jsonl", {"epoch": 1, "train_loss": 0.5})
+    append_jsonl(tmp_path / "m.jsonl", {"epoch": 2, "train_loss": float("nan"), "val": {"auroc": float("-inf")}})
+    rows = [json.loads(line, parse_constant=lambda token: pytest.fail(f"bare {token}"))
+            for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert rows == [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": None, "val": {"auroc": None}}]
+    assert to_json({"auroc": float("nan")}) == '{"auroc": null}'

@@ -141,7 +141,7 @@ def evaluate_cmd(
     (under torchrun --nproc_per_node N -m medtricks evaluate ...: each process predicts a shard, rank 0 prints).
     """
     from medtricks import distributed
-    from medtricks.files import check_output
+    from medtricks.files import check_output, to_json
     from medtricks.finetune import evaluate
 
     try:
@@ -164,7 +164,7 @@ def evaluate_cmd(
         except MedtricksError as exc:
             fail(exc)
     if distributed.is_main():
-        console.print(json.dumps(metrics, indent=2))
+        console.print(to_json(metrics, indent=2))
 
 
 @app.command("predict")
