@@ -11,7 +11,7 @@ matrix of such rows in one vectorized pass.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -46,21 +46,39 @@ def cluster_draws(group_of: np.ndarray, n_boot: int, seed: int) -> Iterator[np.n
         yield counts[:, group_of]
 
 
+def too_few_units(group_of: np.ndarray, needs: Mapping[str, np.ndarray] | None, what: str) -> bool:
+    """True, with the reason logged, when a bootstrap interval would claim a certainty it does not have: fewer than
+    2 resampling units (patients, or images without ids) in all, or all images of a group the statistic compares
+    (`needs`: name -> (N,) mask, e.g. the positives and the negatives of an AUROC) from one unit. Every replicate
+    then redraws that one patient as a whole, and the interval leaves out how another patient of the group would
+    score (two patients, one per class: a zero-width AUROC interval). A group without images is the statistic's
+    own concern (it is undefined there)."""
+    n_units = len(np.unique(group_of))
+    if n_units < 2:
+        logger.warning("%s interval not computed: %d resampling unit(s) (patients, or images without ids); a "
+                       "bootstrap needs at least 2.", what, n_units)
+        return True
+    thin = [name for name, mask in (needs or {}).items() if len(np.unique(group_of[np.asarray(mask, bool)])) == 1]
+    if thin:
+        reasons = "; ".join(f"all images of {name} come from one patient" for name in thin)
+        logger.warning("%s interval not computed: %s (or are one image); a bootstrap interval needs at least 2 "
+                       "patients in each.", what, reasons)
+    return bool(thin)
+
+
 def cluster_bootstrap(statistic: Callable[[np.ndarray], np.ndarray], group_of: np.ndarray, n_boot: int, seed: int,
-               alpha: float, what: str) -> tuple[float, float] | None:
+               alpha: float, what: str, needs: Mapping[str, np.ndarray] | None = None) -> tuple[float, float] | None:
     """Percentile interval of `statistic` over cluster-bootstrap replicates (`cluster_draws`).
 
     `statistic` maps (B, N) image weights to (B,) values, NaN where a replicate is undefined (skipped). None, with
-    the reason logged, when fewer than 100 replicates were valid.
+    the reason logged, when fewer than 100 replicates were valid, or when a group in `needs` (see too_few_units)
+    has one resampling unit.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1); got {alpha}.")
     if n_boot <= 0:
         return None
-    n_units = int(group_of.max()) + 1 if len(group_of) else 0
-    if n_units < 2:  # every replicate redraws the one patient: a zero-width interval that claims certainty
-        logger.warning("%s interval not computed: %d resampling unit(s) (patients, or images without ids); a "
-                       "bootstrap needs at least 2.", what, n_units)
+    if too_few_units(group_of, needs, what):
         return None
     values = np.concatenate([statistic(weights) for weights in cluster_draws(group_of, n_boot, seed)])
     valid = values[np.isfinite(values)]

@@ -27,7 +27,7 @@ import numpy as np
 
 from medtricks.bootstrap import weighted_auroc
 from medtricks.errors import MedtricksError
-from medtricks.metrics import decisions
+from medtricks.metrics import class_masks, decisions
 from medtricks.multilabel import label_aurocs, predicted_sets
 from medtricks.runs import Run, open_run
 from medtricks.stats import delong_test, holm_adjust, mcnemar_test, paired_bootstrap
@@ -78,7 +78,8 @@ def compare_predictions(labels: Sequence[int], probs_a: np.ndarray, probs_b: np.
             note = _ZERO_VARIANCE
     elif pa.shape[1] == 2 and complete:
         note = "DeLong's test needs at least two images of each class; only the bootstrap is given"
-    bootstrap = paired_bootstrap(labels, pa, pb, _auroc, groups, n_boot=n_boot, seed=seed) if complete else None
+    bootstrap = paired_bootstrap(labels, pa, pb, _auroc, groups, n_boot=n_boot, seed=seed,
+                                 needs=class_masks(labels, pa.shape[1])) if complete else None
     return {"n": int(len(labels)),
             "a": {"auroc": _auroc(labels, pa) if complete else None, "accuracy": float(correct_a.mean())},
             "b": {"auroc": _auroc(labels, pb) if complete else None, "accuracy": float(correct_b.mean())},

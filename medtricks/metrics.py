@@ -194,7 +194,13 @@ def bootstrap_auroc_ci(labels: np.ndarray, probs: np.ndarray, groups: Sequence[s
             return weighted_auroc(p[:, 1], y == 1, weights)
         return np.mean([weighted_auroc(p[:, c], y == c, weights) for c in range(n_classes)], axis=0)  # NaN: absent
 
-    return cluster_bootstrap(statistic, group_index(groups, len(y)), n_boot, seed, alpha, "AUROC")
+    return cluster_bootstrap(statistic, group_index(groups, len(y)), n_boot, seed, alpha, "AUROC",
+                             class_masks(y, n_classes))
+
+
+def class_masks(labels: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """name -> (N,) mask of each class's images: the groups an AUROC compares (cluster_bootstrap's `needs`)."""
+    return {f"class {c}": labels == c for c in range(n_classes)}
 
 
 KAPPA_WEIGHTS = ("quadratic", "linear")
@@ -253,7 +259,7 @@ def operating_points(labels: np.ndarray, probs: np.ndarray, groups: Sequence[str
     y, p = check_probs(labels, probs)
     if p.shape[1] != 2:
         raise ValueError(f"operating_points is for binary tasks; probs have {p.shape[1]} classes.")
-    group_of = group_index(groups, len(y))
+    group_of, needs = group_index(groups, len(y)), class_masks(y, 2)
     tpr, fpr = weighted_roc(p[:, 1], y == 1, np.ones((1, len(y))))
     out = {}
     for point in ("sensitivity_at_specificity", "specificity_at_sensitivity"):
@@ -264,7 +270,7 @@ def operating_points(labels: np.ndarray, probs: np.ndarray, groups: Sequence[str
                 out[point][f"{rate:g}"] = {"value": None, "ci95": None}
                 continue
             interval = cluster_bootstrap(lambda w, r=rate, pt=point: _rate_at(*weighted_roc(p[:, 1], y == 1, w), pt, r),
-                                  group_of, n_boot, seed, 0.05, point.replace("_", " "))
+                                  group_of, n_boot, seed, 0.05, point.replace("_", " "), needs)
             out[point][f"{rate:g}"] = {"value": value, "ci95": None if interval is None else list(interval)}
     return out
 

@@ -111,6 +111,8 @@ def compute_multilabel_metrics(labels: np.ndarray, probs: np.ndarray, patient_id
         {"n", "accuracy", "balanced_accuracy", "auroc", "auroc_ci95", "sensitivity", "specificity", "f1", "ece",
         "threshold" (None), "thresholds" (list), "per_label": {name: compute_metrics of the finding}}; a finding
         absent from (or present in every image of) the labels has AUROC None, and is left out of the mean AUROC.
+        A finding whose positives (or negatives) are all one patient's has no interval of its own; the mean's
+        interval still counts it, one of the findings averaged.
     """
     y, p = _check(labels, probs)
     n, n_labels = y.shape

@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as sps
 
-from medtricks.bootstrap import cluster_draws, group_index
+from medtricks.bootstrap import cluster_draws, group_index, too_few_units
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:
@@ -87,14 +87,17 @@ def mcnemar_test(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
 
 def paired_bootstrap(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
                      metric: Callable[[np.ndarray, np.ndarray], float], groups: Sequence[str] | None = None,
-                     n_boot: int = 2000, seed: int = 0) -> dict:
+                     n_boot: int = 2000, seed: int = 0, needs: Mapping[str, np.ndarray] | None = None) -> dict:
     """Percentile 95% interval of metric(a) - metric(b) on the same images, resampling groups (patients) with
     replacement when given, else images (the draws of report.json's intervals, `cluster_draws`). Replicates where the
-    metric is undefined (e.g. one class: an error or NaN) are skipped."""
+    metric is undefined (e.g. one class: an error or NaN) are skipped. No interval (logged) from a single patient, or
+    where a group in `needs` (as in cluster_bootstrap) has one."""
     labels, scores_a, scores_b = np.asarray(labels), np.asarray(scores_a), np.asarray(scores_b)
     images = np.arange(len(labels))
+    group_of = group_index(groups, len(labels))
     diffs = []
-    for weights in cluster_draws(group_index(groups, len(labels)), n_boot, seed):
+    for weights in ([] if too_few_units(group_of, needs, "paired bootstrap") else
+                    cluster_draws(group_of, n_boot, seed)):
         for row in weights.astype(np.int64):
             take = np.repeat(images, row)  # each image as often as its patient was drawn
             try:

@@ -305,3 +305,32 @@ def test_no_interval_from_one_patient_and_no_balanced_accuracy_with_a_class_abse
     assert one_class["balanced_accuracy"] is None and one_class["accuracy"] == pytest.approx(2 / 3)
     three = compute_metrics(np.array([0, 0, 1, 1]), np.tile([[0.8, 0.1, 0.1]], (4, 1)), n_boot=0)
     assert three["balanced_accuracy"] is None  # class 2 absent: the mean recall over 3 classes is undefined
+
+
+def test_no_interval_when_a_class_comes_from_one_patient(caplog):
+    """Two patients, one per class: every replicate that has both classes redraws the same two patients, and the
+    AUROC interval was zero-width ([0.733, 0.733] on a demo validation split). One positive patient among many
+    negatives likewise leaves out how another positive patient would score. The interval, the operating points'
+    intervals and compare's paired bootstrap are then null, with the class named; two patients a class suffice."""
+    from medtricks.compare import compare_predictions
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 6 + [1] * 5)
+    p1 = np.clip(labels * 0.15 + rng.uniform(0.1, 0.6, 11), 0, 1)
+    probs = np.c_[1 - p1, p1]
+    two = ["neg"] * 6 + ["pos"] * 5
+    caplog.set_level("WARNING")
+    metrics = compute_metrics(labels, probs, two, threshold=0.5, n_boot=500)
+    assert 0.5 < metrics["auroc"] < 1 and metrics["auroc_ci95"] is None
+    assert "all images of class 0 come from one patient" in caplog.text
+    assert all(v["ci95"] is None for point in ("sensitivity_at_specificity", "specificity_at_sensitivity")
+               for v in metrics[point].values() if v["value"] is not None)
+    one_positive_patient = [f"n{i}" for i in range(6)] + ["pos"] * 5
+    assert compute_metrics(labels, probs, one_positive_patient, n_boot=500)["auroc_ci95"] is None
+    assert "all images of class 1 come from one patient" in caplog.text
+    other = np.c_[1 - p1[::-1], p1[::-1]]
+    assert compare_predictions(labels, probs, other, groups=two, n_boot=500)["auroc"]["bootstrap"]["ci95"] == \
+        [None, None]
+    two_each = [f"n{i % 2}" for i in range(6)] + [f"p{i % 2}" for i in range(5)]
+    lo, hi = compute_metrics(labels, probs, two_each, n_boot=500)["auroc_ci95"]
+    assert lo < hi
