@@ -20,6 +20,7 @@ Who does what:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from medtricks.errors import MedtricksError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -216,6 +219,11 @@ def launch(nproc: int, args: Sequence[str]) -> int:
     try:
         run(parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "medtricks", *args]))
     except ChildFailedError as exc:
-        _, failure = exc.get_first_failure()
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode < 0:  # killed: it printed nothing of its own, and torchrun's report is a stack of logs
+            logger.error("process %d of %d (medtricks %s) was killed by %s (running out of memory is the usual "
+                         "cause), so torchrun stopped the others. A fine-tuning run continues from its last saved "
+                         "epoch with the same command and --resume.", rank, nproc, args[0] if args else "",
+                         failure.signal_name())
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0

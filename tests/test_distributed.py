@@ -304,6 +304,22 @@ def test_nproc_inside_torchrun_is_an_error(monkeypatch):
         distributed.launch(2, ["finetune"])
 
 
+def test_a_killed_worker_is_named_with_the_way_back(monkeypatch, caplog):
+    """A worker killed by a signal (the kernel's OOM killer) printed nothing; the user saw exit 1 under a stack of
+    torchrun logs. The launcher names the process and the signal, and says how to resume."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def killed(config):
+        raise ChildFailedError("medtricks", {1: ProcessFailure(local_rank=1, pid=4242, exitcode=-9,
+                                                               error_file="/nonexistent")})
+
+    monkeypatch.setattr(torchrun, "run", killed)
+    caplog.set_level("ERROR")
+    assert distributed.launch(2, ["finetune", "--recipe", "demo"]) == 1
+    assert "process 1 of 2 (medtricks finetune) was killed by SIGKILL" in caplog.text and "--resume" in caplog.text
+
+
 
 def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
     """torch 2.14's SyncBatchNorm raises for CPU inputs; train.sync_bn says so before training starts."""
