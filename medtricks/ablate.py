@@ -447,12 +447,23 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         write_json(out / "folds.json", fold_record(Path(base.data.source), grid[REFERENCE], seeds, folds))
     write_json(out / "ablation.json", result)
     write_text(out / "ablation.md", markdown_table(result))
+    if undefined_units(result):
+        logger.warning("%s: undefined (one class in that split), left out of the means and pairs: %s",
+                       out / "ablation.md", "; ".join(undefined_units(result)))
     effects = {f"Δ {'test-fold' if folds else 'val'} {label}": [{"label": variant, **entry["vs_reference"][m]}
                                   for variant, entry in result["variants"].items() if variant != REFERENCE]
                for m, label in METRICS.items() if m in values[REFERENCE]}
     design = f"{seeds} seed(s) x {folds} folds" if folds else f"{seeds} seed(s)"
     plots.plot_forest(effects, out / "forest.png", title=f"{base.name}: {mode}, {design}, paired vs reference")
     return {**result, "files": {name: str(out / name) for name in ("ablation.json", "ablation.md", "forest.png")}}
+
+
+def undefined_units(result: dict) -> list[str]:
+    """'METRIC of VARIANT at seed S[, fold F]' for every value that is None in an ablation result."""
+    units = result.get("units") or [{"seed": s} for s in result["seeds"]]
+    return [f"{METRICS.get(m, m)} of {variant} at " + ", ".join(f"{k} {v}" for k, v in unit.items())
+            for variant, entry in result["variants"].items() for m, values in entry["values"].items()
+            for unit, value in zip(units, values, strict=True) if value is None]
 
 
 def _cell(value: float | None) -> str:
@@ -488,6 +499,10 @@ def markdown_table(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if len(result.get("units", result["seeds"])) < 2:
         lines += ["", "One seed: no interval, so every verdict is \"no detectable effect\". Use --seeds 3 or more."]
+    undefined = undefined_units(result)
+    if undefined:
+        lines += ["", "Undefined, so left out of the means and of the pairs (one class in that split): "
+                  + "; ".join(undefined) + "."]
     if result.get("pooled"):
         kappa = any("kappa_quadratic" in row for rows in result["pooled"].values() for row in rows)
         lines += ["", "Pooled held-out folds (one score per image and seed; tests against the reference):", "",

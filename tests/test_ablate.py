@@ -389,3 +389,17 @@ def test_a_reused_units_damaged_report_is_named(grid_copy, phantoms_train, monke
         ablate("demo", data=phantoms_train, out=grid_copy, seeds=2, tricks=["warmup"], overrides=TINY)
     for word in [*words, str(report_file), "delete that unit's folder"]:
         assert word in str(error.value), str(error.value)
+
+
+def test_units_with_an_undefined_metric_are_named(grid):
+    """A held-out fold with one class has no AUROC; the means and pairs leave it out, and ablation.md said only how
+    many pairs were left, not which unit lost its value."""
+    from medtricks.ablate import markdown_table
+
+    out, _, _ = grid
+    saved = json.loads((out / "ablation.json").read_text())
+    assert "Undefined" not in (out / "ablation.md").read_text()
+    saved["variants"]["without-warmup"]["values"]["auroc"][1] = None
+    table = markdown_table(saved)
+    assert "Undefined, so left out of the means and of the pairs (one class in that split): AUROC of " \
+           "without-warmup at seed 1." in table
