@@ -45,6 +45,9 @@ import torch
 from medtricks import __version__, plots
 from medtricks.corruption_report import corruption_names, evaluate_run
 from medtricks.crossval import fold_record, pooled_comparison
+from medtricks.data.pipeline import resolve_source
+from medtricks.data.sources import LabelFormat, load_source
+from medtricks.data.splits import changed_splits, split_digest, split_source
 from medtricks.errors import MedtricksError, short
 from medtricks.files import (
     METRICS_FILE,
@@ -203,6 +206,32 @@ def _train(recipe: Recipe, run: Path, on_epoch: Callable[[dict], None]) -> str:
         _set_aside(run)
     finetune(recipe, out=run, on_epoch=on_epoch)
     return "trained"
+
+
+def _check_reused_split(run: Path, recipe: Recipe, sources: dict) -> None:
+    """A reused unit was trained on the split its recipe makes of the data now; else the data changed between two
+    ablate calls (rows added or relabelled) and the table would mix units of two data sets. `sources` caches the
+    loaded sources."""
+    recorded = read_json(run / MODEL_JSON, _REDO).get("data")
+    digest = recorded.get("split_digest") if isinstance(recorded, dict) else None
+    if digest is None:  # a unit of a version before the record
+        return
+    labels = LabelFormat.of(recipe.data)
+    key = (recipe.data.source, recipe.data.classes, labels)
+    if key not in sources:
+        sources[key] = load_source(resolve_source(recipe.data, None), recipe.data.classes, labels)
+    splits_logger = logging.getLogger("medtricks.data.splits")
+    level = splits_logger.level
+    splits_logger.setLevel(logging.ERROR)  # its no-patient-ids warning was given when the unit was trained
+    try:
+        indices, _ = split_source(sources[key], recipe.data.split, recipe.seed)
+    finally:
+        splits_logger.setLevel(level)
+    changed = changed_splits(digest, split_digest(sources[key], indices))
+    if changed:
+        raise AblationError(f"{run}: the data {sources[key].root} changed since this unit was trained (rows added, "
+                            f"removed or relabelled): {changed[0]}, so the ablation would mix units of two data sets. "
+                            f"Restore the data as it was, or use a new --out to train every unit on it.")
 
 
 MAX_SEEDS = 1000  # seeds per variant; each is a training run
@@ -389,7 +418,7 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
     wanted = [m for m in METRICS if (attack or m != "robust_accuracy") and (corruptions or m != "corruption_accuracy")]
     values = {variant: {m: [None] * len(units) for m in wanted} for variant in grid}
     split = "test" if folds else "val"  # cross-validation: the held-out fold, scored once
-    robust, corrupted, done, notify = {}, {}, 0, on_run or (lambda _: None)
+    robust, corrupted, done, notify, sources = {}, {}, 0, on_run or (lambda _: None), {}
     for variant, unit, run_recipe, run in plan:
         seed, fold = unit
         k = units.index(unit)
@@ -397,6 +426,7 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
                  "total": len(plan)}
         if (run / REPORT_FILE).is_file():
             status = "reused"
+            _check_reused_split(run, run_recipe, sources)
         else:
             notify({**event, "status": "resuming" if run.exists() else "training"})
             status = _train(run_recipe, run, lambda row, e=event: notify({**e, "status": "epoch", "row": row}))

@@ -71,6 +71,9 @@ def _check_members(runs: Sequence[Run]) -> None:
         if first.multilabel and other.recipe.data.label_column != first.recipe.data.label_column:
             differ.append("data.label_column")
         differ += [k for k, v in _split_settings(other).items() if v != _split_settings(first)[k]]
+        digests = [m.info["data"].get("split_digest") for m in (first, other)]
+        if None not in digests and digests[0] != digests[1]:  # the same settings on a source that changed between
+            differ.append("data.split_digest (the images of their splits)")
         if differ:
             raise EnsembleError(f"{other.path} differs from {first.path} in {', '.join(differ)}: ensemble members "
                                 f"must take the same images, give the same classes and come from the same data "

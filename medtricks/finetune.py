@@ -22,6 +22,7 @@ from medtricks.data.images import read_image
 from medtricks.data.pipeline import DataBundle, create_loader, eval_loader, load_data, loader_workers, resolve_source
 from medtricks.data.sampling import SeededSampler
 from medtricks.data.sources import image_inputs
+from medtricks.data.splits import changed_splits
 from medtricks.data.synth import synthesize
 from medtricks.data.transforms import create_eval_transform
 from medtricks.devices import place_model, resolve_device
@@ -142,6 +143,14 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
     source = resolve_source(recipe.data, data)
     distributed.on_main(lambda: _synthesize_if_missing(recipe, source))
     bundle = load_data(recipe.data, source, recipe.seed)
+    if resumed:
+        recorded = _recorded(Path(out), "data")
+        changed = changed_splits(recorded.get("split_digest") if isinstance(recorded, dict) else None,
+                                 bundle.split_digest)
+        if changed:
+            raise RunError(f"{out}: its data {source} changed since training began (rows added, removed or "
+                           f"relabelled): {changed[0]}; resuming would go on with other images than its saved epochs "
+                           f"were trained and selected on. Restore the source as it was, or train a new run.")
     classes = bundle.classes
     train_labels = [r["label"] for r in _records(bundle, "train")]
     multilabel = recipe.data.multilabel
@@ -185,6 +194,7 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
             **({"task": "multilabel", "label_separator": recipe.data.label_separator,
                 "no_finding": recipe.data.no_finding} if multilabel else {}),
             "data": {"source": str(Path(source).resolve()), "split_origin": bundle.split_origin,
+                     "split_digest": bundle.split_digest,
                      "skipped": [{"file": k, "reason": r} for k, r in bundle.skipped]}}
     if state is None:  # model.json records the data source from the start: resume reads it (_recorded_source)
         distributed.on_main(lambda: write_json(run / MODEL_JSON, info))

@@ -200,6 +200,11 @@ def _check_info(run: Path, info: dict) -> None:
             wrong.append("channels")
         if not isinstance(info["data"].get("source"), str):
             wrong.append("data.source")
+        digest = info["data"].get("split_digest")  # absent in runs of versions before it was recorded
+        if digest is not None and not (isinstance(digest, dict) and all(
+                isinstance(d, dict) and isinstance(d.get("sha256"), str) and isinstance(d.get("n"), int)
+                for d in digest.values())):
+            wrong.append("data.split_digest")
         if threshold is not None and not (isinstance(threshold, float | int) and 0 <= threshold <= 1):
             wrong.append("threshold")
         cuts = info.get("grade_cuts")
@@ -345,8 +350,9 @@ class Run:
             logger.warning("--split all on the run's own data %s: it includes the images the model was trained on and "
                            "those that chose its epoch and threshold, so the metrics are optimistic; score an external "
                            "set with --data DIR --split all, or use --split test.", self.source)
+        recorded = self.info["data"].get("split_digest") if self._is_own_data(data) else None
         dataset, _ = load_eval_data(self.recipe.data, data if data is not None else self.source, split,
-                                    self.recipe.seed, self.classes)
+                                    self.recipe.seed, self.classes, recorded=recorded)
         if limit is not None:
             dataset.indices = dataset.indices[:limit]
         return dataset

@@ -22,7 +22,7 @@ from medtricks.data.dataset import (
     resolve_cache_mode,
 )
 from medtricks.data.sources import SPLITS, LabelFormat, Source, load_source
-from medtricks.data.splits import split_source
+from medtricks.data.splits import changed_splits, split_digest, split_source
 from medtricks.data.transforms import cache_size, create_eval_transform, create_train_transform
 from medtricks.errors import DataError, short
 from medtricks.recipe import DataConfig
@@ -38,6 +38,7 @@ class DataBundle:
     splits: dict[str, ImageDataset]
     split_origin: str
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of images left out
+    split_digest: dict[str, dict] = field(default_factory=dict)  # medtricks.data.splits.split_digest
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -96,15 +97,17 @@ def load_data(config: DataConfig, data: str | Path | None = None, seed: int = 0,
         kept = [i for i in indices[name] if i in good]
         if kept:
             splits[name] = ImageDataset(store, kept, train_transform if name == "train" else eval_transform)
-    return DataBundle(source, splits, origin, skipped=list(source.missing) + problems)
+    return DataBundle(source, splits, origin, skipped=list(source.missing) + problems,
+                      split_digest=split_digest(source, indices))
 
 
 def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed: int, classes: tuple[str, ...],
-                   workers: int | None = None) -> tuple[ImageDataset, str]:
+                   workers: int | None = None, recorded: dict | None = None) -> tuple[ImageDataset, str]:
     """One split of a source for evaluation (eval transform), with the model's classes.
 
     `split` val / test / train re-makes the run's seeded split (same source, seed and fractions give the same
-    images); `all` takes every image (an external test set).
+    images); `all` takes every image (an external test set). `recorded`: the run's split digests (model.json's
+    data.split_digest), given when `data` is the run's own source: a split that no longer matches is refused.
     """
     if split not in (*SPLITS, "all"):
         raise DataError(f"--split {short(split)}: choose val, test, train or all.")
@@ -116,6 +119,12 @@ def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed
     else:
         indices, origin = split_source(source, config.split, seed)
         chosen = indices[split]
+        changed = changed_splits(recorded, split_digest(source, {split: chosen}))
+        if changed:
+            raise DataError(f"{source.root}: the source changed since the run was trained (rows added, removed or "
+                            f"relabelled): {changed[0]}, so it could hold images the model was trained on or that "
+                            f"chose its epoch. Restore the source as it was, or score new images as an external set "
+                            f"(a folder or CSV of them only) with --data DIR --split all.")
         if not chosen:
             raise DataError(f"{source.root}: the {split} split is empty ({origin}). Score an external labelled set "
                             f"with --data DIR --split all, or choose another split (val chose the epoch and threshold, "

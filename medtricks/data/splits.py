@@ -15,6 +15,7 @@ patients allow, while co-occurring frequent findings are only balanced on averag
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter, defaultdict
 
@@ -101,6 +102,34 @@ def find_leaks(records: list[dict], splits: list[str] | None = None) -> dict[str
         if rec["patient_id"] is not None:
             seen[rec["patient_id"]].add(split)
     return {p: sorted(s, key=SPLITS.index) for p, s in sorted(seen.items()) if len(s) > 1}
+
+
+def split_digest(source: Source, indices: dict[str, list[int]]) -> dict[str, dict]:
+    """Per split, its size and the sha256 of its records (key, label and patient id of each, sorted). A run records
+    it in model.json, so that whoever re-makes the run's split from its source (evaluate, attack, resume...) notices
+    a source that changed since (rows added, removed or relabelled): the same seed would then split other images,
+    and a "test" split could hold images the model was trained on."""
+    digests = {}
+    for name, chosen in indices.items():
+        rows = sorted(f"{r['key']}\x1f{r['label']}\x1f{r['patient_id']}" for r in (source.records[i] for i in chosen))
+        digests[name] = {"n": len(rows), "sha256": hashlib.sha256("\n".join(rows).encode()).hexdigest()}
+    return digests
+
+
+def changed_splits(recorded, now: dict[str, dict]) -> list[str]:
+    """A phrase for each split whose digest differs from the run's record (`recorded`, model.json's
+    data.split_digest); [] when they agree or the run recorded none (runs of versions before the record)."""
+    if not isinstance(recorded, dict):
+        return []
+    changed = []
+    for name, digest in now.items():
+        then = recorded.get(name)
+        if isinstance(then, dict) and then.get("sha256") != digest["sha256"]:
+            changed.append(f"the {name} split now holds {digest['n']} images, {then.get('n')} when the run was trained"
+                           if then.get("n") != digest["n"] else
+                           f"the {name} split now holds other images than when the run was trained (as many, "
+                           f"{digest['n']})")
+    return changed
 
 
 def split_source(source: Source, fractions: SplitConfig, seed: int) -> tuple[dict[str, list[int]], str]:
