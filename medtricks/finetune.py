@@ -162,6 +162,10 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
     elif absent := [c for k, c in enumerate(classes) if k not in set(train_labels)]:
         logger.warning("class(es) %s have no image in the train split (of %d); the model cannot learn them, and "
                        "their scores are what chance gives", absent, len(train_labels))
+    if not multilabel and len(classes) >= 20 and np.median(np.bincount(
+            [r["label"] for r in bundle.source.records], minlength=len(classes))) <= 2:
+        logger.warning("%s: %d classes, most with 1 or 2 images: is the label column the label (data.label_column, "
+                       "not a patient or image id)?", source, len(classes))
     if teacher is not None and teacher.classes != tuple(classes):
         raise MedtricksError(f"tricks.distillation.teacher {teacher.path}: its classes {list(teacher.classes)} "
                              f"differ from this run's {list(classes)}; use a teacher trained on the same classes.")

@@ -24,6 +24,9 @@ from medtricks.multilabel import label_name
 logger = logging.getLogger(__name__)
 
 _DPI = 120
+# Above this many classes a plot draws no per-class text (cell counts, legend entries, tick names): the text, not
+# the pixels, made a 200-class confusion matrix take minutes and gigabytes; the figure stops growing there too.
+MAX_NAMED_CLASSES = 30
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -89,11 +92,13 @@ def plot_roc(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], path
     title = f"ROC: {names[1]} vs {names[0]}" if binary else "ROC, one vs rest"
     if skipped:
         logger.warning("plot_roc: no ROC curve for %s (every or no image of the class in the labels).", skipped)
-        title += "\n(undefined: only one class present)" if binary else f"\n(no curve: {', '.join(skipped)})"
+        title += "\n(undefined: only one class present)" if binary else (
+            f"\n(no curve: {', '.join(skipped)})" if len(skipped) <= 5 else f"\n(no curve for {len(skipped)} classes)")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 - specificity)",
            ylabel="true positive rate (sensitivity)", title=title)
     ax.set_aspect("equal")
-    ax.legend(loc="lower right", fontsize="small")
+    if len(names) <= MAX_NAMED_CLASSES:
+        ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path)
 
 
@@ -117,20 +122,25 @@ def plot_confusion(matrix: list[list[int]] | np.ndarray, classes: Sequence[str],
     rows = counts.sum(axis=1, keepdims=True)
     fractions = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
     shown = fractions if normalize else counts
-    size = 2.5 + 0.7 * len(names)
+    named = len(names) <= MAX_NAMED_CLASSES
+    size = 2.5 + 0.7 * min(len(names), MAX_NAMED_CLASSES)
     fig, ax = _subplots(figsize=(size + 1, size))
     image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(1, counts.max()))
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class" if normalize else "images")
     high = (1 if normalize else max(1, counts.max())) / 2
-    for i in range(counts.shape[0]):
+    for i in range(counts.shape[0]) if named else ():
         for j in range(counts.shape[1]):
             text = f"{counts[i, j]:g}\n{fractions[i, j]:.0%}" if normalize else f"{counts[i, j]:g}"
             ax.text(j, i, text, ha="center", va="center", fontsize="small",
                     color="white" if shown[i, j] > high else "black")
-    ticks = np.arange(len(names))
-    ax.set_xticks(ticks, names, rotation=45 if max(map(len, names)) > 6 else 0, ha="right")
-    ax.set_yticks(ticks, names)
-    ax.set(xlabel="predicted class", ylabel="true class", title=f"Confusion matrix (n = {counts.sum():g})")
+    if named:
+        ticks = np.arange(len(names))
+        ax.set_xticks(ticks, names, rotation=45 if max(map(len, names)) > 6 else 0, ha="right")
+        ax.set_yticks(ticks, names)
+    title = f"Confusion matrix (n = {counts.sum():g})"
+    if not named:
+        title += f"\n{len(names)} classes in label order, unnamed (counts in report.json)"
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
     return _save(fig, path)
 
 

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -283,3 +284,21 @@ def test_one_path_given_as_a_string_is_one_input_not_its_characters(tiny_run, ph
     assert [r["path"] for r in rows] == [str(image)]
     with pytest.raises(EnsembleError, match="2 to .* runs; got 1"):
         ensemble(str(tiny_run))
+
+
+def test_an_id_column_taken_for_the_label_is_questioned(tmp_path, caplog):
+    """Patient ids as the label column give hundreds of classes of one or two images each; training went on without
+    a word (and the per-class plots took minutes). finetune asks whether the label column is the label."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = ["path,label"]
+    for c in range(24):
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / f"{c}-{k}.png")
+            rows.append(f"{c}-{k}.png,patient-{c:03d}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    caplog.set_level("WARNING")
+    finetune("demo", data=tmp_path, out=tmp_path / "run",
+             overrides=[*FAST, "train.epochs=1", "data.classes=null", "data.channels=1"])
+    assert "24 classes, most with 1 or 2 images: is the label column the label" in caplog.text

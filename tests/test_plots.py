@@ -139,3 +139,24 @@ def test_plotting_leaves_a_notebooks_matplotlib_backend_as_it_was(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["svg"] and (tmp_path / "roc.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_many_classes_draw_a_bounded_figure_without_per_class_text(monkeypatch, tmp_path):
+    """A mistaken label column (patient ids as classes) gave 200-300 classes: one text per confusion cell and a
+    figure growing with the classes took minutes and 7 GB per plot, and training ended without a report. Above
+    MAX_NAMED_CLASSES the plots draw no per-class text and stop growing; below it every cell is annotated."""
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    rng = np.random.default_rng(0)
+    for k in (5, 300):
+        names = [f"class_{c:03d}" for c in range(k)]
+        labels = np.repeat(np.arange(k), 3)
+        probs = rng.dirichlet(np.ones(k), len(labels))
+        plots.plot_confusion(rng.integers(0, 5, (k, k)), names, tmp_path / "c.png")
+        plots.plot_roc(labels, probs, names, tmp_path / "r.png")
+    small_confusion, small_roc, many_confusion, many_roc = figures
+    assert len(small_confusion.axes[0].texts) == 25 and small_roc.axes[0].get_legend() is not None
+    assert len(many_confusion.axes[0].texts) == 0
+    assert not any(t.get_text().startswith("class_") for t in many_confusion.axes[0].get_xticklabels())
+    assert many_roc.axes[0].get_legend() is None
+    assert max(many_confusion.get_size_inches()) <= 4 + 0.7 * plots.MAX_NAMED_CLASSES
