@@ -255,3 +255,26 @@ def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(reference, ph
     seen.clear()
     finetune("demo", data=phantoms_train, out=tmp_path / "fresh", overrides=RESUME)  # a new run is locked too
     assert seen == [1, 2, 3, 4]
+
+
+def test_sigterm_to_the_process_group_stops_training_without_a_traceback(phantoms_train, tmp_path):
+    """timeout, Slurm and systemd send SIGTERM to the whole process group: the DataLoader workers died of it under
+    the main process, whose orderly exit then failed with "DataLoader worker is killed by signal" tracebacks and,
+    at times, exit 1. Workers ignore SIGTERM (the main process ends them); the exit is 143 and one line."""
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "medtricks", "finetune", "--recipe", "demo", "--data", str(phantoms_train),
+           "--out", str(out), "--quiet", *[arg for s in [*RESUME, "data.workers=2", "train.epochs=30"]
+                                           for arg in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(),
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (out / RESUME_FILE).exists():
+        assert proc.poll() is None, f"finished or failed before it could be stopped: {proc.stderr.read()!r}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next epoch, workers busy
+    os.killpg(proc.pid, signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[1].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "killed by signal" not in stderr
+    assert not (out / "report.json").exists() and load_resume_state(out)["epoch"] >= 1

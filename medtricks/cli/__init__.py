@@ -21,9 +21,13 @@ from medtricks.errors import MedtricksError, short
 __all__ = ["app", "main"]
 
 
+_stopped: list[int] = []  # the stop signal received, if any
+
+
 def _stop(signum: int, frame) -> None:
     """SIGTERM (kill, timeout, docker stop, a batch scheduler) as an exception, as Ctrl-C is: the cleanup of
     temporary files and folders runs, where the default action would end the process on the spot."""
+    _stopped.append(signum)
     raise SystemExit(128 + signum)
 
 
@@ -37,7 +41,7 @@ def main() -> None:
                           f"was deleted or moved; cd to an existing folder and run the command again.", highlight=False)
         sys.exit(2)
     try:
-        app()
+        _run_app()
     except MedtricksError as exc:  # raised outside a command's own handler
         err_console.print(Text("error:", style="bold red"), str(exc), highlight=False)
         sys.exit(2)
@@ -48,3 +52,15 @@ def main() -> None:
                           f"({exc.strerror}); give a path whose every part is at most 255 bytes and that is no loop "
                           f"of links.", highlight=False)
         sys.exit(2)
+
+
+def _run_app() -> None:
+    try:
+        app()
+    except Exception:
+        if not _stopped or _state["debug"]:
+            raise
+        # an error while the stop unwound (a library's own signal check, e.g. torch's "DataLoader worker is killed"
+        # when the signal went to the whole process group): a consequence of the stop, not a failure to show
+        err_console.print(f"stopped by {signal.Signals(_stopped[0]).name}", highlight=False)
+        sys.exit(128 + _stopped[0])
