@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -47,6 +48,9 @@ from medtricks.tta import unwrap
 logger = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "gradcam++", "occlusion")
+# what write_explanations puts in its folder: an --overwrite removes an earlier explain's files before adding its own
+EARLIER_OUTPUTS = re.compile(rf"\d{{4,}}-.*-({'|'.join(map(re.escape, METHODS))})\.(png|npy)"
+                             r"|explain\.json|shortcuts\.png")
 BORDER = 0.1  # the border band: the outer 10% of the side on each edge
 CORNER = 0.15  # each corner square: 15% of the side, where text markers and lead letters sit
 CENTRAL = 0.6  # the central region: the middle 60% of each side
@@ -394,7 +398,7 @@ def write_explanations(result: Explained, out: str | Path, method: str, overwrit
 
     out = check_output(out, overwrite, "--out", folder=True)
     # a new folder is filled under a temporary name: an interrupted explain leaves no half of one
-    with new_folder(out) as folder:
+    with new_folder(out, EARLIER_OUTPUTS) as folder:
         rows = []
         for i, path in enumerate(result.paths):
             stem = f"{i:04d}-{Path(path).stem[:100]}"  # the index keeps names unique; the cut keeps them legal

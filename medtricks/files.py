@@ -17,6 +17,7 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -115,37 +116,55 @@ def _publish_new(tmp: Path, path: Path) -> None:
 
 
 @contextmanager
-def new_folder(path: Path) -> Iterator[Path]:
+def new_folder(path: Path, earlier: re.Pattern | None = None) -> Iterator[Path]:
     """Yield the folder to write a new output folder's files into: a hidden sibling that is renamed to `path` once
     the block ends without error, and removed if it raises.
 
-    An existing folder (empty, or with files an --overwrite allowed) is yielded itself: renaming over it would drop
-    the user's own folder (its permissions, or the shell's working directory).
+    An existing folder (empty, or with files an --overwrite allowed) is kept: renaming over it would drop the user's
+    own folder (its permissions, or the shell's working directory). With `earlier` (the names a previous run of the
+    same command writes there), the new files are made in a hidden folder inside it; once complete, the files whose
+    names match `earlier` are removed from the folder (an earlier explain's maps would sit beside the new ones and
+    look current) and the new ones moved in; the user's other files stay. Without it, the folder is written in place.
 
     Raises:
         OutputError: the folder cannot be made, or files appeared at `path` meanwhile (another command writing
             the same folder); those are kept as they are and ours are removed.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and earlier is None:
         yield path
         return
-    if path.is_symlink():  # a dangling link: make the folder it names, keeping the link
+    if path.is_symlink() and not path.is_dir():  # a dangling link: make the folder it names, keeping the link
         path = path.resolve()
-    tmp = path.parent / f".{path.name[:80]}.{secrets.token_hex(4)}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(tmp)  # not mkdtemp: its 0700 would hide the folder from the user's group
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot create the folder ({exc.strerror or exc}); choose a writable place.") \
-            from exc
+    replacing = path.is_dir()
+    tmp = _hidden_sibling(path / "new" if replacing else path)  # replacing: inside it, on its own file system
     try:
         yield tmp
-        _rename_folder(tmp, path)
+        if replacing:
+            for old in path.iterdir():
+                if old != tmp and earlier.fullmatch(old.name) and (old.is_file() or old.is_symlink()):
+                    old.unlink()
+            for new in tmp.iterdir():
+                os.replace(new, path / new.name)
+        else:
+            _rename_folder(tmp, path)
     except OutputError as exc:  # a file inside failed (a full disk): name the folder asked for, not the hidden one
         raise type(exc)(str(exc).replace(str(tmp), str(path))) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hidden_sibling(path: Path) -> Path:
+    """A new hidden folder beside `path` (made with the umask's permissions: mkdtemp's 0700 would hide the output
+    from the user's group)."""
+    tmp = path.parent / f".{path.name[:80]}.{secrets.token_hex(4)}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the folder ({exc.strerror or exc}); choose a writable place.") \
+            from exc
+    return tmp
 
 
 def _rename_folder(tmp: Path, path: Path) -> None:

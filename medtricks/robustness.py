@@ -314,7 +314,7 @@ def attack(run: str | Path | None = None, data: str | Path | None = None, settin
     dataset = target.dataset(data, split, limit)
     source = decision_model(target.open_same_task(source_run, "--source-run")) if source_run is not None else None
     loader, model = target.loader(dataset), decision_model(target)
-    with new_folder(save_images) if save_images is not None else nullcontext() as save_dir:
+    with new_folder(save_images, SAVED_IMAGE) if save_images is not None else nullcontext() as save_dir:
         report = run_attack(model, loader, settings, target.classes, source, keep_examples=8, save_dir=save_dir,
                             device=target.device)
     examples = report.pop("examples")
@@ -425,6 +425,10 @@ def masking_checks(model: torch.nn.Module, loader, settings: AttackSettings, cla
                              "the black-box attack beats the white-box one on the target: the target's own gradients "
                              "are likely masked."))
     return checks
+
+
+# the files _save_adversarial names: --save-images --overwrite removes an earlier attack's before adding its own
+SAVED_IMAGE = re.compile(r"\d{5,}_true-.*_pred-.*\.png")
 
 
 def _save_adversarial(adv: torch.Tensor, labels, preds, classes, folder: Path, start: int) -> None:

@@ -341,3 +341,17 @@ def test_an_interrupted_explain_leaves_no_half_folder_and_overwrite_writes_in_pl
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     write_explanations(_two_maps(), tmp_path / "mine", "gradcam", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "mine" / "explain.json").is_file()
+    # an --overwrite with fewer images: the earlier explain's maps go (they sat beside the new ones and looked
+    # current), the user's file stays, and an interrupted one leaves the earlier explain as it was
+    one = _two_maps()
+    one = type(one)(maps=one.maps[1:], images=one.images[1:], classes=[1], class_names=["opacity"],
+                    probabilities=one.probabilities[1:], paths=["b.png"], unreadable=[])
+    before = sorted(p.name for p in (tmp_path / "mine").iterdir())
+    monkeypatch.setattr(plots, "plot_saliency", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        write_explanations(one, tmp_path / "mine", "occlusion", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == before
+    monkeypatch.setattr(plots, "plot_saliency", real)
+    write_explanations(one, tmp_path / "mine", "occlusion", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [
+        "0000-b-occlusion.npy", "0000-b-occlusion.png", "explain.json", "notes.txt"]

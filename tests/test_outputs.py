@@ -135,6 +135,20 @@ def test_save_images_needs_a_new_or_empty_folder(run, tmp_path):
             "part of the run", folders=[run])
 
 
+def test_save_images_with_overwrite_replaces_an_earlier_attacks_images(run, tmp_path):
+    """An --overwrite into a folder of an earlier attack's images kept those it did not write again: 8/255 images
+    beside the 1/255 ones just made, with nothing to tell them apart. The user's other files stay."""
+    adv = tmp_path / "adv"
+    assert CliRunner().invoke(app, ["attack", str(run), "--fgsm", "--eps", "8/255", "--limit", "6", "--save-images",
+                               str(adv)]).exit_code == 0
+    assert len(list(adv.glob("*.png"))) == 6
+    (adv / "notes.txt").write_text("mine")
+    assert CliRunner().invoke(app, ["attack", str(run), "--fgsm", "--eps", "1/255", "--limit", "2", "--save-images",
+                               str(adv), "--overwrite"]).exit_code == 0
+    assert sorted(p.name[:5] for p in adv.glob("*.png")) == ["00000", "00001"]
+    assert (adv / "notes.txt").read_text() == "mine" and not list(adv.glob(".*"))
+
+
 def _unfinished(run: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "unfinished"
     shutil.copytree(run, copy)
