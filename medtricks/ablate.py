@@ -48,7 +48,7 @@ from medtricks.crossval import fold_record, pooled_comparison
 from medtricks.data.pipeline import resolve_source
 from medtricks.data.sources import LabelFormat, load_source
 from medtricks.data.splits import changed_splits, split_digest, split_source
-from medtricks.errors import MedtricksError, short
+from medtricks.errors import MedtricksError, RecipeError, short
 from medtricks.files import (
     METRICS_FILE,
     MODEL_FILE,
@@ -164,7 +164,10 @@ def variants(recipe: Recipe, tricks: Sequence[str] | None = None, mode: str = "l
         name, assignments = parse_variant(spec)
         if name in recipes:
             raise AblationError(f"--variant {short(spec)}: the name {name!r} is taken; give each variant its own name.")
-        recipes[name] = load_recipe_from_dict(recipes[REFERENCE].to_dict(), assignments)
+        try:
+            recipes[name] = load_recipe_from_dict(recipes[REFERENCE].to_dict(), assignments)
+        except RecipeError as exc:  # which of several variants set it
+            raise RecipeError(f"--variant {short(spec)}: {exc}") from exc
         if not recipe_differences(recipes[REFERENCE].to_dict(), recipes[name].to_dict()):
             raise AblationError(f"--variant {short(spec)}: sets nothing the reference does not already have; the "
                                 f"variant would be the reference.")

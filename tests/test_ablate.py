@@ -323,7 +323,8 @@ def test_split_assignments_keeps_commas_inside_values():
     ("reference:train.lr=0.1", ["reference"]),
     ("bad name:train.lr=0.1", ["NAME"]),
     ("x:train.lr", ["NAME:key=value"]),
-    ("x:train.learning_rate=0.1", ["train.learning_rate"]),
+    ("x:train.learning_rate=0.1", ["--variant 'x:train.learning_rate=0.1'", "train.learning_rate"]),
+    ("noaug:train.tta=true", ["--variant 'noaug:train.tta=true'", "train.tta"]),  # the demo's augment draws no flips
     ("same:train.lr=0.05", ["reference"]),  # the demo's own lr: the variant would be the reference
 ])
 def test_bad_variants_are_refused_with_the_reason(spec, words):
