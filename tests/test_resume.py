@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,7 +261,8 @@ def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(reference, ph
 def test_sigterm_to_the_process_group_stops_training_without_a_traceback(phantoms_train, tmp_path):
     """timeout, Slurm and systemd send SIGTERM to the whole process group: the DataLoader workers died of it under
     the main process, whose orderly exit then failed with "DataLoader worker is killed by signal" tracebacks and,
-    at times, exit 1. Workers ignore SIGTERM (the main process ends them); the exit is 143 and one line."""
+    at times, exit 1. An error while the stop unwinds is a consequence of the stop: the exit is 143 and one line.
+    (The workers must not ignore SIGTERM: multiprocessing ends them with it when the process exits.)"""
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "medtricks", "finetune", "--recipe", "demo", "--data", str(phantoms_train),
            "--out", str(out), "--quiet", *[arg for s in [*RESUME, "data.workers=2", "train.epochs=30"]
@@ -278,3 +280,25 @@ def test_sigterm_to_the_process_group_stops_training_without_a_traceback(phantom
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "Traceback" not in stderr and "killed by signal" not in stderr
     assert not (out / "report.json").exists() and load_resume_state(out)["epoch"] >= 1
+
+
+def test_a_killed_data_worker_ends_the_command_instead_of_hanging(phantoms_train, tmp_path):
+    """The kernel's OOM killer ends a DataLoader worker: the command must exit (non-zero), not wait forever. Workers
+    that ignored SIGTERM (an earlier fix for stops sent to the process group) outlived the failed main process,
+    whose exit waits for them after sending SIGTERM."""
+    out = tmp_path / "oom"
+    cmd = [sys.executable, "-m", "medtricks", "finetune", "--recipe", "demo", "--data", str(phantoms_train),
+           "--out", str(out), "--quiet", *[arg for s in [*RESUME, "data.workers=2", "train.epochs=30"]
+                                           for arg in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 600
+    while not (out / RESUME_FILE).exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert children, "no DataLoader worker to kill"
+    os.kill(int(children[0]), signal.SIGKILL)
+    try:
+        assert proc.wait(timeout=120) != 0
+    finally:
+        proc.kill()

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import tempfile
 from pathlib import Path
 
@@ -193,14 +192,6 @@ def _as_is(item):
     return item
 
 
-def ignore_stop_signal(_worker_id: int) -> None:
-    """DataLoader worker_init_fn: a worker ignores SIGTERM, as torch's workers ignore SIGINT. A stop sent to the whole
-    process group (timeout, a batch scheduler) killed the workers under the main process, whose orderly exit then
-    failed with "DataLoader worker is killed by signal" tracebacks; the main process ends its workers as it exits,
-    and they end by themselves when it is killed (torch's watchdog)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def prepare_images(store: ImageStore, indices: list[int] | None = None, workers: int | None = None,
                    progress=None, want_meta: bool = False) -> tuple[list[int], list[tuple[str, str]], dict]:
     """Decode every image once (in parallel), fill the store's cache, and collect failures.
@@ -222,7 +213,7 @@ def prepare_images(store: ImageStore, indices: list[int] | None = None, workers:
     ok = set(indices) - set(todo)
     problems, metas = [], {}
     loader = DataLoader(_Decode(store, todo, want_meta), batch_size=None, shuffle=False,
-                        num_workers=min(workers, len(todo)), collate_fn=_as_is, worker_init_fn=ignore_stop_signal)
+                        num_workers=min(workers, len(todo)), collate_fn=_as_is)
     for done, (index, image, meta, error) in enumerate(loader, 1):
         if error is not None:
             problems.append((store.records[index]["key"], error))

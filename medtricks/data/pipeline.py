@@ -17,7 +17,6 @@ from medtricks.data.dataset import (
     ImageDataset,
     ImageStore,
     default_workers,
-    ignore_stop_signal,
     prepare_images,
     report_problems,
     resolve_cache_mode,
@@ -143,7 +142,7 @@ def create_loader(dataset: ImageDataset, batch_size: int, workers: int, sampler:
                   drop_last: bool = False) -> DataLoader:
     """A loader whose sampler decides the order (SeededSampler for training, a shard for evaluation)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      worker_init_fn=ignore_stop_signal, persistent_workers=workers > 0)
+                      persistent_workers=workers > 0)
 
 
 def eval_loader(dataset: ImageDataset, config: DataConfig, batch_size: int) -> DataLoader:
