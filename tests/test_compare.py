@@ -140,7 +140,7 @@ def test_other_classes_or_other_split_exit_2(two_runs, tmp_path):
     result = runner.invoke(app, ["compare", str(a), str(pets)])
     assert result.exit_code == 2 and "same classes" in result.output and "Traceback" not in result.output
     other_seed = _fake_run(b, tmp_path, "seed1", "recipe.yaml", "seed", 1)
-    with pytest.raises(MedtricksError, match="different images"):
+    with pytest.raises(MedtricksError, match="recipe.yaml seed or data.split was edited"):  # its recorded split
         compare(a, other_seed)
     result = runner.invoke(app, ["compare", str(a), str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not a finished medtricks run" in result.output

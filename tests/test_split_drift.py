@@ -46,10 +46,10 @@ def test_a_source_that_grew_or_was_relabelled_is_refused_not_split_again(driftin
     test_keys = {r["key"] for r in open_run(run, "cpu").dataset(split="test").store.records}
     try:
         labels.write_text(original + "\n".join(extra) + "\n")
-        with pytest.raises(DataError, match=r"changed since the run was trained .*the test split now holds \d+ "
-                                            rf"images, {digest['test']['n']} when the run was trained"):
+        with pytest.raises(DataError, match=rf"the test split now holds \d+ images, {digest['test']['n']} when the "
+                                            r"run was trained, .*source changed"):
             evaluate(run, split="test")
-        with pytest.raises(DataError, match="changed since the run was trained"):
+        with pytest.raises(DataError, match="the source changed since"):
             evaluate(run, data=base / "data", split="val")  # the run's own source, named again
         grown = finetune("demo", data=base / "data", out=tmp_path / "grown-run", overrides=FAST)
         from medtricks.ensemble import EnsembleError, ensemble
@@ -67,7 +67,7 @@ def test_a_source_that_grew_or_was_relabelled_is_refused_not_split_again(driftin
         cells = rows[one].split(",")
         rows[one] = ",".join([cells[0], swap[cells[1]], *cells[2:]])
         labels.write_text("\n".join([header, *rows]) + "\n")
-        with pytest.raises(DataError, match="changed since the run was trained"):
+        with pytest.raises(DataError, match="the source changed since"):
             evaluate(run, split="test")
     finally:
         labels.write_text(original)
@@ -133,3 +133,16 @@ def test_ablate_does_not_reuse_units_trained_before_the_data_changed(phantoms_tr
     labels.write_text(labels.read_text() + "\n".join(extra) + "\n")
     with pytest.raises(AblationError, match=r"runs/reference/seed-0: the data .* changed since this unit was trained"):
         ablate("demo", **settings)
+
+
+def test_a_file_gone_missing_is_named_with_the_changed_split(drifting):
+    base, run, _ = drifting
+    key = next(iter(open_run(run, "cpu").dataset(split="test").store.records))["key"]
+    image = base / "data" / key
+    aside = image.with_name(image.name + ".aside")
+    image.rename(aside)
+    try:
+        with pytest.raises(DataError, match=rf"1 listed file\(s\) are missing now \('{key}'\)"):
+            evaluate(run, split="test")
+    finally:
+        aside.rename(image)

@@ -121,10 +121,13 @@ def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed
         chosen = indices[split]
         changed = changed_splits(recorded, split_digest(source, {split: chosen}))
         if changed:
-            raise DataError(f"{source.root}: the source changed since the run was trained (rows added, removed or "
-                            f"relabelled): {changed[0]}, so it could hold images the model was trained on or that "
-                            f"chose its epoch. Restore the source as it was, or score new images as an external set "
-                            f"(a folder or CSV of them only) with --data DIR --split all.")
+            missing = (f" {len(source.missing)} listed file(s) are missing now ({short(source.missing[0][0])}"
+                       f"{', ...' if len(source.missing) > 1 else ''})." if source.missing else "")
+            raise DataError(f"{source.root}: {changed[0]}, so it could hold images the model was trained on or that "
+                            f"chose its epoch: the source changed since (rows added, removed or relabelled, or files "
+                            f"missing), or the run's recipe.yaml seed or data.split was edited.{missing} Restore them "
+                            f"as they were, or score new images as an external set (a folder or CSV of them only) "
+                            f"with --data DIR --split all.")
         if not chosen:
             raise DataError(f"{source.root}: the {split} split is empty ({origin}). Score an external labelled set "
                             f"with --data DIR --split all, or choose another split (val chose the epoch and threshold, "
