@@ -304,6 +304,12 @@ def _rebuild(run: Path, info: dict, weights: bytes) -> torch.nn.Module:
     return _as_scored(run, model, info, multilabel).eval()
 
 
+def _as_folder(source: Path) -> Path:
+    """A source path as one spelling: resolved, and a folder's labels.csv given as a file is the folder."""
+    source = source.resolve()
+    return source.parent if source.name == "labels.csv" and source.is_file() else source
+
+
 @dataclass
 class Run:
     """A finished run opened for reading (`open_run`): its model in eval mode on `device`, model.json (`info`) and
@@ -350,9 +356,9 @@ class Run:
             logger.warning("--split all on the run's own data %s: it includes the images the model was trained on and "
                            "those that chose its epoch and threshold, so the metrics are optimistic; score an external "
                            "set with --data DIR --split all, or use --split test.", self.source)
-        recorded = self.info["data"].get("split_digest") if self._is_own_data(data) else None
         dataset, _ = load_eval_data(self.recipe.data, data if data is not None else self.source, split,
-                                    self.recipe.seed, self.classes, recorded=recorded)
+                                    self.recipe.seed, self.classes, recorded=self.info["data"].get("split_digest"),
+                                    own=self._is_own_data(data))
         if limit is not None:
             dataset.indices = dataset.indices[:limit]
         return dataset
@@ -362,10 +368,10 @@ class Run:
         if data is None:
             return True
         try:
-            return resolve_source(self.recipe.data, data).resolve() == \
-                resolve_source(self.recipe.data, self.source).resolve()
+            given, own = (_as_folder(resolve_source(self.recipe.data, d)) for d in (data, self.source))
         except DataError:  # the training source is gone (moved, not fetched): `data` is another
             return False
+        return given == own
 
     def open_same_task(self, path: str | Path, option: str) -> Run:
         """Another finished run on this run's device that must solve the same task (the same classes and input

@@ -36,7 +36,7 @@ def drifting(phantoms_train, tmp_path_factory):
     return base, run, extra
 
 
-def test_a_source_that_grew_or_was_relabelled_is_refused_not_split_again(drifting, tmp_path):
+def test_a_source_that_grew_or_was_relabelled_is_refused_not_split_again(drifting, tmp_path, caplog):
     base, run, extra = drifting
     digest = json.loads((run / "model.json").read_text())["data"]["split_digest"]
     assert set(digest) == {"train", "val", "test"} and all(len(d["sha256"]) == 64 for d in digest.values())
@@ -51,6 +51,13 @@ def test_a_source_that_grew_or_was_relabelled_is_refused_not_split_again(driftin
             evaluate(run, split="test")
         with pytest.raises(DataError, match="the source changed since"):
             evaluate(run, data=base / "data", split="val")  # the run's own source, named again
+        with pytest.raises(DataError, match="the source changed since"):  # the same source, as its labels.csv
+            evaluate(run, data=base / "data" / "labels.csv", split="test")
+        copy = tmp_path / "copy"
+        shutil.copytree(base / "data", copy)  # moved to another disk, grown: a warning (it could be another set)
+        with caplog.at_level("WARNING"):
+            evaluate(run, data=copy, split="test")
+        assert "so this is not the run's test split: if the source is a copy" in caplog.text
         grown = finetune("demo", data=base / "data", out=tmp_path / "grown-run", overrides=FAST)
         from medtricks.ensemble import EnsembleError, ensemble
         with pytest.raises(EnsembleError, match="data.split_digest"):  # same settings, other images in each split

@@ -102,12 +102,14 @@ def load_data(config: DataConfig, data: str | Path | None = None, seed: int = 0,
 
 
 def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed: int, classes: tuple[str, ...],
-                   workers: int | None = None, recorded: dict | None = None) -> tuple[ImageDataset, str]:
+                   workers: int | None = None, recorded: dict | None = None,
+                   own: bool = True) -> tuple[ImageDataset, str]:
     """One split of a source for evaluation (eval transform), with the model's classes.
 
     `split` val / test / train re-makes the run's seeded split (same source, seed and fractions give the same
     images); `all` takes every image (an external test set). `recorded`: the run's split digests (model.json's
-    data.split_digest), given when `data` is the run's own source: a split that no longer matches is refused.
+    data.split_digest): on the run's own source (`own`) a split that no longer matches is refused; on another one
+    (a copy, a moved folder, another data set) a mismatch is a warning that this is not the run's split.
     """
     if split not in (*SPLITS, "all"):
         raise DataError(f"--split {short(split)}: choose val, test, train or all.")
@@ -120,7 +122,12 @@ def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed
         indices, origin = split_source(source, config.split, seed)
         chosen = indices[split]
         changed = changed_splits(recorded, split_digest(source, {split: chosen}))
-        if changed:
+        if changed and not own:
+            logger.warning("%s: %s, so this is not the run's %s split: if the source is a copy of the run's "
+                           "training data (moved, or grown since), it holds images the model was trained on; score an "
+                           "external set of new images with --split all.", source.root,
+                           changed[0].replace("when the run was trained", "in the run's"), split)
+        elif changed:
             missing = (f" {len(source.missing)} listed file(s) are missing now ({short(source.missing[0][0])}"
                        f"{', ...' if len(source.missing) > 1 else ''})." if source.missing else "")
             raise DataError(f"{source.root}: {changed[0]}, so it could hold images the model was trained on or that "
