@@ -137,21 +137,48 @@ def new_folder(path: Path, earlier: re.Pattern | None = None) -> Iterator[Path]:
     if path.is_symlink() and not path.is_dir():  # a dangling link: make the folder it names, keeping the link
         path = path.resolve()
     replacing = path.is_dir()
+    if replacing:  # before any work: an entry named like an output that is no file cannot be replaced
+        odd = [e for e in path.iterdir() if earlier.fullmatch(e.name) and e.is_dir() and not e.is_symlink()]
+        if odd:
+            raise OutputError(f"{odd[0]}: a folder with the name of one of this command's output files; move it "
+                              f"away, or choose another output folder.")
     tmp = _hidden_sibling(path / "new" if replacing else path)  # replacing: inside it, on its own file system
     try:
         yield tmp
         if replacing:
-            for old in path.iterdir():
-                if old != tmp and earlier.fullmatch(old.name) and (old.is_file() or old.is_symlink()):
-                    old.unlink()
-            for new in tmp.iterdir():
-                os.replace(new, path / new.name)
+            _swap_in(tmp, path, earlier)
         else:
             _rename_folder(tmp, path)
     except OutputError as exc:  # a file inside failed (a full disk): name the folder asked for, not the hidden one
         raise type(exc)(str(exc).replace(str(tmp), str(path))) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, folder: Path, earlier: re.Pattern) -> None:
+    """Replace the files of `folder` matching `earlier` by those in `new` (a hidden folder inside it): the earlier
+    ones are moved aside first and put back if anything fails or interrupts, so the folder holds one complete set;
+    JSON manifests are moved in last, after the files they list."""
+    aside = new / ".earlier"
+    os.mkdir(aside)
+    moved_aside, moved_in = [], []
+    try:
+        for old in sorted(folder.iterdir()):
+            if old != new and earlier.fullmatch(old.name) and (old.is_file() or old.is_symlink()):
+                os.replace(old, aside / old.name)
+                moved_aside.append(old.name)
+        for item in sorted((e for e in new.iterdir() if e != aside), key=lambda e: (e.suffix == ".json", e.name)):
+            os.replace(item, folder / item.name)
+            moved_in.append(item.name)
+    except BaseException as exc:
+        for name in moved_in:
+            (folder / name).unlink(missing_ok=True)
+        for name in moved_aside:
+            os.replace(aside / name, folder / name)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{folder}: cannot replace the earlier output ({exc.strerror or exc}); it is kept as it "
+                              f"was.") from exc
+        raise
 
 
 def _hidden_sibling(path: Path) -> Path:

@@ -352,6 +352,29 @@ def test_an_interrupted_explain_leaves_no_half_folder_and_overwrite_writes_in_pl
         write_explanations(one, tmp_path / "mine", "occlusion", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == before
     monkeypatch.setattr(plots, "plot_saliency", real)
+    # an interrupt while the files are swapped in puts the earlier set back; a folder named like an output is refused
+    import os
+
+    from medtricks import files
+    from medtricks.files import OutputError
+
+    real_replace, calls = os.replace, []
+
+    def stops_on_the_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", stops_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        write_explanations(one, tmp_path / "mine", "occlusion", overwrite=True)
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == before
+    (tmp_path / "mine" / "0009-x-gradcam.png").mkdir()
+    with pytest.raises(OutputError, match="0009-x-gradcam.png: a folder with the name of one of this command's"):
+        write_explanations(one, tmp_path / "mine", "occlusion", overwrite=True)
+    (tmp_path / "mine" / "0009-x-gradcam.png").rmdir()
     write_explanations(one, tmp_path / "mine", "occlusion", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [
         "0000-b-occlusion.npy", "0000-b-occlusion.png", "explain.json", "notes.txt"]
