@@ -4,6 +4,7 @@ the cascading-randomization sanity check, and the command's files and errors."""
 
 import csv
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -360,17 +361,18 @@ def test_an_interrupted_explain_leaves_no_half_folder_and_overwrite_writes_in_pl
 
     real_replace, calls = os.replace, []
 
-    def stops_on_the_third(src, dst):
-        calls.append(dst)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
+    def stops_on_the_second_move_in(src, dst):
+        if Path(src).parent.name.startswith(".new.") and Path(dst).parent == tmp_path / "mine":  # a move in
+            calls.append(dst)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr(files.os, "replace", stops_on_the_third)
+    monkeypatch.setattr(files.os, "replace", stops_on_the_second_move_in)
     with pytest.raises(KeyboardInterrupt):
         write_explanations(one, tmp_path / "mine", "occlusion", overwrite=True)
     monkeypatch.setattr(files.os, "replace", real_replace)
-    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == before
+    assert len(calls) == 2 and sorted(p.name for p in (tmp_path / "mine").iterdir()) == before
     (tmp_path / "mine" / "0009-x-gradcam.png").mkdir()
     with pytest.raises(OutputError, match="0009-x-gradcam.png: a folder with the name of one of this command's"):
         write_explanations(one, tmp_path / "mine", "occlusion", overwrite=True)
