@@ -112,7 +112,7 @@ def compute_multilabel_metrics(labels: np.ndarray, probs: np.ndarray, patient_id
         "threshold" (None), "thresholds" (list), "per_label": {name: compute_metrics of the finding}}; a finding
         absent from (or present in every image of) the labels has AUROC None, and is left out of the mean AUROC.
         A finding whose positives (or negatives) are all one patient's has no interval of its own; the mean's
-        interval still counts it, one of the findings averaged.
+        interval still counts it, one of the findings averaged, unless every finding averaged is such.
     """
     y, p = _check(labels, probs)
     n, n_labels = y.shape
@@ -129,7 +129,17 @@ def compute_multilabel_metrics(labels: np.ndarray, probs: np.ndarray, patient_id
     def mean_auroc(weights: np.ndarray) -> np.ndarray:  # NaN where a ranked finding lacks a class: skipped
         return np.mean([weighted_auroc(p[:, j], y[:, j] == 1, weights) for j in ranked], axis=0)
 
-    interval = cluster_bootstrap(mean_auroc, group_index(patient_ids, n), n_boot, seed, 0.05, "mean AUROC") \
+    group_of = group_index(patient_ids, n)
+    # a finding whose positives (or negatives) are all one patient's keeps the mean's interval, unless every finding
+    # averaged is such: then every replicate redraws the same patients and the interval claims certainty
+    thin, thin_findings = {}, set()
+    for j in ranked:
+        for kind, value in (("positives", 1), ("negatives", 0)):
+            if len(np.unique(group_of[y[:, j] == value])) == 1:
+                thin[f"the {kind} of {names[j]}"] = y[:, j] == value
+                thin_findings.add(j)
+    needs = thin if thin_findings == set(ranked) else None
+    interval = cluster_bootstrap(mean_auroc, group_of, n_boot, seed, 0.05, "mean AUROC", needs) \
         if ranked else None
     means = {key: _mean([per_label[name][key] for name in names]) for key in MEAN_KEYS}
     return {"n": int(n), **means, "auroc_ci95": None if interval is None else list(interval), "threshold": None,

@@ -334,3 +334,21 @@ def test_a_separator_inside_the_no_finding_name_is_refused_for_any_source(tmp_pa
     with pytest.raises(DataError, match="data.no_finding 'N/A' contains the label separator '/'"):
         LabelFormat(multilabel=True, separator="/", no_finding="N/A")
     assert LabelFormat(multilabel=False, separator="/", no_finding="N/A").no_finding == "N/A"  # single-label: unused
+
+
+def test_the_mean_auroc_has_no_interval_when_every_finding_averaged_has_a_class_of_one_patient():
+    """Round 10: the only rankable finding's positives were one patient's; its own interval was null, the mean's
+    [1.0, 1.0]. A second finding with two patients per class brings the mean's interval back."""
+    from medtricks.multilabel import compute_multilabel_metrics
+
+    rng = np.random.default_rng(0)
+    patients = [f"p{i}" for i in range(8)] + ["q", "q"]
+    a = np.array([0] * 8 + [1, 1])  # positives: patient q only
+    probs_a = np.clip(0.2 + 0.6 * a + rng.uniform(-0.15, 0.15, 10), 0, 1)
+    one = compute_multilabel_metrics(a[:, None], probs_a[:, None], patients, n_boot=300, names=["a"])
+    assert one["per_label"]["a"]["auroc_ci95"] is None and one["auroc_ci95"] is None
+    b = np.array([0, 1] * 5)  # two or more patients in each class
+    probs_b = np.clip(0.3 + 0.4 * b + rng.uniform(-0.3, 0.3, 10), 0, 1)
+    both = compute_multilabel_metrics(np.c_[a, b], np.c_[probs_a, probs_b], patients, n_boot=300, names=["a", "b"])
+    lo, hi = both["auroc_ci95"]
+    assert lo < hi
