@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
@@ -211,6 +212,7 @@ def launch(nproc: int, args: Sequence[str]) -> int:
                              "--nproc_per_node sets the number of processes).")
     if nproc < 1:
         raise MedtricksError(f"--nproc {nproc}: the number of processes must be >= 1.")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -226,4 +228,7 @@ def launch(nproc: int, args: Sequence[str]) -> int:
                          "epoch with the same command and --resume.", rank, nproc, args[0] if args else "",
                          failure.signal_name())
         return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as exc:  # torchrun's own handler caught Ctrl-C / SIGTERM and stopped the workers
+        logger.error("stopped by %s", signal.Signals(exc.sigval).name)
+        return 128 + int(exc.sigval)
     return 0

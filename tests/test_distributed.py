@@ -329,3 +329,19 @@ def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
             distributed.convert_sync_batchnorm(torch.nn.BatchNorm2d(3), torch.device("cpu"))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_a_stop_signal_under_nproc_is_one_line_and_its_exit_code(monkeypatch, caplog):
+    """torchrun's agent turns SIGTERM / Ctrl-C into its SignalException: it escaped as a 20-frame traceback, exit 1."""
+    import signal
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def stopped(config):
+        raise SignalException("Process 1 got signal: 15", sigval=signal.SIGTERM)
+
+    monkeypatch.setattr(torchrun, "run", stopped)
+    caplog.set_level("ERROR")
+    assert distributed.launch(2, ["finetune"]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in caplog.text
