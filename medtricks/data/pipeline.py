@@ -122,6 +122,10 @@ def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed
         indices, origin = split_source(source, config.split, seed)
         chosen = indices[split]
         changed = changed_splits(recorded, split_digest(source, {split: chosen}))
+        if own and not (isinstance(recorded, dict) and split in recorded):
+            logger.warning("%s: the run records no digest of its %s split (runs made before medtricks recorded one), "
+                           "so the split re-made now cannot be checked against the one it was trained with; if the "
+                           "source changed since, it may hold training images.", source.root, split)
         if changed and not own:
             logger.warning("%s: %s, so this is not the run's %s split: if the source is a copy of the run's "
                            "training data (moved, or grown since), it holds images the model was trained on; score an "
