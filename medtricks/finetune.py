@@ -169,6 +169,8 @@ def _finetune(recipe: Recipe, data: str | Path | None, out: str | Path | None,
     if teacher is not None and teacher.classes != tuple(classes):
         raise MedtricksError(f"tricks.distillation.teacher {teacher.path}: its classes {list(teacher.classes)} "
                              f"differ from this run's {list(classes)}; use a teacher trained on the same classes.")
+    if teacher is not None:
+        _check_teacher_split(teacher, Path(source), bundle)
     model = place_model(build_model(recipe.model, len(classes), recipe.data.channels, recipe.tricks.zero_gamma),
                         device)
     base_lr = recipe.train.lr
@@ -386,6 +388,21 @@ def _check_findings(train_labels: list[tuple], classes: tuple[str, ...], source:
 def _records(bundle: DataBundle, split: str) -> list[dict]:
     dataset = bundle.splits.get(split)
     return [dataset.store.records[i] for i in dataset.indices] if dataset is not None else []
+
+
+def _check_teacher_split(teacher: Run, source: Path, bundle: DataBundle) -> None:
+    """A teacher trained on the student's own source must have had the student's split: with another (another split
+    seed, or the source before it changed) it trained on some of the student's validation and test images, and the
+    student would learn its memory of them. A teacher of another data set is the user's call."""
+    digest = teacher.info["data"].get("split_digest")
+    if digest is None or Path(teacher.source).resolve() != source.resolve():
+        return
+    changed = changed_splits(digest, bundle.split_digest)
+    if changed:
+        raise RunError(f"tricks.distillation.teacher {teacher.path}: it was trained on another split of {source} "
+                       f"({changed[0].replace('when the run was trained', 'in the teacher')}), so it has seen images "
+                       f"of this run's validation or test split. Train the teacher with this run's split (the same "
+                       f"--seed, or --set data.split.seed=S for both).")
 
 
 def _teacher(recipe: Recipe, device: torch.device) -> Run | None:

@@ -155,3 +155,12 @@ def test_a_file_gone_missing_is_named_with_the_changed_split(drifting):
             evaluate(run, split="test")
     finally:
         aside.rename(image)
+
+
+def test_a_distillation_teacher_with_another_split_of_the_same_source_is_refused(drifting, tmp_path):
+    """A teacher trained with another split seed had most of the student's test images in its train split."""
+    base, run, _ = drifting  # the teacher: split seed 0 of base/data
+    with pytest.raises(RunError, match=r"tricks.distillation.teacher .*trained on another split of .*--seed"):
+        finetune("demo", data=base / "data", out=tmp_path / "student", seed=1,
+                 overrides=[*FAST, "train.epochs=1", f"tricks.distillation={{teacher: '{run}'}}"])
+    assert not (tmp_path / "student" / "report.json").exists()
