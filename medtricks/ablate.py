@@ -480,9 +480,9 @@ def ablate(recipe: Recipe | str | Path, data: str | Path | None = None, out: str
         write_json(out / "folds.json", fold_record(Path(base.data.source), grid[REFERENCE], seeds, folds))
     write_json(out / "ablation.json", result)
     write_text(out / "ablation.md", markdown_table(result))
-    if undefined_units(result):
+    if undefined := undefined_units(result):
         logger.warning("%s: undefined (one class in that split), left out of the means and pairs: %s",
-                       out / "ablation.md", "; ".join(undefined_units(result)))
+                       out / "ablation.md", "; ".join(undefined))
     effects = {f"Δ {'test-fold' if folds else 'val'} {label}": [{"label": variant, **entry["vs_reference"][m]}
                                   for variant, entry in result["variants"].items() if variant != REFERENCE]
                for m, label in METRICS.items() if m in values[REFERENCE]}

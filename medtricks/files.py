@@ -142,7 +142,8 @@ def new_folder(path: Path, earlier: re.Pattern | None = None) -> Iterator[Path]:
         if odd:
             raise OutputError(f"{odd[0]}: a folder with the name of one of this command's output files; move it "
                               f"away, or choose another output folder.")
-    tmp = _hidden_sibling(path / "new" if replacing else path)  # replacing: inside it, on its own file system
+    # replacing: a hidden folder inside it (on its own file system, for the moves); else one beside it
+    tmp = _hidden_folder(path if replacing else path.parent, "new" if replacing else path.name, path)
     try:
         yield tmp
         if replacing:
@@ -181,12 +182,12 @@ def _swap_in(new: Path, folder: Path, earlier: re.Pattern) -> None:
         raise
 
 
-def _hidden_sibling(path: Path) -> Path:
-    """A new hidden folder beside `path` (made with the umask's permissions: mkdtemp's 0700 would hide the output
-    from the user's group)."""
-    tmp = path.parent / f".{path.name[:80]}.{secrets.token_hex(4)}.tmp"
+def _hidden_folder(parent: Path, name: str, path: Path) -> Path:
+    """A new hidden folder in `parent` for the output folder `path` (named in errors), made with the umask's
+    permissions: mkdtemp's 0700 would hide the output from the user's group."""
+    tmp = parent / f".{name[:80]}.{secrets.token_hex(4)}.tmp"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(tmp)
     except OSError as exc:
         raise OutputError(f"{path}: cannot create the folder ({exc.strerror or exc}); choose a writable place.") \

@@ -397,10 +397,10 @@ def _check_teacher_split(teacher: Run, source: Path, bundle: DataBundle) -> None
     digest = teacher.info["data"].get("split_digest")
     if digest is None or Path(teacher.source).resolve() != source.resolve():
         return
-    changed = changed_splits(digest, bundle.split_digest)
+    changed = changed_splits(digest, bundle.split_digest, "in the teacher")
     if changed:
         raise RunError(f"tricks.distillation.teacher {teacher.path}: it was trained on another split of {source} "
-                       f"({changed[0].replace('when the run was trained', 'in the teacher')}), so it has seen images "
+                       f"({changed[0]}), so it has seen images "
                        f"of this run's validation or test split. Train the teacher with this run's split (the same "
                        f"--seed, or --set data.split.seed=S for both).")
 

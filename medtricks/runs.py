@@ -352,13 +352,14 @@ class Run:
         external set), with the eval transform and the run's classes; only its first `limit` images if given."""
         if limit is not None and limit < 1:
             raise RunError(f"--limit {limit}: must be >= 1.")
-        if split == "all" and self._is_own_data(data):
+        own = self._is_own_data(data)
+        if split == "all" and own:
             logger.warning("--split all on the run's own data %s: it includes the images the model was trained on and "
                            "those that chose its epoch and threshold, so the metrics are optimistic; score an external "
                            "set with --data DIR --split all, or use --split test.", self.source)
         dataset, _ = load_eval_data(self.recipe.data, data if data is not None else self.source, split,
                                     self.recipe.seed, self.classes, recorded=self.info["data"].get("split_digest"),
-                                    own=self._is_own_data(data))
+                                    own=own)
         if limit is not None:
             dataset.indices = dataset.indices[:limit]
         return dataset

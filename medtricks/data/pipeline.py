@@ -121,7 +121,8 @@ def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed
     else:
         indices, origin = split_source(source, config.split, seed)
         chosen = indices[split]
-        changed = changed_splits(recorded, split_digest(source, {split: chosen}))
+        changed = changed_splits(recorded, split_digest(source, {split: chosen}),
+                                 "when the run was trained" if own else "in the run's")
         if own and not (isinstance(recorded, dict) and split in recorded):
             logger.warning("%s: the run records no digest of its %s split (runs made before medtricks recorded one), "
                            "so the split re-made now cannot be checked against the one it was trained with; if the "
@@ -129,8 +130,7 @@ def load_eval_data(config: DataConfig, data: str | Path | None, split: str, seed
         if changed and not own:
             logger.warning("%s: %s, so this is not the run's %s split: if the source is a copy of the run's "
                            "training data (moved, or grown since), it holds images the model was trained on; score an "
-                           "external set of new images with --split all.", source.root,
-                           changed[0].replace("when the run was trained", "in the run's"), split)
+                           "external set of new images with --split all.", source.root, changed[0], split)
         elif changed:
             missing = (f" {len(source.missing)} listed file(s) are missing now ({short(source.missing[0][0])}"
                        f"{', ...' if len(source.missing) > 1 else ''})." if source.missing else "")

@@ -116,19 +116,19 @@ def split_digest(source: Source, indices: dict[str, list[int]]) -> dict[str, dic
     return digests
 
 
-def changed_splits(recorded, now: dict[str, dict]) -> list[str]:
+def changed_splits(recorded, now: dict[str, dict], then: str = "when the run was trained") -> list[str]:
     """A phrase for each split whose digest differs from the run's record (`recorded`, model.json's
-    data.split_digest); [] when they agree or the run recorded none (runs of versions before the record)."""
+    data.split_digest; `then` says whose record it is); [] when they agree or the run recorded none (runs of
+    versions before the record)."""
     if not isinstance(recorded, dict):
         return []
     changed = []
     for name, digest in now.items():
-        then = recorded.get(name)
-        if isinstance(then, dict) and then.get("sha256") != digest["sha256"]:
-            changed.append(f"the {name} split now holds {digest['n']} images, {then.get('n')} when the run was trained"
-                           if then.get("n") != digest["n"] else
-                           f"the {name} split now holds other images than when the run was trained (as many, "
-                           f"{digest['n']})")
+        old = recorded.get(name)
+        if isinstance(old, dict) and old.get("sha256") != digest["sha256"]:
+            changed.append(f"the {name} split now holds {digest['n']} images, {old.get('n')} {then}"
+                           if old.get("n") != digest["n"] else
+                           f"the {name} split now holds other images than {then} (as many, {digest['n']})")
     return changed
 
 
